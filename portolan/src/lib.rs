@@ -1,0 +1,1 @@
+//! Portolan: the SVP v1 mapping service.

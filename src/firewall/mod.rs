@@ -1,0 +1,1 @@
+//! The fwrule firewall: language, compilation, connection tracking.

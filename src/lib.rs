@@ -1,0 +1,10 @@
+//! fabric: a Triton-style overlay network for containers.
+//!
+//! Layers (dependencies point one way): [`wire`] ← [`core`] / [`firewall`] ← `dataplane` → `io`,
+//! `resolver` → `portolan`. Nothing below the dataplane knows about threads, sockets or clocks.
+
+#![deny(unsafe_code)]
+
+pub mod core;
+pub mod firewall;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! Packet views and representations (smoltcp-style `Packet<T>` + `Repr`).
