@@ -7,4 +7,5 @@
 
 pub mod core;
 pub mod firewall;
+pub mod io;
 pub mod wire;
