@@ -6,6 +6,8 @@
 #![deny(unsafe_code)]
 
 pub mod core;
+pub mod dataplane;
 pub mod firewall;
 pub mod io;
+pub mod resolver;
 pub mod wire;

@@ -1,1 +1,1052 @@
 //! The sans-IO dataplane core.
+//!
+//! A [`Core`] is the forwarding state machine of one host. It has no sockets, threads or
+//! clock: the caller passes every frame and the current time in, and acts on what comes out.
+//!
+//! Inputs:
+//! - [`Core::from_vnic`]: a frame a container sent. Checked against the vnic (source MAC and
+//!   IP, MTU, no 802.1Q tag), then answered by the ARP/NDP proxy, delivered to a local vnic,
+//!   encapsulated for the underlay, held pending a lookup, or dropped.
+//! - [`Core::from_underlay`]: a VXLAN datagram from another host. Decapsulated (by moving the
+//!   buffer's start; no copy) and delivered only to a vnic on that VNI with that destination MAC.
+//! - [`Core::handle_answer`]: a resolver's answer to a lookup the core asked for.
+//! - [`Core::handle_timeout`]: time passing (held frames expire, caches are swept).
+//!
+//! Outputs:
+//! - the [`Verdict`] of each frame call (the buffer now holds what to send);
+//! - [`Core::poll_lookup`]: lookups to hand to a resolver;
+//! - [`Core::poll_output`]: frames released later (held frames after their lookup, ARP/NDP
+//!   answers that needed a lookup).
+//!
+//! Caches are keyed by VNI, so tenants may reuse the same MACs and IPs. Entries past their TTL
+//! are still used while a refresh lookup is in flight (so a busy flow never stalls on expiry);
+//! a "not found" answer removes the entry and is remembered briefly in a negative cache.
+//! Frames waiting for a lookup sit in a bytes-capped queue per destination; when it overflows
+//! the oldest frame is dropped and counted.
+
+pub mod buf;
+pub mod counters;
+pub mod lookup;
+pub mod proxy;
+
+pub use buf::{FrameBuf, HEADROOM};
+pub use counters::{Counters, CountersSnapshot, DropReason};
+pub use lookup::{LookupAnswer, LookupError, LookupKey, Vl3Mapping};
+
+use crate::wire::{self, arp, ethernet, ipv6, ndp, vxlan, EtherType, Mac, Vni};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// Identifies a vnic within one core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VnicId(pub u32);
+
+/// What a vnic is: fixed by the operator, never by the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VnicConfig {
+    /// The segment this vnic is on.
+    pub vni: Vni,
+    /// Its MAC.
+    pub mac: Mac,
+    /// Its IPv4 addresses.
+    pub ipv4: Vec<Ipv4Addr>,
+    /// Its IPv6 addresses (the EUI-64 link-local address of `mac` is allowed as well).
+    pub ipv6: Vec<Ipv6Addr>,
+    /// Largest L3 packet it may send or receive.
+    pub mtu: u16,
+}
+
+/// Why a vnic could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VnicError {
+    /// Another vnic on the same VNI already has this MAC.
+    #[error("MAC {mac} is already used by vnic {other:?} on VNI {vni}")]
+    DuplicateMac {
+        /// The VNI.
+        vni: Vni,
+        /// The MAC.
+        mac: Mac,
+        /// The vnic that has it.
+        other: VnicId,
+    },
+    /// Another vnic on the same VNI already has this IP.
+    #[error("IP {ip} is already used by vnic {other:?} on VNI {vni}")]
+    DuplicateIp {
+        /// The VNI.
+        vni: Vni,
+        /// The IP.
+        ip: IpAddr,
+        /// The vnic that has it.
+        other: VnicId,
+    },
+    /// The MAC is multicast, broadcast or zero.
+    #[error("MAC {0} is not a unicast address")]
+    BadMac(Mac),
+    /// The MTU is outside 576..=9000 (IPv4 minimum to jumbo).
+    #[error("MTU {0} is out of range: expected 576..=9000")]
+    BadMtu(u16),
+    /// No such vnic.
+    #[error("no vnic {0:?}")]
+    NoSuchVnic(VnicId),
+}
+
+/// Tunables. Defaults suit a production host.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a VL2/VL3 answer is fresh; after that it is still used while refreshed.
+    pub cache_ttl: Duration,
+    /// How long "not found" (or a failed lookup) is remembered.
+    pub negative_ttl: Duration,
+    /// How long a frame may wait for its lookup.
+    pub lookup_timeout: Duration,
+    /// Bytes held per destination while its lookup is in flight.
+    pub pending_bytes_per_dest: usize,
+    /// Destinations that may have frames held at once.
+    pub pending_max_dests: usize,
+    /// Cache entries stale for longer than this are removed by the sweep.
+    pub stale_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cache_ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(2),
+            lookup_timeout: Duration::from_secs(3),
+            pending_bytes_per_dest: 64 * 1024,
+            pending_max_dests: 4096,
+            stale_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What to do with the frame that was passed in. The buffer holds the bytes to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The buffer holds a VXLAN datagram (header + inner frame): send it to `dst` over UDP.
+    /// `flow_hash` hashes the inner flow, for the outer source port (RFC 7348).
+    ToUnderlay {
+        /// Underlay destination.
+        dst: SocketAddr,
+        /// Inner flow hash.
+        flow_hash: u32,
+    },
+    /// The buffer holds an Ethernet frame for this local vnic.
+    ToVnic(VnicId),
+    /// The buffer now holds a synthesised ARP/NDP answer for this vnic (the sender).
+    Reply(VnicId),
+    /// The frame was copied into a queue pending a lookup; nothing to send now.
+    Held,
+    /// The frame was dropped.
+    Drop(DropReason),
+}
+
+/// A frame released later by the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send this VXLAN datagram to `dst`.
+    Underlay {
+        /// Underlay destination.
+        dst: SocketAddr,
+        /// Inner flow hash.
+        flow_hash: u32,
+        /// VXLAN header + inner frame.
+        datagram: Vec<u8>,
+    },
+    /// Write this Ethernet frame to a local vnic.
+    Vnic {
+        /// The vnic.
+        vnic: VnicId,
+        /// The frame.
+        frame: Vec<u8>,
+    },
+}
+
+#[derive(Debug)]
+struct Vnic {
+    cfg: VnicConfig,
+    link_local: Ipv6Addr,
+    counters: Counters,
+}
+
+impl Vnic {
+    #[inline]
+    fn owns_v4(&self, ip: Ipv4Addr) -> bool {
+        self.cfg.ipv4.contains(&ip)
+    }
+    #[inline]
+    fn owns_v6(&self, ip: Ipv6Addr) -> bool {
+        ip == self.link_local || self.cfg.ipv6.contains(&ip)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Vl2Entry {
+    underlay: SocketAddr,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Vl3Entry {
+    mac: Mac,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct Held {
+    vnic: VnicId,
+    at: Instant,
+    frame: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct PendingQueue {
+    frames: VecDeque<Held>,
+    bytes: usize,
+}
+
+/// The forwarding state machine of one host. See the module docs.
+#[derive(Debug)]
+pub struct Core {
+    cfg: Config,
+    vnics: Vec<Option<Vnic>>,
+    local_mac: FxHashMap<(Vni, Mac), VnicId>,
+    local_ip: FxHashMap<(Vni, IpAddr), VnicId>,
+    vni_vnics: FxHashMap<Vni, u32>,
+    vl2: FxHashMap<(Vni, Mac), Vl2Entry>,
+    vl3: FxHashMap<(Vni, IpAddr), Vl3Entry>,
+    negative: FxHashMap<LookupKey, Instant>,
+    in_flight: FxHashMap<LookupKey, Instant>,
+    pending: FxHashMap<LookupKey, PendingQueue>,
+    lookups: VecDeque<LookupKey>,
+    outputs: VecDeque<Output>,
+    counters: Counters,
+    last_sweep: Option<Instant>,
+    scratch: Vec<u8>,
+}
+
+impl Default for Core {
+    fn default() -> Self {
+        Core::new(Config::default())
+    }
+}
+
+impl Core {
+    /// An empty core.
+    pub fn new(cfg: Config) -> Core {
+        Core {
+            cfg,
+            vnics: Vec::new(),
+            local_mac: FxHashMap::default(),
+            local_ip: FxHashMap::default(),
+            vni_vnics: FxHashMap::default(),
+            vl2: FxHashMap::default(),
+            vl3: FxHashMap::default(),
+            negative: FxHashMap::default(),
+            in_flight: FxHashMap::default(),
+            pending: FxHashMap::default(),
+            lookups: VecDeque::new(),
+            outputs: VecDeque::new(),
+            counters: Counters::default(),
+            last_sweep: None,
+            scratch: vec![0u8; HEADROOM + 65_536],
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    // ----- vnics -----------------------------------------------------------------------------
+
+    /// Attach a vnic. Its (VNI, MAC) and (VNI, IP)s must be unique on this host.
+    pub fn add_vnic(&mut self, cfg: VnicConfig) -> Result<VnicId, VnicError> {
+        if !cfg.mac.is_unicast() {
+            return Err(VnicError::BadMac(cfg.mac));
+        }
+        if !(576..=9000).contains(&cfg.mtu) {
+            return Err(VnicError::BadMtu(cfg.mtu));
+        }
+        if let Some(&other) = self.local_mac.get(&(cfg.vni, cfg.mac)) {
+            return Err(VnicError::DuplicateMac {
+                vni: cfg.vni,
+                mac: cfg.mac,
+                other,
+            });
+        }
+        let ips: Vec<IpAddr> = cfg
+            .ipv4
+            .iter()
+            .map(|a| IpAddr::V4(*a))
+            .chain(cfg.ipv6.iter().map(|a| IpAddr::V6(*a)))
+            .collect();
+        for ip in &ips {
+            if let Some(&other) = self.local_ip.get(&(cfg.vni, *ip)) {
+                return Err(VnicError::DuplicateIp {
+                    vni: cfg.vni,
+                    ip: *ip,
+                    other,
+                });
+            }
+        }
+        let slot = self
+            .vnics
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or_else(|| {
+                self.vnics.push(None);
+                self.vnics.len() - 1
+            });
+        let id = VnicId(slot as u32);
+        self.local_mac.insert((cfg.vni, cfg.mac), id);
+        for ip in ips {
+            self.local_ip.insert((cfg.vni, ip), id);
+        }
+        *self.vni_vnics.entry(cfg.vni).or_default() += 1;
+        self.vnics[slot] = Some(Vnic {
+            link_local: eui64_link_local(cfg.mac),
+            cfg,
+            counters: Counters::default(),
+        });
+        Ok(id)
+    }
+
+    /// Detach a vnic; its held frames are dropped when their lookups complete.
+    pub fn remove_vnic(&mut self, id: VnicId) -> Result<VnicConfig, VnicError> {
+        let v = self
+            .vnics
+            .get_mut(id.0 as usize)
+            .and_then(Option::take)
+            .ok_or(VnicError::NoSuchVnic(id))?;
+        self.local_mac.remove(&(v.cfg.vni, v.cfg.mac));
+        for a in &v.cfg.ipv4 {
+            self.local_ip.remove(&(v.cfg.vni, IpAddr::V4(*a)));
+        }
+        for a in &v.cfg.ipv6 {
+            self.local_ip.remove(&(v.cfg.vni, IpAddr::V6(*a)));
+        }
+        if let Some(n) = self.vni_vnics.get_mut(&v.cfg.vni) {
+            *n -= 1;
+            if *n == 0 {
+                self.vni_vnics.remove(&v.cfg.vni);
+            }
+        }
+        Ok(v.cfg)
+    }
+
+    /// A vnic's configuration.
+    pub fn vnic(&self, id: VnicId) -> Option<&VnicConfig> {
+        self.vnic_ref(id).map(|v| &v.cfg)
+    }
+
+    /// All attached vnics.
+    pub fn vnics(&self) -> impl Iterator<Item = (VnicId, &VnicConfig)> {
+        self.vnics
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_ref().map(|v| (VnicId(i as u32), &v.cfg)))
+    }
+
+    /// A vnic's counters.
+    pub fn vnic_counters(&self, id: VnicId) -> Option<&Counters> {
+        self.vnic_ref(id).map(|v| &v.counters)
+    }
+
+    /// Host-wide counters (every drop is counted here too, with or without a vnic).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    #[inline]
+    fn vnic_ref(&self, id: VnicId) -> Option<&Vnic> {
+        self.vnics.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    // ----- cache administration (shootdowns, tests, benches) ---------------------------------
+
+    /// Record that `mac` on `vni` lives behind `underlay` (as a VL2 answer would).
+    pub fn insert_vl2(&mut self, vni: Vni, mac: Mac, underlay: SocketAddr, now: Instant) {
+        self.vl2.insert(
+            (vni, mac),
+            Vl2Entry {
+                underlay,
+                expires: now + self.cfg.cache_ttl,
+            },
+        );
+        self.negative.remove(&LookupKey::Vl2 { vni, mac });
+    }
+
+    /// Record that `ip` on `vni` is `mapping` (as a VL3 answer would; fills VL2 too).
+    pub fn insert_vl3(&mut self, vni: Vni, ip: IpAddr, mapping: Vl3Mapping, now: Instant) {
+        self.vl3.insert(
+            (vni, ip),
+            Vl3Entry {
+                mac: mapping.mac,
+                expires: now + self.cfg.cache_ttl,
+            },
+        );
+        self.negative.remove(&LookupKey::Vl3 { vni, ip });
+        self.insert_vl2(vni, mapping.mac, mapping.underlay, now);
+    }
+
+    /// Forget where `mac` on `vni` lives (a VL2 shootdown). Returns whether it was cached.
+    pub fn invalidate_vl2(&mut self, vni: Vni, mac: Mac) -> bool {
+        self.negative.remove(&LookupKey::Vl2 { vni, mac });
+        self.vl2.remove(&(vni, mac)).is_some()
+    }
+
+    /// Forget who has `ip` on `vni` (a VL3 shootdown). Returns whether it was cached.
+    pub fn invalidate_vl3(&mut self, vni: Vni, ip: IpAddr) -> bool {
+        self.negative.remove(&LookupKey::Vl3 { vni, ip });
+        self.vl3.remove(&(vni, ip)).is_some()
+    }
+
+    /// Cached underlay address for `mac` on `vni`, fresh or stale.
+    pub fn cached_vl2(&self, vni: Vni, mac: Mac) -> Option<SocketAddr> {
+        self.vl2.get(&(vni, mac)).map(|e| e.underlay)
+    }
+
+    /// Cached MAC for `ip` on `vni`, fresh or stale.
+    pub fn cached_vl3(&self, vni: Vni, ip: IpAddr) -> Option<Mac> {
+        self.vl3.get(&(vni, ip)).map(|e| e.mac)
+    }
+
+    /// Number of (VL2, VL3, negative) cache entries.
+    pub fn cache_sizes(&self) -> (usize, usize, usize) {
+        (self.vl2.len(), self.vl3.len(), self.negative.len())
+    }
+
+    /// Frames and bytes currently held pending lookups.
+    pub fn held(&self) -> (usize, usize) {
+        self.pending
+            .values()
+            .fold((0, 0), |(f, b), q| (f + q.frames.len(), b + q.bytes))
+    }
+
+    // ----- outputs ---------------------------------------------------------------------------
+
+    /// The next lookup for the resolver to perform.
+    pub fn poll_lookup(&mut self) -> Option<LookupKey> {
+        self.lookups.pop_front()
+    }
+
+    /// The next frame released by a lookup answer.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    // ----- from a vnic -----------------------------------------------------------------------
+
+    /// A frame `vnic` sent. See [`Verdict`] for what the buffer holds afterwards.
+    pub fn from_vnic(&mut self, vnic: VnicId, buf: &mut FrameBuf<'_>, now: Instant) -> Verdict {
+        let Some(v) = self.vnics.get_mut(vnic.0 as usize).and_then(Option::as_mut) else {
+            self.counters.drop(DropReason::UnknownVnic);
+            return Verdict::Drop(DropReason::UnknownVnic);
+        };
+        v.counters.rx_frames += 1;
+        v.counters.rx_bytes += buf.len() as u64;
+        let verdict = self.process_vnic(vnic, buf, now);
+        self.account(vnic, verdict);
+        verdict
+    }
+
+    fn account(&mut self, vnic: VnicId, verdict: Verdict) {
+        let c = &mut self.counters;
+        let vc = self.vnics[vnic.0 as usize]
+            .as_mut()
+            .map(|v| &mut v.counters);
+        let bump =
+            |f: fn(&mut Counters) -> &mut u64, c: &mut Counters, vc: Option<&mut Counters>| {
+                *f(c) += 1;
+                if let Some(vc) = vc {
+                    *f(vc) += 1;
+                }
+            };
+        match verdict {
+            Verdict::ToUnderlay { .. } => bump(|c| &mut c.to_underlay, c, vc),
+            Verdict::ToVnic(_) => bump(|c| &mut c.to_vnic, c, vc),
+            Verdict::Held => bump(|c| &mut c.held, c, vc),
+            Verdict::Reply(_) => {} // counted as arp_replied / ndp_replied where synthesised
+            Verdict::Drop(r) => {
+                c.drop(r);
+                if let Some(vc) = vc {
+                    vc.drop(r);
+                }
+            }
+        }
+    }
+
+    fn process_vnic(&mut self, id: VnicId, buf: &mut FrameBuf<'_>, now: Instant) -> Verdict {
+        let v = self.vnics[id.0 as usize]
+            .as_ref()
+            .expect("checked by caller");
+        let f = buf.bytes();
+        if f.len() < ethernet::HEADER_LEN {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        if f[6..12] != v.cfg.mac.0 {
+            return Verdict::Drop(DropReason::SpoofedSrcMac);
+        }
+        if f.len() - ethernet::HEADER_LEN > usize::from(v.cfg.mtu) {
+            return Verdict::Drop(DropReason::FrameTooBig);
+        }
+        let dst = Mac::from_bytes(&f[0..6]);
+        match EtherType(wire::be16(f, 12)) {
+            EtherType::IPV4 => {
+                let Ok(ip) = wire::Ipv4Packet::new_checked(&f[ethernet::HEADER_LEN..]) else {
+                    return Verdict::Drop(DropReason::Malformed);
+                };
+                if !v.owns_v4(ip.src()) {
+                    return Verdict::Drop(DropReason::SpoofedSrcIp);
+                }
+                self.forward(id, dst, buf, now)
+            }
+            EtherType::ARP => self.vnic_arp(id, buf, now),
+            EtherType::IPV6 => {
+                let Ok(ip) = wire::Ipv6Packet::new_checked(&f[ethernet::HEADER_LEN..]) else {
+                    return Verdict::Drop(DropReason::Malformed);
+                };
+                let payload = ip.payload();
+                if ip.next_header() == ipv6::NEXT_HEADER_ICMPV6
+                    && matches!(payload.first(), Some(&ndp::TYPE_NS) | Some(&ndp::TYPE_NA))
+                {
+                    return self.vnic_ndp(id, buf, now);
+                }
+                if !v.owns_v6(ip.src()) {
+                    return Verdict::Drop(DropReason::SpoofedSrcIp);
+                }
+                self.forward(id, dst, buf, now)
+            }
+            EtherType::VLAN => Verdict::Drop(DropReason::VlanTagged),
+            _ => Verdict::Drop(DropReason::UnsupportedEtherType),
+        }
+    }
+
+    /// Unicast forwarding of a validated frame from vnic `id` on its VNI.
+    #[inline]
+    fn forward(&mut self, id: VnicId, dst: Mac, buf: &mut FrameBuf<'_>, now: Instant) -> Verdict {
+        let v = self.vnics[id.0 as usize]
+            .as_ref()
+            .expect("checked by caller");
+        let vni = v.cfg.vni;
+        if dst.is_multicast() {
+            return Verdict::Drop(if dst.is_broadcast() {
+                DropReason::Broadcast
+            } else {
+                DropReason::Multicast
+            });
+        }
+        if dst == v.cfg.mac {
+            return Verdict::Drop(DropReason::Hairpin);
+        }
+        if let Some(&local) = self.local_mac.get(&(vni, dst)) {
+            let mtu = self.vnic_ref(local).map_or(0, |l| l.cfg.mtu);
+            if buf.len() - ethernet::HEADER_LEN > usize::from(mtu) {
+                return Verdict::Drop(DropReason::FrameTooBig);
+            }
+            return Verdict::ToVnic(local);
+        }
+        match self.vl2.get(&(vni, dst)) {
+            Some(e) => {
+                let (underlay, stale) = (e.underlay, e.expires <= now);
+                if stale {
+                    self.request(LookupKey::Vl2 { vni, mac: dst }, now);
+                }
+                encapsulate(buf, vni, underlay)
+            }
+            None => {
+                let key = LookupKey::Vl2 { vni, mac: dst };
+                if self.is_negative(&key, now) {
+                    return Verdict::Drop(DropReason::NegativeCached);
+                }
+                self.hold(key, id, buf.bytes(), now)
+            }
+        }
+    }
+
+    fn vnic_arp(&mut self, id: VnicId, buf: &mut FrameBuf<'_>, now: Instant) -> Verdict {
+        let v = self.vnics[id.0 as usize]
+            .as_ref()
+            .expect("checked by caller");
+        let (vni, my_mac) = (v.cfg.vni, v.cfg.mac);
+        let Ok(p) = arp::Packet::new_checked(&buf.bytes()[ethernet::HEADER_LEN..]) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let Ok(req) = arp::Repr::parse(&p) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if req.sha != my_mac {
+            return Verdict::Drop(DropReason::SpoofedSrcMac);
+        }
+        if req.op != arp::Operation::Request || req.spa.is_unspecified() || req.spa == req.tpa {
+            // Replies, probes and gratuitous announcements: nobody needs them, we know every
+            // binding already.
+            return Verdict::Drop(DropReason::ArpNotAnswered);
+        }
+        if !v.owns_v4(req.spa) {
+            return Verdict::Drop(DropReason::SpoofedSrcIp);
+        }
+        if v.owns_v4(req.tpa) {
+            return Verdict::Drop(DropReason::ArpNotAnswered);
+        }
+        let target = IpAddr::V4(req.tpa);
+        let mac = match self.resolve_l3(vni, target, now) {
+            Resolved::Mac(m) => m,
+            Resolved::Negative => return Verdict::Drop(DropReason::NegativeCached),
+            Resolved::Miss => {
+                return self.hold(LookupKey::Vl3 { vni, ip: target }, id, buf.bytes(), now)
+            }
+        };
+        if !proxy::write_arp_reply(buf, mac, req.tpa, my_mac, req.spa) {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        self.bump_replied(id, false);
+        Verdict::Reply(id)
+    }
+
+    fn vnic_ndp(&mut self, id: VnicId, buf: &mut FrameBuf<'_>, now: Instant) -> Verdict {
+        let v = self.vnics[id.0 as usize]
+            .as_ref()
+            .expect("checked by caller");
+        let (vni, my_mac) = (v.cfg.vni, v.cfg.mac);
+        let f = buf.bytes();
+        let ip = wire::Ipv6Packet::new_unchecked(&f[ethernet::HEADER_LEN..]);
+        let (src, dst) = (ip.src(), ip.dst());
+        let Ok(msg) = ndp::Packet::new_checked(ip.payload()) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let Ok(repr) = ndp::Repr::parse(&msg, src, dst) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if ip.hop_limit() != 255 {
+            // RFC 4861 7.1.1: not from an on-link neighbour.
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        let ndp::Repr::Solicit { target, source_lla } = repr else {
+            return Verdict::Drop(DropReason::NdpNotAnswered);
+        };
+        if src.is_unspecified() {
+            // Duplicate address detection: silence means "address free", which is right.
+            return Verdict::Drop(DropReason::NdpNotAnswered);
+        }
+        if !v.owns_v6(src) {
+            return Verdict::Drop(DropReason::SpoofedSrcIp);
+        }
+        if source_lla.is_some_and(|m| m != my_mac) {
+            return Verdict::Drop(DropReason::SpoofedSrcMac);
+        }
+        if v.owns_v6(target) {
+            return Verdict::Drop(DropReason::NdpNotAnswered);
+        }
+        let t = IpAddr::V6(target);
+        let mac = match self.resolve_l3(vni, t, now) {
+            Resolved::Mac(m) => m,
+            Resolved::Negative => return Verdict::Drop(DropReason::NegativeCached),
+            Resolved::Miss => {
+                return self.hold(LookupKey::Vl3 { vni, ip: t }, id, buf.bytes(), now)
+            }
+        };
+        if !proxy::write_neighbor_advert(buf, mac, target, my_mac, src) {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        self.bump_replied(id, true);
+        Verdict::Reply(id)
+    }
+
+    fn bump_replied(&mut self, id: VnicId, ndp: bool) {
+        let v = &mut self.vnics[id.0 as usize]
+            .as_mut()
+            .expect("checked")
+            .counters;
+        if ndp {
+            v.ndp_replied += 1;
+            self.counters.ndp_replied += 1;
+        } else {
+            v.arp_replied += 1;
+            self.counters.arp_replied += 1;
+        }
+    }
+
+    fn resolve_l3(&mut self, vni: Vni, ip: IpAddr, now: Instant) -> Resolved {
+        if let Some(&local) = self.local_ip.get(&(vni, ip)) {
+            if let Some(l) = self.vnic_ref(local) {
+                return Resolved::Mac(l.cfg.mac);
+            }
+        }
+        let key = LookupKey::Vl3 { vni, ip };
+        if let Some(e) = self.vl3.get(&(vni, ip)) {
+            let (mac, stale) = (e.mac, e.expires <= now);
+            if stale {
+                self.request(key, now);
+            }
+            return Resolved::Mac(mac);
+        }
+        if self.is_negative(&key, now) {
+            Resolved::Negative
+        } else {
+            Resolved::Miss
+        }
+    }
+
+    fn is_negative(&mut self, key: &LookupKey, now: Instant) -> bool {
+        match self.negative.get(key) {
+            Some(&until) if until > now => true,
+            Some(_) => {
+                self.negative.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Ask the resolver for `key` unless a lookup for it is already in flight.
+    fn request(&mut self, key: LookupKey, now: Instant) {
+        if self.in_flight.contains_key(&key) {
+            return;
+        }
+        self.in_flight.insert(key, now);
+        match key {
+            LookupKey::Vl2 { .. } => self.counters.vl2_lookups += 1,
+            LookupKey::Vl3 { .. } => self.counters.vl3_lookups += 1,
+        }
+        self.lookups.push_back(key);
+    }
+
+    fn hold(&mut self, key: LookupKey, vnic: VnicId, frame: &[u8], now: Instant) -> Verdict {
+        if !self.pending.contains_key(&key) && self.pending.len() >= self.cfg.pending_max_dests {
+            return Verdict::Drop(DropReason::PendingTableFull);
+        }
+        let cap = self.cfg.pending_bytes_per_dest;
+        let q = self.pending.entry(key).or_default();
+        q.frames.push_back(Held {
+            vnic,
+            at: now,
+            frame: frame.to_vec(),
+        });
+        q.bytes += frame.len();
+        while q.bytes > cap && q.frames.len() > 1 {
+            let old = q.frames.pop_front().expect("len > 1");
+            q.bytes -= old.frame.len();
+            Self::count_drop(
+                &mut self.counters,
+                &mut self.vnics,
+                old.vnic,
+                DropReason::PendingQueueOverflow,
+            );
+        }
+        self.request(key, now);
+        Verdict::Held
+    }
+
+    fn count_drop(global: &mut Counters, vnics: &mut [Option<Vnic>], vnic: VnicId, r: DropReason) {
+        global.drop(r);
+        if let Some(Some(v)) = vnics.get_mut(vnic.0 as usize) {
+            v.counters.drop(r);
+        }
+    }
+
+    // ----- from the underlay -----------------------------------------------------------------
+
+    /// A UDP datagram from the underlay host `src`. On [`Verdict::ToVnic`] the buffer holds the
+    /// inner frame (the VXLAN header was stripped by moving the start; nothing copied). On
+    /// [`Verdict::ToUnderlay`] the buffer holds an ARP answer for a remote host that asked
+    /// about a local vnic (interop with peers that flood ARP, like Linux vxlan).
+    pub fn from_underlay(
+        &mut self,
+        src: SocketAddr,
+        buf: &mut FrameBuf<'_>,
+        now: Instant,
+    ) -> Verdict {
+        self.counters.rx_frames += 1;
+        self.counters.rx_bytes += buf.len() as u64;
+        let verdict = self.process_underlay(src, buf, now);
+        match verdict {
+            Verdict::ToVnic(id) => {
+                self.counters.to_vnic += 1;
+                if let Some(v) = self.vnics[id.0 as usize].as_mut() {
+                    v.counters.to_vnic += 1;
+                }
+            }
+            Verdict::ToUnderlay { .. } => self.counters.arp_replied += 1,
+            Verdict::Drop(r) => self.counters.drop(r),
+            Verdict::Reply(_) | Verdict::Held => {}
+        }
+        verdict
+    }
+
+    fn process_underlay(
+        &mut self,
+        src: SocketAddr,
+        buf: &mut FrameBuf<'_>,
+        _now: Instant,
+    ) -> Verdict {
+        let Ok(p) = vxlan::Packet::new_checked(buf.bytes()) else {
+            return Verdict::Drop(DropReason::VxlanMalformed);
+        };
+        if p.reserved_bits_set() {
+            self.counters.vxlan_reserved_bits += 1;
+        }
+        let vni = p.vni();
+        buf.strip(vxlan::HEADER_LEN);
+        let f = buf.bytes();
+        if f.len() < ethernet::HEADER_LEN {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        let dst = Mac::from_bytes(&f[0..6]);
+        let ethertype = EtherType(wire::be16(f, 12));
+        if ethertype == EtherType::VLAN {
+            return Verdict::Drop(DropReason::VlanTagged);
+        }
+        if dst.is_multicast() {
+            if ethertype == EtherType::ARP {
+                if let Some(v) = self.underlay_arp(vni, src, buf) {
+                    return v;
+                }
+            }
+            return Verdict::Drop(if dst.is_broadcast() {
+                DropReason::Broadcast
+            } else {
+                DropReason::Multicast
+            });
+        }
+        match self.local_mac.get(&(vni, dst)) {
+            Some(&id) => {
+                let mtu = self.vnic_ref(id).map_or(0, |v| v.cfg.mtu);
+                if f.len() - ethernet::HEADER_LEN > usize::from(mtu) {
+                    return Verdict::Drop(DropReason::FrameTooBig);
+                }
+                Verdict::ToVnic(id)
+            }
+            None if self.vni_vnics.contains_key(&vni) => Verdict::Drop(DropReason::NoVnicForMac),
+            None => Verdict::Drop(DropReason::UnknownVni),
+        }
+    }
+
+    /// A broadcast ARP request from a remote host: answer it if it asks for a local vnic's
+    /// address on that VNI (sent back encapsulated to the asking host).
+    fn underlay_arp(
+        &mut self,
+        vni: Vni,
+        src: SocketAddr,
+        buf: &mut FrameBuf<'_>,
+    ) -> Option<Verdict> {
+        let p = arp::Packet::new_checked(&buf.bytes()[ethernet::HEADER_LEN..]).ok()?;
+        let req = arp::Repr::parse(&p).ok()?;
+        if req.op != arp::Operation::Request || req.spa == req.tpa || !req.sha.is_unicast() {
+            return None;
+        }
+        let id = *self.local_ip.get(&(vni, IpAddr::V4(req.tpa)))?;
+        let mac = self.vnic_ref(id)?.cfg.mac;
+        if !proxy::write_arp_reply(buf, mac, req.tpa, req.sha, req.spa) {
+            return None;
+        }
+        Some(encapsulate(buf, vni, src))
+    }
+
+    // ----- answers and time ------------------------------------------------------------------
+
+    /// A resolver's answer. Fills the caches and releases (or drops) the frames waiting on it;
+    /// released frames come out of [`Core::poll_output`].
+    pub fn handle_answer(&mut self, answer: LookupAnswer, now: Instant) {
+        let key = answer.key();
+        self.in_flight.remove(&key);
+        let outcome = match answer {
+            LookupAnswer::Vl2 { vni, mac, result } => match result {
+                Ok(Some(underlay)) => {
+                    self.insert_vl2(vni, mac, underlay, now);
+                    None
+                }
+                Ok(None) => {
+                    self.vl2.remove(&(vni, mac));
+                    Some(DropReason::LookupNotFound)
+                }
+                Err(_) => Some(DropReason::LookupFailed),
+            },
+            LookupAnswer::Vl3 { vni, ip, result } => match result {
+                Ok(Some(m)) => {
+                    self.insert_vl3(vni, ip, m, now);
+                    None
+                }
+                Ok(None) => {
+                    self.vl3.remove(&(vni, ip));
+                    Some(DropReason::LookupNotFound)
+                }
+                Err(_) => Some(DropReason::LookupFailed),
+            },
+        };
+        if let Some(reason) = outcome {
+            // Remember the miss briefly (also for failures: do not hammer a mapping service
+            // that is down), unless a stale entry is still serving traffic.
+            let cached = match key {
+                LookupKey::Vl2 { vni, mac } => self.vl2.contains_key(&(vni, mac)),
+                LookupKey::Vl3 { vni, ip } => self.vl3.contains_key(&(vni, ip)),
+            };
+            if !cached {
+                self.negative.insert(key, now + self.cfg.negative_ttl);
+            }
+            if let Some(q) = self.pending.remove(&key) {
+                for h in q.frames {
+                    Self::count_drop(&mut self.counters, &mut self.vnics, h.vnic, reason);
+                }
+            }
+            return;
+        }
+        let Some(q) = self.pending.remove(&key) else {
+            return;
+        };
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for h in q.frames {
+            if self.vnic_ref(h.vnic).is_none() {
+                self.counters.drop(DropReason::UnknownVnic);
+                continue;
+            }
+            let Some(mut buf) = FrameBuf::new(&mut scratch, HEADROOM, h.frame.len()) else {
+                Self::count_drop(
+                    &mut self.counters,
+                    &mut self.vnics,
+                    h.vnic,
+                    DropReason::FrameTooBig,
+                );
+                continue;
+            };
+            buf.bytes_mut().copy_from_slice(&h.frame);
+            let verdict = self.process_vnic(h.vnic, &mut buf, now);
+            if verdict != Verdict::Held {
+                self.counters.released += 1;
+                if let Some(v) = self.vnics[h.vnic.0 as usize].as_mut() {
+                    v.counters.released += 1;
+                }
+            }
+            match verdict {
+                Verdict::ToUnderlay { dst, flow_hash } => {
+                    self.counters.to_underlay += 1;
+                    if let Some(v) = self.vnics[h.vnic.0 as usize].as_mut() {
+                        v.counters.to_underlay += 1;
+                    }
+                    self.outputs.push_back(Output::Underlay {
+                        dst,
+                        flow_hash,
+                        datagram: buf.bytes().to_vec(),
+                    })
+                }
+                Verdict::ToVnic(vnic) | Verdict::Reply(vnic) => {
+                    if matches!(verdict, Verdict::ToVnic(_)) {
+                        self.counters.to_vnic += 1;
+                    }
+                    self.outputs.push_back(Output::Vnic {
+                        vnic,
+                        frame: buf.bytes().to_vec(),
+                    })
+                }
+                Verdict::Held => {}
+                Verdict::Drop(r) => {
+                    Self::count_drop(&mut self.counters, &mut self.vnics, h.vnic, r)
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Let time pass: held frames older than the lookup timeout are dropped (and their lookups
+    /// forgotten so they can be asked again), expired negative entries and long-stale cache
+    /// entries are removed. Call it every 100 ms or so.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let timeout = self.cfg.lookup_timeout;
+        let (counters, vnics) = (&mut self.counters, &mut self.vnics);
+        self.pending.retain(|_, q| {
+            while q
+                .frames
+                .front()
+                .is_some_and(|h| now.saturating_duration_since(h.at) >= timeout)
+            {
+                let h = q.frames.pop_front().expect("front exists");
+                q.bytes -= h.frame.len();
+                Self::count_drop(counters, vnics, h.vnic, DropReason::LookupTimeout);
+            }
+            !q.frames.is_empty()
+        });
+        self.in_flight
+            .retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
+        self.negative.retain(|_, until| *until > now);
+        let sweep_every = self.cfg.stale_grace.max(Duration::from_secs(1));
+        if self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= sweep_every)
+        {
+            self.last_sweep = Some(now);
+            let grace = self.cfg.stale_grace;
+            self.vl2.retain(|_, e| e.expires + grace > now);
+            self.vl3.retain(|_, e| e.expires + grace > now);
+        }
+    }
+}
+
+enum Resolved {
+    Mac(Mac),
+    Negative,
+    Miss,
+}
+
+/// Prepend the VXLAN header in the headroom and compute the inner flow hash.
+#[inline]
+fn encapsulate(buf: &mut FrameBuf<'_>, vni: Vni, dst: SocketAddr) -> Verdict {
+    let flow_hash = flow_hash(buf.bytes());
+    match buf.prepend(vxlan::HEADER_LEN) {
+        Some(h) => {
+            vxlan::write_header(h, vni);
+            Verdict::ToUnderlay { dst, flow_hash }
+        }
+        None => Verdict::Drop(DropReason::Malformed),
+    }
+}
+
+/// A cheap hash of the inner flow: MACs, and for IPv4 the addresses and (for TCP/UDP) ports.
+/// Used to spread flows over outer UDP source ports (RFC 7348 section 5).
+#[inline]
+pub fn flow_hash(f: &[u8]) -> u32 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mix = |h: u64, v: u64| (h.rotate_left(5) ^ v).wrapping_mul(K);
+    let rd = |at: usize, n: usize| -> u64 {
+        f.get(at..at + n)
+            .map_or(0, |s| s.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)))
+    };
+    let mut h = mix(0, rd(0, 6));
+    h = mix(h, rd(6, 6));
+    if f.len() >= 34 && f[12] == 0x08 && f[13] == 0x00 {
+        h = mix(h, rd(26, 8));
+        let ihl = usize::from(f[14] & 0x0f) * 4;
+        if matches!(f[23], 6 | 17) {
+            h = mix(h, rd(14 + ihl, 4));
+        }
+    }
+    (h >> 32) as u32 ^ h as u32
+}
+
+/// The EUI-64 IPv6 link-local address Linux derives from a MAC by default.
+pub fn eui64_link_local(mac: Mac) -> Ipv6Addr {
+    let m = mac.0;
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 0x02,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! The per-host dataplane: in-process hosts (tests, demo) and the daemon wiring core + io + resolver.
