@@ -1,0 +1,147 @@
+//! TAP devices: creation, offload negotiation, link settings, multi-queue, removal on drop.
+//! Needs root (CAP_NET_ADMIN); skips with a reason otherwise, except under CI=true.
+
+use std::path::Path;
+
+use fabric::io::tap::{Offloads, Tap, TapConfig, TapError};
+use fabric::io::IfName;
+
+fn root_or_skip(test: &str) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("");
+    if euid == "0" {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root (CAP_NET_ADMIN) and CI=true forbids skipping");
+    }
+    eprintln!("skipping {test}: not root, cannot create TAP devices");
+    false
+}
+
+/// A name unique to this process and call site.
+fn unique(tag: &str) -> IfName {
+    IfName::new(&format!("fab{}{}", tag, std::process::id() % 100_000)).unwrap()
+}
+
+fn sysfs(name: IfName, attr: &str) -> String {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/{attr}"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn tap_open_configure_and_remove_on_drop() {
+    if !root_or_skip("tap_open_configure_and_remove_on_drop") {
+        return;
+    }
+    let name = unique("t");
+    let tap = Tap::open(&TapConfig::new(name)).unwrap();
+    assert_eq!(tap.name(), name);
+    let off = tap.offloads();
+    assert!(
+        off.contains(Offloads::CSUM | Offloads::TSO4 | Offloads::TSO6),
+        "{off:?}"
+    );
+    assert!(Path::new(&format!("/sys/class/net/{name}")).exists());
+    // TAP, vnet header, not persistent: tun_flags in sysfs (0x1002 | 0x4000 = IFF_TAP|NO_PI|VNET_HDR).
+    let flags = u32::from_str_radix(sysfs(name, "tun_flags").trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 0x5002, 0x5002, "tun_flags {flags:#x}");
+    assert_eq!(flags & 0x0800, 0, "IFF_PERSIST must be off: {flags:#x}");
+
+    tap.set_mac([0x02, 0xfa, 0xb0, 0, 0, 1]).unwrap();
+    tap.set_mtu(1450).unwrap();
+    tap.set_txqueuelen(4000).unwrap();
+    tap.set_up(true).unwrap();
+    assert_eq!(sysfs(name, "address"), "02:fa:b0:00:00:01");
+    assert_eq!(sysfs(name, "mtu"), "1450");
+    assert_eq!(sysfs(name, "tx_queue_len"), "4000");
+    let ifflags = u32::from_str_radix(sysfs(name, "flags").trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(ifflags & 1, 1, "IFF_UP");
+    assert_eq!(tap.ifindex().unwrap().to_string(), sysfs(name, "ifindex"));
+    // Nothing queued: a nonblocking read says so instead of blocking.
+    let mut buf = vec![0u8; fabric::io::tap::MAX_FRAME];
+    assert!(tap.read(&mut buf).unwrap().is_none());
+    tap.set_up(false).unwrap();
+
+    drop(tap);
+    assert!(
+        !Path::new(&format!("/sys/class/net/{name}")).exists(),
+        "TAP must vanish on close"
+    );
+}
+
+#[test]
+fn tap_offloads_fall_back_to_what_was_asked() {
+    if !root_or_skip("tap_offloads_fall_back_to_what_was_asked") {
+        return;
+    }
+    let name = unique("o");
+    let cfg = TapConfig {
+        name,
+        offloads: Offloads::CSUM,
+    };
+    let tap = Tap::open(&cfg).unwrap();
+    assert_eq!(tap.offloads(), Offloads::CSUM);
+    drop(tap);
+    let tap = Tap::open(&TapConfig {
+        name,
+        offloads: Offloads::NONE,
+    })
+    .unwrap();
+    assert_eq!(tap.offloads(), Offloads::NONE);
+}
+
+#[test]
+fn tap_multi_queue() {
+    if !root_or_skip("tap_multi_queue") {
+        return;
+    }
+    let name = unique("m");
+    let mut queues = Tap::open_multi_queue(&TapConfig::new(name), 3).unwrap();
+    assert_eq!(queues.len(), 3);
+    let flags = u32::from_str_radix(sysfs(name, "tun_flags").trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 0x0100, 0x0100, "IFF_MULTI_QUEUE");
+    assert_eq!(
+        std::fs::read_dir(format!("/sys/class/net/{name}/queues"))
+            .unwrap()
+            .count(),
+        6
+    );
+    queues[1].set_queue_enabled(false).unwrap();
+    queues[1].set_queue_enabled(true).unwrap();
+    // A single-queue open of a multi-queue device is refused by the kernel.
+    match Tap::open(&TapConfig::new(name)) {
+        Err(TapError::Ioctl {
+            op: "TUNSETIFF", ..
+        }) => {}
+        other => panic!("expected TUNSETIFF error, got {other:?}"),
+    }
+    queues.truncate(1);
+    assert!(
+        Path::new(&format!("/sys/class/net/{name}")).exists(),
+        "device lives while a queue is open"
+    );
+    drop(queues);
+    assert!(!Path::new(&format!("/sys/class/net/{name}")).exists());
+}
+
+#[test]
+fn error_messages_name_syscall_and_device() {
+    if !root_or_skip("error_messages_name_syscall_and_device") {
+        return;
+    }
+    let name = unique("e");
+    let tap = Tap::open(&TapConfig::new(name)).unwrap();
+    let err = tap.set_mtu(10).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("SIOCSIFMTU") && msg.contains(name.as_str()),
+        "{msg}"
+    );
+}
