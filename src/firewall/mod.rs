@@ -1,1 +1,3 @@
 //! The fwrule firewall: language, compilation, connection tracking.
+
+pub mod rule;
