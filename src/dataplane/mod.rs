@@ -1,1 +1,2 @@
 //! The per-host dataplane: in-process hosts (tests, demo) and the daemon wiring core + io + resolver.
+pub mod inproc;
