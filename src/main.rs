@@ -1,8 +1,15 @@
+//! The `fabric` command.
+
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
 /// fabric: Triton-style overlay networking for containers.
+///
+/// Every container gets an isolated network stack on a per-tenant VXLAN segment; a userspace
+/// dataplane on each host encapsulates, answers ARP/NDP itself and resolves destinations
+/// through Portolan (SVP).
 #[derive(Parser, Debug)]
-#[command(name = "fabric", version, about)]
+#[command(name = "fabric", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -10,13 +17,32 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run two in-process hosts and two tenants on loopback and report what the dataplane did.
+    /// Run two in-process hosts and two tenants that reuse one subnet, on loopback, as an
+    /// unprivileged user; check ARP proxying, lookups, ping, TCP and isolation, and print a
+    /// report. Exits non-zero if any expectation fails.
     Demo,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Demo => anyhow::bail!("demo: not built yet"),
+        Cmd::Demo => match fabric::dataplane::demo::run() {
+            Ok(report) => {
+                print!("{}", report.render());
+                if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("fabric demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -1,2 +1,3 @@
 //! The per-host dataplane: in-process hosts (tests, demo) and the daemon wiring core + io + resolver.
+pub mod demo;
 pub mod inproc;

@@ -59,7 +59,7 @@ impl Vni {
 
 impl fmt::Display for Vni {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
