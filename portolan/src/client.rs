@@ -1,0 +1,617 @@
+//! Async SVP v1 client: a pool of connections to one server, pipelined requests matched by id,
+//! a per-query timeout, and reconnection with backoff 1, 2, 4, 8, 16, 32, 32, … seconds.
+//!
+//! Each pooled connection is driven by its own tasks. A failed `connect` waits out the backoff
+//! and tries again; a successful one resets the backoff. A connection that breaks (EOF, I/O
+//! error, a reply that fails validation, a query that times out) is closed, every query still
+//! waiting on it fails with [`ClientError::ConnectionLost`] (callers may retry), and it
+//! reconnects at once, as illumos varpd does. Queries go round-robin to the connections that are
+//! up; when none is up but one is still connecting, a query waits (within its timeout); when all
+//! are backing off it fails at once with [`ClientError::Unavailable`].
+//!
+//! Replies are validated as the illumos client does: version 1, an ack op, an id that is
+//! outstanding on that connection, exact sizes, the CRC; and the reply op must match the request.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), portolan::client::ClientError> {
+//! use portolan::client::{Client, ClientConfig};
+//! let client = Client::new(ClientConfig::new("127.0.0.1:1296".parse().unwrap()));
+//! if let Some(hit) = client.vl3("10.0.0.1".parse().unwrap(), 12340).await? {
+//!     println!("{} at {}:{}", hit.mac, hit.underlay_ip, hit.underlay_port);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
+
+use crate::svp::{
+    self, decode_frame, from_wire_ip, to_wire_ip, Decoded, Frame, FrameError, LogId, LogRecord,
+    LogReq, Mac, Message, Op, RequestId, Status, Vl2Req, Vl3Req, VL3_TYPE_IP, VL3_TYPE_IPV6,
+};
+
+/// Backoff after consecutive connect failures: 1, 2, 4, 8, 16, 32 s, then 32 s.
+pub const BACKOFF: [Duration; 6] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+    Duration::from_secs(32),
+];
+
+/// The backoff before reconnect attempt number `failures` (1-based).
+pub fn backoff(failures: u32) -> Duration {
+    let i = usize::try_from(failures.saturating_sub(1)).unwrap_or(usize::MAX);
+    BACKOFF[i.min(BACKOFF.len() - 1)]
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The server.
+    pub server: SocketAddr,
+    /// Connections in the pool.
+    pub connections: usize,
+    /// Per-query timeout (from the call to the reply).
+    pub timeout: Duration,
+    /// Largest reply payload accepted.
+    pub max_payload: u32,
+    /// Timeout for one `connect` attempt.
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for `server`: 2 connections, 5 s query timeout.
+    pub fn new(server: SocketAddr) -> Self {
+        ClientConfig {
+            server,
+            connections: 2,
+            timeout: Duration::from_secs(5),
+            max_payload: svp::DEFAULT_MAX_PAYLOAD,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What can go wrong with a query.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// No reply within the query timeout.
+    #[error("no reply from {server} within {timeout:?}")]
+    Timeout {
+        /// The server.
+        server: SocketAddr,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// No connection is up and none is being attempted right now (all backing off).
+    #[error("cannot reach SVP server {server}: {reason} (retrying with backoff)")]
+    Unavailable {
+        /// The server.
+        server: SocketAddr,
+        /// The last connect error.
+        reason: String,
+    },
+    /// The connection carrying the query broke before its reply.
+    #[error("connection to {server} lost before the reply: {reason}")]
+    ConnectionLost {
+        /// The server.
+        server: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The server sent bytes that are not a valid reply.
+    #[error("invalid reply from {server}: {reason}")]
+    Protocol {
+        /// The server.
+        server: SocketAddr,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The reply's op does not answer the request.
+    #[error("{got} in reply to {sent}: expected the matching ack")]
+    UnexpectedReply {
+        /// Request op.
+        sent: Op,
+        /// Reply op.
+        got: Op,
+    },
+    /// The server answered with a failure status (FATAL, or a code other than OK/NOTFOUND).
+    #[error("server answered {0} (expected OK or NOTFOUND)")]
+    Status(Status),
+    /// A request that cannot be encoded (too many ids for one LOG_RM).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+/// A found VL2 lookup: where the MAC's host receives VXLAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vl2Reply {
+    /// Underlay IP.
+    pub underlay_ip: IpAddr,
+    /// Underlay port.
+    pub underlay_port: u16,
+}
+
+/// A found VL3 lookup: the MAC owning the IP and its host's underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vl3Reply {
+    /// The MAC.
+    pub mac: Mac,
+    /// Underlay IP.
+    pub underlay_ip: IpAddr,
+    /// Underlay port.
+    pub underlay_port: u16,
+}
+
+/// Connection phase of one pool slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Active,
+    Backoff,
+}
+
+type Pending = Arc<Mutex<HashMap<[u8; 4], oneshot::Sender<Result<Frame, ClientError>>>>>;
+
+/// A live connection: where to queue frames and who waits for replies.
+struct Conn {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    /// Asks the connection to reset (after a query timeout).
+    reset: Arc<Notify>,
+}
+
+struct SlotState {
+    phase: Phase,
+    conn: Option<Arc<Conn>>,
+    last_error: String,
+}
+
+struct Slot {
+    state: Mutex<SlotState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data is a plain map or state record that every update leaves consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Inner {
+    config: ClientConfig,
+    slots: Vec<Arc<Slot>>,
+    next_slot: AtomicUsize,
+    next_id: AtomicU32,
+    /// Bumped whenever a slot changes phase.
+    changed: watch::Receiver<u64>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// An SVP client (cheap to clone; clones share the pool). Needs a tokio runtime.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Starts the pool (connections are made in the background).
+    pub fn new(config: ClientConfig) -> Client {
+        let (changed_tx, changed_rx) = watch::channel(0u64);
+        let changed_tx = Arc::new(changed_tx);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots: Vec<Arc<Slot>> = (0..config.connections.max(1))
+            .map(|_| {
+                Arc::new(Slot {
+                    state: Mutex::new(SlotState {
+                        phase: Phase::Connecting,
+                        conn: None,
+                        last_error: "not connected yet".into(),
+                    }),
+                })
+            })
+            .collect();
+        for slot in &slots {
+            tokio::spawn(drive_slot(
+                slot.clone(),
+                config.clone(),
+                changed_tx.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        Client {
+            inner: Arc::new(Inner {
+                config,
+                slots,
+                next_slot: AtomicUsize::new(0),
+                next_id: AtomicU32::new(1),
+                changed: changed_rx,
+                stop: stop_tx,
+            }),
+        }
+    }
+
+    /// The configured server.
+    pub fn server(&self) -> SocketAddr {
+        self.inner.config.server
+    }
+
+    /// PING → PONG.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.request(Message::Ping).await.map(|_| ())
+    }
+
+    /// VL2 lookup: `Ok(None)` on NOTFOUND.
+    pub async fn vl2(&self, mac: Mac, vnet_id: u32) -> Result<Option<Vl2Reply>, ClientError> {
+        match self
+            .request(Message::Vl2Req(Vl2Req { mac, vnet_id }))
+            .await?
+        {
+            Message::Vl2Ack(a) => match a.status {
+                Status::OK => Ok(Some(Vl2Reply {
+                    underlay_ip: from_wire_ip(a.addr),
+                    underlay_port: a.port,
+                })),
+                Status::NOT_FOUND => Ok(None),
+                s => Err(ClientError::Status(s)),
+            },
+            other => Err(unexpected(Op::Vl2Req, &other)),
+        }
+    }
+
+    /// VL3 lookup: `Ok(None)` on NOTFOUND.
+    pub async fn vl3(&self, ip: IpAddr, vnet_id: u32) -> Result<Option<Vl3Reply>, ClientError> {
+        let l3_type = if ip.is_ipv4() {
+            VL3_TYPE_IP
+        } else {
+            VL3_TYPE_IPV6
+        };
+        let req = Message::Vl3Req(Vl3Req {
+            ip: to_wire_ip(ip),
+            l3_type,
+            vnet_id,
+        });
+        match self.request(req).await? {
+            Message::Vl3Ack(a) => match a.status {
+                Status::OK => Ok(Some(Vl3Reply {
+                    mac: a.mac,
+                    underlay_ip: from_wire_ip(a.addr),
+                    underlay_port: a.port,
+                })),
+                Status::NOT_FOUND => Ok(None),
+                s => Err(ClientError::Status(s)),
+            },
+            other => Err(unexpected(Op::Vl3Req, &other)),
+        }
+    }
+
+    /// Reads up to `count` bytes of the event log of the host with `underlay_ip`.
+    pub async fn log(
+        &self,
+        underlay_ip: IpAddr,
+        count: u32,
+    ) -> Result<Vec<LogRecord>, ClientError> {
+        let req = Message::LogReq(LogReq {
+            count,
+            ip: to_wire_ip(underlay_ip),
+        });
+        match self.request(req).await? {
+            Message::LogAck(a) if a.status == Status::OK => Ok(a.records),
+            Message::LogAck(a) => Err(ClientError::Status(a.status)),
+            other => Err(unexpected(Op::LogReq, &other)),
+        }
+    }
+
+    /// Deletes log records by id (unknown ids are fine).
+    pub async fn log_rm(&self, ids: &[LogId]) -> Result<(), ClientError> {
+        let max = (self.inner.config.max_payload as usize).saturating_sub(4) / 16;
+        if ids.len() > max {
+            return Err(ClientError::InvalidRequest(format!(
+                "{} ids in one LOG_RM: expected at most {max}",
+                ids.len()
+            )));
+        }
+        match self.request(Message::LogRm(ids.to_vec())).await? {
+            Message::LogRmAck(Status::OK) => Ok(()),
+            Message::LogRmAck(s) => Err(ClientError::Status(s)),
+            other => Err(unexpected(Op::LogRm, &other)),
+        }
+    }
+
+    /// Sends any request and returns the validated reply message.
+    pub async fn request(&self, message: Message) -> Result<Message, ClientError> {
+        let cfg = &self.inner.config;
+        let deadline = Instant::now() + cfg.timeout;
+        let timeout = ClientError::Timeout {
+            server: cfg.server,
+            timeout: cfg.timeout,
+        };
+        let conn = self.pick(deadline).await?.ok_or(timeout.clone())?;
+        // Ids 1..2^31-1 like illumos, sent big-endian (the server treats them as opaque).
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed) % 0x7fff_ffff + 1;
+        let id = RequestId::from_u32(n);
+        let sent_op = message.op();
+        let (otx, orx) = oneshot::channel();
+        lock(&conn.pending).insert(id.0, otx);
+        if conn.tx.send(Frame::new(id, message).to_bytes()).is_err() {
+            lock(&conn.pending).remove(&id.0);
+            return Err(ClientError::ConnectionLost {
+                server: cfg.server,
+                reason: "connection closed".into(),
+            });
+        }
+        match tokio::time::timeout_at(deadline, orx).await {
+            Ok(Ok(Ok(frame))) => {
+                let want = match sent_op {
+                    Op::Ping => Op::Pong,
+                    Op::Vl2Req => Op::Vl2Ack,
+                    Op::Vl3Req => Op::Vl3Ack,
+                    Op::LogReq => Op::LogAck,
+                    Op::LogRm => Op::LogRmAck,
+                    other => other,
+                };
+                if frame.message.op() != want {
+                    return Err(ClientError::UnexpectedReply {
+                        sent: sent_op,
+                        got: frame.message.op(),
+                    });
+                }
+                Ok(frame.message)
+            }
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ClientError::ConnectionLost {
+                server: cfg.server,
+                reason: "connection closed".into(),
+            }),
+            Err(_) => {
+                lock(&conn.pending).remove(&id.0);
+                // A query with no answer in time means a dead or stuck peer: start over.
+                conn.reset.notify_one();
+                Err(timeout)
+            }
+        }
+    }
+
+    /// A live connection, waiting (until `deadline`) while one is being made. `Ok(None)` means
+    /// the deadline passed.
+    async fn pick(&self, deadline: Instant) -> Result<Option<Arc<Conn>>, ClientError> {
+        let mut changed = self.inner.changed.clone();
+        loop {
+            changed.borrow_and_update();
+            let n = self.inner.slots.len();
+            let start = self.inner.next_slot.fetch_add(1, Ordering::Relaxed);
+            let mut connecting = false;
+            let mut reason = String::new();
+            for i in 0..n {
+                let st = lock(&self.inner.slots[(start + i) % n].state);
+                match (st.phase, &st.conn) {
+                    (Phase::Active, Some(c)) => return Ok(Some(c.clone())),
+                    (Phase::Connecting, _) => connecting = true,
+                    _ => reason.clone_from(&st.last_error),
+                }
+            }
+            if !connecting {
+                return Err(ClientError::Unavailable {
+                    server: self.inner.config.server,
+                    reason,
+                });
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return Ok(None),
+            }
+        }
+    }
+}
+
+fn unexpected(sent: Op, got: &Message) -> ClientError {
+    ClientError::UnexpectedReply {
+        sent,
+        got: got.op(),
+    }
+}
+
+fn set_phase(slot: &Slot, changed: &watch::Sender<u64>, phase: Phase, conn: Option<Arc<Conn>>) {
+    {
+        let mut st = lock(&slot.state);
+        st.phase = phase;
+        st.conn = conn;
+    }
+    changed.send_modify(|g| *g = g.wrapping_add(1));
+}
+
+/// Connect / run / reconnect loop of one pool slot.
+async fn drive_slot(
+    slot: Arc<Slot>,
+    config: ClientConfig,
+    changed: Arc<watch::Sender<u64>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let server = config.server;
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        set_phase(&slot, &changed, Phase::Connecting, None);
+        let attempt = tokio::time::timeout(config.connect_timeout, TcpStream::connect(server));
+        let sock = tokio::select! {
+            r = attempt => r,
+            _ = stop.changed() => return,
+        };
+        let sock = match sock {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                failures += 1;
+                lock(&slot.state).last_error = format!("connect failed: {e}");
+                set_phase(&slot, &changed, Phase::Backoff, None);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failures)) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+            Err(_) => {
+                failures += 1;
+                lock(&slot.state).last_error =
+                    format!("connect timed out after {:?}", config.connect_timeout);
+                set_phase(&slot, &changed, Phase::Backoff, None);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failures)) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        failures = 0;
+        let _ = sock.set_nodelay(true);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = Arc::new(Conn {
+            tx,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            reset: Arc::new(Notify::new()),
+        });
+        set_phase(&slot, &changed, Phase::Active, Some(conn.clone()));
+        let reason = tokio::select! {
+            r = run_connection(sock, rx, conn.pending.clone(), &config) => r,
+            () = conn.reset.notified() => "a query timed out; resetting the connection".to_string(),
+            _ = stop.changed() => "client dropped".to_string(),
+        };
+        // New queries must not pick this connection any more; fail those still waiting.
+        set_phase(&slot, &changed, Phase::Connecting, None);
+        let waiting: Vec<_> = lock(&conn.pending).drain().map(|(_, tx)| tx).collect();
+        for w in waiting {
+            let _ = w.send(Err(ClientError::ConnectionLost {
+                server,
+                reason: reason.clone(),
+            }));
+        }
+        lock(&slot.state).last_error = reason;
+    }
+}
+
+/// Runs one connection until it breaks; returns why.
+async fn run_connection(
+    sock: TcpStream,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    pending: Pending,
+    config: &ClientConfig,
+) -> String {
+    let (mut rd, mut wr) = sock.into_split();
+    let writer = async move {
+        let mut out = Vec::new();
+        while let Some(first) = rx.recv().await {
+            out.clear();
+            out.extend_from_slice(&first);
+            while out.len() < 64 * 1024 {
+                match rx.try_recv() {
+                    Ok(more) => out.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = wr.write_all(&out).await {
+                return format!("write failed: {e}");
+            }
+        }
+        "client dropped".to_string()
+    };
+    let reader = async {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            loop {
+                match decode_frame(&buf, config.max_payload) {
+                    Ok(Decoded::Complete { frame, len }) => {
+                        let _ = buf.split_to(len);
+                        if !matches!(
+                            frame.message.op(),
+                            Op::Pong | Op::Vl2Ack | Op::Vl3Ack | Op::LogAck | Op::LogRmAck
+                        ) {
+                            return format!("server sent {}, expected an ack", frame.message.op());
+                        }
+                        let Some(waiter) = lock(&pending).remove(&frame.id.0) else {
+                            return format!(
+                                "reply with id {:?} that no outstanding query has",
+                                frame.id
+                            );
+                        };
+                        let _ = waiter.send(Ok(frame));
+                    }
+                    Ok(Decoded::Incomplete { .. }) => break,
+                    Err(e) => return protocol_reason(&e),
+                }
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => return "server closed the connection".to_string(),
+                Ok(_) => {}
+                Err(e) => return format!("read failed: {e}"),
+            }
+        }
+    };
+    tokio::select! {
+        r = writer => r,
+        r = reader => r,
+    }
+}
+
+fn protocol_reason(e: &FrameError) -> String {
+    format!("invalid reply: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_table() {
+        let secs: Vec<u64> = (1..=8).map(|f| backoff(f).as_secs()).collect();
+        assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 32, 32]);
+        assert_eq!(backoff(0).as_secs(), 1);
+        assert_eq!(backoff(u32::MAX).as_secs(), 32);
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable_then_backs_off() {
+        // Bind then drop a listener to get a port nobody listens on.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut cfg = ClientConfig::new(addr);
+        cfg.connections = 1;
+        cfg.timeout = Duration::from_millis(500);
+        let c = Client::new(cfg);
+        // The first query waits for the first attempt, which is refused.
+        let e = c.ping().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Unavailable { .. } | ClientError::Timeout { .. }
+            ),
+            "{e}"
+        );
+        // Now the slot is backing off: fail at once, naming the connect error.
+        let t = Instant::now();
+        let e = c.ping().await.unwrap_err();
+        assert!(t.elapsed() < Duration::from_millis(100));
+        match e {
+            ClientError::Unavailable { reason, .. } => {
+                assert!(reason.contains("connect"), "{reason}")
+            }
+            other => panic!("expected Unavailable, got {other}"),
+        }
+    }
+}

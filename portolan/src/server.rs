@@ -1,0 +1,635 @@
+//! The SVP v1 server (tokio).
+//!
+//! One task reads each connection and one writes it. The reader decodes every complete frame in
+//! what it has buffered: PING is answered at once, VL2/VL3 lookups from one read are batched into
+//! a single store call, LOG_REQ and LOG_RM each get their own store call. Store calls run on
+//! tokio's blocking pool, at most [`ServerConfig::store_workers`] at a time, so a slow LOG_REQ
+//! does not hold up the lookups behind it: replies go out in completion order (SVP clients match
+//! them by id). The writer coalesces whatever replies are ready into one `write`; a frame is never
+//! split between two writes by us.
+//!
+//! Bad input (bad version, unknown or unsupported op, wrong or oversized size field, bad CRC, a
+//! reply op sent to the server, a frame cut short by EOF) is counted and closes that connection
+//! only, after the replies to the valid requests before it are written. Other limits: a cap on
+//! open connections (excess ones are closed at once and counted), an idle timeout, and a cap on
+//! requests in flight per connection (the reader stops reading until replies drain).
+//!
+//! [`Server::run`] returns when its shutdown future resolves: it stops accepting, lets each
+//! connection finish the requests it has read, and waits up to [`ServerConfig::shutdown_grace`].
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::store::{Found, Lookup, Store};
+use crate::svp::{
+    self, decode_frame, from_wire_ip, to_wire_ip, Decoded, Frame, FrameError, LogAck, Mac, Message,
+    RequestId, Status, Vl2Ack, Vl3Ack,
+};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (default 127.0.0.1:1296, the SVP port).
+    pub listen: SocketAddr,
+    /// Open connections allowed; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// A connection with nothing in flight that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest accepted frame payload.
+    pub max_payload: u32,
+    /// Store calls running at once (blocking threads).
+    pub store_workers: usize,
+    /// Requests in flight per connection before the reader pauses.
+    pub max_in_flight: usize,
+    /// How long shutdown waits for connections to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1296)),
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(300),
+            max_payload: svp::DEFAULT_MAX_PAYLOAD,
+            store_workers: 8,
+            max_in_flight: 1024,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Server counters. Every way a request or a connection can fail has one.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        impl Stats {
+            /// Every counter with its name, in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$( (stringify!($name), self.$name.load(Ordering::Relaxed)), )*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections accepted (including those closed at once for the cap).
+    connections_accepted,
+    /// Connections refused because `max_connections` were open.
+    connections_rejected,
+    /// Connections open now.
+    connections_open,
+    /// Connections closed for being idle.
+    connections_idle_closed,
+    /// PING requests.
+    ping_requests,
+    /// VL2_REQ requests.
+    vl2_requests,
+    /// VL2 lookups answered NOTFOUND.
+    vl2_not_found,
+    /// VL3_REQ requests.
+    vl3_requests,
+    /// VL3 lookups answered NOTFOUND.
+    vl3_not_found,
+    /// LOG_REQ requests.
+    log_requests,
+    /// Log records sent.
+    log_records_sent,
+    /// LOG_RM requests.
+    log_rm_requests,
+    /// Log records deleted by LOG_RM.
+    log_records_removed,
+    /// Replies answered FATAL because the store failed.
+    store_errors,
+    /// Reply frames written.
+    replies,
+    /// Connections closed for a frame with a bad CRC.
+    bad_crc,
+    /// Connections closed for a version other than 1.
+    bad_version,
+    /// Connections closed for an op SVP does not define.
+    unknown_op,
+    /// Connections closed for BULK, SHOOTDOWN or ROUTE requests.
+    unsupported_op,
+    /// Connections closed for a reply op (PONG, *_ACK) sent to the server.
+    unexpected_op,
+    /// Connections closed for a size field wrong for the op, or a malformed payload.
+    bad_size,
+    /// Connections closed for a size field above the cap.
+    oversized,
+    /// Connections that ended in the middle of a frame.
+    runt,
+    /// Connections closed after a read or write error.
+    io_errors,
+}
+
+impl Stats {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_frame_error(&self, e: &FrameError) {
+        Stats::inc(match e {
+            FrameError::BadCrc { .. } => &self.bad_crc,
+            FrameError::BadVersion { .. } => &self.bad_version,
+            FrameError::UnknownOp(_) => &self.unknown_op,
+            FrameError::Unsupported(_) => &self.unsupported_op,
+            FrameError::Oversized { .. } => &self.oversized,
+            FrameError::BadSize { .. }
+            | FrameError::BadLogRmCount { .. }
+            | FrameError::ShortLogAck { .. }
+            | FrameError::BadLogRecordType { .. }
+            | FrameError::TruncatedLogRecord { .. } => &self.bad_size,
+        });
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        let mut s = String::new();
+        for (name, v) in self.snapshot() {
+            let kind = if name == "connections_open" {
+                "gauge"
+            } else {
+                "counter"
+            };
+            s.push_str(&format!(
+                "# TYPE portolan_{name} {kind}\nportolan_{name} {v}\n"
+            ));
+        }
+        s
+    }
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    listener: TcpListener,
+    config: ServerConfig,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    stats: Arc<Stats>,
+    workers: Semaphore,
+    connections: Arc<Semaphore>,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Binds the listening socket.
+    pub async fn bind(config: ServerConfig, store: Arc<dyn Store>) -> io::Result<Server> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let shared = Arc::new(Shared {
+            store,
+            stats: Arc::new(Stats::default()),
+            workers: Semaphore::new(config.store_workers.max(1)),
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            config: config.clone(),
+        });
+        Ok(Server {
+            listener,
+            config,
+            shared,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.shared.stats.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains connections (see the module docs).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        info!(
+            addr = %self.listener.local_addr()?,
+            store = %self.shared.store.describe(),
+            "portolan listening"
+        );
+        tokio::pin!(shutdown);
+        let mut accept_errors = 0u32;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                accepted = self.listener.accept() => {
+                    let (sock, peer) = match accepted {
+                        Ok(a) => { accept_errors = 0; a }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            accept_errors = accept_errors.saturating_add(1);
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(10u64 << accept_errors.min(6))).await;
+                            continue;
+                        }
+                    };
+                    Stats::inc(&self.shared.stats.connections_accepted);
+                    let Ok(permit) = self.shared.connections.clone().try_acquire_owned() else {
+                        Stats::inc(&self.shared.stats.connections_rejected);
+                        debug!(%peer, "connection cap reached; closing");
+                        drop(sock);
+                        continue;
+                    };
+                    let shared = self.shared.clone();
+                    let stop = stop_rx.clone();
+                    tasks.spawn(async move {
+                        Stats::inc(&shared.stats.connections_open);
+                        serve_connection(sock, peer, shared.clone(), stop).await;
+                        shared.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+                        drop(permit);
+                    });
+                }
+            }
+        }
+        info!(
+            connections = tasks.len(),
+            "shutting down: draining connections"
+        );
+        let _ = stop_tx.send(true);
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.config.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
+            warn!("connections still open after the grace period; closing them");
+            tasks.abort_all();
+        }
+        Ok(())
+    }
+}
+
+/// How a connection's reader ended.
+enum End {
+    /// Peer closed cleanly between frames, or shutdown.
+    Clean,
+    /// Closed by us for bad input or a limit.
+    Closed,
+}
+
+async fn serve_connection(
+    sock: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = sock.set_nodelay(true);
+    let (rd, wr) = sock.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(write_replies(wr, rx, shared.stats.clone()));
+    let in_flight = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
+    let end = read_requests(rd, peer, &shared, tx, in_flight, stop).await;
+    // The reader dropped its sender; the writer ends when the last in-flight reply is written.
+    let _ = writer.await;
+    if let End::Closed = end {
+        debug!(%peer, "connection closed by server");
+    }
+}
+
+async fn write_replies(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    stats: Arc<Stats>,
+) {
+    let mut out = Vec::new();
+    while let Some(first) = rx.recv().await {
+        out.clear();
+        out.extend_from_slice(&first);
+        // Coalesce replies that are already waiting: fewer syscalls, frames stay whole.
+        while out.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => out.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = wr.write_all(&out).await {
+            debug!(error = %e, "write failed");
+            Stats::inc(&stats.io_errors);
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn read_requests(
+    mut rd: OwnedReadHalf,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    in_flight: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) -> End {
+    let stats = &shared.stats;
+    let max_payload = shared.config.max_payload;
+    let cap = shared.config.max_in_flight.max(1);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut batch: Vec<(RequestId, Lookup)> = Vec::new();
+    loop {
+        // Decode everything complete in the buffer.
+        let mut immediate = Vec::new();
+        let mut failed = None;
+        loop {
+            match decode_frame(&buf, max_payload) {
+                Ok(Decoded::Complete { frame, len }) => {
+                    let _ = buf.split_to(len);
+                    match frame.message {
+                        Message::Ping => {
+                            Stats::inc(&stats.ping_requests);
+                            Frame::new(frame.id, Message::Pong).encode(&mut immediate);
+                            Stats::inc(&stats.replies);
+                        }
+                        Message::Vl2Req(r) => {
+                            Stats::inc(&stats.vl2_requests);
+                            batch.push((
+                                frame.id,
+                                Lookup::Vl2 {
+                                    vnet_id: r.vnet_id,
+                                    mac: r.mac,
+                                },
+                            ));
+                        }
+                        Message::Vl3Req(r) => {
+                            Stats::inc(&stats.vl3_requests);
+                            batch.push((
+                                frame.id,
+                                Lookup::Vl3 {
+                                    vnet_id: r.vnet_id,
+                                    ip: from_wire_ip(r.ip),
+                                },
+                            ));
+                        }
+                        Message::LogReq(r) => {
+                            Stats::inc(&stats.log_requests);
+                            let Some(permit) = acquire(&in_flight, 1, cap).await else {
+                                return End::Closed;
+                            };
+                            spawn_store_job(shared, tx.clone(), permit, move |s, st| {
+                                log_reply(s, st, frame.id, r.count, from_wire_ip(r.ip))
+                            });
+                        }
+                        Message::LogRm(ids) => {
+                            Stats::inc(&stats.log_rm_requests);
+                            let Some(permit) = acquire(&in_flight, 1, cap).await else {
+                                return End::Closed;
+                            };
+                            spawn_store_job(shared, tx.clone(), permit, move |s, st| {
+                                log_rm_reply(s, st, frame.id, &ids)
+                            });
+                        }
+                        Message::Pong
+                        | Message::Vl2Ack(_)
+                        | Message::Vl3Ack(_)
+                        | Message::LogAck(_)
+                        | Message::LogRmAck(_) => {
+                            Stats::inc(&stats.unexpected_op);
+                            debug!(%peer, op = %frame.message.op(), "reply op sent to server; closing");
+                            failed = Some(());
+                            break;
+                        }
+                    }
+                }
+                Ok(Decoded::Incomplete { .. }) => break,
+                Err(e) => {
+                    stats.count_frame_error(&e);
+                    debug!(%peer, error = %e, "bad frame; closing connection");
+                    failed = Some(());
+                    break;
+                }
+            }
+        }
+        if !immediate.is_empty() && tx.send(immediate).is_err() {
+            return End::Closed;
+        }
+        if !batch.is_empty() {
+            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+            let Some(permit) = acquire(&in_flight, n, cap).await else {
+                return End::Closed;
+            };
+            let lookups = std::mem::take(&mut batch);
+            spawn_store_job(shared, tx.clone(), permit, move |s, st| {
+                lookup_replies(s, st, &lookups)
+            });
+        }
+        if failed.is_some() {
+            return End::Closed;
+        }
+        if *stop.borrow() {
+            return End::Clean;
+        }
+        // Read more, with the idle timeout applying only when nothing is in flight.
+        let idle = shared.config.idle_timeout;
+        let read = async {
+            loop {
+                let nothing_in_flight = in_flight.available_permits() == cap;
+                if nothing_in_flight {
+                    return tokio::time::timeout(idle, rd.read_buf(&mut buf)).await;
+                }
+                // Replies still pending: wait for input without the idle clock, but look again
+                // now and then in case they complete.
+                match tokio::time::timeout(idle.min(Duration::from_secs(1)), rd.read_buf(&mut buf))
+                    .await
+                {
+                    Ok(r) => return Ok(r),
+                    Err(_) => continue,
+                }
+            }
+        };
+        let res = tokio::select! {
+            r = read => r,
+            _ = stop.changed() => return End::Clean,
+        };
+        match res {
+            Err(_) => {
+                Stats::inc(&stats.connections_idle_closed);
+                debug!(%peer, "idle timeout");
+                return End::Closed;
+            }
+            Ok(Ok(0)) => {
+                if !buf.is_empty() {
+                    Stats::inc(&stats.runt);
+                    debug!(%peer, bytes = buf.len(), "peer closed mid-frame");
+                }
+                return End::Clean;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                Stats::inc(&stats.io_errors);
+                debug!(%peer, error = %e, "read failed");
+                return End::Closed;
+            }
+        }
+    }
+}
+
+/// Takes `n` in-flight permits; a batch larger than the whole cap takes the whole cap (it
+/// waits for everything else to drain). `None` only if the semaphore was closed.
+async fn acquire(
+    sem: &Arc<Semaphore>,
+    n: u32,
+    cap: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let n = n.min(u32::try_from(cap).unwrap_or(u32::MAX)).max(1);
+    sem.clone().acquire_many_owned(n).await.ok()
+}
+
+/// Runs `job` on a blocking thread, bounded by the store worker semaphore, and sends its
+/// encoded replies to the writer.
+fn spawn_store_job<F>(
+    shared: &Arc<Shared>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    job: F,
+) where
+    F: FnOnce(&dyn Store, &Stats) -> Vec<u8> + Send + 'static,
+{
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let Ok(worker) = shared.workers.acquire().await else {
+            return;
+        };
+        let s = shared.clone();
+        let out = tokio::task::spawn_blocking(move || job(&*s.store, &s.stats)).await;
+        drop(worker);
+        if let Ok(out) = out {
+            let _ = tx.send(out);
+        }
+        drop(permit);
+    });
+}
+
+fn lookup_replies(store: &dyn Store, stats: &Stats, batch: &[(RequestId, Lookup)]) -> Vec<u8> {
+    let lookups: Vec<Lookup> = batch.iter().map(|(_, l)| *l).collect();
+    let results = match store.lookup(&lookups) {
+        Ok(r) => r.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(e) => {
+            warn!(error = %e, "store lookup failed; answering FATAL");
+            Stats::inc(&stats.store_errors);
+            lookups.iter().map(|_| Err(())).collect()
+        }
+    };
+    let mut out = Vec::with_capacity(batch.len() * 44);
+    for ((id, lookup), result) in batch.iter().zip(results) {
+        let message = match (lookup, result) {
+            (Lookup::Vl2 { .. }, r) => {
+                let (status, port, addr) = match r {
+                    Ok(Some(Found { ip, port, .. })) => (Status::OK, port, to_wire_ip(ip)),
+                    Ok(None) => {
+                        Stats::inc(&stats.vl2_not_found);
+                        (Status::NOT_FOUND, 0, std::net::Ipv6Addr::UNSPECIFIED)
+                    }
+                    Err(()) => (Status::FATAL, 0, std::net::Ipv6Addr::UNSPECIFIED),
+                };
+                Message::Vl2Ack(Vl2Ack { status, port, addr })
+            }
+            (Lookup::Vl3 { .. }, r) => {
+                let (status, mac, port, addr) = match r {
+                    Ok(Some(Found { mac, ip, port })) => (Status::OK, mac, port, to_wire_ip(ip)),
+                    Ok(None) => {
+                        Stats::inc(&stats.vl3_not_found);
+                        (
+                            Status::NOT_FOUND,
+                            Mac::ZERO,
+                            0,
+                            std::net::Ipv6Addr::UNSPECIFIED,
+                        )
+                    }
+                    Err(()) => (Status::FATAL, Mac::ZERO, 0, std::net::Ipv6Addr::UNSPECIFIED),
+                };
+                Message::Vl3Ack(Vl3Ack {
+                    status,
+                    mac,
+                    port,
+                    addr,
+                })
+            }
+        };
+        Frame::new(*id, message).encode(&mut out);
+    }
+    stats
+        .replies
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    out
+}
+
+/// LOG_REQ: the whole payload (4-byte status + records) stays within both the client's count
+/// and [`svp::LOG_ACK_MAX_PAYLOAD`]. A count below 4 still gets the bare 4-byte status.
+fn log_reply(store: &dyn Store, stats: &Stats, id: RequestId, count: u32, ip: IpAddr) -> Vec<u8> {
+    let budget = usize::try_from(count)
+        .unwrap_or(usize::MAX)
+        .min(svp::LOG_ACK_MAX_PAYLOAD)
+        .saturating_sub(4);
+    let limit = budget / svp::LOG_VL2_LEN;
+    let ack = match store.read_log(ip, limit) {
+        Ok(entries) => {
+            let mut used = 0;
+            let mut records = Vec::new();
+            for e in entries {
+                let r = e.to_record();
+                if used + r.wire_len() > budget {
+                    break;
+                }
+                used += r.wire_len();
+                records.push(r);
+            }
+            stats
+                .log_records_sent
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            LogAck {
+                status: Status::OK,
+                records,
+            }
+        }
+        Err(e) => {
+            debug!(error = %e, "LOG_REQ failed; answering FATAL");
+            if !matches!(
+                e,
+                crate::store::StoreError::UnknownUnderlayIp(_)
+                    | crate::store::StoreError::AmbiguousUnderlayIp { .. }
+            ) {
+                Stats::inc(&stats.store_errors);
+            }
+            LogAck {
+                status: Status::FATAL,
+                records: Vec::new(),
+            }
+        }
+    };
+    Stats::inc(&stats.replies);
+    Frame::new(id, Message::LogAck(ack)).to_bytes()
+}
+
+fn log_rm_reply(store: &dyn Store, stats: &Stats, id: RequestId, ids: &[svp::LogId]) -> Vec<u8> {
+    let status = match store.remove_log(ids) {
+        Ok(n) => {
+            stats.log_records_removed.fetch_add(n, Ordering::Relaxed);
+            Status::OK
+        }
+        Err(e) => {
+            warn!(error = %e, "LOG_RM failed; answering FATAL");
+            Stats::inc(&stats.store_errors);
+            Status::FATAL
+        }
+    };
+    Stats::inc(&stats.replies);
+    Frame::new(id, Message::LogRmAck(status)).to_bytes()
+}
