@@ -17,6 +17,7 @@
 //! name the failing syscall and the device or address.
 #![allow(unsafe_code)]
 
+pub mod netlink;
 pub mod offload;
 pub mod poll;
 pub mod tap;

@@ -69,3 +69,696 @@ impl VirtioNetHdr {
         b[10..12].copy_from_slice(&self.num_buffers.to_ne_bytes());
     }
 }
+
+/// Why a frame could not be segmented or its checksum completed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OffloadError {
+    /// The frame is shorter than its headers claim.
+    #[error("frame too short: {what}")]
+    Truncated {
+        /// Which header or field did not fit.
+        what: &'static str,
+    },
+    /// A header combination we do not segment (IPv6 extension headers, UFO, ...).
+    #[error("unsupported frame: {what}")]
+    Unsupported {
+        /// What was found and what was expected.
+        what: &'static str,
+    },
+    /// The `virtio_net_hdr` contradicts the frame (checksum offsets, GSO type).
+    #[error("virtio_net_hdr does not match frame: {what}")]
+    BadHeader {
+        /// Which field was wrong.
+        what: &'static str,
+    },
+    /// The output buffer cannot hold all segments.
+    #[error("output buffer too small: need {need} bytes, have {have}")]
+    OutputTooSmall {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Internet checksum (RFC 1071)
+// ---------------------------------------------------------------------------------------------
+
+/// Adds `w` to `acc` with end-around carry.
+#[inline(always)]
+fn adc(acc: u64, w: u64) -> u64 {
+    let (s, o) = acc.overflowing_add(w);
+    s + o as u64
+}
+
+/// One's-complement sum of `data` in *native* 16-bit lanes (fold with [`fold_ne_to_be`]).
+#[inline]
+fn sum_ne(data: &[u8]) -> u64 {
+    let mut acc = 0u64;
+    let mut chunks = data.chunks_exact(32);
+    for c in &mut chunks {
+        let w = |i: usize| u64::from_ne_bytes(c[i..i + 8].try_into().unwrap_or([0; 8]));
+        // Two independent accumulators per pair shorten the carry chain.
+        let a = adc(w(0), w(8));
+        let b = adc(w(16), w(24));
+        acc = adc(acc, adc(a, b));
+    }
+    let mut rest = chunks.remainder();
+    while rest.len() >= 8 {
+        acc = adc(
+            acc,
+            u64::from_ne_bytes(rest[..8].try_into().unwrap_or([0; 8])),
+        );
+        rest = &rest[8..];
+    }
+    if rest.len() >= 4 {
+        acc = adc(
+            acc,
+            u32::from_ne_bytes(rest[..4].try_into().unwrap_or([0; 4])) as u64,
+        );
+        rest = &rest[4..];
+    }
+    if rest.len() >= 2 {
+        acc = adc(acc, u16::from_ne_bytes([rest[0], rest[1]]) as u64);
+        rest = &rest[2..];
+    }
+    if let Some(&b) = rest.first() {
+        // A trailing odd byte is the high byte of a zero-padded big-endian word.
+        acc = adc(acc, u16::from_ne_bytes([b, 0]) as u64);
+    }
+    acc
+}
+
+/// Folds a 64-bit one's-complement accumulator to 16 bits.
+#[inline(always)]
+fn fold(mut acc: u64) -> u16 {
+    acc = (acc & 0xffff_ffff) + (acc >> 32);
+    acc = (acc & 0xffff_ffff) + (acc >> 32);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc as u16
+}
+
+/// Folds a native-lane sum and converts it to the big-endian (network) numeric value.
+#[inline(always)]
+fn fold_ne_to_be(acc: u64) -> u16 {
+    u16::from_be(fold(acc))
+}
+
+/// One's-complement sum (not complemented) of `data` plus `init`, as a network-order number.
+#[inline]
+pub fn checksum_partial(data: &[u8], init: u32) -> u16 {
+    fold(fold_ne_to_be(sum_ne(data)) as u64 + init as u64)
+}
+
+/// The Internet checksum of `data` with an initial pseudo-header sum `init` (network order).
+#[inline]
+pub fn checksum(data: &[u8], init: u32) -> u16 {
+    !checksum_partial(data, init)
+}
+
+/// Sum of the IPv4 or IPv6 pseudo-header for an L4 segment of `l4_len` bytes.
+#[inline]
+fn pseudo_sum(src: &[u8], dst: &[u8], proto: u8, l4_len: usize) -> u32 {
+    let mut s = fold_ne_to_be(sum_ne(src)) as u32 + fold_ne_to_be(sum_ne(dst)) as u32;
+    s += proto as u32;
+    s += (l4_len as u32 >> 16) + (l4_len as u32 & 0xffff);
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header layout
+// ---------------------------------------------------------------------------------------------
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+const TCP_CWR: u8 = 0x80;
+
+/// Offsets of the headers of one Ethernet frame (fixed-offset parse, at most one VLAN tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    /// Start of the IP header.
+    l3: usize,
+    /// Start of the L4 header.
+    l4: usize,
+    /// End of the L4 header (start of the payload).
+    hdrs: usize,
+    v6: bool,
+    proto: u8,
+}
+
+impl Layout {
+    fn src_dst<'a>(&self, f: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+        if self.v6 {
+            (
+                &f[self.l3 + 8..self.l3 + 24],
+                &f[self.l3 + 24..self.l3 + 40],
+            )
+        } else {
+            (
+                &f[self.l3 + 12..self.l3 + 16],
+                &f[self.l3 + 16..self.l3 + 20],
+            )
+        }
+    }
+}
+
+#[inline]
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[inline]
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[inline]
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Parses Ethernet (+1 VLAN) / IPv4 or IPv6 (no extension headers) / TCP or UDP.
+fn parse(f: &[u8]) -> Result<Layout, OffloadError> {
+    let short = |what| OffloadError::Truncated { what };
+    if f.len() < 14 {
+        return Err(short("Ethernet header"));
+    }
+    let (mut ethertype, mut l3) = (be16(f, 12), 14);
+    if ethertype == ETH_P_8021Q {
+        if f.len() < 18 {
+            return Err(short("VLAN tag"));
+        }
+        ethertype = be16(f, 16);
+        l3 = 18;
+    }
+    let (v6, proto, l4) = match ethertype {
+        ETH_P_IPV4 => {
+            let b = *f.get(l3).ok_or(short("IPv4 header"))?;
+            let ihl = (b & 0x0f) as usize * 4;
+            if b >> 4 != 4 || ihl < 20 {
+                return Err(OffloadError::Unsupported {
+                    what: "IPv4 header with bad version or IHL",
+                });
+            }
+            if f.len() < l3 + ihl {
+                return Err(short("IPv4 header"));
+            }
+            (false, f[l3 + 9], l3 + ihl)
+        }
+        ETH_P_IPV6 => {
+            if f.len() < l3 + 40 {
+                return Err(short("IPv6 header"));
+            }
+            (true, f[l3 + 6], l3 + 40)
+        }
+        _ => {
+            return Err(OffloadError::Unsupported {
+                what: "ethertype is neither IPv4 nor IPv6",
+            })
+        }
+    };
+    let hdrs = match proto {
+        PROTO_TCP => {
+            let b = *f.get(l4 + 12).ok_or(short("TCP header"))?;
+            let doff = (b >> 4) as usize * 4;
+            if doff < 20 {
+                return Err(OffloadError::Unsupported {
+                    what: "TCP data offset below 5",
+                });
+            }
+            l4 + doff
+        }
+        PROTO_UDP => l4 + 8,
+        _ => {
+            return Err(OffloadError::Unsupported {
+                what: "L4 protocol is not TCP or UDP (IPv6 extension headers are not supported)",
+            })
+        }
+    };
+    if f.len() < hdrs {
+        return Err(short("L4 header"));
+    }
+    Ok(Layout {
+        l3,
+        l4,
+        hdrs,
+        v6,
+        proto,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checksum completion and segmentation (TAP read → underlay)
+// ---------------------------------------------------------------------------------------------
+
+/// Completes a partial checksum in place (`VIRTIO_NET_HDR_F_NEEDS_CSUM`): the kernel left the
+/// pseudo-header sum in the field at `csum_start + csum_offset`; sum from `csum_start` to the
+/// end and store the complement. Does nothing when the flag is not set.
+pub fn complete_checksum(hdr: &VirtioNetHdr, frame: &mut [u8]) -> Result<(), OffloadError> {
+    if hdr.flags & F_NEEDS_CSUM == 0 {
+        return Ok(());
+    }
+    let start = hdr.csum_start as usize;
+    let at = start + hdr.csum_offset as usize;
+    if at + 2 > frame.len() || start > frame.len() {
+        return Err(OffloadError::BadHeader {
+            what: "csum_start/csum_offset beyond the frame",
+        });
+    }
+    let c = checksum(&frame[start..], 0);
+    // As skb_checksum_help: a computed 0 is sent as 0xffff (equivalent, and required for UDP).
+    put16(frame, at, if c == 0 { 0xffff } else { c });
+    Ok(())
+}
+
+/// Where [`segment`] put the segments: segment `i` is the frame at
+/// `out[i * stride + headroom ..][..len]`, `len` being `seg_len` for all but the last
+/// (`last_len`). With the headroom filled (e.g. by a VXLAN header), `out[..total_len()]` is one
+/// UDP GSO send with `segment_size = stride`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segments {
+    /// Number of segments (≥ 1).
+    pub count: usize,
+    /// Distance between segment starts: `headroom + seg_len`.
+    pub stride: usize,
+    /// Headroom left before each segment.
+    pub headroom: usize,
+    /// Length of every segment frame but the last.
+    pub seg_len: usize,
+    /// Length of the last segment frame.
+    pub last_len: usize,
+}
+
+impl Segments {
+    /// Bytes of `out` covered, headroom of the first segment included.
+    pub fn total_len(&self) -> usize {
+        (self.count - 1) * self.stride + self.headroom + self.last_len
+    }
+
+    /// Byte range in `out` of segment `i`'s frame (without headroom).
+    pub fn frame_range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = i * self.stride + self.headroom;
+        let len = if i + 1 == self.count {
+            self.last_len
+        } else {
+            self.seg_len
+        };
+        start..start + len
+    }
+}
+
+/// Output bytes [`segment`] needs for this frame with `headroom` before each segment.
+pub fn segmented_len(
+    hdr: &VirtioNetHdr,
+    frame: &[u8],
+    headroom: usize,
+) -> Result<usize, OffloadError> {
+    let plan = plan(hdr, frame, headroom)?;
+    Ok(plan.0.total_len())
+}
+
+fn plan(
+    hdr: &VirtioNetHdr,
+    frame: &[u8],
+    headroom: usize,
+) -> Result<(Segments, Layout), OffloadError> {
+    let gso = hdr.gso_type & !GSO_ECN;
+    let lay = parse(frame)?;
+    if gso == GSO_NONE {
+        let s = Segments {
+            count: 1,
+            stride: headroom + frame.len(),
+            headroom,
+            seg_len: frame.len(),
+            last_len: frame.len(),
+        };
+        return Ok((s, lay));
+    }
+    let want = match gso {
+        GSO_TCPV4 => (false, PROTO_TCP),
+        GSO_TCPV6 => (true, PROTO_TCP),
+        GSO_UDP_L4 => (lay.v6, PROTO_UDP),
+        GSO_UDP => {
+            return Err(OffloadError::Unsupported {
+                what: "UFO (GSO_UDP) is not negotiated",
+            })
+        }
+        _ => {
+            return Err(OffloadError::BadHeader {
+                what: "unknown gso_type",
+            })
+        }
+    };
+    if (lay.v6, lay.proto) != want {
+        return Err(OffloadError::BadHeader {
+            what: "gso_type does not match the IP version / L4 protocol",
+        });
+    }
+    if hdr.flags & F_NEEDS_CSUM != 0 && hdr.csum_start as usize != lay.l4 {
+        return Err(OffloadError::BadHeader {
+            what: "csum_start is not the L4 header offset",
+        });
+    }
+    let mss = hdr.gso_size as usize;
+    if mss == 0 {
+        return Err(OffloadError::BadHeader {
+            what: "gso_size is 0",
+        });
+    }
+    let payload = frame.len() - lay.hdrs;
+    let count = payload.div_ceil(mss).max(1);
+    let seg_len = lay.hdrs + mss.min(payload);
+    let last_len = lay.hdrs + (payload - (count - 1) * mss);
+    let s = Segments {
+        count,
+        stride: headroom + seg_len,
+        headroom,
+        seg_len,
+        last_len,
+    };
+    Ok((s, lay))
+}
+
+/// Splits a TAP frame announcing GSO (TCPv4, TCPv6, UDP L4) into MSS-sized Ethernet frames in
+/// `out`, leaving `headroom` bytes before each; fixes IP length/ID/header checksum, TCP
+/// sequence numbers, flags (FIN/PSH on the last segment only, CWR on the first only) and L4
+/// checksums. A frame without GSO is copied with its partial checksum completed. No allocation.
+pub fn segment(
+    hdr: &VirtioNetHdr,
+    frame: &[u8],
+    headroom: usize,
+    out: &mut [u8],
+) -> Result<Segments, OffloadError> {
+    let (segs, lay) = plan(hdr, frame, headroom)?;
+    let need = segs.total_len();
+    if out.len() < need {
+        return Err(OffloadError::OutputTooSmall {
+            need,
+            have: out.len(),
+        });
+    }
+    if segs.count == 1 && hdr.gso_type & !GSO_ECN == GSO_NONE {
+        let dst = &mut out[headroom..headroom + frame.len()];
+        dst.copy_from_slice(frame);
+        complete_checksum(hdr, dst)?;
+        return Ok(segs);
+    }
+    let mss = hdr.gso_size as usize;
+    let hl = lay.hdrs;
+    let payload = &frame[hl..];
+    let (src, dst) = lay.src_dst(frame);
+    let ip_id = if lay.v6 { 0 } else { be16(frame, lay.l3 + 4) };
+    let seq0 = if lay.proto == PROTO_TCP {
+        be32(frame, lay.l4 + 4)
+    } else {
+        0
+    };
+    let csum_at = lay.l4 + if lay.proto == PROTO_TCP { 16 } else { 6 };
+    // The pseudo-header sum without the length, shared by all segments.
+    let pseudo_base = pseudo_sum(src, dst, lay.proto, 0);
+    for i in 0..segs.count {
+        let chunk = &payload[i * mss..payload.len().min((i + 1) * mss)];
+        let base = i * segs.stride + headroom;
+        let seg = &mut out[base..base + hl + chunk.len()];
+        seg[..hl].copy_from_slice(&frame[..hl]);
+        seg[hl..].copy_from_slice(chunk);
+        let l4_len = hl - lay.l4 + chunk.len();
+        if lay.v6 {
+            put16(seg, lay.l3 + 4, l4_len as u16);
+        } else {
+            let ihl = lay.l4 - lay.l3;
+            put16(seg, lay.l3 + 2, (ihl + l4_len) as u16);
+            put16(seg, lay.l3 + 4, ip_id.wrapping_add(i as u16));
+            put16(seg, lay.l3 + 10, 0);
+            let c = checksum(&seg[lay.l3..lay.l4], 0);
+            put16(seg, lay.l3 + 10, c);
+        }
+        if lay.proto == PROTO_TCP {
+            let seq = seq0.wrapping_add((i * mss) as u32);
+            seg[lay.l4 + 4..lay.l4 + 8].copy_from_slice(&seq.to_be_bytes());
+            let last = i + 1 == segs.count;
+            let mut flags = seg[lay.l4 + 13];
+            if !last {
+                flags &= !(TCP_FIN | TCP_PSH);
+            }
+            if i > 0 {
+                flags &= !TCP_CWR;
+            }
+            seg[lay.l4 + 13] = flags;
+        } else {
+            put16(seg, lay.l4 + 4, l4_len as u16);
+        }
+        put16(seg, csum_at, 0);
+        let init = pseudo_base + (l4_len as u32 >> 16) + (l4_len as u32 & 0xffff);
+        let c = checksum(&seg[lay.l4..], init);
+        put16(
+            seg,
+            csum_at,
+            if c == 0 && lay.proto == PROTO_UDP {
+                0xffff
+            } else {
+                c
+            },
+        );
+    }
+    Ok(segs)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coalescing (underlay → TAP write)
+// ---------------------------------------------------------------------------------------------
+
+/// What [`TcpCoalescer::push`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// The frame started a new super-frame.
+    Started,
+    /// The frame was appended to the super-frame being built.
+    Merged,
+    /// The frame does not continue the pending super-frame: [`TcpCoalescer::finish`] (write
+    /// the result), then push the frame again.
+    Flush,
+    /// The frame can never be coalesced (not TCP, SYN/FIN/RST/URG, no payload, IP options or
+    /// fragments, bad checksum, too big): finish the pending super-frame first, then write
+    /// this frame alone with an all-zero `virtio_net_hdr`.
+    Bypass,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    lay: Layout,
+    mss: usize,
+    next_seq: u32,
+    segs: u32,
+    /// A segment shorter than the MSS or with PSH was appended: nothing may follow.
+    closed: bool,
+    psh: bool,
+}
+
+/// Largest IP packet a super-frame may become (IPv4 total length / IPv6 payload length field).
+const MAX_IP_LEN: usize = 65_535;
+
+/// Coalesces consecutive same-flow TCP segments (plain Ethernet frames, e.g. just decapsulated)
+/// into one super-frame with a `virtio_net_hdr` (`GSO_TCPV4/6`, `NEEDS_CSUM`) in a caller
+/// buffer, ready for one TAP write. Segments merge when Ethernet/IP/TCP headers match except
+/// for lengths, IDs, checksums, sequence number and window, sequence numbers are contiguous,
+/// flags are ACK (PSH allowed on the last one), and all but the last carry exactly the MSS of
+/// the first. Checksums of incoming segments are verified before merging (the super-frame is
+/// handed over as `NEEDS_CSUM`, which the receiving stack trusts). No allocation.
+pub struct TcpCoalescer<'b> {
+    out: &'b mut [u8],
+    len: usize,
+    pending: Option<Pending>,
+    verify: bool,
+}
+
+impl<'b> TcpCoalescer<'b> {
+    /// A coalescer writing into `out` (64 KB + headers is enough for any super-frame),
+    /// verifying incoming checksums.
+    pub fn new(out: &'b mut [u8]) -> Self {
+        Self {
+            out,
+            len: 0,
+            pending: None,
+            verify: true,
+        }
+    }
+
+    /// Skips checksum verification (only for segments whose integrity is already known).
+    pub fn without_verification(mut self) -> Self {
+        self.verify = false;
+        self
+    }
+
+    /// Whether a super-frame is being built.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Segments merged into the pending super-frame.
+    pub fn pending_segments(&self) -> u32 {
+        self.pending.map_or(0, |p| p.segs)
+    }
+
+    /// Offers one Ethernet frame; see [`Push`] for what the caller must do next.
+    pub fn push(&mut self, f: &[u8]) -> Push {
+        let Some((lay, flags)) = self.coalescable(f) else {
+            return Push::Bypass;
+        };
+        let payload = f.len() - lay.hdrs;
+        let Some(p) = self.pending else {
+            if VIRTIO_NET_HDR_LEN + f.len() > self.out.len() {
+                return Push::Bypass;
+            }
+            self.out[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + f.len()].copy_from_slice(f);
+            self.len = VIRTIO_NET_HDR_LEN + f.len();
+            let psh = flags & TCP_PSH != 0;
+            self.pending = Some(Pending {
+                lay,
+                mss: payload,
+                next_seq: be32(f, lay.l4 + 4).wrapping_add(payload as u32),
+                segs: 1,
+                closed: psh,
+                psh,
+            });
+            return Push::Started;
+        };
+        let cur = &self.out[VIRTIO_NET_HDR_LEN..self.len];
+        let fits = self.len + payload <= self.out.len()
+            && (self.len - VIRTIO_NET_HDR_LEN - lay.l3) + payload <= MAX_IP_LEN;
+        if p.closed
+            || lay != p.lay
+            || payload > p.mss
+            || !fits
+            || be32(f, lay.l4 + 4) != p.next_seq
+            || !same_flow(cur, f, &lay)
+        {
+            return Push::Flush;
+        }
+        self.out[self.len..self.len + payload].copy_from_slice(&f[lay.hdrs..]);
+        self.len += payload;
+        // The latest window is the most accurate one.
+        let (wa, wb) = (VIRTIO_NET_HDR_LEN + lay.l4 + 14, lay.l4 + 14);
+        self.out[wa..wa + 2].copy_from_slice(&f[wb..wb + 2]);
+        let psh = flags & TCP_PSH != 0;
+        self.pending = Some(Pending {
+            next_seq: p.next_seq.wrapping_add(payload as u32),
+            segs: p.segs + 1,
+            closed: psh || payload < p.mss,
+            psh: p.psh || psh,
+            ..p
+        });
+        Push::Merged
+    }
+
+    /// Completes the pending super-frame and returns it (`virtio_net_hdr` + frame), or `None`
+    /// when nothing is pending. A single segment is returned unchanged with `GSO_NONE`.
+    pub fn finish(&mut self) -> Option<&[u8]> {
+        let p = self.pending.take()?;
+        let len = self.len;
+        self.len = 0;
+        let (hdr_buf, f) = self.out[..len].split_at_mut(VIRTIO_NET_HDR_LEN);
+        if p.segs == 1 {
+            VirtioNetHdr::default().encode(hdr_buf);
+            return Some(&self.out[..len]);
+        }
+        let lay = p.lay;
+        let l4_len = f.len() - lay.l4;
+        if lay.v6 {
+            put16(f, lay.l3 + 4, l4_len as u16);
+        } else {
+            put16(f, lay.l3 + 2, (f.len() - lay.l3) as u16);
+            put16(f, lay.l3 + 10, 0);
+            let c = checksum(&f[lay.l3..lay.l4], 0);
+            put16(f, lay.l3 + 10, c);
+        }
+        if p.psh {
+            f[lay.l4 + 13] |= TCP_PSH;
+        }
+        // CHECKSUM_PARTIAL convention: the field holds the folded pseudo-header sum.
+        let (src, dst) = lay.src_dst(f);
+        let ps = checksum_partial(&[], pseudo_sum(src, dst, PROTO_TCP, l4_len));
+        put16(f, lay.l4 + 16, ps);
+        VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if lay.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            hdr_len: lay.hdrs as u16,
+            gso_size: p.mss as u16,
+            csum_start: lay.l4 as u16,
+            csum_offset: 16,
+            num_buffers: 0,
+        }
+        .encode(hdr_buf);
+        Some(&self.out[..len])
+    }
+
+    /// Parses `f` and checks everything that does not depend on the pending super-frame.
+    fn coalescable(&self, f: &[u8]) -> Option<(Layout, u8)> {
+        let lay = parse(f).ok()?;
+        if lay.proto != PROTO_TCP || f.len() == lay.hdrs {
+            return None;
+        }
+        if lay.v6 {
+            if be16(f, lay.l3 + 4) as usize != f.len() - lay.l4 {
+                return None; // padded or truncated
+            }
+        } else {
+            let frag = be16(f, lay.l3 + 6) & 0x3fff;
+            if lay.l4 - lay.l3 != 20
+                || frag != 0
+                || be16(f, lay.l3 + 2) as usize != f.len() - lay.l3
+            {
+                return None;
+            }
+        }
+        let flags = f[lay.l4 + 13];
+        if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG) != 0 || flags & TCP_ACK == 0 {
+            return None;
+        }
+        if self.verify {
+            if !lay.v6 && checksum(&f[lay.l3..lay.l4], 0) != 0 {
+                return None;
+            }
+            let (src, dst) = lay.src_dst(f);
+            let l4_len = f.len() - lay.l4;
+            if checksum(&f[lay.l4..], pseudo_sum(src, dst, PROTO_TCP, l4_len)) != 0 {
+                return None;
+            }
+        }
+        Some((lay, flags))
+    }
+}
+
+/// Whether `f` has the same Ethernet, IP and TCP headers as the pending super-frame `cur`,
+/// ignoring lengths, IPv4 ID and checksums, TCP sequence number, PSH, window and checksum.
+fn same_flow(cur: &[u8], f: &[u8], lay: &Layout) -> bool {
+    let (l3, l4, hl) = (lay.l3, lay.l4, lay.hdrs);
+    if cur[..l3] != f[..l3] {
+        return false;
+    }
+    let ip_same = if lay.v6 {
+        cur[l3..l3 + 4] == f[l3..l3 + 4] && cur[l3 + 6..l3 + 40] == f[l3 + 6..l3 + 40]
+    } else {
+        cur[l3..l3 + 2] == f[l3..l3 + 2]
+            && cur[l3 + 6..l3 + 10] == f[l3 + 6..l3 + 10]
+            && cur[l3 + 12..l3 + 20] == f[l3 + 12..l3 + 20]
+    };
+    ip_same
+        && cur[l4..l4 + 4] == f[l4..l4 + 4] // ports
+        && cur[l4 + 8..l4 + 12] == f[l4 + 8..l4 + 12] // ack
+        && cur[l4 + 12] == f[l4 + 12] // data offset
+        && (cur[l4 + 13] | TCP_PSH) == (f[l4 + 13] | TCP_PSH)
+        && cur[l4 + 18..hl] == f[l4 + 18..hl] // urgent pointer and options
+}

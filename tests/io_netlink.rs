@@ -1,0 +1,271 @@
+//! Namespaces, veth, addresses, routes and vnic setup through netlink, verified with `ip`.
+//! Needs root; skips with a reason otherwise, except under CI=true. Every test creates its own
+//! uniquely named namespaces and removes them on drop, also when an assertion fails.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use fabric::io::netlink::{setup_vnic, Netlink, Netns, NetnsGuard, Route, VnicSpec};
+use fabric::io::IfName;
+
+fn root_or_skip(test: &str) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("");
+    if euid == "0" {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and CI=true forbids skipping");
+    }
+    eprintln!("skipping {test}: not root, cannot create network namespaces");
+    false
+}
+
+fn ns_name(tag: &str) -> String {
+    format!("fabio-{}-{}", std::process::id(), tag)
+}
+
+/// Runs `ip ARGS` and returns stdout; panics with stderr on failure.
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2 installed?)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn netns_create_open_delete() {
+    if !root_or_skip("netns_create_open_delete") {
+        return;
+    }
+    let name = ns_name("a");
+    {
+        let ns = NetnsGuard::create(&name).unwrap();
+        assert!(Netns::exists(&name));
+        assert!(ip(&["netns", "list"]).contains(&name));
+        // A fresh namespace has only a down loopback.
+        let links = ip(&["-n", &name, "-o", "link"]);
+        assert_eq!(links.lines().count(), 1, "{links}");
+        assert!(links.contains("lo:"));
+        // Creating it twice fails and leaves the first intact.
+        assert!(Netns::create(&name).is_err());
+        assert!(Netns::exists(&name));
+        // run() executes inside it: the thread sees only its loopback.
+        let mut nl = Netlink::open_in(&ns).unwrap();
+        let lo = nl.link_by_name("lo").unwrap();
+        assert_eq!(lo.index, 1);
+        assert!(nl.link_by_name("eth0").is_err());
+        let inside = ns
+            .run(|| std::fs::read_dir("/proc/self/net").is_ok())
+            .unwrap();
+        assert!(inside);
+    }
+    assert!(!Netns::exists(&name), "guard must delete the namespace");
+    assert!(!ip(&["netns", "list"]).contains(&name));
+}
+
+#[test]
+fn veth_between_namespaces_carries_traffic() {
+    if !root_or_skip("veth_between_namespaces_carries_traffic") {
+        return;
+    }
+    let a = NetnsGuard::create(&ns_name("va")).unwrap();
+    let b = NetnsGuard::create(&ns_name("vb")).unwrap();
+    let mut nla = Netlink::open_in(&a).unwrap();
+    let mut nlb = Netlink::open_in(&b).unwrap();
+    nla.create_veth("va0", "vb0", Some(&b)).unwrap();
+    let la = nla.link_by_name("va0").unwrap();
+    let lb = nlb.link_by_name("vb0").unwrap();
+    nla.set_mtu(la.index, 1400).unwrap();
+    nla.set_mac(la.index, [0x02, 0, 0, 0, 0xaa, 1]).unwrap();
+    nla.add_address(la.index, "10.250.0.1".parse().unwrap(), 24)
+        .unwrap();
+    nlb.add_address(lb.index, "10.250.0.2".parse().unwrap(), 24)
+        .unwrap();
+    nlb.add_address(lb.index, "fd00:250::2".parse().unwrap(), 64)
+        .unwrap();
+    for (nl, idx) in [(&mut nla, la.index), (&mut nlb, lb.index)] {
+        nl.set_up(idx, true).unwrap();
+        nl.set_up(1, true).unwrap();
+    }
+    // A route with a gateway in B (on-link) and a plain on-link route.
+    nlb.add_route(&Route {
+        dst: "10.99.0.0".parse().unwrap(),
+        prefix_len: 16,
+        gateway: Some("10.250.0.1".parse().unwrap()),
+        oif: lb.index,
+    })
+    .unwrap();
+    nlb.add_route(&Route {
+        dst: "10.98.0.0".parse().unwrap(),
+        prefix_len: 16,
+        gateway: None,
+        oif: lb.index,
+    })
+    .unwrap();
+    let link = nla.link_by_index(la.index).unwrap();
+    assert_eq!(
+        (link.mtu, link.mac, link.up),
+        (1400, Some([2, 0, 0, 0, 0xaa, 1]), true)
+    );
+
+    let la_text = ip(&["-n", a.name(), "addr", "show", "va0"]);
+    assert!(
+        la_text.contains("inet 10.250.0.1/24") && la_text.contains("mtu 1400"),
+        "{la_text}"
+    );
+    let lb_text = ip(&["-n", b.name(), "addr", "show", "vb0"]);
+    assert!(lb_text.contains("inet6 fd00:250::2/64"), "{lb_text}");
+    let routes = ip(&["-n", b.name(), "route"]);
+    assert!(
+        routes.contains("10.99.0.0/16 via 10.250.0.1 dev vb0"),
+        "{routes}"
+    );
+    assert!(routes.contains("10.98.0.0/16 dev vb0"), "{routes}");
+    // Traffic crosses the veth: a UDP socket created inside B receives what A sends (sockets
+    // stay in the namespace they were created in). IPv4 and IPv6 (no DAD delay).
+    let rx = b
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:7777").unwrap())
+        .unwrap();
+    let rx6 = b
+        .run(|| std::net::UdpSocket::bind("[fd00:250::2]:7777").unwrap())
+        .unwrap();
+    rx.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    rx6.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    nla.add_address(la.index, "fd00:250::1".parse().unwrap(), 64)
+        .unwrap();
+    a.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"over veth", "10.250.0.2:7777").unwrap();
+        let s6 = std::net::UdpSocket::bind("[fd00:250::1]:0").unwrap();
+        s6.send_to(b"over veth v6", "[fd00:250::2]:7777").unwrap();
+    })
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = rx.recv_from(&mut buf).expect("datagram over the veth");
+    assert_eq!(
+        (&buf[..n], from.ip()),
+        (&b"over veth"[..], "10.250.0.1".parse::<IpAddr>().unwrap())
+    );
+    let (n, _) = rx6
+        .recv_from(&mut buf)
+        .expect("IPv6 datagram over the veth");
+    assert_eq!(&buf[..n], b"over veth v6");
+
+    // Errors name the message and the target.
+    let err = nla
+        .add_address(la.index, "10.250.0.1".parse().unwrap(), 24)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("RTM_NEWADDR") && err.contains("10.250.0.1/24"),
+        "{err}"
+    );
+    nla.delete_link(la.index).unwrap();
+    assert!(
+        nlb.link_by_name("vb0").is_err(),
+        "deleting one veth end removes the peer"
+    );
+}
+
+#[test]
+fn vnic_setup_in_existing_namespace() {
+    if !root_or_skip("vnic_setup_in_existing_namespace") {
+        return;
+    }
+    let ns = NetnsGuard::create(&ns_name("vn")).unwrap();
+    let spec = VnicSpec {
+        name: IfName::new("eth0").unwrap(),
+        mac: [0x02, 0x08, 0x20, 0x11, 0x22, 0x33],
+        addr: "10.251.0.2".parse().unwrap(),
+        prefix_len: 24,
+        mtu: 1450,
+        gateway: Some("10.251.0.1".parse().unwrap()),
+        txqueuelen: 5000,
+    };
+    let tap = setup_vnic(&ns, &spec).unwrap();
+    assert_eq!(tap.name().as_str(), "eth0");
+    let link = ip(&["-n", ns.name(), "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1450"), "{link}");
+    assert!(link.contains("link/ether 02:08:20:11:22:33"), "{link}");
+    assert!(link.contains(",UP") || link.contains("<UP"), "{link}");
+    assert!(link.contains("qlen 5000"), "{link}");
+    let addr = ip(&["-n", ns.name(), "addr", "show", "eth0"]);
+    assert!(addr.contains("inet 10.251.0.2/24"), "{addr}");
+    let routes = ip(&["-n", ns.name(), "route"]);
+    assert!(routes.contains("10.251.0.0/24 dev eth0"), "{routes}");
+    assert!(
+        routes.contains("default via 10.251.0.1 dev eth0"),
+        "{routes}"
+    );
+    // The host namespace has no trace of the temporary name.
+    let host = ip(&["-o", "link"]);
+    assert!(!host.contains("fv"), "{host}");
+
+    // The TAP fd still works after the move: a packet sent inside the namespace makes the
+    // kernel ARP for the gateway out of the TAP, and we read that frame here.
+    ns.run(|| {
+        let s = std::net::UdpSocket::bind("10.251.0.2:0").unwrap();
+        s.send_to(b"hello", "10.251.0.77:9").unwrap();
+    })
+    .unwrap();
+    let mut buf = vec![0u8; fabric::io::tap::MAX_FRAME];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let arp = loop {
+        if let Some(n) = tap.read(&mut buf).unwrap() {
+            let f = &buf[12..n];
+            if f.len() >= 42 && f[12..14] == [0x08, 0x06] {
+                break f.to_vec();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ARP request on the TAP"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(&arp[6..12], &spec.mac, "ARP from the vnic's MAC");
+    assert_eq!(
+        &arp[38..42],
+        &[10, 251, 0, 77],
+        "ARP for the on-link destination"
+    );
+
+    // Dropping the TAP removes the device from the namespace.
+    drop(tap);
+    let links = ip(&["-n", ns.name(), "-o", "link"]);
+    assert!(!links.contains("eth0"), "{links}");
+}
+
+#[test]
+fn vnic_setup_failure_leaves_nothing_behind() {
+    if !root_or_skip("vnic_setup_failure_leaves_nothing_behind") {
+        return;
+    }
+    let ns = NetnsGuard::create(&ns_name("vf")).unwrap();
+    let spec = VnicSpec {
+        name: IfName::new("lo").unwrap(), // clashes with the namespace's loopback
+        mac: [0x02, 0, 0, 0, 0, 9],
+        addr: "10.252.0.2".parse::<IpAddr>().unwrap(),
+        prefix_len: 24,
+        mtu: 1450,
+        gateway: None,
+        txqueuelen: 1000,
+    };
+    let err = setup_vnic(&ns, &spec).unwrap_err().to_string();
+    assert!(err.contains("RTM_NEWLINK(IFLA_IFNAME)"), "{err}");
+    let links = ip(&["-n", ns.name(), "-o", "link"]);
+    assert_eq!(links.lines().count(), 1, "only lo may remain: {links}");
+}
