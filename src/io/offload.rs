@@ -105,47 +105,34 @@ pub enum OffloadError {
 // Internet checksum (RFC 1071)
 // ---------------------------------------------------------------------------------------------
 
-/// Adds `w` to `acc` with end-around carry.
-#[inline(always)]
-fn adc(acc: u64, w: u64) -> u64 {
-    let (s, o) = acc.overflowing_add(w);
-    s + o as u64
-}
-
 /// One's-complement sum of `data` in *native* 16-bit lanes (fold with [`fold_ne_to_be`]).
+///
+/// Adds 32-bit words into 64-bit accumulators without carries (a frame has far fewer than 2^32
+/// words, so they cannot overflow); the compiler vectorises this into widening SIMD adds. The
+/// end-around carries are recovered by [`fold`], since 2^32 ≡ 2^16 ≡ 1 (mod 0xffff).
 #[inline]
 fn sum_ne(data: &[u8]) -> u64 {
-    let mut acc = 0u64;
     let mut chunks = data.chunks_exact(32);
+    let mut lanes = [0u64; 8];
     for c in &mut chunks {
-        let w = |i: usize| u64::from_ne_bytes(c[i..i + 8].try_into().unwrap_or([0; 8]));
-        // Two independent accumulators per pair shorten the carry chain.
-        let a = adc(w(0), w(8));
-        let b = adc(w(16), w(24));
-        acc = adc(acc, adc(a, b));
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            *lane +=
+                u32::from_ne_bytes([c[i * 4], c[i * 4 + 1], c[i * 4 + 2], c[i * 4 + 3]]) as u64;
+        }
     }
+    let mut acc: u64 = lanes.iter().sum();
     let mut rest = chunks.remainder();
-    while rest.len() >= 8 {
-        acc = adc(
-            acc,
-            u64::from_ne_bytes(rest[..8].try_into().unwrap_or([0; 8])),
-        );
-        rest = &rest[8..];
-    }
-    if rest.len() >= 4 {
-        acc = adc(
-            acc,
-            u32::from_ne_bytes(rest[..4].try_into().unwrap_or([0; 4])) as u64,
-        );
+    while rest.len() >= 4 {
+        acc += u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as u64;
         rest = &rest[4..];
     }
     if rest.len() >= 2 {
-        acc = adc(acc, u16::from_ne_bytes([rest[0], rest[1]]) as u64);
+        acc += u16::from_ne_bytes([rest[0], rest[1]]) as u64;
         rest = &rest[2..];
     }
     if let Some(&b) = rest.first() {
         // A trailing odd byte is the high byte of a zero-padded big-endian word.
-        acc = adc(acc, u16::from_ne_bytes([b, 0]) as u64);
+        acc += u16::from_ne_bytes([b, 0]) as u64;
     }
     acc
 }
