@@ -244,7 +244,7 @@ pub enum StoreError {
     #[error("SQLite store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL failed.
-    #[error("PostgreSQL store: {0}")]
+    #[error("PostgreSQL store: {}", pg_detail(.0))]
     Postgres(#[from] ::postgres::Error),
     /// A stored value cannot be what this code wrote.
     #[error("corrupt {what} in the store: {detail}")]
@@ -288,6 +288,14 @@ pub enum StoreError {
         /// What this code writes.
         expected: i64,
     },
+}
+
+/// The server's own message for database errors (the client's Display only says "db error").
+fn pg_detail(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({}: {})", e, db.code().code(), db.message()),
+        None => e.to_string(),
+    }
 }
 
 /// Whether a transaction closure asked to commit.

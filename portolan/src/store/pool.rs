@@ -67,6 +67,16 @@ impl<C> Pool<C> {
     }
 }
 
+impl<C> Pool<C> {
+    /// Removes and returns every idle connection.
+    pub(crate) fn take_idle(&self) -> Vec<C> {
+        let mut st = self.lock();
+        let idle = std::mem::take(&mut st.idle);
+        st.open -= idle.len();
+        idle
+    }
+}
+
 /// A connection lent by a [`Pool`].
 pub(crate) struct Pooled<'a, C> {
     pool: &'a Pool<C>,

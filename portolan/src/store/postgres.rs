@@ -103,6 +103,8 @@ impl PgStore {
         let mut conn = connect(url)?;
         let mut tx = conn.client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+        // "already exists, skipping" notices on every start are noise.
+        tx.batch_execute("SET LOCAL client_min_messages TO warning")?;
         tx.batch_execute(SCHEMA)?;
         let found: Option<i64> = tx
             .query_opt(
@@ -149,6 +151,20 @@ impl PgStore {
             c.discard();
         }
         r
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // A synchronous postgres client blocks on its own runtime when closed, which panics
+        // inside an async context (a server shutting down drops its store there). Close the
+        // connections on a plain thread instead.
+        let idle = self.pool.take_idle();
+        if !idle.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("portolan-pg-close".into())
+                .spawn(move || drop(idle));
+        }
     }
 }
 

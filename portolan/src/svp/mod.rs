@@ -715,7 +715,8 @@ fn decode_payload(op: Op, p: &[u8]) -> Result<Message, FrameError> {
                 return Err(FrameError::BadLogRmCount { count: 0, size });
             }
             let count = r.u32();
-            if (p.len() - 4) % 16 != 0 || ((p.len() - 4) / 16) as u64 != u64::from(count) {
+            if !(p.len() - 4).is_multiple_of(16) || ((p.len() - 4) / 16) as u64 != u64::from(count)
+            {
                 return Err(FrameError::BadLogRmCount { count, size });
             }
             let ids = (0..count).map(|_| LogId(r.array())).collect();

@@ -133,14 +133,11 @@ pub async fn read_frames(sock: &mut TcpStream, n: usize) -> Vec<Frame> {
     let mut chunk = [0u8; 4096];
     tokio::time::timeout(Duration::from_secs(5), async {
         while out.len() < n {
-            loop {
-                match decode_frame(&buf, DEFAULT_MAX_PAYLOAD).unwrap() {
-                    Decoded::Complete { frame, len } => {
-                        buf.drain(..len);
-                        out.push(frame);
-                    }
-                    Decoded::Incomplete { .. } => break,
-                }
+            while let Decoded::Complete { frame, len } =
+                decode_frame(&buf, DEFAULT_MAX_PAYLOAD).unwrap()
+            {
+                buf.drain(..len);
+                out.push(frame);
             }
             if out.len() >= n {
                 break;
