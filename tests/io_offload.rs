@@ -221,7 +221,7 @@ proptest! {
                 }
             }
             if !s.v6 {
-                prop_assert_eq!(ip_id, (i as u16), "IPv4 ID increments per segment (builder starts at 0)");
+                prop_assert_eq!(ip_id, i as u16, "IPv4 ID increments per segment (builder starts at 0)");
             }
             next_seq = next_seq.wrapping_add(payload.len() as u32);
             joined.extend_from_slice(&payload);

@@ -240,7 +240,9 @@ fn tcp_through_tap_with_tso_segmentation_and_gro_coalescing() {
                 complete_checksum(&hdr, frame).unwrap();
                 let len = frame.len();
                 segbuf[..len].copy_from_slice(frame);
-                vec![0..len]
+                #[allow(clippy::single_range_in_vec_init)]
+                let one = vec![0..len];
+                one
             } else {
                 assert_eq!(hdr.gso_type, GSO_TCPV4);
                 let need = segmented_len(&hdr, frame, 0).unwrap();

@@ -1,20 +1,97 @@
 //! The only place with syscalls and `unsafe`: TAP devices, the UDP underlay, netns/netlink.
 //!
 //! Layout, one concern per file:
-//! - [`tap`]: TAP devices with `IFF_VNET_HDR` offloads (frames are `virtio_net_hdr` + Ethernet).
-//! - [`offload`]: the `virtio_net_hdr` codec, userspace segmentation of TSO/USO super-frames
-//!   and TCP coalescing for TAP writes. Pure (no syscalls), but it lives here because it
-//!   interprets the TAP's GSO metadata.
-//! - [`underlay`]: the VXLAN UDP socket(s): `sendmmsg`/`recvmmsg` batches, `UDP_SEGMENT`/`UDP_GRO`,
-//!   outer source port from the inner flow hash.
-//! - [`netlink`]: network namespaces, veth pairs, link moves, addresses, MTU, routes, and
+//! - [`tap`]: TAP devices with `IFF_VNET_HDR` offloads (frames are `virtio_net_hdr` + Ethernet),
+//!   single or multi-queue, nonblocking.
+//! - [`offload`]: the `virtio_net_hdr` codec, userspace segmentation of TSO/USO super-frames,
+//!   TCP coalescing for TAP writes, checksums and the inner flow hash. Pure (no syscalls), but
+//!   it lives here because it interprets the TAP's GSO metadata.
+//! - [`underlay`]: the VXLAN UDP socket(s): `sendmmsg`/`recvmmsg` batches into caller buffers,
+//!   `UDP_SEGMENT`/`UDP_GRO`, outer source port picked from the inner flow hash.
+//! - [`netlink`]: named network namespaces, veth pairs, link moves, addresses, MTU, routes, and
 //!   [`netlink::setup_vnic`] for `fabric vnic add`.
-//! - [`poll`]: epoll + eventfd so hot-path threads can wait without `unsafe` of their own.
+//! - [`poll`]: epoll + eventfd, so hot-path threads can wait without `unsafe` of their own.
 //!
-//! Every `unsafe` block carries a `// SAFETY:` comment. Hot-path calls ([`tap::Tap::read`],
-//! [`underlay::Underlay::send`]/[`underlay::Underlay::recv`], [`offload::segment`],
-//! [`offload::TcpCoalescer`]) allocate nothing, take no lock and do not log per packet; errors
-//! name the failing syscall and the device or address.
+//! Every `unsafe` block carries a `// SAFETY:` comment. Hot-path calls ([`tap::Tap::read`] /
+//! [`tap::Tap::write`], [`underlay::Underlay::send`] / [`underlay::Underlay::recv`],
+//! [`offload::segment`], [`offload::TcpCoalescer`], [`poll::Poller::wait`]) allocate nothing,
+//! take no lock and do not log per packet. Errors are `thiserror` enums whose messages name
+//! the failing syscall (or netlink message) and the device, address or namespace.
+//!
+//! # How the dataplane uses this
+//!
+//! One thread per direction, each owning its buffers (allocated once):
+//!
+//! ```no_run
+//! use std::io::{IoSlice, IoSliceMut};
+//! use fabric::io::{netlink, offload, tap, underlay, IfName};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // `fabric vnic add`: TAP in the container's namespace, configured, fd kept here.
+//! let ns = netlink::Netns::open("ctr1")?;
+//! let vnic = netlink::setup_vnic(&ns, &netlink::VnicSpec {
+//!     name: IfName::new("eth0")?,
+//!     mac: [0x02, 0x08, 0x20, 0, 0, 1],
+//!     addr: "10.0.0.2".parse()?,
+//!     prefix_len: 24,
+//!     mtu: 1450,
+//!     gateway: None,
+//!     txqueuelen: 5000,
+//! })?;
+//! let udp = underlay::Underlay::bind(&underlay::UnderlayConfig::new("192.0.2.10:4789".parse()?))?;
+//!
+//! // Encap: TAP read -> segment -> one GSO transmit.
+//! let mut rd = vec![0u8; tap::MAX_FRAME];
+//! let mut segs_buf = vec![0u8; 256 * 1024];
+//! let vxlan_hdr = [0x08, 0, 0, 0, 0, 0, 42, 0]; // I flag, VNI 42 (built by core/wire)
+//! if let Some(n) = vnic.read(&mut rd)? {
+//!     let hdr = offload::VirtioNetHdr::decode(&rd[..n]).unwrap();
+//!     let frame = &rd[offload::VIRTIO_NET_HDR_LEN..n];
+//!     let hash = offload::flow_hash(frame);
+//!     let segs = offload::segment(&hdr, frame, vxlan_hdr.len(), &mut segs_buf)?;
+//!     segs.fill_headroom(&mut segs_buf, &vxlan_hdr);
+//!     udp.send(&[underlay::Transmit {
+//!         dst: "192.0.2.11:4789".parse()?,
+//!         segment_size: Some(segs.stride),
+//!         contents: &segs_buf[..segs.total_len()],
+//!         flow_hash: hash,
+//!     }])?;
+//! }
+//!
+//! // Decap: recvmmsg (GRO) -> strip VXLAN -> coalesce -> TAP write.
+//! let mut slots = vec![[0u8; 65_536]; 8];
+//! let mut meta = [underlay::RecvMeta::default(); 8];
+//! let mut sup = vec![0u8; 70_000];
+//! let mut bufs: Vec<IoSliceMut<'_>> = slots.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+//! let got = udp.recv(&mut bufs, &mut meta)?;
+//! drop(bufs);
+//! let mut co = offload::TcpCoalescer::new(&mut sup);
+//! for (m, slot) in meta[..got].iter().zip(&slots) {
+//!     for dgram in slot[..m.len].chunks(m.stride) {
+//!         let inner = &dgram[8..]; // after the VXLAN header (validated by core)
+//!         loop {
+//!             match co.push(inner) {
+//!                 offload::Push::Started | offload::Push::Merged => break,
+//!                 offload::Push::Flush => {
+//!                     if let Some(f) = co.finish() { vnic.write(f)?; }
+//!                 }
+//!                 offload::Push::Bypass => {
+//!                     if let Some(f) = co.finish() { vnic.write(f)?; }
+//!                     let zero = [0u8; offload::VIRTIO_NET_HDR_LEN];
+//!                     vnic.write_vectored(&[IoSlice::new(&zero), IoSlice::new(inner)])?;
+//!                     break;
+//!                 }
+//!             }
+//!         }
+//!     }
+//! }
+//! if let Some(f) = co.finish() { vnic.write(f)?; }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Readiness: register [`tap::Tap`] and [`underlay::Underlay`] (both `AsFd`) with a
+//! [`poll::Poller`]; a [`poll::Waker`] interrupts the wait for shutdown or vnic changes.
 #![allow(unsafe_code)]
 
 pub mod netlink;

@@ -1,4 +1,40 @@
-//! `virtio_net_hdr` and userspace segmentation / coalescing (pure: no syscalls).
+//! `virtio_net_hdr`, userspace segmentation of TAP super-frames, TCP coalescing for TAP
+//! writes, checksum helpers and the inner flow hash. Pure: no syscalls, no allocation.
+//!
+//! # Encapsulation path (TAP read → underlay)
+//!
+//! With TSO/USO negotiated ([`super::tap::Offloads`]) a TAP read returns a
+//! [`VirtioNetHdr`] and a frame of up to 64 KB. Three cases:
+//! - `gso_type == GSO_NONE`, no `F_NEEDS_CSUM`: the frame is complete.
+//! - `GSO_NONE` with `F_NEEDS_CSUM`: call [`complete_checksum`] in place. Read the TAP into
+//!   `buf[0..]` so the frame starts at byte 12; the VXLAN header then goes into `buf[4..12]`,
+//!   over the already decoded vnet header, and `buf[4..12 + len]` is sent: no copy.
+//! - `GSO_TCPV4`/`GSO_TCPV6`/`GSO_UDP_L4`: [`segment`] writes MSS-sized frames into one
+//!   output buffer, each after `headroom` bytes, at a fixed [`Segments::stride`]. Fill the
+//!   headrooms with the VXLAN header ([`Segments::fill_headroom`]) and hand
+//!   `out[..segs.total_len()]` to the underlay as one transmit with
+//!   `segment_size = Some(segs.stride)`: the kernel's UDP GSO cuts it exactly there.
+//!
+//! # Decapsulation path (underlay → TAP write)
+//!
+//! [`TcpCoalescer`] takes the decapsulated inner frames of one run (e.g. one GRO buffer's
+//! datagrams to one vnic) and merges consecutive same-flow TCP segments into one super-frame
+//! with `GSO_TCPV4/6` and `F_NEEDS_CSUM`, so the container's stack receives one 64 KB skb
+//! instead of 45. See [`Push`] for the protocol.
+//!
+//! # Kernel quirks interpreted here
+//!
+//! - With `F_NEEDS_CSUM` the L4 checksum field holds the *pseudo-header* sum (not
+//!   complemented), and the real checksum covers `csum_start..end` (`skb_checksum_help`). We
+//!   write the same convention on coalesced frames. A computed 0 is sent as `0xffff`.
+//! - `hdr_len` is only a hint (the kernel may set it to the linear length); headers are parsed
+//!   from the frame at fixed offsets (Ethernet, one optional 802.1Q tag, IPv4 with options or
+//!   IPv6 without extension headers, TCP/UDP), and `csum_start` must point at the L4 header.
+//! - `gso_type` may carry `GSO_ECN` (0x80): CWR is kept on the first segment only, as the
+//!   kernel's `tcp_gso_segment` does. FIN and PSH go on the last segment only.
+//! - IPv4 IDs increment per segment from the super-frame's ID (what Linux GSO emits and what
+//!   GRO on the receiver expects). `GSO_UDP_L4` is used for both IPv4 and IPv6.
+//! - The IPv4 `tot_len` of a super-frame is not trusted; the frame length is.
 
 /// Size of the `virtio_net_hdr` we configure on TAP devices (`virtio_net_hdr_v1`).
 pub const VIRTIO_NET_HDR_LEN: usize = 12;
@@ -352,6 +388,16 @@ impl Segments {
     /// Bytes of `out` covered, headroom of the first segment included.
     pub fn total_len(&self) -> usize {
         (self.count - 1) * self.stride + self.headroom + self.last_len
+    }
+
+    /// Copies `bytes` (at most `headroom` long) into the headroom in front of every segment,
+    /// right before the frame (e.g. the 8-byte VXLAN header, identical for all segments).
+    pub fn fill_headroom(&self, out: &mut [u8], bytes: &[u8]) {
+        let n = bytes.len().min(self.headroom);
+        for i in 0..self.count {
+            let end = i * self.stride + self.headroom;
+            out[end - n..end].copy_from_slice(&bytes[bytes.len() - n..]);
+        }
     }
 
     /// Byte range in `out` of segment `i`'s frame (without headroom).
@@ -748,4 +794,147 @@ fn same_flow(cur: &[u8], f: &[u8], lay: &Layout) -> bool {
         && cur[l4 + 12] == f[l4 + 12] // data offset
         && (cur[l4 + 13] | TCP_PSH) == (f[l4 + 13] | TCP_PSH)
         && cur[l4 + 18..hl] == f[l4 + 18..hl] // urgent pointer and options
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow hash (outer UDP source port entropy, RFC 7348)
+// ---------------------------------------------------------------------------------------------
+
+/// A hash of the inner flow of an Ethernet frame, for [`super::underlay::Transmit::flow_hash`]:
+/// IP addresses, protocol and ports for TCP/UDP over IPv4/IPv6 (IP addresses and protocol for
+/// other IP traffic; MAC addresses and ethertype otherwise). Every segment of a flow, and every
+/// fragment-free packet of it, hashes alike, so a flow keeps one outer source port.
+#[inline]
+pub fn flow_hash(frame: &[u8]) -> u32 {
+    #[inline(always)]
+    fn mix(h: u64, v: u64) -> u64 {
+        (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+    }
+    let mut h = 0x243F_6A88_85A3_08D3u64;
+    match parse(frame) {
+        Ok(lay) => {
+            let (src, dst) = lay.src_dst(frame);
+            for part in [src, dst] {
+                for c in part.chunks(8) {
+                    let mut w = [0u8; 8];
+                    w[..c.len()].copy_from_slice(c);
+                    h = mix(h, u64::from_ne_bytes(w));
+                }
+            }
+            let ports = u32::from_ne_bytes([
+                frame[lay.l4],
+                frame[lay.l4 + 1],
+                frame[lay.l4 + 2],
+                frame[lay.l4 + 3],
+            ]);
+            h = mix(h, (lay.proto as u64) << 32 | ports as u64);
+        }
+        Err(_) => {
+            let mut w = [0u8; 16];
+            let n = frame.len().min(14);
+            w[..n].copy_from_slice(&frame[..n]);
+            h = mix(h, u64::from_ne_bytes(w[..8].try_into().unwrap_or([0; 8])));
+            h = mix(h, u64::from_ne_bytes(w[8..].try_into().unwrap_or([0; 8])));
+        }
+    }
+    // Final avalanche (murmur3 fmix64), folded to 32 bits.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    (h ^ (h >> 32)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference RFC 1071 checksum, byte pair by byte pair.
+    fn reference(data: &[u8], init: u32) -> u16 {
+        let mut s = init as u64;
+        for c in data.chunks(2) {
+            s += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u64;
+        }
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    #[test]
+    fn checksum_matches_reference() {
+        let mut x = 0x1234_5678u32;
+        for len in (0..200).chain([1499, 1500, 9000, 65_535]) {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            for init in [0, 1, 0xffff, 0x1_2345] {
+                assert_eq!(
+                    checksum(&data, init),
+                    reference(&data, init),
+                    "len {len} init {init}"
+                );
+            }
+        }
+        // All-ones data: the sum is 0xffff and the checksum 0.
+        assert_eq!(checksum(&[0xff; 64], 0), 0);
+    }
+
+    #[test]
+    fn vnet_hdr_roundtrip() {
+        let h = VirtioNetHdr {
+            flags: 1,
+            gso_type: 4,
+            hdr_len: 74,
+            gso_size: 1428,
+            csum_start: 54,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
+        let mut b = [0u8; 12];
+        h.encode(&mut b);
+        assert_eq!(VirtioNetHdr::decode(&b), Some(h));
+        assert_eq!(VirtioNetHdr::decode(&b[..11]), None);
+    }
+
+    #[test]
+    fn flow_hash_is_per_flow() {
+        let mut f = vec![0u8; 54];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        f[34..38].copy_from_slice(&[0x30, 0x39, 0x00, 0x50]);
+        f[46] = 5 << 4;
+        let a = flow_hash(&f);
+        let mut g = f.clone();
+        g[38..42].copy_from_slice(&[9, 9, 9, 9]); // other sequence number: same flow
+        g.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(flow_hash(&g), a);
+        g[35] ^= 1; // other source port: other flow
+        assert_ne!(flow_hash(&g), a);
+        assert_ne!(flow_hash(&[0u8; 3]), a);
+    }
+
+    #[test]
+    fn fill_headroom_targets_each_segment() {
+        let s = Segments {
+            count: 3,
+            stride: 10,
+            headroom: 4,
+            seg_len: 6,
+            last_len: 2,
+        };
+        let mut out = vec![0u8; s.total_len()];
+        s.fill_headroom(&mut out, &[1, 2, 3, 4]);
+        assert_eq!(&out[..4], &[1, 2, 3, 4]);
+        assert_eq!(&out[10..14], &[1, 2, 3, 4]);
+        assert_eq!(&out[20..24], &[1, 2, 3, 4]);
+        assert_eq!(s.frame_range(2), 24..26);
+    }
 }

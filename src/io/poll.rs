@@ -114,9 +114,8 @@ impl Poller {
             source,
         })?;
         // SAFETY: fresh descriptor owned by nobody else.
-        Ok(Self {
-            ep: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { ep: owned })
     }
 
     /// Registers `fd` with `token`.
@@ -223,9 +222,8 @@ impl Waker {
             source,
         })?;
         // SAFETY: fresh descriptor owned by nobody else.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd: owned })
     }
 
     /// Makes the fd readable until [`Self::reset`].
