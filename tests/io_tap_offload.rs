@@ -66,6 +66,20 @@ fn write_plain(tap: &Tap, frame: &[u8]) {
     assert_eq!(n, hdr.len() + frame.len());
 }
 
+/// Answers an ARP request from the container for the peer's address.
+fn answer_arp(tap: &Tap, req: &[u8]) {
+    assert_eq!(&req[38..42], &PEER_IP, "ARP for an unexpected address");
+    let mut reply = req[..42].to_vec();
+    reply[..6].copy_from_slice(&CONTAINER_MAC);
+    reply[6..12].copy_from_slice(&PEER_MAC);
+    reply[20..22].copy_from_slice(&[0, 2]);
+    reply[22..28].copy_from_slice(&PEER_MAC);
+    reply[28..32].copy_from_slice(&PEER_IP);
+    reply[32..38].copy_from_slice(&CONTAINER_MAC);
+    reply[38..42].copy_from_slice(&CONTAINER_IP);
+    write_plain(tap, &reply);
+}
+
 fn tcp_frame(
     seq: u32,
     ack: u32,
@@ -221,15 +235,7 @@ fn tcp_through_tap_with_tso_segmentation_and_gro_coalescing() {
             if frame.len() >= 42 && frame[12..14] == [0x08, 0x06] {
                 // ARP request for the peer: answer it.
                 assert_eq!(&frame[38..42], &PEER_IP);
-                let mut reply = frame[..42].to_vec();
-                reply[..6].copy_from_slice(&CONTAINER_MAC);
-                reply[6..12].copy_from_slice(&PEER_MAC);
-                reply[20..22].copy_from_slice(&[0, 2]);
-                reply[22..28].copy_from_slice(&PEER_MAC);
-                reply[28..32].copy_from_slice(&PEER_IP);
-                reply[32..38].copy_from_slice(&CONTAINER_MAC);
-                reply[38..42].copy_from_slice(&CONTAINER_IP);
-                write_plain(&tap, &reply);
+                answer_arp(&tap, frame);
                 continue;
             }
             if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
@@ -402,15 +408,7 @@ fn udp_through_tap_with_uso_segmentation() {
         let hdr = VirtioNetHdr::decode(&buf[..n]).unwrap();
         let frame = &mut buf[VIRTIO_NET_HDR_LEN..n];
         if frame.len() >= 42 && frame[12..14] == [0x08, 0x06] {
-            let mut reply = frame[..42].to_vec();
-            reply[..6].copy_from_slice(&CONTAINER_MAC);
-            reply[6..12].copy_from_slice(&PEER_MAC);
-            reply[20..22].copy_from_slice(&[0, 2]);
-            reply[22..28].copy_from_slice(&PEER_MAC);
-            reply[28..32].copy_from_slice(&PEER_IP);
-            reply[32..38].copy_from_slice(&CONTAINER_MAC);
-            reply[38..42].copy_from_slice(&CONTAINER_IP);
-            write_plain(&tap, &reply);
+            answer_arp(&tap, frame);
             continue;
         }
         if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 17 {
@@ -499,4 +497,96 @@ fn udp_through_tap_with_uso_segmentation() {
     }
     assert_eq!(received, down);
     assert_eq!(datagrams, DOWN_SEGS);
+}
+
+/// A UDP GSO send through a device without checksum offload: older kernels fail it with EIO
+/// (the underlay then switches GSO off and resends datagram by datagram); current ones segment
+/// and checksum in software. Either way every datagram must arrive intact.
+#[test]
+fn underlay_gso_through_device_without_checksum_offload_delivers() {
+    use fabric::io::netlink::Netlink;
+    use fabric::io::tap::TapConfig;
+    use fabric::io::underlay::{SourcePorts, Transmit, Underlay, UnderlayConfig};
+
+    if !root_or_skip("underlay_gso_through_device_without_checksum_offload_delivers") {
+        return;
+    }
+    let ns = NetnsGuard::create(&format!("fabio-{}-eio", std::process::id())).unwrap();
+    // A TAP without TUN_F_CSUM has no checksum offload: the kernel refuses UDP GSO through it.
+    let name = IfName::new(&format!("fabe{}", std::process::id() % 100_000)).unwrap();
+    let tap = Tap::open(&TapConfig {
+        name,
+        offloads: Offloads::NONE,
+    })
+    .unwrap();
+    tap.set_mac(CONTAINER_MAC).unwrap();
+    Netlink::open()
+        .unwrap()
+        .move_link(tap.ifindex().unwrap(), &ns)
+        .unwrap();
+    let mut nl = Netlink::open_in(&ns).unwrap();
+    let idx = nl.link_by_name(name.as_str()).unwrap().index;
+    nl.add_address(idx, Ipv4Addr::from(CONTAINER_IP).into(), 24)
+        .unwrap();
+    nl.set_up(idx, true).unwrap();
+
+    let sock = ns
+        .run(|| {
+            Underlay::bind(&UnderlayConfig {
+                source_ports: SourcePorts::Bound,
+                ..UnderlayConfig::new((Ipv4Addr::from(CONTAINER_IP), 7001).into())
+            })
+            .unwrap()
+        })
+        .unwrap();
+    assert!(
+        sock.gso_enabled(),
+        "GSO is probed per socket, not per route"
+    );
+    const SEG: usize = 700;
+    let data: Vec<u8> = (0..5 * SEG + 9).map(up_byte).collect();
+    sock.send(&[Transmit {
+        dst: (Ipv4Addr::from(PEER_IP), 9999).into(),
+        segment_size: Some(SEG),
+        contents: &data,
+        flow_hash: 0,
+    }])
+    .expect("GSO send (or its fallback) must not fail");
+    eprintln!(
+        "GSO still enabled after sending through a device without csum offload: {}",
+        sock.gso_enabled()
+    );
+
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < data.len() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out with {} of {} bytes",
+            got.len(),
+            data.len()
+        );
+        let Some(n) = tap.read(&mut buf).unwrap() else {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        };
+        let hdr = VirtioNetHdr::decode(&buf[..n]).unwrap();
+        assert_eq!(hdr.gso_type, GSO_NONE, "no offloads were negotiated");
+        let frame = &buf[VIRTIO_NET_HDR_LEN..n];
+        if frame.len() >= 42 && frame[12..14] == [0x08, 0x06] {
+            answer_arp(&tap, frame);
+            continue;
+        }
+        if frame.len() < 42 || frame[12..14] != [0x08, 0x00] || frame[23] != 17 {
+            continue;
+        }
+        let p = SlicedPacket::from_ethernet(frame).unwrap();
+        let Some(TransportSlice::Udp(u)) = &p.transport else {
+            panic!("not UDP")
+        };
+        assert!(u.payload().len() <= SEG);
+        got.extend_from_slice(u.payload());
+    }
+    assert_eq!(got, data);
 }

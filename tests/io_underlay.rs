@@ -282,3 +282,53 @@ fn segmented_transmit_without_gso_goes_out_datagram_by_datagram() {
     let joined: Vec<u8> = got.iter().flat_map(|g| g.2.iter().copied()).collect();
     assert_eq!(joined, data);
 }
+
+#[test]
+fn ipv6_gso_and_gro() {
+    let c = |gso, gro| UnderlayConfig {
+        gso,
+        gro,
+        source_ports: SourcePorts::Ephemeral(2),
+        read_timeout: Some(Duration::from_millis(500)),
+        ..UnderlayConfig::new("[::1]:0".parse().unwrap())
+    };
+    let rx = Underlay::bind(&c(false, true)).unwrap();
+    let tx = Underlay::bind(&c(true, false)).unwrap();
+    let data = payload(4, 10 * 1200 + 1);
+    tx.send(&[Transmit {
+        dst: rx.local_addr(),
+        segment_size: Some(1200),
+        contents: &data,
+        flow_hash: 7,
+    }])
+    .unwrap();
+    let got = recv_datagrams(&rx, 11);
+    assert_eq!(got.len(), 11);
+    assert!(got.iter().all(|g| g.1 == 1200 && g.0.is_ipv6()));
+    assert_eq!(got[0].0.port(), tx.source_port_for(7));
+    let joined: Vec<u8> = got.iter().flat_map(|g| g.2.iter().copied()).collect();
+    assert_eq!(joined, data);
+}
+
+#[test]
+fn too_small_slot_is_flagged_truncated() {
+    let rx = Underlay::bind(&cfg(false, false, SourcePorts::Bound)).unwrap();
+    let tx = Underlay::bind(&cfg(false, false, SourcePorts::Bound)).unwrap();
+    let d = payload(1, 3000);
+    tx.send(&[Transmit {
+        dst: rx.local_addr(),
+        segment_size: None,
+        contents: &d,
+        flow_hash: 0,
+    }])
+    .unwrap();
+    let mut small = [0u8; 1000];
+    let mut meta = [RecvMeta::default(); 1];
+    assert_eq!(
+        rx.recv(&mut [IoSliceMut::new(&mut small)], &mut meta)
+            .unwrap(),
+        1
+    );
+    assert!(meta[0].truncated, "{:?}", meta[0]);
+    assert_eq!(meta[0].len, 1000);
+}

@@ -13,7 +13,8 @@
 //!   (`UDP_MAX_SEGMENTS`, 64 before Linux 6.9) or than 64 KB is split into several entries. If a
 //!   GSO send fails with `EIO` (egress device without checksum offload, as quinn-udp and wireguard-go found), GSO is
 //!   switched off for this socket (logged once) and the same transmits are re-sent one datagram
-//!   per entry: nothing is lost.
+//!   per entry: nothing is lost. (Current kernels, 6.18 here, segment and checksum in software
+//!   instead of failing, so this is for older ones.)
 //! - **Receive (`UDP_GRO`)**: enabled with `setsockopt(UDP_GRO)` on Linux ≥ 5.12 (earlier
 //!   kernels have buggy GRO with `recvmsg`, as wireguard-go and msquic found). A received buffer
 //!   may then hold several datagrams of `stride` bytes each (the last may be shorter), signalled
@@ -141,6 +142,8 @@ pub struct RecvMeta {
     pub len: usize,
     /// Size of each datagram in the buffer (`== len` without GRO); the last may be shorter.
     pub stride: usize,
+    /// The slot was too small and the kernel cut the data (`MSG_TRUNC`): drop and count it.
+    pub truncated: bool,
 }
 
 impl Default for RecvMeta {
@@ -149,6 +152,7 @@ impl Default for RecvMeta {
             src: SocketAddr::from(([0, 0, 0, 0], 0)),
             len: 0,
             stride: 0,
+            truncated: false,
         }
     }
 }
@@ -523,7 +527,13 @@ impl Underlay {
                     c = libc::CMSG_NXTHDR(h, c);
                 }
             }
-            meta[i] = RecvMeta { src, len, stride };
+            let truncated = h.msg_flags & libc::MSG_TRUNC != 0;
+            meta[i] = RecvMeta {
+                src,
+                len,
+                stride,
+                truncated,
+            };
         }
         Ok(rc)
     }
