@@ -276,10 +276,26 @@ const WITH_OPTS: &[(&str, Option<u32>, bool)] = &[
     ("FROM any TO all vms ALLOW tcp PORTS 1-2", Some(2), false),
     ("FROM any TO all vms ALLOW tcp PORTS 1-2 )", Some(1), false),
     ("FROM any TO all vms ALLOW tcp PORTS 0-2", Some(1), false),
-    ("FROM ip fd00::1 TO all vms ALLOW tcp PORT 1", Some(2), false),
-    ("FROM ip fd00::12345 TO all vms ALLOW tcp PORT 1", Some(2), false),
-    ("FROM subnet fd00::/64 TO all vms ALLOW tcp PORT 1", Some(2), false),
-    ("FROM subnet fd00::/200 TO all vms ALLOW tcp PORT 1", Some(2), false),
+    (
+        "FROM ip fd00::1 TO all vms ALLOW tcp PORT 1",
+        Some(2),
+        false,
+    ),
+    (
+        "FROM ip fd00::12345 TO all vms ALLOW tcp PORT 1",
+        Some(2),
+        false,
+    ),
+    (
+        "FROM subnet fd00::/64 TO all vms ALLOW tcp PORT 1",
+        Some(2),
+        false,
+    ),
+    (
+        "FROM subnet fd00::/200 TO all vms ALLOW tcp PORT 1",
+        Some(2),
+        false,
+    ),
     ("FROM any TO all vms ALLOW icmp6 TYPE 1", Some(2), false),
     ("FROM any TO all vms ALLOW icmp6 TYPE 300", Some(2), false),
     ("FROM any TO all vms ALLOW icmp6 TYPE 1 )", Some(2), false),
@@ -287,22 +303,62 @@ const WITH_OPTS: &[(&str, Option<u32>, bool)] = &[
     ("FROM any TO all vms ALLOW icmp TYPE all )", Some(2), false),
     ("FROM any TO all vms ALLOW icmp6 TYPE all", Some(2), false),
     ("FROM any TO all vms ALLOW icmp TYPE all", Some(3), false),
-    ("FROM any TO all vms ALLOW tcp PORT 1 PRIORITY 1", Some(3), false),
-    ("FROM any TO all vms ALLOW tcp PORT 1 PRIORITY 101", Some(3), false),
-    ("FROM any TO all vms ALLOW tcp PORT 1 PRIORITY 0", Some(3), false),
+    (
+        "FROM any TO all vms ALLOW tcp PORT 1 PRIORITY 1",
+        Some(3),
+        false,
+    ),
+    (
+        "FROM any TO all vms ALLOW tcp PORT 1 PRIORITY 101",
+        Some(3),
+        false,
+    ),
+    (
+        "FROM any TO all vms ALLOW tcp PORT 1 PRIORITY 0",
+        Some(3),
+        false,
+    ),
     ("FROM any TO all vms ALLOW ah", Some(3), false),
     ("FROM any TO all vms ALLOW esp", Some(3), false),
     ("FROM any TO all vms ALLOW esp PORT 1", Some(3), false),
     ("FROM any TO all vms ALLOW ah", Some(4), false),
     ("FROM any TO all vms ALLOW ah", Some(0), false),
     ("FROM any TO all vms ALLOW ah", Some(9), false),
-    ("FROM subnet 10.8.0.0/5 TO all vms ALLOW tcp PORT 1", None, true),
-    ("FROM subnet 10.0.0.0/8 TO all vms ALLOW tcp PORT 1", None, true),
-    ("FROM subnet 10.0.0.1/32 TO all vms ALLOW tcp PORT 1", None, true),
-    ("FROM subnet 10.0.0.1/0 TO all vms ALLOW tcp PORT 1", None, true),
-    ("FROM subnet fd00::1/64 TO all vms ALLOW tcp PORT 1", None, true),
-    ("FROM subnet fd00::/8 TO all vms ALLOW tcp PORT 1", None, true),
-    ("FROM subnet fd00::/7 TO all vms ALLOW tcp PORT 1", None, true),
+    (
+        "FROM subnet 10.8.0.0/5 TO all vms ALLOW tcp PORT 1",
+        None,
+        true,
+    ),
+    (
+        "FROM subnet 10.0.0.0/8 TO all vms ALLOW tcp PORT 1",
+        None,
+        true,
+    ),
+    (
+        "FROM subnet 10.0.0.1/32 TO all vms ALLOW tcp PORT 1",
+        None,
+        true,
+    ),
+    (
+        "FROM subnet 10.0.0.1/0 TO all vms ALLOW tcp PORT 1",
+        None,
+        true,
+    ),
+    (
+        "FROM subnet fd00::1/64 TO all vms ALLOW tcp PORT 1",
+        None,
+        true,
+    ),
+    (
+        "FROM subnet fd00::/8 TO all vms ALLOW tcp PORT 1",
+        None,
+        true,
+    ),
+    (
+        "FROM subnet fd00::/7 TO all vms ALLOW tcp PORT 1",
+        None,
+        true,
+    ),
 ];
 
 /// A small deterministic PRNG (xorshift64*), so the corpus is reproducible from a seed.
@@ -350,7 +406,12 @@ impl Gen {
             match self.rng.below(4) {
                 0 => hi + 1 + self.rng.below(over),
                 1 => lo.saturating_sub(1),
-                2 => return self.rng.pick(&["x", "1a", "-1", "0x10", "http", "1-2-3", "80-"]).to_string(),
+                2 => {
+                    return self
+                        .rng
+                        .pick(&["x", "1a", "-1", "0x10", "http", "1-2-3", "80-"])
+                        .to_string()
+                }
                 _ => return format!("00{}", lo + self.rng.below(hi - lo + 1)),
             }
         } else {
@@ -363,7 +424,15 @@ impl Gen {
         if self.rng.chance(self.bad) {
             return self
                 .rng
-                .pick(&["0.0.0.0", "255.255.255.255", "10.288.0.0", "010.0.0.1", "1.2.3.4.5", "1.2.3.1000", "1.2.3"])
+                .pick(&[
+                    "0.0.0.0",
+                    "255.255.255.255",
+                    "10.288.0.0",
+                    "010.0.0.1",
+                    "1.2.3.4.5",
+                    "1.2.3.1000",
+                    "1.2.3",
+                ])
                 .to_string();
         }
         let g: Vec<String> = (0..4).map(|_| self.rng.below(256).to_string()).collect();
@@ -374,7 +443,17 @@ impl Gen {
         if self.rng.chance(self.bad) {
             return self
                 .rng
-                .pick(&["fd00::12345", "1::2::3", ":::", "1:2:3:4:5:6:7:8:9", "FD00::1", "fe80::1%1", "1:2", "::ffff:1.2.3.4", "00001::"])
+                .pick(&[
+                    "fd00::12345",
+                    "1::2::3",
+                    ":::",
+                    "1:2:3:4:5:6:7:8:9",
+                    "FD00::1",
+                    "fe80::1%1",
+                    "1:2",
+                    "::ffff:1.2.3.4",
+                    "00001::",
+                ])
                 .to_string();
         }
         let n = 1 + self.rng.below(8) as usize;
@@ -398,17 +477,47 @@ impl Gen {
 
     fn uuid(&mut self) -> String {
         if self.rng.chance(self.bad) {
-            return self.rng.pick(&["asdf", "B0B0B0B0-0000-4000-8000-000000000001", "b0b0b0b0-0000-4000-8000-00000000000", "b0b0b0b0_0000-4000-8000-000000000001"]).to_string();
+            return self
+                .rng
+                .pick(&[
+                    "asdf",
+                    "B0B0B0B0-0000-4000-8000-000000000001",
+                    "b0b0b0b0-0000-4000-8000-00000000000",
+                    "b0b0b0b0_0000-4000-8000-000000000001",
+                ])
+                .to_string();
         }
         let h = format!("{:016x}{:016x}", self.rng.next(), self.rng.next());
-        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
     }
 
     fn tag_string(&mut self) -> String {
         match self.rng.below(10) {
             0..=3 => self
                 .rng
-                .pick(&["role", "web", "sdc_docker", "a", "b", "01", "1", "x-y", "to-do", "all", "__proto__", "A_b-9", "true", "ports"])
+                .pick(&[
+                    "role",
+                    "web",
+                    "sdc_docker",
+                    "a",
+                    "b",
+                    "01",
+                    "1",
+                    "x-y",
+                    "to-do",
+                    "all",
+                    "__proto__",
+                    "A_b-9",
+                    "true",
+                    "ports",
+                ])
                 .to_string(),
             4..=5 => {
                 let n = 1 + self.rng.below(6);
@@ -421,9 +530,10 @@ impl Gen {
                 let mut s = String::from("\"");
                 for _ in 0..n {
                     let piece = *self.rng.pick(&[
-                        "a", "b", " ", "é", "😀", "\u{a0}", "\u{2003}", "\u{e000}", "\u{85}", "(", ")", "\\\"", "\\\\",
-                        "\\/", "\\(", "\\)", "\\b", "\\f", "\\n", "\\r", "\\t", "\\u0041", "\\u00a0", "\\u0001",
-                        "\\u2028", "\\uFEFF", "\\q", "'", ",", "=", "-", "x y",
+                        "a", "b", " ", "é", "😀", "\u{a0}", "\u{2003}", "\u{e000}", "\u{85}", "(",
+                        ")", "\\\"", "\\\\", "\\/", "\\(", "\\)", "\\b", "\\f", "\\n", "\\r",
+                        "\\t", "\\u0041", "\\u00a0", "\\u0001", "\\u2028", "\\uFEFF", "\\q", "'",
+                        ",", "=", "-", "x y",
                     ]);
                     s.push_str(piece);
                 }
@@ -469,7 +579,11 @@ impl Gen {
             3 => vec!["(".into(), self.kw("all"), self.kw("vms"), ")".into()],
             4..=5 => self.target(),
             _ => {
-                let n = if self.rng.chance(3) { 23 + self.rng.below(4) } else { 1 + self.rng.below(5) };
+                let n = if self.rng.chance(3) {
+                    23 + self.rng.below(4)
+                } else {
+                    1 + self.rng.below(5)
+                };
                 let mut v = vec!["(".to_string()];
                 for i in 0..n {
                     if i > 0 {
@@ -484,7 +598,13 @@ impl Gen {
     }
 
     fn ports(&mut self) -> Vec<String> {
-        let many = |r: &mut Rng| if r.chance(4) { 7 + r.below(20) } else { 1 + r.below(4) };
+        let many = |r: &mut Rng| {
+            if r.chance(4) {
+                7 + r.below(20)
+            } else {
+                1 + r.below(4)
+            }
+        };
         match self.rng.below(5) {
             0 => vec![self.kw("port"), self.number(1, 65535, 100_000)],
             1 => vec![self.kw("port"), self.kw("all")],
@@ -540,7 +660,11 @@ impl Gen {
             0 => vec![self.kw("type"), self.kw("all")],
             1 | 2 => self.icmp_type(),
             _ => {
-                let n = if self.rng.chance(4) { 7 + self.rng.below(20) } else { 1 + self.rng.below(6) };
+                let n = if self.rng.chance(4) {
+                    7 + self.rng.below(20)
+                } else {
+                    1 + self.rng.below(6)
+                };
                 let mut v = vec!["(".to_string()];
                 for i in 0..n {
                     if i > 0 {
@@ -559,7 +683,11 @@ impl Gen {
         v.extend(self.side());
         v.push(self.kw("to"));
         v.extend(self.side());
-        v.push(if self.rng.chance(50) { self.kw("allow") } else { self.kw("block") });
+        v.push(if self.rng.chance(50) {
+            self.kw("allow")
+        } else {
+            self.kw("block")
+        });
         match self.rng.below(10) {
             0..=3 => {
                 v.push(self.kw("tcp"));
@@ -589,9 +717,10 @@ impl Gen {
 
     fn mutate(&mut self, toks: &mut Vec<String>) {
         const VOCAB: &[&str] = &[
-            "FROM", "TO", "any", "all", "vms", "(", ")", "OR", "AND", "tag", "ip", "vm", "subnet", "ALLOW", "BLOCK",
-            "tcp", "udp", "icmp", "icmp6", "ah", "esp", "PORT", "PORTS", "TYPE", "CODE", "PRIORITY", "=", "-", ",",
-            "80", "10.0.0.1", "fd00::1", "/24", "\"x\"", "all vms", ";", ".", ":", "\"", "\\",
+            "FROM", "TO", "any", "all", "vms", "(", ")", "OR", "AND", "tag", "ip", "vm", "subnet",
+            "ALLOW", "BLOCK", "tcp", "udp", "icmp", "icmp6", "ah", "esp", "PORT", "PORTS", "TYPE",
+            "CODE", "PRIORITY", "=", "-", ",", "80", "10.0.0.1", "fd00::1", "/24", "\"x\"",
+            "all vms", ";", ".", ":", "\"", "\\",
         ];
         let n = 1 + self.rng.below(3);
         for _ in 0..n {
@@ -616,7 +745,9 @@ impl Gen {
                     let chars: Vec<char> = t.chars().collect();
                     if !chars.is_empty() {
                         let j = self.rng.below(chars.len() as u64) as usize;
-                        let c = *self.rng.pick(&['x', '0', '9', ':', '.', '-', '"', '\\', ' ', 'é', 'F', '/', ')']);
+                        let c = *self.rng.pick(&[
+                            'x', '0', '9', ':', '.', '-', '"', '\\', ' ', 'é', 'F', '/', ')',
+                        ]);
                         let mut nc = chars.clone();
                         nc[j] = c;
                         toks[i] = nc.into_iter().collect();
@@ -630,12 +761,13 @@ impl Gen {
         let mut s = String::new();
         for (i, t) in toks.iter().enumerate() {
             if i > 0 {
-                let tight = matches!(t.as_str(), ")" | "," | "=") || matches!(toks[i - 1].as_str(), "(" | "," | "=");
+                let tight = matches!(t.as_str(), ")" | "," | "=")
+                    || matches!(toks[i - 1].as_str(), "(" | "," | "=");
                 let sep = match self.rng.below(30) {
                     0 => "\t",
                     1 => "\n",
                     2 => "  ",
-                    3 | 4 | 5 if tight => "",
+                    3..=5 if tight => "",
                     _ => " ",
                 };
                 s.push_str(sep);
@@ -711,9 +843,19 @@ fn corpus() -> Vec<Case> {
             };
             for rule in [
                 format!("FROM any TO all vms ALLOW tcp PORTS {}", ports.join(",")),
-                format!("FROM any TO all vms ALLOW tcp ({})", ports.iter().map(|p| format!("PORT {p}")).collect::<Vec<_>>().join(" AND ")),
+                format!(
+                    "FROM any TO all vms ALLOW tcp ({})",
+                    ports
+                        .iter()
+                        .map(|p| format!("PORT {p}"))
+                        .collect::<Vec<_>>()
+                        .join(" AND ")
+                ),
                 format!("FROM any TO all vms ALLOW icmp ({})", types.join(" AND ")),
-                format!("FROM ({}) TO all vms ALLOW tcp PORT 1", targets.join(" OR ")),
+                format!(
+                    "FROM ({}) TO all vms ALLOW tcp PORT 1",
+                    targets.join(" OR ")
+                ),
                 format!("FROM all vms TO ({}) ALLOW tcp PORT 1", tags.join(" OR ")),
             ] {
                 cases.push(Case { rule, opts });
@@ -770,7 +912,12 @@ fn oracle_dir() -> PathBuf {
 fn oracle_unavailable() -> Option<String> {
     match Command::new("node").arg("--version").output() {
         Ok(o) if o.status.success() => {}
-        Ok(o) => return Some(format!("`node --version` failed: {}", String::from_utf8_lossy(&o.stderr))),
+        Ok(o) => {
+            return Some(format!(
+                "`node --version` failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ))
+        }
         Err(e) => return Some(format!("node is not installed ({e})")),
     }
     let pkg = oracle_dir().join("node_modules/fwrule/package.json");
@@ -835,8 +982,17 @@ fn fwrule_matches_upstream_package() {
     let (mut accepted, mut rejected) = (0usize, 0usize);
     let mut classes = std::collections::BTreeMap::new();
     for (case, exp) in cases.iter().zip(&expected) {
-        assert!(exp.get("error").is_none(), "oracle failed on {:?}: {exp}", case.rule);
-        assert_ne!(exp["create"]["class"], json!("internal"), "oracle threw a non-fwrule error on {:?}: {exp}", case.rule);
+        assert!(
+            exp.get("error").is_none(),
+            "oracle failed on {:?}: {exp}",
+            case.rule
+        );
+        assert_ne!(
+            exp["create"]["class"],
+            json!("internal"),
+            "oracle threw a non-fwrule error on {:?}: {exp}",
+            case.rule
+        );
         let got = ours(case);
         if exp["create"]["ok"] == json!(true) {
             accepted += 1;
@@ -847,7 +1003,9 @@ fn fwrule_matches_upstream_package() {
             }
         } else {
             rejected += 1;
-            *classes.entry(exp["create"]["class"].to_string()).or_insert(0usize) += 1;
+            *classes
+                .entry(exp["create"]["class"].to_string())
+                .or_insert(0usize) += 1;
         }
         if comparable(&got) != comparable(exp) {
             mismatches.push(format!(
@@ -865,5 +1023,10 @@ fn fwrule_matches_upstream_package() {
     for m in mismatches.iter().take(40) {
         eprintln!("{m}");
     }
-    assert!(mismatches.is_empty(), "{} of {} cases differ from upstream fwrule", mismatches.len(), cases.len());
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} cases differ from upstream fwrule",
+        mismatches.len(),
+        cases.len()
+    );
 }

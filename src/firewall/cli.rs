@@ -95,11 +95,17 @@ mod tests {
     fn canonical_and_json_output() {
         let (ok, out) = run(&["from any to all vms allow tcp ports 443, 80"]);
         assert!(ok);
-        assert_eq!(out, "FROM any TO all vms ALLOW tcp (PORT 80 AND PORT 443)\n");
+        assert_eq!(
+            out,
+            "FROM any TO all vms ALLOW tcp (PORT 80 AND PORT 443)\n"
+        );
         let (ok, out) = run(&["--json", "FROM any TO all vms ALLOW tcp PORT 22 PRIORITY 3"]);
         assert!(ok);
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(v["canonical"], "FROM any TO all vms ALLOW tcp PORT 22 PRIORITY 3");
+        assert_eq!(
+            v["canonical"],
+            "FROM any TO all vms ALLOW tcp PORT 22 PRIORITY 3"
+        );
         assert_eq!(v["parse"]["protocol"]["targets"][0], 22);
         assert_eq!(v["parse"]["priority"], 3);
     }
@@ -115,16 +121,30 @@ mod tests {
             "FROM any TO any ALLOW tcp PORT 1",
         ]);
         assert!(!ok);
-        let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0]["canonical"].is_string());
         assert_eq!(lines[1]["error"]["class"], "version");
         assert_eq!(lines[2]["error"]["class"], "model");
-        let (ok, out) = run(&["--enforce-subnet-mask", "FROM subnet 10.8.0.0/5 TO all vms ALLOW tcp PORT 1"]);
+        let (ok, out) = run(&[
+            "--enforce-subnet-mask",
+            "FROM subnet 10.8.0.0/5 TO all vms ALLOW tcp PORT 1",
+        ]);
         assert!(!ok);
-        assert!(out.starts_with("error (value): Subnet \"10.8.0.0/5\" is invalid (bits set to right of mask)"), "{out}");
+        assert!(
+            out.starts_with(
+                "error (value): Subnet \"10.8.0.0/5\" is invalid (bits set to right of mask)"
+            ),
+            "{out}"
+        );
         let (ok, out) = run(&["FROM any TO all vms DENY tcp PORT 1"]);
         assert!(!ok);
-        assert!(out.starts_with("error (syntax): syntax error at character 20: unexpected 'DENY'"), "{out}");
+        assert!(
+            out.starts_with("error (syntax): syntax error at character 20: unexpected 'DENY'"),
+            "{out}"
+        );
     }
 }

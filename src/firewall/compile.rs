@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use super::rule::{
-    Action, FwRule, IcmpTarget, ParseOptions, PortTarget, ProtoTargets, Protocol, RuleError,
-    Side, Wildcard,
+    Action, FwRule, IcmpTarget, ParseOptions, PortTarget, ProtoTargets, Protocol, RuleError, Side,
+    Wildcard,
 };
 
 /// One address of a VM, on one overlay network.
@@ -424,12 +424,15 @@ impl Firewall {
 /// Whether a side names this VM (by UUID, by tag, or `all vms`); owner scope is the caller's.
 fn side_names_vm(side: &Side, vm: &VmRecord) -> bool {
     side.wildcards.contains(&Wildcard::AllVms)
-        || side.vms.iter().any(|u| *u == vm.uuid)
-        || side.tags.iter().any(|t| match (&t.value, vm.tags.get(&t.name)) {
-            (_, None) => false,
-            (None, Some(_)) => true,
-            (Some(want), Some(have)) => want == have,
-        })
+        || side.vms.contains(&vm.uuid)
+        || side
+            .tags
+            .iter()
+            .any(|t| match (&t.value, vm.tags.get(&t.name)) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(want), Some(have)) => want == have,
+            })
 }
 
 /// Which way a packet crosses the vnic.
@@ -522,13 +525,11 @@ impl PeerSet {
         match ip {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
-                self.v4.binary_search(&a).is_ok()
-                    || self.nets4.iter().any(|&(n, m)| a & m == n)
+                self.v4.binary_search(&a).is_ok() || self.nets4.iter().any(|&(n, m)| a & m == n)
             }
             IpAddr::V6(a) => {
                 let a = u128::from(a);
-                self.v6.binary_search(&a).is_ok()
-                    || self.nets6.iter().any(|&(n, m)| a & m == n)
+                self.v6.binary_search(&a).is_ok() || self.nets6.iter().any(|&(n, m)| a & m == n)
             }
         }
     }
@@ -699,7 +700,10 @@ impl VnicRuleSet {
 
     /// How many flows each rule decided, indexed by [`RuleId`].
     pub fn hit_counts(&self) -> Vec<u64> {
-        self.hits.iter().map(|h| h.load(Ordering::Relaxed)).collect()
+        self.hits
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// The compiled rules in evaluation order for one direction (ids), all protocols.
@@ -731,9 +735,9 @@ impl VnicRuleSet {
         for r in list.iter() {
             let service = match &r.ports {
                 PortMatch::All => true,
-                PortMatch::Ranges(rs) => rs
-                    .iter()
-                    .any(|&(a, b)| a <= q.dst_port && q.dst_port <= b),
+                PortMatch::Ranges(rs) => {
+                    rs.iter().any(|&(a, b)| a <= q.dst_port && q.dst_port <= b)
+                }
                 PortMatch::Icmp(ts) => ts.iter().any(|t| t.contains(q.icmp.0, q.icmp.1)),
             };
             if service && r.peers.contains(q.peer) {
@@ -822,13 +826,26 @@ mod tests {
             vec![vm(VM1, A, &[("mta", "true")], &[(10, "10.0.0.1")])],
             vec![
                 rule(1, Some(A), "FROM any TO tag mta ALLOW tcp PORT 25"),
-                rule(2, Some(A), "FROM subnet 10.20.30.0/24 TO tag mta BLOCK tcp PORT 25 PRIORITY 1"),
+                rule(
+                    2,
+                    Some(A),
+                    "FROM subnet 10.20.30.0/24 TO tag mta BLOCK tcp PORT 25 PRIORITY 1",
+                ),
             ],
         );
         let rs = f.compile_vnic(VM1, 10, 1);
-        assert!(matches!(rs.evaluate(Direction::Ingress, &q("10.20.30.7", 6, 25)), RuleVerdict::DeniedBy(_)));
-        assert!(matches!(rs.evaluate(Direction::Ingress, &q("10.20.31.7", 6, 25)), RuleVerdict::AllowedBy(_)));
-        assert_eq!(rs.evaluate(Direction::Ingress, &q("10.20.31.7", 6, 26)), RuleVerdict::DefaultDeny);
+        assert!(matches!(
+            rs.evaluate(Direction::Ingress, &q("10.20.30.7", 6, 25)),
+            RuleVerdict::DeniedBy(_)
+        ));
+        assert!(matches!(
+            rs.evaluate(Direction::Ingress, &q("10.20.31.7", 6, 25)),
+            RuleVerdict::AllowedBy(_)
+        ));
+        assert_eq!(
+            rs.evaluate(Direction::Ingress, &q("10.20.31.7", 6, 26)),
+            RuleVerdict::DefaultDeny
+        );
     }
 
     #[test]
@@ -836,13 +853,23 @@ mod tests {
         let f = fw(
             vec![vm(VM1, A, &[], &[(10, "10.0.0.1")])],
             vec![
-                rule(1, Some(A), &format!("FROM ip 10.0.0.9 TO vm {VM1} BLOCK tcp PORT 80 PRIORITY 5")),
-                rule(2, Some(A), &format!("FROM any TO vm {VM1} ALLOW tcp PORT 80 PRIORITY 5")),
+                rule(
+                    1,
+                    Some(A),
+                    &format!("FROM ip 10.0.0.9 TO vm {VM1} BLOCK tcp PORT 80 PRIORITY 5"),
+                ),
+                rule(
+                    2,
+                    Some(A),
+                    &format!("FROM any TO vm {VM1} ALLOW tcp PORT 80 PRIORITY 5"),
+                ),
             ],
         );
         let rs = f.compile_vnic(VM1, 10, 1);
         let v = rs.evaluate(Direction::Ingress, &q("10.0.0.9", 6, 80));
-        let RuleVerdict::AllowedBy(id) = v else { panic!("{v:?}") };
+        let RuleVerdict::AllowedBy(id) = v else {
+            panic!("{v:?}")
+        };
         assert_eq!(rs.rule(id).unwrap().action, Action::Allow);
     }
 
@@ -852,15 +879,28 @@ mod tests {
             vec![vm(VM1, A, &[], &[(10, "10.0.0.1")])],
             vec![
                 rule(1, Some(A), "FROM all vms TO any BLOCK tcp PORT all"),
-                rule(2, Some(A), "FROM all vms TO any ALLOW tcp PORT 22 PRIORITY 1"),
+                rule(
+                    2,
+                    Some(A),
+                    "FROM all vms TO any ALLOW tcp PORT 22 PRIORITY 1",
+                ),
                 rule(3, Some(A), "FROM all vms TO any ALLOW tcp PORT 443"),
             ],
         );
         let rs = f.compile_vnic(VM1, 10, 1);
-        assert!(matches!(rs.evaluate(Direction::Egress, &q("192.0.2.1", 6, 22)), RuleVerdict::AllowedBy(_)));
+        assert!(matches!(
+            rs.evaluate(Direction::Egress, &q("192.0.2.1", 6, 22)),
+            RuleVerdict::AllowedBy(_)
+        ));
         // PORT 443 ALLOW at priority 0 outbound is a no-op: the BLOCK wins.
-        assert!(matches!(rs.evaluate(Direction::Egress, &q("192.0.2.1", 6, 443)), RuleVerdict::DeniedBy(_)));
-        assert_eq!(rs.evaluate(Direction::Egress, &q("192.0.2.1", 17, 443)), RuleVerdict::DefaultAllow);
+        assert!(matches!(
+            rs.evaluate(Direction::Egress, &q("192.0.2.1", 6, 443)),
+            RuleVerdict::DeniedBy(_)
+        ));
+        assert_eq!(
+            rs.evaluate(Direction::Egress, &q("192.0.2.1", 17, 443)),
+            RuleVerdict::DefaultAllow
+        );
     }
 
     #[test]
@@ -870,7 +910,11 @@ mod tests {
             vec![
                 rule(1, Some(A), "FROM any TO all vms BLOCK tcp PORT 143"),
                 rule(2, Some(A), "FROM all vms TO any ALLOW tcp PORT 143"),
-                rule(3, Some(A), "FROM any TO all vms BLOCK tcp PORT 143 PRIORITY 1"),
+                rule(
+                    3,
+                    Some(A),
+                    "FROM any TO all vms BLOCK tcp PORT 143 PRIORITY 1",
+                ),
             ],
         );
         let rs = f.compile_vnic(VM1, 10, 1);
@@ -883,29 +927,75 @@ mod tests {
         // Owners A and B both use 192.168.128.2, on their own VNIs (100 and 200); VM3 of A has
         // an address on a shared VNI 300 where B's VM also has one.
         let vms = vec![
-            vm(VM1, A, &[("sdc_docker", "true")], &[(100, "192.168.128.2"), (300, "203.0.113.10")]),
+            vm(
+                VM1,
+                A,
+                &[("sdc_docker", "true")],
+                &[(100, "192.168.128.2"), (300, "203.0.113.10")],
+            ),
             vm(VM2, A, &[("sdc_docker", "true")], &[(100, "192.168.128.3")]),
             vm(VM3, A, &[], &[(100, "192.168.128.4")]),
-            vm(VMB, B, &[("sdc_docker", "true")], &[(200, "192.168.128.2"), (300, "203.0.113.20")]),
+            vm(
+                VMB,
+                B,
+                &[("sdc_docker", "true")],
+                &[(200, "192.168.128.2"), (300, "203.0.113.20")],
+            ),
         ];
         let rules = vec![
-            rule(1, Some(A), "FROM tag sdc_docker TO tag sdc_docker ALLOW tcp PORT all"),
-            rule(2, Some(B), "FROM tag sdc_docker TO tag sdc_docker ALLOW tcp PORT all"),
+            rule(
+                1,
+                Some(A),
+                "FROM tag sdc_docker TO tag sdc_docker ALLOW tcp PORT all",
+            ),
+            rule(
+                2,
+                Some(B),
+                "FROM tag sdc_docker TO tag sdc_docker ALLOW tcp PORT all",
+            ),
             rule(3, None, "FROM any TO all vms ALLOW icmp TYPE 8 CODE 0"),
         ];
         let f = fw(vms, rules);
         let a1 = f.compile_vnic(VM1, 100, 1);
-        assert!(a1.evaluate(Direction::Ingress, &q("192.168.128.3", 6, 5000)).allows());
-        assert!(!a1.evaluate(Direction::Ingress, &q("192.168.128.4", 6, 5000)).allows(), "untagged VM3");
+        assert!(a1
+            .evaluate(Direction::Ingress, &q("192.168.128.3", 6, 5000))
+            .allows());
+        assert!(
+            !a1.evaluate(Direction::Ingress, &q("192.168.128.4", 6, 5000))
+                .allows(),
+            "untagged VM3"
+        );
         // B's rule never lands on A's vnic, and B's address is not in A's set.
-        assert_eq!(a1.rules().len(), 2, "A's inbound tcp rule (its outbound half is a no-op) and the global ping rule");
+        assert_eq!(
+            a1.rules().len(),
+            2,
+            "A's inbound tcp rule (its outbound half is a no-op) and the global ping rule"
+        );
         let b1 = f.compile_vnic(VMB, 200, 1);
-        assert!(b1.evaluate(Direction::Ingress, &q("192.168.128.2", 6, 80)).allows(), "its own address");
-        assert!(!b1.evaluate(Direction::Ingress, &q("192.168.128.3", 6, 80)).allows(), "A's VM2 address means nothing on VNI 200");
+        assert!(
+            b1.evaluate(Direction::Ingress, &q("192.168.128.2", 6, 80))
+                .allows(),
+            "its own address"
+        );
+        assert!(
+            !b1.evaluate(Direction::Ingress, &q("192.168.128.3", 6, 80))
+                .allows(),
+            "A's VM2 address means nothing on VNI 200"
+        );
         // On the shared VNI, A's rule resolves only A's addresses on that VNI.
         let a1_shared = f.compile_vnic(VM1, 300, 1);
-        assert!(!a1_shared.evaluate(Direction::Ingress, &q("203.0.113.20", 6, 80)).allows(), "B's VM on the shared network");
-        assert!(!a1_shared.evaluate(Direction::Ingress, &q("192.168.128.3", 6, 80)).allows(), "VM2 has no address on VNI 300");
+        assert!(
+            !a1_shared
+                .evaluate(Direction::Ingress, &q("203.0.113.20", 6, 80))
+                .allows(),
+            "B's VM on the shared network"
+        );
+        assert!(
+            !a1_shared
+                .evaluate(Direction::Ingress, &q("192.168.128.3", 6, 80))
+                .allows(),
+            "VM2 has no address on VNI 300"
+        );
         // The global rule applies to every owner.
         let mut ping = q("198.51.100.1", 1, 0);
         ping.icmp = (8, 0);
@@ -920,14 +1010,28 @@ mod tests {
         let mut v = vm(VM1, A, &[], &[(1, "10.0.0.1")]);
         v.firewall_enabled = false;
         let f = fw(vec![v], vec![]);
-        assert_eq!(f.compile_vnic(VM1, 1, 1).evaluate(Direction::Ingress, &q("10.0.0.2", 6, 1)), RuleVerdict::Unfiltered);
+        assert_eq!(
+            f.compile_vnic(VM1, 1, 1)
+                .evaluate(Direction::Ingress, &q("10.0.0.2", 6, 1)),
+            RuleVerdict::Unfiltered
+        );
         let bad = Firewall::new(&FirewallState {
             vms: vec![],
             rules: vec![rule(9, Some(A), "FROM any TO all vms ALLOW tcp PORT 0")],
         });
         let err = bad.unwrap_err().to_string();
-        assert!(err.contains("cccccccc-0000-4000-8000-000000000009") && err.contains("Port number"), "{err}");
-        let both = RuleRecord { global: true, ..rule(1, Some(A), "FROM any TO all vms ALLOW tcp PORT 1") };
-        assert!(Firewall::new(&FirewallState { vms: vec![], rules: vec![both] }).is_err());
+        assert!(
+            err.contains("cccccccc-0000-4000-8000-000000000009") && err.contains("Port number"),
+            "{err}"
+        );
+        let both = RuleRecord {
+            global: true,
+            ..rule(1, Some(A), "FROM any TO all vms ALLOW tcp PORT 1")
+        };
+        assert!(Firewall::new(&FirewallState {
+            vms: vec![],
+            rules: vec![both]
+        })
+        .is_err());
     }
 }

@@ -137,7 +137,11 @@ impl PacketSummary {
         PacketSummary {
             src,
             dst,
-            proto: if src.is_ipv4() { PROTO_ICMP } else { PROTO_ICMP6 },
+            proto: if src.is_ipv4() {
+                PROTO_ICMP
+            } else {
+                PROTO_ICMP6
+            },
             src_port: 0,
             dst_port: 0,
             tcp_flags: 0,
@@ -353,7 +357,13 @@ fn addr_bits(ip: IpAddr) -> u128 {
 
 impl FlowKey {
     /// Key of a packet `src → dst` seen by the vnic whose endpoint is `local_is_src`.
-    fn new(vni: u32, proto: u8, src: (IpAddr, u16), dst: (IpAddr, u16), local_is_src: bool) -> Self {
+    fn new(
+        vni: u32,
+        proto: u8,
+        src: (IpAddr, u16),
+        dst: (IpAddr, u16),
+        local_is_src: bool,
+    ) -> Self {
         let s = (addr_bits(src.0), src.1);
         let d = (addr_bits(dst.0), dst.1);
         let src_is_lo = s <= d;
@@ -501,7 +511,8 @@ impl Conntrack {
     /// The state of the flow a packet belongs to, as seen by the vnic in direction `dir`.
     pub fn flow_state(&self, vni: u32, dir: Direction, pkt: &PacketSummary) -> Option<FlowState> {
         let key = self.key_of(vni, dir, pkt)?;
-        self.find(&key, key.hash(self.seed)).map(|i| self.slots[i].state)
+        self.find(&key, key.hash(self.seed))
+            .map(|i| self.slots[i].state)
     }
 
     fn key_of(&self, vni: u32, dir: Direction, pkt: &PacketSummary) -> Option<FlowKey> {
@@ -705,9 +716,8 @@ impl Conntrack {
             let src_is_lo = (addr_bits(pkt.src), key_port(pkt, true))
                 <= (addr_bits(pkt.dst), key_port(pkt, false));
             let from_orig = src_is_lo == e.orig_is_lo;
-            let reopen = syn_only
-                && from_orig
-                && matches!(e.state, FlowState::TimeWait | FlowState::Closed);
+            let reopen =
+                syn_only && from_orig && matches!(e.state, FlowState::TimeWait | FlowState::Closed);
             if e.expires <= now_ns || reopen {
                 self.remove_at(i);
                 if !reopen {
@@ -779,7 +789,8 @@ impl Conntrack {
                 via: Via::Stateless,
             };
         };
-        let src_is_lo = (addr_bits(pkt.src), key_port(pkt, true)) <= (addr_bits(pkt.dst), key_port(pkt, false));
+        let src_is_lo =
+            (addr_bits(pkt.src), key_port(pkt, true)) <= (addr_bits(pkt.dst), key_port(pkt, false));
         let entry = Entry {
             key,
             state,
@@ -800,7 +811,13 @@ impl Conntrack {
     }
 
     /// The admitting rule of the tracked flow an ICMP error's inner packet belongs to.
-    fn related(&self, vni: u32, dir: Direction, inner: &InnerPacket, now: u64) -> Option<Option<RuleId>> {
+    fn related(
+        &self,
+        vni: u32,
+        dir: Direction,
+        inner: &InnerPacket,
+        now: u64,
+    ) -> Option<Option<RuleId>> {
         // The inner packet travelled the other way: for an error arriving at the vnic
         // (ingress) the inner packet was sent by the vnic, so its source is local.
         let local_is_src = dir == Direction::Ingress;
@@ -809,7 +826,13 @@ impl Conntrack {
         } else {
             (inner.src_port, inner.dst_port)
         };
-        let key = FlowKey::new(vni, inner.proto, (inner.src, sp), (inner.dst, dp), local_is_src);
+        let key = FlowKey::new(
+            vni,
+            inner.proto,
+            (inner.src, sp),
+            (inner.dst, dp),
+            local_is_src,
+        );
         let i = self.find(&key, key.hash(self.seed))?;
         let e = &self.slots[i];
         (e.expires > now).then_some(e.rule)
@@ -918,7 +941,10 @@ mod tests {
                 owner_uuid: A.into(),
                 tags: Default::default(),
                 firewall_enabled: true,
-                ips: vec![VmAddress { vni: 7, ip: ip("10.0.0.1") }],
+                ips: vec![VmAddress {
+                    vni: 7,
+                    ip: ip("10.0.0.1"),
+                }],
             }],
             rules: rules
                 .iter()
@@ -932,7 +958,9 @@ mod tests {
                 })
                 .collect(),
         };
-        Firewall::new(&state).unwrap().compile_vnic(VM1, 7, generation)
+        Firewall::new(&state)
+            .unwrap()
+            .compile_vnic(VM1, 7, generation)
     }
 
     fn secs(s: u64) -> Duration {
@@ -949,21 +977,54 @@ mod tests {
         let out = |f| PacketSummary::tcp(ip(ME), 40000, ip(PEER), 80, f);
         let inb = |f| PacketSummary::tcp(ip(PEER), 80, ip(ME), 40000, f);
         // A stray inbound SYN-ACK is denied by default before any state exists.
-        assert!(!ct.classify(&rs, Direction::Ingress, &inb(TCP_SYN | TCP_ACK), secs(0)).is_allow());
+        assert!(!ct
+            .classify(&rs, Direction::Ingress, &inb(TCP_SYN | TCP_ACK), secs(0))
+            .is_allow());
         let v = ct.classify(&rs, Direction::Egress, &out(TCP_SYN), secs(1));
-        assert_eq!(v, Verdict::Allow { rule: None, via: Via::NewFlow });
-        assert_eq!(ct.flow_state(7, Direction::Egress, &out(TCP_SYN)), Some(FlowState::SynSent));
+        assert_eq!(
+            v,
+            Verdict::Allow {
+                rule: None,
+                via: Via::NewFlow
+            }
+        );
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out(TCP_SYN)),
+            Some(FlowState::SynSent)
+        );
         let v = ct.classify(&rs, Direction::Ingress, &inb(TCP_SYN | TCP_ACK), secs(1));
-        assert_eq!(v, Verdict::Allow { rule: None, via: Via::Established });
-        assert_eq!(ct.flow_state(7, Direction::Egress, &out(TCP_ACK)), Some(FlowState::SynReceived));
+        assert_eq!(
+            v,
+            Verdict::Allow {
+                rule: None,
+                via: Via::Established
+            }
+        );
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out(TCP_ACK)),
+            Some(FlowState::SynReceived)
+        );
         ct.classify(&rs, Direction::Egress, &out(TCP_ACK), secs(2));
-        assert_eq!(ct.flow_state(7, Direction::Egress, &out(TCP_ACK)), Some(FlowState::Established));
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out(TCP_ACK)),
+            Some(FlowState::Established)
+        );
         ct.classify(&rs, Direction::Egress, &out(TCP_FIN | TCP_ACK), secs(3));
-        assert_eq!(ct.flow_state(7, Direction::Egress, &out(TCP_ACK)), Some(FlowState::FinWait));
-        assert!(ct.classify(&rs, Direction::Ingress, &inb(TCP_FIN | TCP_ACK), secs(3)).is_allow());
-        assert_eq!(ct.flow_state(7, Direction::Egress, &out(TCP_ACK)), Some(FlowState::TimeWait));
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out(TCP_ACK)),
+            Some(FlowState::FinWait)
+        );
+        assert!(ct
+            .classify(&rs, Direction::Ingress, &inb(TCP_FIN | TCP_ACK), secs(3))
+            .is_allow());
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out(TCP_ACK)),
+            Some(FlowState::TimeWait)
+        );
         // Closing state times out after tcp_closing; then an inbound packet is a new, denied flow.
-        assert!(!ct.classify(&rs, Direction::Ingress, &inb(TCP_ACK), secs(3 + 121)).is_allow());
+        assert!(!ct
+            .classify(&rs, Direction::Ingress, &inb(TCP_ACK), secs(3 + 121))
+            .is_allow());
         assert_eq!(ct.len(), 0);
     }
 
@@ -975,13 +1036,27 @@ mod tests {
         let inb = |f| PacketSummary::tcp(ip(PEER), 22, ip(ME), 40001, f);
         ct.classify(&rs, Direction::Egress, &out(TCP_SYN), secs(0));
         ct.classify(&rs, Direction::Ingress, &inb(TCP_RST | TCP_ACK), secs(0));
-        assert_eq!(ct.flow_state(7, Direction::Egress, &out(0)), Some(FlowState::Closed));
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out(0)),
+            Some(FlowState::Closed)
+        );
         let v = ct.classify(&rs, Direction::Egress, &out(TCP_SYN), secs(1));
-        assert_eq!(v, Verdict::Allow { rule: None, via: Via::NewFlow });
-        assert_eq!(ct.flow_state(7, Direction::Egress, &out(0)), Some(FlowState::SynSent));
+        assert_eq!(
+            v,
+            Verdict::Allow {
+                rule: None,
+                via: Via::NewFlow
+            }
+        );
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out(0)),
+            Some(FlowState::SynSent)
+        );
         // Closed entries expire after tcp_closed.
         ct.classify(&rs, Direction::Ingress, &inb(TCP_RST), secs(2));
-        assert!(!ct.classify(&rs, Direction::Ingress, &inb(TCP_ACK), secs(2 + 11)).is_allow());
+        assert!(!ct
+            .classify(&rs, Direction::Ingress, &inb(TCP_ACK), secs(2 + 11))
+            .is_allow());
     }
 
     #[test]
@@ -990,14 +1065,26 @@ mod tests {
         let mut ct = Conntrack::new(ConntrackConfig::default());
         let syn = PacketSummary::tcp(ip(PEER), 5555, ip(ME), 80, TCP_SYN);
         let v = ct.classify(&rs, Direction::Ingress, &syn, secs(0));
-        assert_eq!(v, Verdict::Allow { rule: Some(RuleId(0)), via: Via::NewFlow });
+        assert_eq!(
+            v,
+            Verdict::Allow {
+                rule: Some(RuleId(0)),
+                via: Via::NewFlow
+            }
+        );
         let reply = PacketSummary::tcp(ip(ME), 80, ip(PEER), 5555, TCP_SYN | TCP_ACK);
         assert_eq!(
             ct.classify(&rs, Direction::Egress, &reply, secs(0)),
-            Verdict::Allow { rule: Some(RuleId(0)), via: Via::Established }
+            Verdict::Allow {
+                rule: Some(RuleId(0)),
+                via: Via::Established
+            }
         );
         let other = PacketSummary::tcp(ip(PEER), 5555, ip(ME), 81, TCP_SYN);
-        assert_eq!(ct.classify(&rs, Direction::Ingress, &other, secs(0)), Verdict::Deny { rule: None });
+        assert_eq!(
+            ct.classify(&rs, Direction::Ingress, &other, secs(0)),
+            Verdict::Deny { rule: None }
+        );
         assert_eq!(ct.stats().denied_by_default, 1);
     }
 
@@ -1008,20 +1095,38 @@ mod tests {
         let q = PacketSummary::udp(ip(ME), 5353, ip(PEER), 53);
         let a = PacketSummary::udp(ip(PEER), 53, ip(ME), 5353);
         ct.classify(&rs, Direction::Egress, &q, secs(0));
-        assert_eq!(ct.flow_state(7, Direction::Egress, &q), Some(FlowState::Unreplied));
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &q),
+            Some(FlowState::Unreplied)
+        );
         assert!(ct.classify(&rs, Direction::Ingress, &a, secs(1)).is_allow());
-        assert_eq!(ct.flow_state(7, Direction::Egress, &q), Some(FlowState::Replied));
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &q),
+            Some(FlowState::Replied)
+        );
         // Unanswered UDP expires after udp_unreplied, answered after udp_replied.
-        assert!(ct.classify(&rs, Direction::Ingress, &a, secs(1 + 179)).is_allow());
-        assert!(!ct.classify(&rs, Direction::Ingress, &a, secs(1 + 179 + 181)).is_allow());
+        assert!(ct
+            .classify(&rs, Direction::Ingress, &a, secs(1 + 179))
+            .is_allow());
+        assert!(!ct
+            .classify(&rs, Direction::Ingress, &a, secs(1 + 179 + 181))
+            .is_allow());
 
         let req = PacketSummary::icmp(ip(ME), ip(PEER), 8, 0, 77);
         let rep = PacketSummary::icmp(ip(PEER), ip(ME), 0, 0, 77);
         let other_id = PacketSummary::icmp(ip(PEER), ip(ME), 0, 0, 78);
         ct.classify(&rs, Direction::Egress, &req, secs(0));
-        assert!(ct.classify(&rs, Direction::Ingress, &rep, secs(1)).is_allow());
-        assert!(!ct.classify(&rs, Direction::Ingress, &other_id, secs(1)).is_allow());
-        assert!(!ct.classify(&rs, Direction::Ingress, &rep, secs(1 + 31)).is_allow(), "icmp timeout");
+        assert!(ct
+            .classify(&rs, Direction::Ingress, &rep, secs(1))
+            .is_allow());
+        assert!(!ct
+            .classify(&rs, Direction::Ingress, &other_id, secs(1))
+            .is_allow());
+        assert!(
+            !ct.classify(&rs, Direction::Ingress, &rep, secs(1 + 31))
+                .is_allow(),
+            "icmp timeout"
+        );
     }
 
     #[test]
@@ -1030,33 +1135,64 @@ mod tests {
         let mut ct = Conntrack::new(ConntrackConfig::default());
         let q = PacketSummary::udp(ip(ME), 5353, ip(PEER), 53);
         ct.classify(&rs, Direction::Egress, &q, secs(0));
-        let inner = InnerPacket { src: ip(ME), dst: ip(PEER), proto: 17, src_port: 5353, dst_port: 53 };
+        let inner = InnerPacket {
+            src: ip(ME),
+            dst: ip(PEER),
+            proto: 17,
+            src_port: 5353,
+            dst_port: 53,
+        };
         let unreach = PacketSummary::icmp_error(ip("198.51.100.1"), ip(ME), 3, 3, inner);
         assert_eq!(
             ct.classify(&rs, Direction::Ingress, &unreach, secs(1)),
-            Verdict::Allow { rule: None, via: Via::Related }
+            Verdict::Allow {
+                rule: None,
+                via: Via::Related
+            }
         );
-        let stranger = InnerPacket { src_port: 9999, ..inner };
+        let stranger = InnerPacket {
+            src_port: 9999,
+            ..inner
+        };
         let unrelated = PacketSummary::icmp_error(ip("198.51.100.1"), ip(ME), 3, 3, stranger);
-        assert_eq!(ct.classify(&rs, Direction::Ingress, &unrelated, secs(1)), Verdict::Deny { rule: None });
+        assert_eq!(
+            ct.classify(&rs, Direction::Ingress, &unrelated, secs(1)),
+            Verdict::Deny { rule: None }
+        );
     }
 
     #[test]
     fn rule_change_revokes_only_denied_flows() {
-        let rs1 = ruleset(&["FROM any TO all vms ALLOW tcp PORT 80", "FROM any TO all vms ALLOW tcp PORT 22"], 1);
+        let rs1 = ruleset(
+            &[
+                "FROM any TO all vms ALLOW tcp PORT 80",
+                "FROM any TO all vms ALLOW tcp PORT 22",
+            ],
+            1,
+        );
         let mut ct = Conntrack::new(ConntrackConfig::default());
         let s80 = PacketSummary::tcp(ip(PEER), 1000, ip(ME), 80, TCP_SYN);
         let s22 = PacketSummary::tcp(ip(PEER), 1001, ip(ME), 22, TCP_SYN);
-        assert!(ct.classify(&rs1, Direction::Ingress, &s80, secs(0)).is_allow());
-        assert!(ct.classify(&rs1, Direction::Ingress, &s22, secs(0)).is_allow());
+        assert!(ct
+            .classify(&rs1, Direction::Ingress, &s80, secs(0))
+            .is_allow());
+        assert!(ct
+            .classify(&rs1, Direction::Ingress, &s22, secs(0))
+            .is_allow());
         let rs2 = ruleset(&["FROM any TO all vms ALLOW tcp PORT 80"], 2);
         let a80 = PacketSummary::tcp(ip(PEER), 1000, ip(ME), 80, TCP_ACK);
         let a22 = PacketSummary::tcp(ip(PEER), 1001, ip(ME), 22, TCP_ACK);
         assert_eq!(
             ct.classify(&rs2, Direction::Ingress, &a80, secs(1)),
-            Verdict::Allow { rule: Some(RuleId(0)), via: Via::Established }
+            Verdict::Allow {
+                rule: Some(RuleId(0)),
+                via: Via::Established
+            }
         );
-        assert_eq!(ct.classify(&rs2, Direction::Ingress, &a22, secs(1)), Verdict::Deny { rule: None });
+        assert_eq!(
+            ct.classify(&rs2, Direction::Ingress, &a22, secs(1)),
+            Verdict::Deny { rule: None }
+        );
         assert_eq!(ct.stats().revoked, 1);
     }
 
@@ -1072,14 +1208,21 @@ mod tests {
         // The same 5-tuple on another VNI is another flow.
         let rs_other = VnicRuleSet::empty(VM1, 8, 1, true);
         let back = PacketSummary::tcp(ip("10.0.0.2"), 2, ip(ME), 1, TCP_SYN | TCP_ACK);
-        assert!(ct.classify(&rs, Direction::Ingress, &back, secs(0)).is_allow());
-        assert!(!ct.classify(&rs_other, Direction::Ingress, &back, secs(0)).is_allow());
+        assert!(ct
+            .classify(&rs, Direction::Ingress, &back, secs(0))
+            .is_allow());
+        assert!(!ct
+            .classify(&rs_other, Direction::Ingress, &back, secs(0))
+            .is_allow());
     }
 
     #[test]
     fn bounded_table_evicts_closing_first_and_counts() {
         let rs = ruleset(&[], 1);
-        let mut ct = Conntrack::new(ConntrackConfig { max_flows: 8, ..Default::default() });
+        let mut ct = Conntrack::new(ConntrackConfig {
+            max_flows: 8,
+            ..Default::default()
+        });
         for port in 0..8u16 {
             let p = PacketSummary::tcp(ip(ME), 1000 + port, ip(PEER), 80, TCP_SYN);
             ct.classify(&rs, Direction::Egress, &p, secs(0));
@@ -1099,7 +1242,10 @@ mod tests {
         assert_eq!(ct.flow_state(7, Direction::Egress, &f3), None);
         for port in [0u16, 1, 2, 4, 5, 6, 7] {
             let f = PacketSummary::tcp(ip(ME), 1000 + port, ip(PEER), 80, TCP_ACK);
-            assert_eq!(ct.flow_state(7, Direction::Egress, &f), Some(FlowState::Established));
+            assert_eq!(
+                ct.flow_state(7, Direction::Egress, &f),
+                Some(FlowState::Established)
+            );
         }
         // All live and established: the longest idle goes.
         for port in 0..2u16 {
@@ -1116,16 +1262,39 @@ mod tests {
     #[test]
     fn many_flows_insert_and_remove_consistently() {
         let rs = ruleset(&[], 1);
-        let mut ct = Conntrack::new(ConntrackConfig { max_flows: 1000, ..Default::default() });
+        let mut ct = Conntrack::new(ConntrackConfig {
+            max_flows: 1000,
+            ..Default::default()
+        });
         for i in 0..5000u32 {
-            let p = PacketSummary::udp(ip(ME), (i % 60000) as u16, IpAddr::V4((0xc000_0200 + i).into()), 53);
-            assert!(ct.classify(&rs, Direction::Egress, &p, Duration::from_millis(u64::from(i))).is_allow());
+            let p = PacketSummary::udp(
+                ip(ME),
+                (i % 60000) as u16,
+                IpAddr::V4((0xc000_0200 + i).into()),
+                53,
+            );
+            assert!(ct
+                .classify(
+                    &rs,
+                    Direction::Egress,
+                    &p,
+                    Duration::from_millis(u64::from(i))
+                )
+                .is_allow());
             assert!(ct.len() <= 1000);
         }
         // The most recent flows are all still found.
         for i in 4990..5000u32 {
-            let p = PacketSummary::udp(ip(ME), (i % 60000) as u16, IpAddr::V4((0xc000_0200 + i).into()), 53);
-            assert_eq!(ct.flow_state(7, Direction::Egress, &p), Some(FlowState::Unreplied));
+            let p = PacketSummary::udp(
+                ip(ME),
+                (i % 60000) as u16,
+                IpAddr::V4((0xc000_0200 + i).into()),
+                53,
+            );
+            assert_eq!(
+                ct.flow_state(7, Direction::Egress, &p),
+                Some(FlowState::Unreplied)
+            );
         }
         let s = ct.stats();
         assert_eq!(s.evicted_expired + s.evicted_closing + s.evicted_idle, 4000);

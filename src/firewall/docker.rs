@@ -132,7 +132,9 @@ pub enum DockerPolicyError {
         proto: &'static str,
     },
     /// More than [`MAX_EXPOSED_PORTS`] entries for one protocol.
-    #[error("publish port: only support processing {MAX_EXPOSED_PORTS} {proto} ports ({count} given)")]
+    #[error(
+        "publish port: only support processing {MAX_EXPOSED_PORTS} {proto} ports ({count} given)"
+    )]
     TooManyPorts {
         /// Protocol, upper case.
         proto: &'static str,
@@ -155,36 +157,48 @@ fn derived_uuid(parts: &[&str]) -> String {
     for p in parts {
         for b in p.bytes().chain(std::iter::once(0)) {
             h1 = (h1 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-            h2 = (h2 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(17);
+            h2 = (h2 ^ u64::from(b))
+                .wrapping_mul(0x0000_0100_0000_01b3)
+                .rotate_left(17);
         }
     }
     let hi = (h1 & !0xf000) | 0x8000; // version 8 in bits 48..52 of the first half
     let lo = (h2 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000; // variant 10
     let h = format!("{hi:016x}{lo:016x}");
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// T3/T4: the two per-account rules between `sdc_docker`-tagged VMs.
 pub fn account_rules(owner_uuid: &str) -> Vec<ImpliedRule> {
-    [(PortProto::Tcp, ImpliedKind::AccountTcp), (PortProto::Udp, ImpliedKind::AccountUdp)]
-        .into_iter()
-        .map(|(p, kind)| {
-            let rule = format!(
-                "FROM tag sdc_docker TO tag sdc_docker ALLOW {} PORT all",
-                p.as_str()
-            );
-            ImpliedRule {
-                kind,
-                record: RuleRecord {
-                    uuid: derived_uuid(&["sdc_docker-account", owner_uuid, &rule]),
-                    owner_uuid: Some(owner_uuid.to_string()),
-                    global: false,
-                    enabled: true,
-                    rule,
-                },
-            }
-        })
-        .collect()
+    [
+        (PortProto::Tcp, ImpliedKind::AccountTcp),
+        (PortProto::Udp, ImpliedKind::AccountUdp),
+    ]
+    .into_iter()
+    .map(|(p, kind)| {
+        let rule = format!(
+            "FROM tag sdc_docker TO tag sdc_docker ALLOW {} PORT all",
+            p.as_str()
+        );
+        ImpliedRule {
+            kind,
+            record: RuleRecord {
+                uuid: derived_uuid(&["sdc_docker-account", owner_uuid, &rule]),
+                owner_uuid: Some(owner_uuid.to_string()),
+                global: false,
+                enabled: true,
+                rule,
+            },
+        }
+    })
+    .collect()
 }
 
 /// T6: the operator's global rules (echo request to every VM).
@@ -235,7 +249,9 @@ pub fn compress_ports(ports: &[u16]) -> Vec<PortTarget> {
 
 /// The published (proto, port) list in sdc-docker's order: image EXPOSE entries first (when
 /// `-P`), then `-p` bindings.
-fn published_ports(c: &ContainerDescription) -> Result<BTreeMap<PortProto, Vec<u16>>, DockerPolicyError> {
+fn published_ports(
+    c: &ContainerDescription,
+) -> Result<BTreeMap<PortProto, Vec<u16>>, DockerPolicyError> {
     let mut by_proto: BTreeMap<PortProto, Vec<u16>> = BTreeMap::new();
     let mut add = |proto: PortProto, port: u16| -> Result<(), DockerPolicyError> {
         if port == 0 {
@@ -400,7 +416,13 @@ mod tests {
                 PortTarget::Port(8000)
             ]
         );
-        assert_eq!(compress_ports(&[65535, 65534]), vec![PortTarget::Range { start: 65534, end: 65535 }]);
+        assert_eq!(
+            compress_ports(&[65535, 65534]),
+            vec![PortTarget::Range {
+                start: 65534,
+                end: 65535
+            }]
+        );
         assert!(compress_ports(&[]).is_empty());
     }
 
@@ -410,7 +432,10 @@ mod tests {
         c.published = (1..=10u16).map(|i| bind(i * 10, PortProto::Tcp)).collect();
         c.published.push(bind(11, PortProto::Tcp));
         c.published.push(bind(12, PortProto::Tcp));
-        c.published.push(PortBinding { host_ip: Some("127.0.0.1".into()), ..bind(53, PortProto::Udp) });
+        c.published.push(PortBinding {
+            host_ip: Some("127.0.0.1".into()),
+            ..bind(53, PortProto::Udp)
+        });
         let rules = publish_rules(&c, 4).unwrap();
         assert_eq!(
             texts(&rules),
@@ -428,10 +453,15 @@ mod tests {
         }
         // Version 1: (port a AND port b), 8 per rule, string-sorted per chunk, no merging.
         let mut c1 = container(C1, A);
-        c1.published = [80u16, 443, 9, 80].iter().map(|&p| bind(p, PortProto::Tcp)).collect();
+        c1.published = [80u16, 443, 9, 80]
+            .iter()
+            .map(|&p| bind(p, PortProto::Tcp))
+            .collect();
         assert_eq!(
             texts(&publish_rules(&c1, 1).unwrap()),
-            vec![format!("FROM any to vm {C1} ALLOW tcp (port 443 AND port 80 AND port 80 AND port 9)")]
+            vec![format!(
+                "FROM any to vm {C1} ALLOW tcp (port 443 AND port 80 AND port 80 AND port 9)"
+            )]
         );
     }
 
@@ -439,7 +469,10 @@ mod tests {
     fn publish_all_exposed_and_refusals() {
         let mut c = container(C1, A);
         c.exposed = vec![(PortProto::Tcp, 8080), (PortProto::Udp, 5000)];
-        assert!(publish_rules(&c, 4).unwrap().is_empty(), "EXPOSE alone publishes nothing");
+        assert!(
+            publish_rules(&c, 4).unwrap().is_empty(),
+            "EXPOSE alone publishes nothing"
+        );
         c.publish_all = true;
         c.published = vec![bind(8081, PortProto::Tcp)];
         assert_eq!(
@@ -449,21 +482,41 @@ mod tests {
                 format!("FROM any to vm {C1} ALLOW udp ports 5000"),
             ]
         );
-        c.published = vec![PortBinding { host_port: Some(8000), ..bind(80, PortProto::Tcp) }];
-        assert!(matches!(publish_rules(&c, 4), Err(DockerPolicyError::Remapping { port: 80, host: 8000, .. })));
+        c.published = vec![PortBinding {
+            host_port: Some(8000),
+            ..bind(80, PortProto::Tcp)
+        }];
+        assert!(matches!(
+            publish_rules(&c, 4),
+            Err(DockerPolicyError::Remapping {
+                port: 80,
+                host: 8000,
+                ..
+            })
+        ));
         let mut many = container(C1, A);
         many.published = (1..=129u16).map(|p| bind(p * 2, PortProto::Udp)).collect();
-        assert!(matches!(publish_rules(&many, 4), Err(DockerPolicyError::TooManyPorts { count: 129, .. })));
+        assert!(matches!(
+            publish_rules(&many, 4),
+            Err(DockerPolicyError::TooManyPorts { count: 129, .. })
+        ));
     }
 
     #[test]
     fn account_and_global_rules_canonical_text() {
         let rules = container_policy(&container(C1, A), 4).unwrap();
-        assert_eq!(rules.tags.get("sdc_docker").map(String::as_str), Some("true"));
+        assert_eq!(
+            rules.tags.get("sdc_docker").map(String::as_str),
+            Some("true")
+        );
         let canon: Vec<String> = rules
             .rules
             .iter()
-            .map(|r| FwRule::create(&r.record.rule, &ParseOptions::default()).unwrap().text())
+            .map(|r| {
+                FwRule::create(&r.record.rule, &ParseOptions::default())
+                    .unwrap()
+                    .text()
+            })
             .collect();
         assert_eq!(
             canon,
@@ -474,10 +527,16 @@ mod tests {
         );
         let g = global_rules();
         assert!(g[0].record.global && g[0].record.owner_uuid.is_none());
-        assert_eq!(g[0].record.rule, "FROM any TO all vms ALLOW icmp TYPE 8 CODE 0");
+        assert_eq!(
+            g[0].record.rule,
+            "FROM any TO all vms ALLOW icmp TYPE 8 CODE 0"
+        );
         // Deterministic, distinct UUIDs.
         assert_eq!(account_rules(A), account_rules(A));
-        assert_ne!(account_rules(A)[0].record.uuid, account_rules(B)[0].record.uuid);
+        assert_ne!(
+            account_rules(A)[0].record.uuid,
+            account_rules(B)[0].record.uuid
+        );
     }
 
     /// T1–T7 end to end through compile + conntrack: a published port is reachable from
@@ -495,14 +554,22 @@ mod tests {
         let x1 = container(X1, C);
         let mut vms = Vec::new();
         let mut rules = global_rules();
-        for (c, addr) in [(&c1, "10.9.0.1"), (&c2, "10.9.0.2"), (&b1, "10.9.0.3"), (&x1, "10.9.0.4")] {
+        for (c, addr) in [
+            (&c1, "10.9.0.1"),
+            (&c2, "10.9.0.2"),
+            (&b1, "10.9.0.3"),
+            (&x1, "10.9.0.4"),
+        ] {
             let p = container_policy(c, 4).unwrap();
             vms.push(VmRecord {
                 uuid: c.uuid.clone(),
                 owner_uuid: c.owner_uuid.clone(),
                 tags: p.tags,
                 firewall_enabled: p.firewall_enabled,
-                ips: vec![VmAddress { vni: SHARED, ip: ip(addr) }],
+                ips: vec![VmAddress {
+                    vni: SHARED,
+                    ip: ip(addr),
+                }],
             });
             for r in p.rules {
                 if !rules.iter().any(|e| e.record.uuid == r.record.uuid) {
@@ -510,24 +577,53 @@ mod tests {
                 }
             }
         }
-        let state = FirewallState { vms, rules: rules.into_iter().map(|r| r.record).collect() };
+        let state = FirewallState {
+            vms,
+            rules: rules.into_iter().map(|r| r.record).collect(),
+        };
         let fw = Firewall::new(&state).unwrap();
         let rs1 = fw.compile_vnic(C1, SHARED, 1);
         let mut ct = Conntrack::new(ConntrackConfig::default());
         let t0 = Duration::ZERO;
-        let syn = |from: &str, port: u16| PacketSummary::tcp(ip(from), 40000, ip("10.9.0.1"), port, TCP_SYN);
-        assert!(ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.3", 80), t0).is_allow(), "published port from account B");
-        assert!(!ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.3", 81), t0).is_allow(), "unpublished port from account B");
-        assert!(ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.2", 5432), t0).is_allow(), "same account, any port");
-        assert!(!ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.4", 5432), t0).is_allow(), "third account");
+        let syn = |from: &str, port: u16| {
+            PacketSummary::tcp(ip(from), 40000, ip("10.9.0.1"), port, TCP_SYN)
+        };
+        assert!(
+            ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.3", 80), t0)
+                .is_allow(),
+            "published port from account B"
+        );
+        assert!(
+            !ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.3", 81), t0)
+                .is_allow(),
+            "unpublished port from account B"
+        );
+        assert!(
+            ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.2", 5432), t0)
+                .is_allow(),
+            "same account, any port"
+        );
+        assert!(
+            !ct.classify(&rs1, Direction::Ingress, &syn("10.9.0.4", 5432), t0)
+                .is_allow(),
+            "third account"
+        );
         let ping = PacketSummary::icmp(ip("10.9.0.4"), ip("10.9.0.1"), 8, 0, 1);
-        assert!(ct.classify(&rs1, Direction::Ingress, &ping, t0).is_allow(), "global ping rule");
+        assert!(
+            ct.classify(&rs1, Direction::Ingress, &ping, t0).is_allow(),
+            "global ping rule"
+        );
         let udp_in = PacketSummary::udp(ip("10.9.0.4"), 1, ip("10.9.0.1"), 53);
-        assert!(!ct.classify(&rs1, Direction::Ingress, &udp_in, t0).is_allow());
+        assert!(!ct
+            .classify(&rs1, Direction::Ingress, &udp_in, t0)
+            .is_allow());
         // Outbound to the third account's container, and its reply.
         let out = PacketSummary::tcp(ip("10.9.0.1"), 50000, ip("10.9.0.4"), 22, TCP_SYN);
         assert!(ct.classify(&rs1, Direction::Egress, &out, t0).is_allow());
         let back = PacketSummary::tcp(ip("10.9.0.4"), 22, ip("10.9.0.1"), 50000, TCP_SYN | TCP_ACK);
-        assert!(ct.classify(&rs1, Direction::Ingress, &back, t0).is_allow(), "reply to outbound");
+        assert!(
+            ct.classify(&rs1, Direction::Ingress, &back, t0).is_allow(),
+            "reply to outbound"
+        );
     }
 }

@@ -489,6 +489,16 @@ impl Side {
         !self.tags.is_empty() || !self.vms.is_empty() || self.wildcards.contains(&Wildcard::AllVms)
     }
 
+    /// Whether this side has no target left (only possible through upstream's `__proto__`
+    /// quirk).
+    pub fn is_empty(&self) -> bool {
+        self.wildcards.is_empty()
+            && self.ips.is_empty()
+            && self.subnets.is_empty()
+            && self.tags.is_empty()
+            && self.vms.is_empty()
+    }
+
     /// Whether this side is `any`.
     pub fn is_any(&self) -> bool {
         self.wildcards.contains(&Wildcard::Any)
