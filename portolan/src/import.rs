@@ -183,7 +183,7 @@ mod tests {
         let cases = [
             (
                 r#"{"overlay":[{"vnet_id":1,"ip":"10.0.0.1","mac":"00:0a:95:9d:68:16","cn_uuid":"564d1a4c-0000-4000-8000-000000000001","colour":"red"}]}"#,
-                "overlay[0]",
+                "overlay[0].colour",
                 "colour",
             ),
             (
@@ -201,7 +201,11 @@ mod tests {
                 "underlay[0].ip",
                 "address",
             ),
-            (r#"{"overlays":[]}"#, ".", "overlays"),
+            (
+                r#"{"overlays":[]}"#,
+                "overlays",
+                "expected `underlay` or `overlay`",
+            ),
             (
                 r#"{"overlay":[{"vnet_id":-1}]}"#,
                 "overlay[0].vnet_id",
