@@ -269,3 +269,65 @@ fn vnic_setup_failure_leaves_nothing_behind() {
     let links = ip(&["-n", ns.name(), "-o", "link"]);
     assert_eq!(links.lines().count(), 1, "only lo may remain: {links}");
 }
+
+/// The multi-host test topology: "hosts" as namespaces joined by veth to a bridge namespace.
+#[test]
+fn hosts_joined_by_a_bridge_namespace() {
+    if !root_or_skip("hosts_joined_by_a_bridge_namespace") {
+        return;
+    }
+    let br = NetnsGuard::create(&ns_name("br")).unwrap();
+    let hosts: Vec<NetnsGuard> = (0..3)
+        .map(|i| NetnsGuard::create(&ns_name(&format!("h{i}"))).unwrap())
+        .collect();
+    let mut nlb = Netlink::open_in(&br).unwrap();
+    nlb.create_bridge("br0").unwrap();
+    let bridge = nlb.link_by_name("br0").unwrap().index;
+    nlb.set_up(bridge, true).unwrap();
+    for (i, h) in hosts.iter().enumerate() {
+        let (outer, inner) = (format!("p{i}"), format!("u{i}"));
+        nlb.create_veth(&outer, &inner, Some(h)).unwrap();
+        let p = nlb.link_by_name(&outer).unwrap().index;
+        nlb.set_master(p, Some(bridge)).unwrap();
+        nlb.set_up(p, true).unwrap();
+        let mut nlh = Netlink::open_in(h).unwrap();
+        let u = nlh.link_by_name(&inner).unwrap().index;
+        nlh.add_address(u, format!("10.254.0.{}", i + 1).parse().unwrap(), 24)
+            .unwrap();
+        nlh.set_up(u, true).unwrap();
+    }
+    let master = ip(&["-n", br.name(), "-o", "link", "show", "master", "br0"]);
+    assert_eq!(master.lines().count(), 3, "{master}");
+    // Host 0 reaches hosts 1 and 2 through the bridge.
+    let rx: Vec<std::net::UdpSocket> = hosts[1..]
+        .iter()
+        .map(|h| {
+            let s = h
+                .run(|| std::net::UdpSocket::bind("0.0.0.0:4789").unwrap())
+                .unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .unwrap();
+            s
+        })
+        .collect();
+    hosts[0]
+        .run(|| {
+            let s = std::net::UdpSocket::bind("10.254.0.1:0").unwrap();
+            s.send_to(b"to h1", "10.254.0.2:4789").unwrap();
+            s.send_to(b"to h2", "10.254.0.3:4789").unwrap();
+        })
+        .unwrap();
+    let mut buf = [0u8; 16];
+    for (s, want) in rx.iter().zip([&b"to h1"[..], b"to h2"]) {
+        let (n, from) = s.recv_from(&mut buf).expect("datagram across the bridge");
+        assert_eq!(
+            (&buf[..n], from.ip().to_string().as_str()),
+            (want, "10.254.0.1")
+        );
+    }
+    // Releasing a port from the bridge works too.
+    let p0 = nlb.link_by_name("p0").unwrap().index;
+    nlb.set_master(p0, None).unwrap();
+    let master = ip(&["-n", br.name(), "-o", "link", "show", "master", "br0"]);
+    assert_eq!(master.lines().count(), 2, "{master}");
+}

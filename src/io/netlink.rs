@@ -1,4 +1,4 @@
-//! Network namespaces and rtnetlink: links, veth pairs, addresses, MTU, routes, and
+//! Network namespaces and rtnetlink: links, veth pairs, bridges, addresses, MTU, routes, and
 //! [`setup_vnic`] for `fabric vnic add`.
 //!
 //! # Why raw netlink
@@ -60,6 +60,7 @@ const NLMSG_DONE: u16 = 3;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_NET_NS_FD: u16 = 28;
 const IFLA_INFO_KIND: u16 = 1;
@@ -484,6 +485,37 @@ impl Netlink {
         m.nest_end(data);
         m.nest_end(info);
         self.request_ack("RTM_NEWLINK(veth)", || format!("{a} <-> {b}"))
+    }
+
+    /// Creates a bridge device (kind `bridge`), down, with default settings.
+    pub fn create_bridge(&mut self, name: &str) -> Result<(), NetlinkError> {
+        let n = ifname(name)?;
+        let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        let mut m = Msg::new(&mut self.buf, RTM_NEWLINK, flags, self.seq);
+        m.push_ifinfo(0, 0, 0);
+        m.attr_str(IFLA_IFNAME, n.as_str());
+        let info = m.nest_begin(IFLA_LINKINFO);
+        m.attr_str(IFLA_INFO_KIND, "bridge");
+        m.nest_end(info);
+        self.request_ack("RTM_NEWLINK(bridge)", || name.to_owned())
+    }
+
+    /// Enslaves a link to a bridge (`Some(bridge_index)`) or releases it (`None`).
+    pub fn set_master(&mut self, index: u32, master: Option<u32>) -> Result<(), NetlinkError> {
+        let mut m = Msg::new(
+            &mut self.buf,
+            RTM_NEWLINK,
+            NLM_F_REQUEST | NLM_F_ACK,
+            self.seq,
+        );
+        m.push_ifinfo(index, 0, 0);
+        m.attr_u32(IFLA_MASTER, master.unwrap_or(0));
+        self.request_ack("RTM_NEWLINK(IFLA_MASTER)", || {
+            format!(
+                "ifindex {index} master {}",
+                master.map_or("none".to_owned(), |m| m.to_string())
+            )
+        })
     }
 
     /// Deletes a link (for a veth, both ends go).
