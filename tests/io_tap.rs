@@ -145,3 +145,36 @@ fn error_messages_name_syscall_and_device() {
         "{msg}"
     );
 }
+
+#[test]
+fn tap_fd_survives_passing_over_a_unix_socket() {
+    if !root_or_skip("tap_fd_survives_passing_over_a_unix_socket") {
+        return;
+    }
+    use fabric::io::fdpass::{recv_fds, send_fds};
+    use std::os::fd::AsFd;
+    let name = unique("p");
+    let tap = Tap::open(&TapConfig::new(name)).unwrap();
+    let offloads = tap.offloads();
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    send_fds(&a, br#"{"vnic":"x"}"#, &[tap.as_fd()]).unwrap();
+    drop(tap.into_fd());
+    // Still alive: the fd in flight keeps the device.
+    let mut buf = [0u8; 64];
+    let mut fds = Vec::new();
+    let n = recv_fds(&b, &mut buf, &mut fds).unwrap();
+    assert_eq!(&buf[..n], br#"{"vnic":"x"}"#);
+    let tap = Tap::from_fd(fds.pop().unwrap(), Offloads::ALL).unwrap();
+    assert_eq!(tap.name(), name);
+    assert_eq!(tap.offloads(), offloads);
+    tap.set_up(true).unwrap();
+    drop(tap);
+    assert!(!Path::new(&format!("/sys/class/net/{name}")).exists());
+
+    // A non-TAP fd is refused with the reason.
+    let f = std::fs::File::open("/dev/null").unwrap();
+    let err = Tap::from_fd(f.into(), Offloads::ALL)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TUNGETIFF"), "{err}");
+}

@@ -11,6 +11,8 @@
 //! - [`netlink`]: named network namespaces, veth pairs, link moves, addresses, MTU, routes, and
 //!   [`netlink::setup_vnic`] for `fabric vnic add`.
 //! - [`poll`]: epoll + eventfd, so hot-path threads can wait without `unsafe` of their own.
+//! - [`fdpass`]: `SCM_RIGHTS` over a Unix socket, so the agent can hand TAP fds to the
+//!   dataplane ([`tap::Tap::into_fd`] / [`tap::Tap::from_fd`]).
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment. Hot-path calls ([`tap::Tap::read`] /
 //! [`tap::Tap::write`], [`underlay::Underlay::send`] / [`underlay::Underlay::recv`],
@@ -94,6 +96,7 @@
 //! [`poll::Poller`]; a [`poll::Waker`] interrupts the wait for shutdown or vnic changes.
 #![allow(unsafe_code)]
 
+pub mod fdpass;
 pub mod netlink;
 pub mod offload;
 pub mod poll;

@@ -45,6 +45,7 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
@@ -241,6 +242,48 @@ impl Tap {
             });
         }
         Ok(out)
+    }
+
+    /// Adopts a TAP queue fd received from another process (see [`super::fdpass`]): checks with
+    /// `TUNGETIFF` that it is an `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` device, makes it
+    /// nonblocking, and negotiates `offloads` again (device-wide and idempotent) to learn them.
+    pub fn from_fd(fd: OwnedFd, offloads: Offloads) -> Result<Self, TapError> {
+        let unknown = IfName::from_kernel(b"?");
+        let mut ifr = IfReq::new(&unknown);
+        sys::ioctl_ifreq(&fd, TUNGETIFF, &mut ifr).map_err(|source| TapError::Ioctl {
+            op: "TUNGETIFF",
+            dev: unknown,
+            source,
+        })?;
+        let name = IfName::from_kernel(&ifr.name);
+        let want = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if ifr.short() & want != want {
+            return Err(TapError::Invalid {
+                dev: name,
+                what: "fd is not a TAP opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR",
+            });
+        }
+        // SAFETY: F_GETFL/F_SETFL take and return plain ints.
+        let rc = unsafe {
+            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 {
+                fl
+            } else {
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
+            }
+        };
+        sys::cvt(rc).map_err(|source| TapError::Ioctl {
+            op: "fcntl(O_NONBLOCK)",
+            dev: name,
+            source,
+        })?;
+        let offloads = setup_device(&fd, name, offloads)?;
+        Ok(Self { fd, name, offloads })
+    }
+
+    /// Gives up the fd (e.g. to pass it to another process); the device lives while it is open.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
     }
 
     /// The interface name.
