@@ -211,7 +211,11 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts the pool (connections are made in the background).
+    /// Starts the pool; connections are made in the background by tasks on the current tokio
+    /// runtime, and end when the last clone of the client is dropped.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (it spawns the connection tasks).
     pub fn new(config: ClientConfig) -> Client {
         let (changed_tx, changed_rx) = watch::channel(0u64);
         let changed_tx = Arc::new(changed_tx);

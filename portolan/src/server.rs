@@ -28,7 +28,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::store::{Found, Lookup, Store};
@@ -136,6 +136,8 @@ counters! {
     runt,
     /// Connections closed after a read or write error.
     io_errors,
+    /// Connections closed because the peer did not read its replies within the idle timeout.
+    write_timeouts,
 }
 
 impl Stats {
@@ -295,8 +297,13 @@ async fn serve_connection(
 ) {
     let _ = sock.set_nodelay(true);
     let (rd, wr) = sock.into_split();
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(write_replies(wr, rx, shared.stats.clone()));
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(write_replies(
+        wr,
+        rx,
+        shared.stats.clone(),
+        shared.config.idle_timeout,
+    ));
     let in_flight = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
     let end = read_requests(rd, peer, &shared, tx, in_flight, stop).await;
     // The reader dropped its sender; the writer ends when the last in-flight reply is written.
@@ -306,28 +313,48 @@ async fn serve_connection(
     }
 }
 
+/// Encoded reply frames, with the in-flight permits they hold until written: a peer that
+/// stops reading stops the reader too (bounded memory), instead of queueing replies forever.
+type Reply = (Vec<u8>, OwnedSemaphorePermit);
+
 async fn write_replies(
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
     stats: Arc<Stats>,
+    write_timeout: Duration,
 ) {
     let mut out = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut permits = Vec::new();
+    while let Some((first, permit)) = rx.recv().await {
         out.clear();
         out.extend_from_slice(&first);
+        permits.push(permit);
         // Coalesce replies that are already waiting: fewer syscalls, frames stay whole.
         while out.len() < 64 * 1024 {
             match rx.try_recv() {
-                Ok(more) => out.extend_from_slice(&more),
+                Ok((more, permit)) => {
+                    out.extend_from_slice(&more);
+                    permits.push(permit);
+                }
                 Err(_) => break,
             }
         }
-        if let Err(e) = wr.write_all(&out).await {
-            debug!(error = %e, "write failed");
-            Stats::inc(&stats.io_errors);
-            break;
+        match tokio::time::timeout(write_timeout, wr.write_all(&out)).await {
+            Ok(Ok(())) => permits.clear(),
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                Stats::inc(&stats.io_errors);
+                break;
+            }
+            Err(_) => {
+                debug!("peer has not read its replies for {write_timeout:?}; closing");
+                Stats::inc(&stats.write_timeouts);
+                break;
+            }
         }
     }
+    // Dropping the receiver makes the reader's next send fail, which ends it.
+    drop(rx);
     let _ = wr.shutdown().await;
 }
 
@@ -335,7 +362,7 @@ async fn read_requests(
     mut rd: OwnedReadHalf,
     peer: SocketAddr,
     shared: &Arc<Shared>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Reply>,
     in_flight: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) -> End {
@@ -347,6 +374,7 @@ async fn read_requests(
     loop {
         // Decode everything complete in the buffer.
         let mut immediate = Vec::new();
+        let mut immediate_count = 0u32;
         let mut failed = None;
         loop {
             match decode_frame(&buf, max_payload) {
@@ -356,6 +384,7 @@ async fn read_requests(
                         Message::Ping => {
                             Stats::inc(&stats.ping_requests);
                             Frame::new(frame.id, Message::Pong).encode(&mut immediate);
+                            immediate_count += 1;
                             Stats::inc(&stats.replies);
                         }
                         Message::Vl2Req(r) => {
@@ -417,8 +446,13 @@ async fn read_requests(
                 }
             }
         }
-        if !immediate.is_empty() && tx.send(immediate).is_err() {
-            return End::Closed;
+        if !immediate.is_empty() {
+            let Some(permit) = acquire(&in_flight, immediate_count, cap).await else {
+                return End::Closed;
+            };
+            if tx.send((immediate, permit)).is_err() {
+                return End::Closed;
+            }
         }
         if !batch.is_empty() {
             let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
@@ -457,6 +491,8 @@ async fn read_requests(
         let res = tokio::select! {
             r = read => r,
             _ = stop.changed() => return End::Clean,
+            // The writer gave up (write error or timeout): stop reading too.
+            () = tx.closed() => return End::Closed,
         };
         match res {
             Err(_) => {
@@ -483,11 +519,7 @@ async fn read_requests(
 
 /// Takes `n` in-flight permits; a batch larger than the whole cap takes the whole cap (it
 /// waits for everything else to drain). `None` only if the semaphore was closed.
-async fn acquire(
-    sem: &Arc<Semaphore>,
-    n: u32,
-    cap: usize,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
+async fn acquire(sem: &Arc<Semaphore>, n: u32, cap: usize) -> Option<OwnedSemaphorePermit> {
     let n = n.min(u32::try_from(cap).unwrap_or(u32::MAX)).max(1);
     sem.clone().acquire_many_owned(n).await.ok()
 }
@@ -496,8 +528,8 @@ async fn acquire(
 /// encoded replies to the writer.
 fn spawn_store_job<F>(
     shared: &Arc<Shared>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    tx: mpsc::UnboundedSender<Reply>,
+    permit: OwnedSemaphorePermit,
     job: F,
 ) where
     F: FnOnce(&dyn Store, &Stats) -> Vec<u8> + Send + 'static,
@@ -511,9 +543,8 @@ fn spawn_store_job<F>(
         let out = tokio::task::spawn_blocking(move || job(&*s.store, &s.stats)).await;
         drop(worker);
         if let Ok(out) = out {
-            let _ = tx.send(out);
+            let _ = tx.send((out, permit));
         }
-        drop(permit);
     });
 }
 

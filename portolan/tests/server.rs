@@ -641,3 +641,44 @@ async fn client_pipelines_many_queries_over_few_connections() {
     assert!(srv.stat("connections_accepted") <= 2);
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_is_closed_not_buffered() {
+    let db = TempDb::new();
+    let cfg = ServerConfig {
+        idle_timeout: Duration::from_millis(500),
+        max_in_flight: 64,
+        ..ServerConfig::default()
+    };
+    let srv = Running::start(open(&db), cfg).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(srv.addr).await.unwrap();
+    // Pipeline PINGs forever and never read a PONG.
+    let flood = tokio::spawn(async move {
+        let mut chunk = Vec::new();
+        for i in 0..4096u32 {
+            Frame::new(RequestId::from_u32(i), Message::Ping).encode(&mut chunk);
+        }
+        for _ in 0..1000 {
+            if stream.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while srv.stat("write_timeouts") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server kept a non-reading peer open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The reader stopped long before the flood was all sent: at most max_in_flight replies
+    // were ever queued, so the writes of the flooding peer fail or stall.
+    assert!(srv.stat("ping_requests") < 4096 * 1000);
+    let c = client(srv.addr);
+    c.ping().await.unwrap();
+    flood.abort();
+    srv.shutdown().await;
+}
