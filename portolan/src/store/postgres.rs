@@ -61,12 +61,18 @@ CREATE TABLE IF NOT EXISTS portolan_events (
 CREATE INDEX IF NOT EXISTS portolan_events_by_cn ON portolan_events (cn_uuid, seq);
 ";
 
-const VL3_SQL: &str = "SELECT o.mac, u.ip, u.port FROM portolan_overlay o \
-     JOIN portolan_underlay u ON u.cn_uuid = o.cn_uuid \
-     WHERE o.vnet_id = $1 AND o.ip = $2 AND NOT o.deleted";
-const VL2_SQL: &str = "SELECT o.mac, u.ip, u.port FROM \
-     (SELECT mac, cn_uuid FROM portolan_overlay WHERE vnet_id = $1 AND mac = $2 AND NOT deleted \
-      ORDER BY mtime DESC, version DESC LIMIT 1) o \
+/// VL3 lookups of a batch: `$1` VNIs and `$2` IPs, answered with their 1-based position.
+const VL3_BATCH_SQL: &str = "SELECT o.mac, u.ip, u.port, q.ord \
+     FROM unnest($1::bigint[], $2::bytea[]) WITH ORDINALITY AS q(vnet_id, ip, ord) \
+     JOIN portolan_overlay o ON o.vnet_id = q.vnet_id AND o.ip = q.ip AND NOT o.deleted \
+     JOIN portolan_underlay u ON u.cn_uuid = o.cn_uuid";
+/// VL2 lookups of a batch: `$1` VNIs and `$2` MACs; the most recently written live mapping of
+/// a MAC wins, as in Portolan.
+const VL2_BATCH_SQL: &str = "SELECT o.mac, u.ip, u.port, q.ord \
+     FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS q(vnet_id, mac, ord) \
+     CROSS JOIN LATERAL (SELECT mac, cn_uuid FROM portolan_overlay \
+        WHERE vnet_id = q.vnet_id AND mac = q.mac AND NOT deleted \
+        ORDER BY mtime DESC, version DESC LIMIT 1) o \
      JOIN portolan_underlay u ON u.cn_uuid = o.cn_uuid";
 const HOST_BY_IP_SQL: &str = "SELECT cn_uuid FROM portolan_underlay WHERE ip = $1 LIMIT 2";
 const LOG_SQL: &str = "SELECT id, vnet_id, kind, mac, ip, vlan FROM portolan_events \
@@ -190,25 +196,57 @@ fn found(row: &postgres::Row) -> Result<Found, StoreError> {
     })
 }
 
+/// Where in the caller's batch a batch-query row belongs (`ord` is 1-based).
+fn batch_index(row: &postgres::Row, positions: &[usize]) -> Result<usize, StoreError> {
+    let ord: i64 = row.try_get(3)?;
+    usize::try_from(ord - 1)
+        .ok()
+        .and_then(|i| positions.get(i).copied())
+        .ok_or_else(|| StoreError::Corrupt {
+            what: "batch lookup position",
+            detail: format!("{ord} outside 1..={}", positions.len()),
+        })
+}
+
 impl Store for PgStore {
     fn lookup(&self, lookups: &[Lookup]) -> Result<Vec<Option<Found>>, StoreError> {
-        self.with_conn(|c| {
-            let vl2 = c.stmt(VL2_SQL)?;
-            let vl3 = c.stmt(VL3_SQL)?;
-            let mut out = Vec::with_capacity(lookups.len());
-            for l in lookups {
-                let row = match *l {
-                    Lookup::Vl3 { vnet_id, ip } => c
-                        .client
-                        .query_opt(&vl3, &[&i64::from(vnet_id), &&ip_bytes(ip)[..]])?,
-                    Lookup::Vl2 { vnet_id, mac } => c
-                        .client
-                        .query_opt(&vl2, &[&i64::from(vnet_id), &mac_to_i64(mac)])?,
-                };
-                out.push(row.as_ref().map(found).transpose()?);
+        // One round trip per kind of lookup, whatever the batch size: the lookups go in as
+        // arrays and come back tagged with their position.
+        let mut out = vec![None; lookups.len()];
+        let (mut vl3_pos, mut vl3_vnet, mut vl3_ip) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut vl2_pos, mut vl2_vnet, mut vl2_mac) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, l) in lookups.iter().enumerate() {
+            match *l {
+                Lookup::Vl3 { vnet_id, ip } => {
+                    vl3_pos.push(i);
+                    vl3_vnet.push(i64::from(vnet_id));
+                    vl3_ip.push(ip_bytes(ip).to_vec());
+                }
+                Lookup::Vl2 { vnet_id, mac } => {
+                    vl2_pos.push(i);
+                    vl2_vnet.push(i64::from(vnet_id));
+                    vl2_mac.push(mac_to_i64(mac));
+                }
             }
-            Ok(out)
-        })
+        }
+        self.with_conn(|c| {
+            if !vl3_pos.is_empty() {
+                let stmt = c.stmt(VL3_BATCH_SQL)?;
+                for row in c.client.query(&stmt, &[&vl3_vnet, &vl3_ip])? {
+                    let at = batch_index(&row, &vl3_pos)?;
+                    out[at] = Some(found(&row)?);
+                }
+            }
+            if !vl2_pos.is_empty() {
+                let stmt = c.stmt(VL2_BATCH_SQL)?;
+                for row in c.client.query(&stmt, &[&vl2_vnet, &vl2_mac])? {
+                    let at = batch_index(&row, &vl2_pos)?;
+                    out[at] = Some(found(&row)?);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     fn read_log(&self, underlay_ip: IpAddr, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
