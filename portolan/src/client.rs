@@ -558,6 +558,9 @@ async fn run_connection(
                     Err(e) => return protocol_reason(&e),
                 }
             }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
             match rd.read_buf(&mut buf).await {
                 Ok(0) => return "server closed the connection".to_string(),
                 Ok(_) => {}

@@ -470,7 +470,11 @@ async fn read_requests(
         if *stop.borrow() {
             return End::Clean;
         }
-        // Read more, with the idle timeout applying only when nothing is in flight.
+        // Read more, with the idle timeout applying only when nothing is in flight. Keep room
+        // for a good batch of requests so one read can fill a whole lookup batch.
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
         let idle = shared.config.idle_timeout;
         let read = async {
             loop {
