@@ -552,12 +552,35 @@ fn spawn_store_job<F>(
     });
 }
 
+/// Logs a store failure at most once a second (a failing database would otherwise log once
+/// per request batch, and hosts' lookups are driven by container traffic); the `store_errors`
+/// counter has the full count.
+fn store_failure(e: &crate::store::StoreError, what: &str) {
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        warn!(error = %e, suppressed, "store {what} failed; answering FATAL");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn lookup_replies(store: &dyn Store, stats: &Stats, batch: &[(RequestId, Lookup)]) -> Vec<u8> {
     let lookups: Vec<Lookup> = batch.iter().map(|(_, l)| *l).collect();
     let results = match store.lookup(&lookups) {
         Ok(r) => r.into_iter().map(Ok).collect::<Vec<_>>(),
         Err(e) => {
-            warn!(error = %e, "store lookup failed; answering FATAL");
+            store_failure(&e, "lookup");
             Stats::inc(&stats.store_errors);
             lookups.iter().map(|_| Err(())).collect()
         }
@@ -635,13 +658,15 @@ fn log_reply(store: &dyn Store, stats: &Stats, id: RequestId, count: u32, ip: Ip
             }
         }
         Err(e) => {
-            debug!(error = %e, "LOG_REQ failed; answering FATAL");
-            if !matches!(
+            if matches!(
                 e,
                 crate::store::StoreError::UnknownUnderlayIp(_)
                     | crate::store::StoreError::AmbiguousUnderlayIp { .. }
             ) {
+                debug!(error = %e, "LOG_REQ from an unknown host; answering FATAL");
+            } else {
                 Stats::inc(&stats.store_errors);
+                store_failure(&e, "LOG_REQ");
             }
             LogAck {
                 status: Status::FATAL,
@@ -660,7 +685,7 @@ fn log_rm_reply(store: &dyn Store, stats: &Stats, id: RequestId, ids: &[svp::Log
             Status::OK
         }
         Err(e) => {
-            warn!(error = %e, "LOG_RM failed; answering FATAL");
+            store_failure(&e, "LOG_RM");
             Stats::inc(&stats.store_errors);
             Status::FATAL
         }

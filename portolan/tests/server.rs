@@ -682,3 +682,52 @@ async fn a_peer_that_never_reads_is_closed_not_buffered() {
     flood.abort();
     srv.shutdown().await;
 }
+
+/// A store whose every call fails, as a database that went away would.
+struct BrokenStore;
+
+impl Store for BrokenStore {
+    fn lookup(&self, _: &[store::Lookup]) -> Result<Vec<Option<store::Found>>, store::StoreError> {
+        Err(store::StoreError::Corrupt {
+            what: "test",
+            detail: "the database is gone".into(),
+        })
+    }
+    fn read_log(
+        &self,
+        _: std::net::IpAddr,
+        _: usize,
+    ) -> Result<Vec<store::LogEntry>, store::StoreError> {
+        self.lookup(&[]).map(|_| vec![])
+    }
+    fn remove_log(&self, _: &[svp::LogId]) -> Result<u64, store::StoreError> {
+        self.lookup(&[]).map(|_| 0)
+    }
+    fn run_txn(
+        &self,
+        _: &mut dyn FnMut(&mut dyn store::Txn) -> store::Outcome,
+    ) -> Result<store::Outcome, store::StoreError> {
+        self.lookup(&[]).map(|_| store::Outcome::Rollback)
+    }
+    fn describe(&self) -> String {
+        "broken".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_failures_are_answered_fatal() {
+    let srv = Running::start(Arc::new(BrokenStore), ServerConfig::default()).await;
+    let c = client(srv.addr);
+    let fatal = ClientError::Status(Status::FATAL);
+    assert_eq!(
+        c.vl3("10.0.0.1".parse().unwrap(), 1).await.unwrap_err(),
+        fatal
+    );
+    assert_eq!(c.vl2(Mac([2, 0, 0, 0, 0, 1]), 1).await.unwrap_err(), fatal);
+    assert_eq!(c.log(underlay_ip(1), 1024).await.unwrap_err(), fatal);
+    assert_eq!(c.log_rm(&[svp::LogId([1; 16])]).await.unwrap_err(), fatal);
+    // PING needs no store.
+    c.ping().await.unwrap();
+    assert_eq!(srv.stat("store_errors"), 4);
+    srv.shutdown().await;
+}
