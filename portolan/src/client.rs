@@ -4,7 +4,8 @@
 //! Each pooled connection is driven by its own tasks. A failed `connect` waits out the backoff
 //! and tries again; a successful one resets the backoff. A connection that breaks (EOF, I/O
 //! error, a reply that fails validation, a query that times out) is closed, every query still
-//! waiting on it fails with [`ClientError::ConnectionLost`] (callers may retry), and it
+//! waiting on it is sent once more on a connection that is up (every v1 request is
+//! idempotent) or fails with [`ClientError::ConnectionLost`], and it
 //! reconnects at once, as illumos varpd does. Queries go round-robin to the connections that are
 //! up; when none is up but one is still connecting, a query waits (within its timeout); when all
 //! are backing off it fails at once with [`ClientError::Unavailable`].
@@ -339,9 +340,20 @@ impl Client {
     }
 
     /// Sends any request and returns the validated reply message.
+    ///
+    /// Every SVP v1 request is idempotent (lookups, log reads, LOG_RM of ids), so a query whose
+    /// connection breaks before the reply is sent once more, on whichever connection is up,
+    /// within the same deadline, as illumos re-queues them.
     pub async fn request(&self, message: Message) -> Result<Message, ClientError> {
+        let deadline = Instant::now() + self.inner.config.timeout;
+        match self.attempt(message.clone(), deadline).await {
+            Err(ClientError::ConnectionLost { .. }) => self.attempt(message, deadline).await,
+            r => r,
+        }
+    }
+
+    async fn attempt(&self, message: Message, deadline: Instant) -> Result<Message, ClientError> {
         let cfg = &self.inner.config;
-        let deadline = Instant::now() + cfg.timeout;
         let timeout = ClientError::Timeout {
             server: cfg.server,
             timeout: cfg.timeout,
@@ -588,6 +600,78 @@ mod tests {
         assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 32, 32]);
         assert_eq!(backoff(0).as_secs(), 1);
         assert_eq!(backoff(u32::MAX).as_secs(), 32);
+    }
+
+    /// A fake server: the first connection is dropped after one request; later ones answer
+    /// PINGs, in reverse order of arrival within each read (out-of-order replies).
+    async fn flaky_server() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let drop_it = std::mem::take(&mut first);
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    loop {
+                        if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut ids = Vec::new();
+                        while let Ok(Decoded::Complete { frame, len }) =
+                            decode_frame(&buf, svp::DEFAULT_MAX_PAYLOAD)
+                        {
+                            let _ = buf.split_to(len);
+                            ids.push(frame.id);
+                        }
+                        if drop_it && !ids.is_empty() {
+                            return;
+                        }
+                        let mut out = Vec::new();
+                        for id in ids.into_iter().rev() {
+                            Frame::new(id, Message::Pong).encode(&mut out);
+                        }
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn lost_connection_is_retried_and_replies_match_by_id() {
+        let addr = flaky_server().await;
+        let mut cfg = ClientConfig::new(addr);
+        cfg.connections = 1;
+        let c = Client::new(cfg);
+        // The first attempt's connection is dropped; the retry on the new connection succeeds.
+        c.ping().await.unwrap();
+        let results = futures_join_all((0..50).map(|_| {
+            let c = c.clone();
+            async move { c.ping().await }
+        }))
+        .await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+
+    async fn futures_join_all<
+        F: std::future::Future<Output = R> + Send + 'static,
+        R: Send + 'static,
+    >(
+        futs: impl Iterator<Item = F>,
+    ) -> Vec<R> {
+        let handles: Vec<_> = futs.map(tokio::spawn).collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
     }
 
     #[tokio::test]
