@@ -4,7 +4,7 @@
 //! - [`store`]: overlay/underlay mappings and per-host event logs, in SQLite or PostgreSQL.
 //! - [`server`]: the tokio SVP server over a store.
 //! - [`client`]: the async, pooled, pipelining SVP client.
-//! - [`import`]: JSON import of mappings; [`bench`]: the load generator.
+//! - [`import`]: JSON import of mappings; [`bench`](mod@bench): the load generator.
 pub mod bench;
 pub mod client;
 pub mod import;
