@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use super::index::{first_common, Dimension};
 use super::rule::{
     Action, FwRule, IcmpTarget, ParseOptions, PortTarget, ProtoTargets, Protocol, RuleError, Side,
     Wildcard,
@@ -376,12 +377,12 @@ impl Firewall {
         // Stable: equal ranks keep rule-UUID order, so compilation is deterministic.
         inbound.sort_by_key(|e| (e.0, e.1));
         outbound.sort_by_key(|e| (e.0, e.1));
-        let bucket = |list: Vec<(u8, u8, CompiledRule)>| -> [Box<[CompiledRule]>; PROTOCOLS] {
+        let bucket = |list: Vec<(u8, u8, CompiledRule)>| -> [Bucket; PROTOCOLS] {
             let mut b: [Vec<CompiledRule>; PROTOCOLS] = Default::default();
             for (_, _, c) in list {
                 b[proto_index(c.protocol)].push(c);
             }
-            b.map(Vec::into_boxed_slice)
+            b.map(|rules| Bucket::new(&rules))
         };
         let hits = (0..metas.len()).map(|_| AtomicU64::new(0)).collect();
         VnicRuleSet {
@@ -492,7 +493,7 @@ enum PortMatch {
 
 /// A set of peer addresses: `any`, or sorted addresses and subnets per family.
 #[derive(Debug, Clone, Default)]
-pub struct PeerSet {
+struct PeerSet {
     any: bool,
     v4: Box<[u32]>,
     v6: Box<[u128]>,
@@ -514,24 +515,6 @@ impl PeerSet {
             && self.v6.is_empty()
             && self.nets4.is_empty()
             && self.nets6.is_empty()
-    }
-
-    /// Whether `ip` is in the set.
-    #[inline]
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        if self.any {
-            return true;
-        }
-        match ip {
-            IpAddr::V4(a) => {
-                let a = u32::from(a);
-                self.v4.binary_search(&a).is_ok() || self.nets4.iter().any(|&(n, m)| a & m == n)
-            }
-            IpAddr::V6(a) => {
-                let a = u128::from(a);
-                self.v6.binary_search(&a).is_ok() || self.nets6.iter().any(|&(n, m)| a & m == n)
-            }
-        }
     }
 }
 
@@ -600,6 +583,104 @@ struct CompiledRule {
     peers: PeerSet,
 }
 
+/// The rules of one (direction, protocol), in precedence order, with their index.
+#[derive(Debug, Clone)]
+struct Bucket {
+    rules: Box<[(RuleId, Action)]>,
+    words: usize,
+    service: Dimension<u16>,
+    v4: Dimension<u32>,
+    v6: Dimension<u128>,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket::new(&[])
+    }
+}
+
+impl Bucket {
+    fn new(rules: &[CompiledRule]) -> Self {
+        let words = rules.len().div_ceil(64);
+        let full16 = vec![(0u16, u16::MAX)];
+        let service: Vec<Vec<(u16, u16)>> = rules
+            .iter()
+            .map(|r| match &r.ports {
+                PortMatch::All => full16.clone(),
+                PortMatch::Ranges(rs) => rs.to_vec(),
+                PortMatch::Icmp(ts) => ts
+                    .iter()
+                    .map(|t| match *t {
+                        IcmpTarget::All => (0, u16::MAX),
+                        IcmpTarget::Type(x) => (u16::from(x) << 8, u16::from(x) << 8 | 0xff),
+                        IcmpTarget::TypeCode(x, c) => {
+                            let v = u16::from(x) << 8 | u16::from(c);
+                            (v, v)
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let v4: Vec<Vec<(u32, u32)>> = rules
+            .iter()
+            .map(|r| {
+                if r.peers.any {
+                    return vec![(0, u32::MAX)];
+                }
+                r.peers
+                    .v4
+                    .iter()
+                    .map(|&a| (a, a))
+                    .chain(r.peers.nets4.iter().map(|&(n, m)| (n, n | !m)))
+                    .collect()
+            })
+            .collect();
+        let v6: Vec<Vec<(u128, u128)>> = rules
+            .iter()
+            .map(|r| {
+                if r.peers.any {
+                    return vec![(0, u128::MAX)];
+                }
+                r.peers
+                    .v6
+                    .iter()
+                    .map(|&a| (a, a))
+                    .chain(r.peers.nets6.iter().map(|&(n, m)| (n, n | !m)))
+                    .collect()
+            })
+            .collect();
+        Bucket {
+            rules: rules.iter().map(|r| (r.id, r.action)).collect(),
+            words,
+            service: Dimension::build(&service, words),
+            v4: Dimension::build(&v4, words),
+            v6: Dimension::build(&v6, words),
+        }
+    }
+
+    /// The first rule (in precedence order) matching the packet.
+    #[inline]
+    fn first_match(&self, proto: Protocol, q: &RuleQuery) -> Option<(RuleId, Action)> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        let svc = match proto {
+            Protocol::Icmp | Protocol::Icmp6 => u16::from(q.icmp.0) << 8 | u16::from(q.icmp.1),
+            _ => q.dst_port,
+        };
+        let s = self.service.row(svc, self.words);
+        let p = match q.peer {
+            IpAddr::V4(a) => self.v4.row(u32::from(a), self.words),
+            IpAddr::V6(a) => self.v6.row(u128::from(a), self.words),
+        };
+        first_common(s, p).and_then(|r| self.rules.get(r).copied())
+    }
+
+    fn bytes(&self) -> usize {
+        self.service.bytes() + self.v4.bytes() + self.v6.bytes() + self.rules.len() * 8
+    }
+}
+
 /// What the rule set needs to know about a packet (or a flow's first packet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuleQuery {
@@ -647,8 +728,8 @@ pub struct VnicRuleSet {
     vni: u32,
     generation: u64,
     filtered: bool,
-    inbound: [Box<[CompiledRule]>; PROTOCOLS],
-    outbound: [Box<[CompiledRule]>; PROTOCOLS],
+    inbound: [Bucket; PROTOCOLS],
+    outbound: [Bucket; PROTOCOLS],
     rules: Box<[RuleMeta]>,
     hits: Box<[AtomicU64]>,
 }
@@ -712,7 +793,10 @@ impl VnicRuleSet {
             Direction::Ingress => &self.inbound,
             Direction::Egress => &self.outbound,
         };
-        lists.iter().flat_map(|l| l.iter().map(|r| r.id)).collect()
+        lists
+            .iter()
+            .flat_map(|b| b.rules.iter().map(|&(id, _)| id))
+            .collect()
     }
 
     /// Evaluates the rules for one packet: first match in precedence order, else the default.
@@ -728,29 +812,31 @@ impl VnicRuleSet {
         let Some(proto) = Protocol::from_number(q.proto) else {
             return default;
         };
-        let list = match dir {
+        let bucket = match dir {
             Direction::Ingress => &self.inbound[proto_index(proto)],
             Direction::Egress => &self.outbound[proto_index(proto)],
         };
-        for r in list.iter() {
-            let service = match &r.ports {
-                PortMatch::All => true,
-                PortMatch::Ranges(rs) => {
-                    rs.iter().any(|&(a, b)| a <= q.dst_port && q.dst_port <= b)
-                }
-                PortMatch::Icmp(ts) => ts.iter().any(|t| t.contains(q.icmp.0, q.icmp.1)),
-            };
-            if service && r.peers.contains(q.peer) {
-                if let Some(h) = self.hits.get(r.id.0 as usize) {
+        match bucket.first_match(proto, q) {
+            Some((id, action)) => {
+                if let Some(h) = self.hits.get(id.0 as usize) {
                     h.fetch_add(1, Ordering::Relaxed);
                 }
-                return match r.action {
-                    Action::Allow => RuleVerdict::AllowedBy(r.id),
-                    Action::Block => RuleVerdict::DeniedBy(r.id),
-                };
+                match action {
+                    Action::Allow => RuleVerdict::AllowedBy(id),
+                    Action::Block => RuleVerdict::DeniedBy(id),
+                }
             }
+            None => default,
         }
-        default
+    }
+
+    /// Bytes held by the classifier index (all buckets).
+    pub fn index_bytes(&self) -> usize {
+        self.inbound
+            .iter()
+            .chain(self.outbound.iter())
+            .map(Bucket::bytes)
+            .sum()
     }
 
     /// A listing: per compiled rule in evaluation order, direction, canonical text and hits.
@@ -1033,5 +1119,188 @@ mod tests {
             rules: vec![both]
         })
         .is_err());
+    }
+
+    /// An independent, naive evaluation of the fwrule semantics: every applicable rule that
+    /// matches, the best by (priority desc, action against the default first); else the default.
+    fn reference(
+        state: &FirewallState,
+        vm_uuid: &str,
+        vni: u32,
+        dir: Direction,
+        q: &RuleQuery,
+    ) -> bool {
+        let vm = state.vms.iter().find(|v| v.uuid == vm_uuid).unwrap();
+        let default = dir == Direction::Egress;
+        if !vm.firewall_enabled {
+            return true;
+        }
+        let mut best: Option<(u8, u8, bool)> = None;
+        for rec in state.rules.iter().filter(|r| r.enabled) {
+            let rule = FwRule::create(
+                &rec.rule,
+                &ParseOptions {
+                    max_version: None,
+                    enforce_subnet_mask: true,
+                },
+            )
+            .unwrap();
+            if rec
+                .owner_uuid
+                .as_deref()
+                .is_some_and(|o| o != vm.owner_uuid)
+            {
+                continue;
+            }
+            let (local, peer) = match dir {
+                Direction::Ingress => (&rule.to, &rule.from),
+                Direction::Egress => (&rule.from, &rule.to),
+            };
+            if !side_names_vm(local, vm) {
+                continue;
+            }
+            if rule.protocol.number() != q.proto {
+                continue;
+            }
+            let service = match &rule.targets {
+                ProtoTargets::Ports(ps) => ps.iter().any(|p| p.contains(q.dst_port)),
+                ProtoTargets::Types(ts) => ts.iter().any(|t| t.contains(q.icmp.0, q.icmp.1)),
+                ProtoTargets::All => true,
+            };
+            let in_scope =
+                |v: &&VmRecord| rec.owner_uuid.as_deref().is_none_or(|o| o == v.owner_uuid);
+            let peer_match = peer.is_any()
+                || peer.ips.iter().any(|i| i.addr == q.peer)
+                || peer.subnets.iter().any(|n| n.contains(q.peer))
+                || state.vms.iter().filter(in_scope).any(|v| {
+                    side_names_vm(peer, v) && v.ips.iter().any(|a| a.vni == vni && a.ip == q.peer)
+                });
+            if !(service && peer_match) {
+                continue;
+            }
+            let allow = rule.action == Action::Allow;
+            let no_op = rule.priority == 0 && allow == default;
+            if no_op {
+                continue;
+            }
+            let rank = (100 - rule.priority, u8::from(allow == default), allow);
+            if best.is_none_or(|b| (rank.0, rank.1) < (b.0, b.1)) {
+                best = Some(rank);
+            }
+        }
+        best.map(|b| b.2).unwrap_or(default)
+    }
+
+    use proptest::prelude::*;
+
+    fn arb_peer() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("any".to_string()),
+            Just("all vms".to_string()),
+            (0u8..4).prop_map(|i| format!("ip 10.0.0.{i}")),
+            (0u8..4).prop_map(|i| format!("ip fd00::{i}")),
+            (
+                0u8..2,
+                prop_oneof![Just(24u8), Just(30), Just(31), Just(32), Just(8)]
+            )
+                .prop_map(|(i, l)| {
+                    let base = match l {
+                        8 => "10.0.0.0".to_string(),
+                        24 => format!("10.0.{i}.0"),
+                        _ => "10.0.0.0".to_string(),
+                    };
+                    format!("subnet {base}/{l}")
+                }),
+            Just("subnet fd00::/126".to_string()),
+            (0u8..3).prop_map(|i| format!("tag role = r{i}")),
+            Just("tag role".to_string()),
+            (1u8..5).prop_map(|i| format!("vm 00000000-0000-4000-8000-00000000000{i}")),
+        ]
+    }
+
+    fn arb_service() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (1u16..6).prop_map(|p| format!("tcp PORT {p}")),
+            Just("tcp PORT all".to_string()),
+            (1u16..4, 0u16..3).prop_map(|(a, d)| format!("udp PORTS {a}-{}", a + d)),
+            (0u8..3).prop_map(|t| format!("icmp TYPE {t}")),
+            (0u8..3, 0u8..2).prop_map(|(t, c)| format!("icmp6 TYPE {t} CODE {c}")),
+            Just("ah".to_string()),
+        ]
+    }
+
+    fn arb_rule_text() -> impl Strategy<Value = String> {
+        (
+            arb_peer(),
+            arb_peer(),
+            any::<bool>(),
+            arb_service(),
+            prop_oneof![Just(0u8), Just(0), Just(1), Just(2)],
+        )
+            .prop_map(|(f, t, allow, svc, prio)| {
+                let mut s = format!(
+                    "FROM {f} TO {t} {} {svc}",
+                    if allow { "ALLOW" } else { "BLOCK" }
+                );
+                if prio > 0 {
+                    s.push_str(&format!(" PRIORITY {prio}"));
+                }
+                s
+            })
+    }
+
+    proptest! {
+        /// The compiled, indexed rule set decides exactly as the naive reading of the
+        /// semantics, for random rules, owners, VNIs and packets.
+        #[test]
+        fn compiled_index_matches_reference(
+            texts in proptest::collection::vec((arb_rule_text(), any::<bool>(), 0u8..3), 0..40),
+            probes in proptest::collection::vec((0u8..6, 0u8..5, 0u16..7, 0u8..3, 0u8..3, any::<bool>()), 1..40),
+        ) {
+            let owners = [A, B];
+            let vms: Vec<VmRecord> = (1..5u8)
+                .map(|i| {
+                    let mut v = vm(
+                        &format!("00000000-0000-4000-8000-00000000000{i}"),
+                        owners[usize::from(i % 2)],
+                        &[("role", ["r0", "r1", "r2"][usize::from(i % 3)])],
+                        &[(10, &format!("10.0.0.{i}")), (20, &format!("10.0.0.{}", i % 3)), (10, &format!("fd00::{i}"))],
+                    );
+                    v.firewall_enabled = i != 4;
+                    v
+                })
+                .collect();
+            let rules: Vec<RuleRecord> = texts
+                .iter()
+                .enumerate()
+                .filter_map(|(n, (t, enabled, owner))| {
+                    FwRule::create(t, &ParseOptions { max_version: None, enforce_subnet_mask: true }).ok()?;
+                    let mut r = rule(n as u32, match owner { 0 => Some(A), 1 => Some(B), _ => None }, t);
+                    r.enabled = *enabled;
+                    Some(r)
+                })
+                .collect();
+            let state = FirewallState { vms, rules };
+            let f = Firewall::new(&state).unwrap();
+            for vm_i in 1..5u8 {
+                let uuid = format!("00000000-0000-4000-8000-00000000000{vm_i}");
+                for vni in [10, 20] {
+                    let rs = f.compile_vnic(&uuid, vni, 1);
+                    for &(peer, proto_i, port, t, c, ingress) in &probes {
+                        let proto = [6u8, 17, 1, 58, 51, 47][usize::from(proto_i)];
+                        let peer: IpAddr = if peer < 5 && proto != 58 {
+                            format!("10.0.0.{peer}").parse().unwrap()
+                        } else {
+                            format!("fd00::{}", peer % 5).parse().unwrap()
+                        };
+                        let q = RuleQuery { peer, proto, dst_port: port, icmp: (t, c) };
+                        let dir = if ingress { Direction::Ingress } else { Direction::Egress };
+                        let got = rs.evaluate(dir, &q).allows();
+                        let want = reference(&state, &uuid, vni, dir, &q);
+                        prop_assert_eq!(got, want, "vm {} vni {} {:?} {:?}\n{:#?}", uuid, vni, dir, q, state.rules);
+                    }
+                }
+            }
+        }
     }
 }

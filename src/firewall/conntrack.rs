@@ -348,6 +348,7 @@ struct FlowKey {
     local_is_lo: bool,
 }
 
+#[inline(always)]
 fn addr_bits(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(u32::from(a)),
@@ -357,6 +358,7 @@ fn addr_bits(ip: IpAddr) -> u128 {
 
 impl FlowKey {
     /// Key of a packet `src → dst` seen by the vnic whose endpoint is `local_is_src`.
+    #[inline(always)]
     fn new(
         vni: u32,
         proto: u8,
@@ -380,6 +382,7 @@ impl FlowKey {
         }
     }
 
+    #[inline(always)]
     fn hash(&self, seed: u64) -> u64 {
         #[inline(always)]
         fn fold(a: u64, b: u64) -> u64 {
@@ -450,6 +453,8 @@ pub struct Conntrack {
     max_flows: usize,
     cursor: usize,
     timeouts: Timeouts,
+    /// `timeouts.tcp_established` in nanoseconds (the hot path's timeout).
+    established_ns: u64,
     seed: u64,
     stats: ConntrackStats,
 }
@@ -488,6 +493,7 @@ impl Conntrack {
             max_flows: max,
             cursor: 0,
             timeouts: config.timeouts,
+            established_ns: nanos(config.timeouts.tcp_established),
             seed: config.seed,
             stats: ConntrackStats::default(),
         }
@@ -515,6 +521,7 @@ impl Conntrack {
             .map(|i| self.slots[i].state)
     }
 
+    #[inline(always)]
     fn key_of(&self, vni: u32, dir: Direction, pkt: &PacketSummary) -> Option<FlowKey> {
         let local_is_src = dir == Direction::Egress;
         match pkt.proto {
@@ -539,6 +546,7 @@ impl Conntrack {
         }
     }
 
+    #[inline(always)]
     fn find(&self, key: &FlowKey, hash: u64) -> Option<usize> {
         let mut i = hash as usize & self.mask;
         loop {
@@ -712,21 +720,24 @@ impl Conntrack {
         let flags = pkt.tcp_flags;
         let syn_only = pkt.proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
         if let Some(i) = self.find(&key, hash) {
-            let e = self.slots[i];
+            let (expires, state, orig_is_lo, generation, mut rule) = {
+                let e = &self.slots[i];
+                (e.expires, e.state, e.orig_is_lo, e.generation, e.rule)
+            };
             let src_is_lo = (addr_bits(pkt.src), key_port(pkt, true))
                 <= (addr_bits(pkt.dst), key_port(pkt, false));
-            let from_orig = src_is_lo == e.orig_is_lo;
+            let from_orig = src_is_lo == orig_is_lo;
             let reopen =
-                syn_only && from_orig && matches!(e.state, FlowState::TimeWait | FlowState::Closed);
-            if e.expires <= now_ns || reopen {
+                syn_only && from_orig && matches!(state, FlowState::TimeWait | FlowState::Closed);
+            if expires <= now_ns || reopen {
                 self.remove_at(i);
                 if !reopen {
                     self.stats.expired += 1;
                 }
             } else {
-                let mut rule = e.rule;
-                if e.generation != rules.generation() {
-                    match rules.evaluate(e.first_dir, &e.first) {
+                if generation != rules.generation() {
+                    let (first_dir, first) = (self.slots[i].first_dir, self.slots[i].first);
+                    match rules.evaluate(first_dir, &first) {
                         RuleVerdict::AllowedBy(id) => rule = Some(id),
                         RuleVerdict::DefaultAllow | RuleVerdict::Unfiltered => rule = None,
                         v => {
@@ -736,12 +747,17 @@ impl Conntrack {
                         }
                     }
                 }
-                let state = next_state(e.state, pkt.proto, flags, from_orig);
-                let timeout = self.timeout(state, pkt.proto);
+                let next = next_state(state, pkt.proto, flags, from_orig);
+                let timeout =
+                    if next == state && pkt.proto == PROTO_TCP && state == FlowState::Established {
+                        self.established_ns
+                    } else {
+                        self.timeout(next, pkt.proto)
+                    };
                 let slot = &mut self.slots[i];
                 slot.rule = rule;
                 slot.generation = rules.generation();
-                slot.state = state;
+                slot.state = next;
                 slot.last_seen = now_ns;
                 slot.expires = now_ns.saturating_add(timeout);
                 self.stats.established += 1;
@@ -865,6 +881,7 @@ impl Conntrack {
     }
 }
 
+#[inline(always)]
 fn key_port(pkt: &PacketSummary, src: bool) -> u16 {
     match (pkt.proto, pkt.icmp) {
         (PROTO_ICMP | PROTO_ICMP6, Some(i)) => i.echo_id,
@@ -894,6 +911,7 @@ fn query_of(dir: Direction, pkt: &PacketSummary) -> RuleQuery {
     }
 }
 
+#[inline(always)]
 fn next_state(s: FlowState, proto: u8, flags: u8, from_orig: bool) -> FlowState {
     if proto != PROTO_TCP {
         return match s {

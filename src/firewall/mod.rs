@@ -51,4 +51,5 @@ pub mod cli;
 pub mod compile;
 pub mod conntrack;
 pub mod docker;
+mod index;
 pub mod rule;
