@@ -155,7 +155,7 @@ enum Command {
         #[arg(long, short = 'c', default_value_t = 4)]
         connections: usize,
         /// Requests outstanding per connection (pipeline depth).
-        #[arg(long, short = 'd', default_value_t = 32)]
+        #[arg(long, short = 'd', default_value_t = 16)]
         depth: usize,
         /// Measured seconds.
         #[arg(long, default_value_t = 10)]
