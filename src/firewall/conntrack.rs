@@ -656,6 +656,23 @@ impl Conntrack {
         })
     }
 
+    /// Test-only: every occupied slot is reachable from its home slot, and `len` is right.
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        let mut count = 0;
+        for i in 0..=self.mask {
+            if self.hashes[i] == 0 {
+                continue;
+            }
+            count += 1;
+            let key = self.slots[i].key;
+            assert_eq!(self.hashes[i], key.hash(self.seed), "slot {i} hash");
+            assert_eq!(self.find(&key, self.hashes[i]), Some(i), "slot {i} reachable");
+        }
+        assert_eq!(count, self.len);
+        assert!(self.len <= self.max_flows);
+    }
+
     /// Removes up to `budget` expired entries, scanning from a rotating cursor; returns how
     /// many were removed. Call it now and then (expired entries are also dropped on lookup).
     pub fn sweep(&mut self, now: Duration, budget: usize) -> usize {
@@ -1316,5 +1333,44 @@ mod tests {
         }
         let s = ct.stats();
         assert_eq!(s.evicted_expired + s.evicted_closing + s.evicted_idle, 4000);
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Random traffic over a tiny table (constant eviction, probe chains wrapping around,
+        /// backward-shift deletions): the table stays consistent, bounded, and a flow just
+        /// admitted is always found.
+        #[test]
+        fn table_stays_consistent(ops in proptest::collection::vec(
+            (0u8..6, 0u8..4, 0u16..6, 0u16..3, any::<u8>(), any::<bool>(), 0u64..40), 1..300
+        )) {
+            let rs = ruleset(&["FROM any TO all vms ALLOW tcp PORT 1", "FROM any TO all vms ALLOW udp PORT all"], 1);
+            let mut ct = Conntrack::new(ConntrackConfig { max_flows: 5, seed: 1, ..Default::default() });
+            let mut now = Duration::ZERO;
+            for (kind, peer, lport, rport, flags, ingress, dt) in ops {
+                now += Duration::from_secs(dt);
+                let me = ip(ME);
+                let other = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, peer));
+                let dir = if ingress { Direction::Ingress } else { Direction::Egress };
+                let (src, sp, dst, dp) = if ingress { (other, rport, me, lport) } else { (me, lport, other, rport) };
+                let pkt = match kind {
+                    0 | 1 => PacketSummary::tcp(src, sp, dst, dp, flags & 0x17),
+                    2 => PacketSummary::udp(src, sp, dst, dp),
+                    3 => PacketSummary::icmp(src, dst, if flags % 2 == 0 { 8 } else { 0 }, 0, sp),
+                    4 => PacketSummary::icmp_error(src, dst, 3, 1, InnerPacket { src: dst, dst: src, proto: 17, src_port: dp, dst_port: sp }),
+                    _ => {
+                        ct.sweep(now, usize::from(flags % 4));
+                        ct.check_invariants();
+                        continue;
+                    }
+                };
+                let v = ct.classify(&rs, dir, &pkt, now);
+                ct.check_invariants();
+                if let Verdict::Allow { via: Via::NewFlow, .. } = v {
+                    prop_assert!(ct.flow_state(7, dir, &pkt).is_some());
+                }
+            }
+        }
     }
 }
