@@ -709,6 +709,9 @@ impl Store for BrokenStore {
     ) -> Result<store::Outcome, store::StoreError> {
         self.lookup(&[]).map(|_| store::Outcome::Rollback)
     }
+    fn run_read(&self, _: &mut dyn FnMut(store::RawTxn<'_>)) -> Result<(), store::StoreError> {
+        self.lookup(&[]).map(|_| ())
+    }
     fn describe(&self) -> String {
         "broken".into()
     }

@@ -34,6 +34,9 @@
 //!   have them commit or roll back together with the Portolan records. The caller must not issue
 //!   `BEGIN`, `COMMIT` or `ROLLBACK` on it; savepoints are fine.
 //!
+//! [`with_read`] (or [`Store::run_read`]) gives the same raw connection inside a read-only
+//! transaction, for the caller's own consistent reads without SQLite's write lock.
+//!
 //! Which hosts get events: the hosts that have a live mapping on the VNI before the change,
 //! together with those that have one after it (so the host a NIC leaves is told as well).
 //!
@@ -332,6 +335,10 @@ pub trait Store: Send + Sync {
     /// [`with_txn`], which carries a result and an error type of the caller's choice.
     fn run_txn(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Outcome) -> Result<Outcome, StoreError>;
 
+    /// Runs `f` in a read-only transaction on the backend connection (one consistent snapshot
+    /// for the caller's own queries; takes no write lock). Prefer [`with_read`].
+    fn run_read(&self, f: &mut dyn FnMut(RawTxn<'_>)) -> Result<(), StoreError>;
+
     /// A short name for logs ("sqlite:/path", "postgres://host/db").
     fn describe(&self) -> String;
 
@@ -384,6 +391,28 @@ where
             detail: "the transaction closure was never run".into(),
         })),
     }
+}
+
+/// Runs `f` inside a read-only transaction of `store` with the raw backend connection: the
+/// control plane's own reads (listing NICs, say) without taking SQLite's write lock.
+pub fn with_read<R, E, F>(store: &dyn Store, f: F) -> Result<R, E>
+where
+    E: From<StoreError>,
+    F: FnOnce(RawTxn<'_>) -> Result<R, E>,
+{
+    let mut f = Some(f);
+    let mut result: Option<Result<R, E>> = None;
+    store.run_read(&mut |raw| {
+        if let Some(f) = f.take() {
+            result = Some(f(raw));
+        }
+    })?;
+    result.unwrap_or_else(|| {
+        Err(E::from(StoreError::Corrupt {
+            what: "transaction",
+            detail: "the read closure was never run".into(),
+        }))
+    })
 }
 
 /// Operations inside a write transaction. Backends implement the primitives; the mapping

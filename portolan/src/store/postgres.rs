@@ -323,6 +323,28 @@ impl Store for PgStore {
         r
     }
 
+    fn run_read(&self, f: &mut dyn FnMut(RawTxn<'_>)) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let r = (|| {
+            conn.client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+            let mut tx = PgTxn {
+                conn: &mut conn,
+                open: true,
+            };
+            f(tx.raw());
+            tx.open = false;
+            drop(tx);
+            conn.client.batch_execute("ROLLBACK")?;
+            Ok(())
+        })();
+        if r.is_err() && (conn.client.batch_execute("ROLLBACK").is_err() || conn.client.is_closed())
+        {
+            conn.discard();
+        }
+        r
+    }
+
     fn describe(&self) -> String {
         // Never log the password.
         match (self.url.find("://"), self.url.rfind('@')) {

@@ -302,6 +302,20 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
+    fn run_read(&self, f: &mut dyn FnMut(RawTxn<'_>)) -> Result<(), StoreError> {
+        let conn = self.conn()?;
+        conn.execute_batch("BEGIN")?;
+        let mut guard = TxnGuard {
+            conn: &conn,
+            armed: true,
+        };
+        f(RawTxn::Sqlite(&conn));
+        guard.armed = false;
+        // Nothing to keep: a read transaction ends the same either way.
+        conn.execute_batch("ROLLBACK")?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("sqlite:{}", self.path.display())
     }

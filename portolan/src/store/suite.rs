@@ -392,6 +392,32 @@ pub(super) fn caller_txn_commits_or_rolls_back_everything(s: &dyn Store) {
     })
     .unwrap();
     assert_eq!(n, 1);
+    // The caller's own reads in a read-only transaction.
+    let n = with_read(s, |raw| {
+        Ok::<_, StoreError>(match raw {
+            RawTxn::Sqlite(c) => c.query_row("SELECT count(*) FROM test_nics", [], |r| r.get(0))?,
+            RawTxn::Postgres(c) => c
+                .query_one("SELECT count(*) FROM test_nics", &[])?
+                .get::<_, i64>(0),
+        })
+    })
+    .unwrap();
+    assert_eq!(n, 1);
+    // A failing read reports its error and leaves the connection usable.
+    let r: Result<i64, StoreError> = with_read(s, |raw| {
+        Ok(match raw {
+            RawTxn::Sqlite(c) => {
+                c.query_row("SELECT count(*) FROM no_such_table", [], |r| r.get(0))?
+            }
+            RawTxn::Postgres(c) => c
+                .query_one("SELECT count(*) FROM no_such_table", &[])?
+                .get(0),
+        })
+    });
+    assert!(r.is_err());
+    for _ in 0..20 {
+        assert!(s.vl3(100, m.ip).unwrap().is_some());
+    }
     // A panic inside the closure rolls back too, and the store stays usable.
     let store_ref = std::panic::AssertUnwindSafe(s);
     let r = std::panic::catch_unwind(move || {
