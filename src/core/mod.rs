@@ -1008,18 +1008,29 @@ fn encapsulate(buf: &mut FrameBuf<'_>, vni: Vni, dst: SocketAddr) -> Verdict {
 #[inline]
 pub fn flow_hash(f: &[u8]) -> u32 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mix = |h: u64, v: u64| (h.rotate_left(5) ^ v).wrapping_mul(K);
-    let rd = |at: usize, n: usize| -> u64 {
-        f.get(at..at + n)
-            .map_or(0, |s| s.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)))
-    };
-    let mut h = mix(0, rd(0, 6));
-    h = mix(h, rd(6, 6));
-    if f.len() >= 34 && f[12] == 0x08 && f[13] == 0x00 {
-        h = mix(h, rd(26, 8));
-        let ihl = usize::from(f[14] & 0x0f) * 4;
-        if matches!(f[23], 6 | 17) {
-            h = mix(h, rd(14 + ihl, 4));
+    #[inline(always)]
+    fn mix(h: u64, v: u64) -> u64 {
+        (h.rotate_left(5) ^ v).wrapping_mul(K)
+    }
+    #[inline(always)]
+    fn word(f: &[u8], at: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&f[at..at + 8]);
+        u64::from_le_bytes(w)
+    }
+    if f.len() < 16 {
+        return 0;
+    }
+    // dst+src MAC (12 bytes) as two overlapping words.
+    let mut h = mix(mix(0, word(f, 0)), word(f, 4));
+    if f.len() >= 42 && f[12] == 0x08 && f[13] == 0x00 {
+        h = mix(h, word(f, 26)); // IPv4 src + dst
+        let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+        if matches!(f[23], 6 | 17) && f.len() >= l4 + 4 {
+            h = mix(
+                h,
+                u64::from(u32::from_le_bytes([f[l4], f[l4 + 1], f[l4 + 2], f[l4 + 3]])),
+            );
         }
     }
     (h >> 32) as u32 ^ h as u32
