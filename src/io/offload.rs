@@ -143,11 +143,41 @@ pub enum OffloadError {
 
 /// One's-complement sum of `data` in *native* 16-bit lanes (fold with [`fold_ne_to_be`]).
 ///
-/// Adds 32-bit words into 64-bit accumulators without carries (a frame has far fewer than 2^32
-/// words, so they cannot overflow); the compiler vectorises this into widening SIMD adds. The
-/// end-around carries are recovered by [`fold`], since 2^32 ≡ 2^16 ≡ 1 (mod 0xffff).
+/// Uses an AVX2 build of the same loop when the CPU has it (runtime check, cached by std):
+/// about 1.7x faster on 1.4 KB than the baseline SSE2 build.
 #[inline]
 fn sum_ne(data: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if data.len() >= 128 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { sum_ne_avx2(data) };
+    }
+    sum_ne_generic(data)
+}
+
+/// [`sum_ne_generic`] compiled with AVX2 enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_ne_avx2(data: &[u8]) -> u64 {
+    sum_ne_generic(data)
+}
+
+/// Copies `src` into `dst` (same length) and returns the native-lane sum of `src`.
+///
+/// The sum is taken over the *source*: summing the bytes just written would stall on store
+/// forwarding, and a fused copy-and-sum loop measured slower than `memcpy` plus a separate sum.
+#[inline]
+fn copy_sum_ne(dst: &mut [u8], src: &[u8]) -> u64 {
+    let sum = sum_ne(src);
+    dst.copy_from_slice(src);
+    sum
+}
+
+/// The portable loop behind [`sum_ne`]. Adds 32-bit words into 64-bit accumulators without carries (a frame has far fewer than 2^32
+/// words, so they cannot overflow); the compiler vectorises this into widening SIMD adds. The
+/// end-around carries are recovered by [`fold`], since 2^32 ≡ 2^16 ≡ 1 (mod 0xffff).
+#[inline(always)]
+fn sum_ne_generic(data: &[u8]) -> u64 {
     let mut chunks = data.chunks_exact(32);
     let mut lanes = [0u64; 8];
     for c in &mut chunks {
@@ -510,39 +540,59 @@ pub fn segment(
     }
     let mss = hdr.gso_size as usize;
     let hl = lay.hdrs;
+    let tcp = lay.proto == PROTO_TCP;
     let payload = &frame[hl..];
     let (src, dst) = lay.src_dst(frame);
     let ip_id = if lay.v6 { 0 } else { be16(frame, lay.l3 + 4) };
-    let seq0 = if lay.proto == PROTO_TCP {
-        be32(frame, lay.l4 + 4)
-    } else {
+    let seq0 = if tcp { be32(frame, lay.l4 + 4) } else { 0 };
+    let csum_at = lay.l4 + if tcp { 16 } else { 6 };
+
+    // Checksums are assembled from sums computed once here (headers with their per-segment
+    // fields zeroed) plus the per-segment values, and the payload sum taken while copying.
+    // Re-reading the freshly written segment would stall on store forwarding.
+    let mut tmpl = [0u8; 160];
+    let th = &mut tmpl[..hl];
+    th.copy_from_slice(&frame[..hl]);
+    let ip_base = if lay.v6 {
         0
+    } else {
+        for at in [2, 4, 10] {
+            put16(th, lay.l3 + at, 0);
+        }
+        fold_ne_to_be(sum_ne_generic(&th[lay.l3..lay.l4])) as u64
     };
-    let csum_at = lay.l4 + if lay.proto == PROTO_TCP { 16 } else { 6 };
-    // The pseudo-header sum without the length, shared by all segments.
-    let pseudo_base = pseudo_sum(src, dst, lay.proto, 0);
+    let zero_at: &[usize] = if tcp { &[4, 6, 12, 16] } else { &[4, 6] };
+    for &at in zero_at {
+        put16(th, lay.l4 + at, 0);
+    }
+    let l4_base = fold_ne_to_be(sum_ne_generic(&th[lay.l4..hl])) as u64
+        + pseudo_sum(src, dst, lay.proto, 0) as u64;
+    let flags0 = frame[lay.l4 + 13];
+    let doff_byte = frame[lay.l4 + 12];
+
     for i in 0..segs.count {
         let chunk = &payload[i * mss..payload.len().min((i + 1) * mss)];
         let base = i * segs.stride + headroom;
         let seg = &mut out[base..base + hl + chunk.len()];
         seg[..hl].copy_from_slice(&frame[..hl]);
-        seg[hl..].copy_from_slice(chunk);
+        let payload_sum = fold_ne_to_be(copy_sum_ne(&mut seg[hl..], chunk)) as u64;
         let l4_len = hl - lay.l4 + chunk.len();
         if lay.v6 {
             put16(seg, lay.l3 + 4, l4_len as u16);
         } else {
-            let ihl = lay.l4 - lay.l3;
-            put16(seg, lay.l3 + 2, (ihl + l4_len) as u16);
-            put16(seg, lay.l3 + 4, ip_id.wrapping_add(i as u16));
-            put16(seg, lay.l3 + 10, 0);
-            let c = checksum(&seg[lay.l3..lay.l4], 0);
-            put16(seg, lay.l3 + 10, c);
+            let tot = (lay.l4 - lay.l3 + l4_len) as u16;
+            let id = ip_id.wrapping_add(i as u16);
+            put16(seg, lay.l3 + 2, tot);
+            put16(seg, lay.l3 + 4, id);
+            put16(seg, lay.l3 + 10, !fold(ip_base + tot as u64 + id as u64));
         }
-        if lay.proto == PROTO_TCP {
+        // Pseudo-header length (≤ 16 bits for a GSO segment).
+        let mut sum = l4_base + payload_sum + l4_len as u64;
+        if tcp {
             let seq = seq0.wrapping_add((i * mss) as u32);
             seg[lay.l4 + 4..lay.l4 + 8].copy_from_slice(&seq.to_be_bytes());
             let last = i + 1 == segs.count;
-            let mut flags = seg[lay.l4 + 13];
+            let mut flags = flags0;
             if !last {
                 flags &= !(TCP_FIN | TCP_PSH);
             }
@@ -550,21 +600,15 @@ pub fn segment(
                 flags &= !TCP_CWR;
             }
             seg[lay.l4 + 13] = flags;
+            sum += (seq >> 16) as u64 + (seq & 0xffff) as u64;
+            sum += u16::from_be_bytes([doff_byte, flags]) as u64;
+            put16(seg, csum_at, !fold(sum));
         } else {
             put16(seg, lay.l4 + 4, l4_len as u16);
+            sum += l4_len as u64;
+            let c = !fold(sum);
+            put16(seg, csum_at, if c == 0 { 0xffff } else { c });
         }
-        put16(seg, csum_at, 0);
-        let init = pseudo_base + (l4_len as u32 >> 16) + (l4_len as u32 & 0xffff);
-        let c = checksum(&seg[lay.l4..], init);
-        put16(
-            seg,
-            csum_at,
-            if c == 0 && lay.proto == PROTO_UDP {
-                0xffff
-            } else {
-                c
-            },
-        );
     }
     Ok(segs)
 }
@@ -655,7 +699,12 @@ impl<'b> TcpCoalescer<'b> {
             if VIRTIO_NET_HDR_LEN + f.len() > self.out.len() {
                 return Push::Bypass;
             }
-            self.out[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + f.len()].copy_from_slice(f);
+            let dst = &mut self.out[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + f.len()];
+            dst[..lay.hdrs].copy_from_slice(&f[..lay.hdrs]);
+            let psum = copy_sum_ne(&mut dst[lay.hdrs..], &f[lay.hdrs..]);
+            if self.verify && !checksums_valid(f, &lay, psum) {
+                return Push::Bypass;
+            }
             self.len = VIRTIO_NET_HDR_LEN + f.len();
             let psh = flags & TCP_PSH != 0;
             self.pending = Some(Pending {
@@ -680,7 +729,11 @@ impl<'b> TcpCoalescer<'b> {
         {
             return Push::Flush;
         }
-        self.out[self.len..self.len + payload].copy_from_slice(&f[lay.hdrs..]);
+        // Copy and sum in one pass; a bad segment leaves `len` where it was.
+        let psum = copy_sum_ne(&mut self.out[self.len..self.len + payload], &f[lay.hdrs..]);
+        if self.verify && !checksums_valid(f, &lay, psum) {
+            return Push::Bypass;
+        }
         self.len += payload;
         // The latest window is the most accurate one.
         let (wa, wb) = (VIRTIO_NET_HDR_LEN + lay.l4 + 14, lay.l4 + 14);
@@ -760,18 +813,23 @@ impl<'b> TcpCoalescer<'b> {
         if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG) != 0 || flags & TCP_ACK == 0 {
             return None;
         }
-        if self.verify {
-            if !lay.v6 && checksum(&f[lay.l3..lay.l4], 0) != 0 {
-                return None;
-            }
-            let (src, dst) = lay.src_dst(f);
-            let l4_len = f.len() - lay.l4;
-            if checksum(&f[lay.l4..], pseudo_sum(src, dst, PROTO_TCP, l4_len)) != 0 {
-                return None;
-            }
-        }
         Some((lay, flags))
     }
+}
+
+/// Whether the IPv4 header checksum and the TCP checksum of `f` are valid, given the native
+/// sum of its payload (taken while copying it).
+#[inline]
+fn checksums_valid(f: &[u8], lay: &Layout, payload_sum_ne: u64) -> bool {
+    if !lay.v6 && checksum(&f[lay.l3..lay.l4], 0) != 0 {
+        return false;
+    }
+    let (src, dst) = lay.src_dst(f);
+    let l4_len = f.len() - lay.l4;
+    let sum = fold_ne_to_be(sum_ne_generic(&f[lay.l4..lay.hdrs])) as u64
+        + fold_ne_to_be(payload_sum_ne) as u64
+        + pseudo_sum(src, dst, PROTO_TCP, l4_len) as u64;
+    fold(sum) == 0xffff
 }
 
 /// Whether `f` has the same Ethernet, IP and TCP headers as the pending super-frame `cur`,
@@ -882,6 +940,18 @@ mod tests {
         }
         // All-ones data: the sum is 0xffff and the checksum 0.
         assert_eq!(checksum(&[0xff; 64], 0), 0);
+    }
+
+    #[test]
+    fn simd_and_portable_sums_agree() {
+        for len in [0usize, 1, 31, 32, 127, 128, 129, 1448, 9001] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+            let a = fold(sum_ne(&data));
+            assert_eq!(a, fold(sum_ne_generic(&data)), "len {len}");
+            let mut dst = vec![0u8; len];
+            assert_eq!(fold(copy_sum_ne(&mut dst, &data)), a);
+            assert_eq!(dst, data);
+        }
     }
 
     #[test]
