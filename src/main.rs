@@ -21,6 +21,17 @@ enum Cmd {
     /// unprivileged user; check ARP proxying, lookups, ping, TCP and isolation, and print a
     /// report. Exits non-zero if any expectation fails.
     Demo,
+    /// Firewall rules in Triton's fwrule language.
+    #[command(subcommand)]
+    Fw(FwCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum FwCmd {
+    /// Parse and validate fwrule rules (no daemon needed): print each rule's canonical text, or
+    /// with --json its parse tree, or the error with its class (syntax, value, version, model).
+    /// Exits 1 if any rule was rejected.
+    Parse(fabric::firewall::cli::FwParseArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,5 +55,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Fw(FwCmd::Parse(args)) => {
+            match fabric::firewall::cli::run_parse(&args, &mut std::io::stdout().lock()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("fabric fw parse: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }
