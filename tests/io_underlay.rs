@@ -332,3 +332,26 @@ fn too_small_slot_is_flagged_truncated() {
     assert!(meta[0].truncated, "{:?}", meta[0]);
     assert_eq!(meta[0].len, 1000);
 }
+
+#[test]
+fn large_socket_buffers() {
+    let u = Underlay::bind(&cfg(true, true, SourcePorts::Bound)).unwrap();
+    let (rcv, snd) = u.buffer_sizes().unwrap();
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if root {
+        // *BUFFORCE ignores net.core.rmem_max; the kernel reports double the request.
+        assert!(
+            rcv >= fabric::io::underlay::DEFAULT_BUFFER_BYTES,
+            "SO_RCVBUF {rcv}"
+        );
+        assert!(
+            snd >= fabric::io::underlay::DEFAULT_BUFFER_BYTES,
+            "SO_SNDBUF {snd}"
+        );
+    } else {
+        assert!(rcv > 0 && snd > 0);
+    }
+}

@@ -322,6 +322,24 @@ impl Underlay {
         self.gso_segments.load(Ordering::Relaxed)
     }
 
+    /// Effective (`SO_RCVBUF`, `SO_SNDBUF`) of the receive socket, as the kernel reports them
+    /// (twice the requested value, for its bookkeeping).
+    pub fn buffer_sizes(&self) -> Result<(usize, usize), UnderlayError> {
+        let get = |name, op| {
+            sys::getsockopt_int(&self.rx, libc::SOL_SOCKET, name)
+                .map(|v| v.max(0) as usize)
+                .map_err(|source| UnderlayError::Setup {
+                    op,
+                    addr: self.local,
+                    source,
+                })
+        };
+        Ok((
+            get(libc::SO_RCVBUF, "getsockopt(SO_RCVBUF)")?,
+            get(libc::SO_SNDBUF, "getsockopt(SO_SNDBUF)")?,
+        ))
+    }
+
     /// Whether receive slots may hold several datagrams (`UDP_GRO` on).
     pub fn gro_enabled(&self) -> bool {
         self.gro
