@@ -338,3 +338,22 @@ fn hosts_joined_by_a_bridge_namespace() {
     let master = ip(&["-n", br.name(), "-o", "link", "show", "master", "br0"]);
     assert_eq!(master.lines().count(), 2, "{master}");
 }
+
+#[test]
+fn guard_removes_namespace_when_a_test_panics() {
+    if !root_or_skip("guard_removes_namespace_when_a_test_panics") {
+        return;
+    }
+    let name = ns_name("panic");
+    let n2 = name.clone();
+    let r = std::panic::catch_unwind(move || {
+        let _ns = NetnsGuard::create(&n2).unwrap();
+        assert!(Netns::exists(&n2));
+        panic!("simulated test failure");
+    });
+    assert!(r.is_err());
+    assert!(
+        !Netns::exists(&name),
+        "namespace must be gone after unwinding"
+    );
+}
