@@ -24,6 +24,11 @@ enum Cmd {
     /// Firewall rules in Triton's fwrule language.
     #[command(subcommand)]
     Fw(FwCmd),
+    /// Run the control plane: a NAPI-compatible REST service (NIC tags, networks and IPAM,
+    /// NICs, fabric VLANs and networks, FWAPI-style /rules, /metrics) over the store Portolan
+    /// serves from; every NIC change writes its Portolan mappings and shootdown events in the
+    /// same transaction. `fabric control bench` measures NIC provisions per second.
+    Control(fabric::control::ControlArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,6 +57,13 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("fabric demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Control(args) => match fabric::control::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fabric control: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -1,0 +1,439 @@
+//! HTTP plumbing: one axum handler per route pattern; each request's parameters are merged
+//! (query + JSON/form body), the operation runs on tokio's blocking pool inside one store
+//! transaction (read-only for GETs), and the reply is NAPI's (200 + JSON, 204, or a restify
+//! error), with `x-request-id`, `x-response-time`, `server` and, on objects, `etag`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, RawPathParams, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
+use axum::routing::any;
+use axum::Router;
+use portolan::store::{self, Store, Txn};
+use serde_json::{json, Value};
+
+use super::db::{Db, Val};
+use super::error::{ApiError, OpError};
+use super::metrics::Metrics;
+use super::params::{random_uuid, Params};
+use super::{fabrics, networks, nic_tags, nics, portolan_view, rules, Config};
+
+/// Shared state of the service.
+pub struct App {
+    /// The store (shared with Portolan).
+    pub store: Arc<dyn Store>,
+    /// Settings.
+    pub cfg: Config,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+/// What an operation answers on success.
+enum Reply {
+    Json(Value),
+    NoContent,
+    Text(String),
+}
+
+type ReadOp = Box<dyn FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Reply, OpError> + Send>;
+type WriteOp = Box<dyn FnOnce(&mut dyn Txn, &App, &mut Params) -> Result<Reply, OpError> + Send>;
+
+enum Op {
+    Read(ReadOp),
+    Write(WriteOp),
+    /// Answered without the store.
+    Now(Result<Reply, ApiError>),
+    Metrics,
+}
+
+fn read<F>(f: F) -> Op
+where
+    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+{
+    Op::Read(Box::new(move |d, a, p| f(d, a, p).map(Reply::Json)))
+}
+
+fn write<F>(f: F) -> Op
+where
+    F: FnOnce(&mut dyn Txn, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+{
+    Op::Write(Box::new(move |t, a, p| f(t, a, p).map(Reply::Json)))
+}
+
+fn write_db<F>(f: F) -> Op
+where
+    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+{
+    Op::Write(Box::new(move |t, a, p| f(&mut Db::from(t.raw()), a, p).map(Reply::Json)))
+}
+
+fn delete_db<F>(f: F) -> Op
+where
+    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<(), OpError> + Send + 'static,
+{
+    Op::Write(Box::new(move |t, a, p| {
+        f(&mut Db::from(t.raw()), a, p).map(|()| Reply::NoContent)
+    }))
+}
+
+fn no_params(p: &mut Params) -> Result<(), ApiError> {
+    p.allow_only(&[]);
+    p.finish()
+}
+
+/// Picks the operation for a route and method.
+fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
+    let m = if *method == Method::HEAD { Method::GET } else { method.clone() };
+    let arg = |i: usize| path.get(i).cloned().unwrap_or_default();
+    let (a0, a1, a2) = (arg(0), arg(1), arg(2));
+    match (m, pattern) {
+        (Method::GET, "/ping") => read(|_, a, _| {
+            Ok(json!({
+                "config": {"fabrics_enabled": a.cfg.fabrics_enabled, "subnet_alloc_enabled": false},
+                "healthy": true,
+                "services": {"store": "online"},
+                "status": "OK",
+            }))
+        }),
+        (Method::GET, "/metrics") => Op::Metrics,
+        // NIC tags.
+        (Method::GET, "/nic_tags") => read(|d, _, p| nic_tags::list(d, p)),
+        (Method::POST, "/nic_tags") => write_db(|d, _, p| nic_tags::create(d, p)),
+        (Method::GET, "/nic_tags/{name}") => read(move |d, _, p| {
+            no_params(p)?;
+            Ok(nic_tags::find(d, &a0)?.to_json())
+        }),
+        (Method::PUT, "/nic_tags/{name}") => write_db(move |d, _, p| nic_tags::update(d, &a0, p)),
+        (Method::DELETE, "/nic_tags/{name}") => delete_db(move |d, _, _| nic_tags::delete(d, &a0)),
+        // Networks.
+        (Method::GET, "/networks") => read(|d, _, p| {
+            let q = networks::validate_list(p)?;
+            networks::list(d, &q)
+        }),
+        (Method::POST, "/networks") => write_db(|d, a, p| {
+            let req = networks::validate_create(p, &a.cfg, None)?;
+            networks::create(d, &a.cfg, req, networks::View::Plain)
+        }),
+        (Method::GET, "/networks/{uuid}") => read(move |d, _, p| networks::get_checked(d, &a0, p)),
+        (Method::PUT, "/networks/{uuid}") => write_db(move |d, _, p| {
+            let n = networks::find(d, &a0)?;
+            networks::update(d, n, p, networks::View::Plain)
+        }),
+        (Method::DELETE, "/networks/{uuid}") => delete_db(move |d, _, p| {
+            no_params(p)?;
+            let n = networks::find(d, &a0)?;
+            networks::delete(d, &n)
+        }),
+        (Method::GET, "/networks/{uuid}/ips") => read(move |d, _, p| {
+            let n = networks::find(d, &a0)?;
+            networks::list_ips_api(d, &n, p)
+        }),
+        (Method::GET, "/networks/{uuid}/ips/{ip}") => read(move |d, _, p| {
+            no_params(p)?;
+            let n = networks::find(d, &a0)?;
+            networks::get_ip_api(d, &n, &a1)
+        }),
+        (Method::PUT, "/networks/{uuid}/ips/{ip}") => write_db(move |d, _, p| {
+            let n = networks::find(d, &a0)?;
+            networks::update_ip(d, &n, &a1, p)
+        }),
+        (Method::POST, "/networks/{uuid}/nics") => write(move |t, a, p| {
+            let Some(u) = super::params::parse_uuid(&a0) else {
+                return Err(ApiError::not_found("network not found").into());
+            };
+            let req = nics::validate_create(p, Some(&u))?;
+            nics::create(t, &a.cfg, req)
+        }),
+        // NICs.
+        (Method::GET, "/nics") => read(|d, a, p| nics::list(d, &a.cfg, p)),
+        (Method::POST, "/nics") => write(|t, a, p| {
+            let req = nics::validate_create(p, None)?;
+            nics::create(t, &a.cfg, req)
+        }),
+        (Method::GET, "/nics/{mac}") => read(move |d, a, p| {
+            no_params(p)?;
+            nics::get_api(d, &a.cfg, &a0)
+        }),
+        (Method::PUT, "/nics/{mac}") => write(move |t, a, p| nics::update(t, &a.cfg, &a0, p)),
+        (Method::DELETE, "/nics/{mac}") => Op::Write(Box::new(move |t, a, p| {
+            p.allow_only(&["belongs_to_uuid", "belongs_to_type", "owner_uuid"]);
+            p.finish()?;
+            nics::delete(t, &a.cfg, &a0).map(|()| Reply::NoContent)
+        })),
+        // Fabrics.
+        (m, p) if p.starts_with("/fabrics/") => fabric_route(m, p, a0, a1, a2),
+        // Rules.
+        (Method::GET, "/rules") => read(|d, _, p| rules::list(d, p)),
+        (Method::POST, "/rules") => write_db(|d, _, p| rules::create(d, p)),
+        (Method::GET, "/rules/{uuid}") => read(move |d, _, p| {
+            no_params(p)?;
+            Ok(rules::find(d, &a0)?.to_json())
+        }),
+        (Method::PUT, "/rules/{uuid}") => write_db(move |d, _, p| rules::update(d, &a0, p)),
+        (Method::DELETE, "/rules/{uuid}") => delete_db(move |d, _, p| {
+            no_params(p)?;
+            rules::delete(d, &a0)
+        }),
+        // Portolan admin views.
+        (Method::GET, "/portolan/mappings") => read(|d, _, p| portolan_view::mappings(d, p)),
+        (Method::GET, "/portolan/underlay/{cn_uuid}") => read(move |d, _, p| {
+            no_params(p)?;
+            portolan_view::underlay(d, &a0)
+        }),
+        (Method::GET, "/portolan/events") => read(|d, _, p| portolan_view::events(d, p)),
+        (m, p) => Op::Now(Err(ApiError::bad_method(m.as_str(), p))),
+    }
+}
+
+fn fabric_route(m: Method, pattern: &str, owner: String, vlan: String, uuid: String) -> Op {
+    let check = move |a: &App| fabrics::check_owner(&a.cfg, &owner);
+    match (m, pattern) {
+        (Method::GET, "/fabrics/{owner_uuid}/vlans") => read(move |d, a, p| {
+            let o = check(a)?;
+            fabrics::list_vlans(d, &o, p)
+        }),
+        (Method::POST, "/fabrics/{owner_uuid}/vlans") => write_db(move |d, a, p| {
+            let o = check(a)?;
+            fabrics::create_vlan(d, &o, p)
+        }),
+        (Method::GET, "/fabrics/{owner_uuid}/vlans/{vlan_id}") => read(move |d, a, p| {
+            let o = check(a)?;
+            fabrics::get_vlan_api(d, &o, &vlan, p)
+        }),
+        (Method::PUT, "/fabrics/{owner_uuid}/vlans/{vlan_id}") => write_db(move |d, a, p| {
+            let o = check(a)?;
+            fabrics::update_vlan(d, &o, &vlan, p)
+        }),
+        (Method::DELETE, "/fabrics/{owner_uuid}/vlans/{vlan_id}") => delete_db(move |d, a, _| {
+            let o = check(a)?;
+            fabrics::delete_vlan(d, &o, &vlan)
+        }),
+        (Method::GET, "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks") => read(move |d, a, p| {
+            let o = check(a)?;
+            fabrics::list_networks(d, &o, &vlan, p)
+        }),
+        (Method::POST, "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks") => {
+            write_db(move |d, a, p| {
+                let o = check(a)?;
+                fabrics::create_network(d, &a.cfg, &o, &vlan, p)
+            })
+        }
+        (Method::GET, "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}") => {
+            read(move |d, a, p| {
+                let o = check(a)?;
+                fabrics::get_network(d, &o, &vlan, &uuid, p)
+            })
+        }
+        (Method::PUT, "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}") => {
+            write_db(move |d, a, p| {
+                let o = check(a)?;
+                let n = fabrics::find_network(d, &o, &vlan, &uuid)?;
+                networks::update(d, n, p, networks::View::Fabric)
+            })
+        }
+        (Method::DELETE, "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}") => {
+            delete_db(move |d, a, _| {
+                let o = check(a)?;
+                let n = fabrics::find_network(d, &o, &vlan, &uuid)?;
+                networks::delete(d, &n)
+            })
+        }
+        (m, p) => Op::Now(Err(ApiError::bad_method(m.as_str(), p))),
+    }
+}
+
+/// Route patterns served (axum syntax).
+const ROUTES: &[&str] = &[
+    "/ping",
+    "/metrics",
+    "/nic_tags",
+    "/nic_tags/{name}",
+    "/networks",
+    "/networks/{uuid}",
+    "/networks/{uuid}/ips",
+    "/networks/{uuid}/ips/{ip}",
+    "/networks/{uuid}/nics",
+    "/nics",
+    "/nics/{mac}",
+    "/fabrics/{owner_uuid}/vlans",
+    "/fabrics/{owner_uuid}/vlans/{vlan_id}",
+    "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks",
+    "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}",
+    "/rules",
+    "/rules/{uuid}",
+    "/portolan/mappings",
+    "/portolan/underlay/{cn_uuid}",
+    "/portolan/events",
+];
+
+/// The router.
+pub fn router(app: Arc<App>) -> Router {
+    let mut r = Router::new();
+    for p in ROUTES {
+        r = r.route(p, any(handle));
+    }
+    r.fallback(fallback).with_state(app)
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Arc::new(App {
+        store,
+        cfg,
+        metrics: Metrics::default(),
+    });
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn fallback(State(app): State<Arc<App>>, method: Method, uri: Uri) -> Response<Body> {
+    let started = Instant::now();
+    let e = ApiError::no_route(method.as_str(), uri.path());
+    app.metrics.request("unmatched", method.as_str(), e.status);
+    respond(&method, Err(e), started)
+}
+
+async fn handle(
+    State(app): State<Arc<App>>,
+    matched: MatchedPath,
+    raw: RawPathParams,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response<Body> {
+    let started = Instant::now();
+    let pattern = matched.as_str().to_string();
+    let path: Vec<String> = raw.iter().map(|(_, v)| v.to_string()).collect();
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let result = match Params::parse(uri.query(), ct.as_deref(), &body) {
+        Err(e) => Err(e),
+        Ok(params) => run(&app, route(&method, &pattern, path), params).await,
+    };
+    let status = match &result {
+        Ok(Reply::NoContent) => 204,
+        Ok(_) => 200,
+        Err(e) => e.status,
+    };
+    app.metrics.request(&pattern, method.as_str(), status);
+    respond(&method, result, started)
+}
+
+async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiError> {
+    let kind = match &op {
+        Op::Now(_) => return match op {
+            Op::Now(r) => r,
+            _ => Err(ApiError::internal()),
+        },
+        Op::Read(_) | Op::Metrics => "read",
+        Op::Write(_) => "write",
+    };
+    let a = app.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let r: Result<Reply, OpError> = match op {
+            Op::Read(f) => store::with_read(&*a.store, |raw| f(&mut Db::from(raw), &a, &mut params)),
+            Op::Write(f) => store::with_txn(&*a.store, |tx| f(tx, &a, &mut params)),
+            Op::Metrics => {
+                let counts = store::with_read(&*a.store, |raw| -> Result<(u64, u64, u64), OpError> {
+                    let mut d = Db::from(raw);
+                    let mut count = |sql: &str| -> Result<u64, OpError> {
+                        let r = d.query_opt(sql, &[])?;
+                        Ok(r.and_then(|r| r.first().and_then(Val::as_opt_i64)).unwrap_or(0) as u64)
+                    };
+                    Ok((
+                        count("SELECT COUNT(*) FROM napi_nics")?,
+                        count("SELECT COUNT(*) FROM napi_networks")?,
+                        count("SELECT COUNT(*) FROM napi_rules")?,
+                    ))
+                });
+                counts.map(|(n, w, r)| {
+                    Reply::Text(a.metrics.render(&[
+                        ("fabric_control_nics", "NICs in the store.", n),
+                        ("fabric_control_networks", "Networks in the store.", w),
+                        ("fabric_control_rules", "Firewall rules in the store.", r),
+                    ]))
+                })
+            }
+            Op::Now(r) => r.map_err(OpError::from),
+        };
+        a.metrics.store(kind, t0.elapsed());
+        r
+    });
+    match task.await {
+        Ok(r) => r.map_err(OpError::into_api),
+        Err(e) => {
+            tracing::error!(error = %e, "control plane operation panicked");
+            Err(ApiError::internal())
+        }
+    }
+}
+
+fn respond(method: &Method, result: Result<Reply, ApiError>, started: Instant) -> Response<Body> {
+    let (status, body, ctype, etag) = match result {
+        Ok(Reply::Json(v)) => {
+            let b = serde_json::to_vec(&v).unwrap_or_default();
+            let etag = v.is_object().then(|| etag_of(&b));
+            (200, b, "application/json", etag)
+        }
+        Ok(Reply::Text(t)) => (200, t.into_bytes(), "text/plain; version=0.0.4", None),
+        Ok(Reply::NoContent) => (204, Vec::new(), "", None),
+        Err(e) => (
+            e.status,
+            serde_json::to_vec(&e.body()).unwrap_or_default(),
+            "application/json",
+            None,
+        ),
+    };
+    let len = body.len();
+    let body = if *method == Method::HEAD || status == 204 {
+        Body::empty()
+    } else {
+        Body::from(body)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = resp.headers_mut();
+    if !ctype.is_empty() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        if *method == Method::HEAD {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    if let Some(e) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        h.insert(header::ETAG, e);
+    }
+    if let Ok(id) = random_uuid().map(|u| HeaderValue::from_str(&u)) {
+        if let Ok(id) = id {
+            h.insert("x-request-id", id);
+        }
+    }
+    h.insert(
+        "x-response-time",
+        HeaderValue::from(started.elapsed().as_millis() as u64),
+    );
+    h.insert(header::SERVER, HeaderValue::from_static("fabric-control"));
+    resp
+}
+
+/// A weak content hash for `Etag` (FNV-1a 64).
+fn etag_of(b: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in b {
+        h ^= u64::from(*x);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("\"{h:016x}\"")
+}

@@ -1,0 +1,267 @@
+//! The control plane: a NAPI-compatible REST service (`fabric control`).
+//!
+//! NIC tags, networks and their IPs (IPAM), NICs, fabric VLANs and fabric networks, following
+//! NAPI's wire contract (`specs/napi-docker.md`): 200 on create and update, 204 on delete,
+//! restify error bodies, `limit`/`offset` pagination, unknown parameters rejected, parameters from
+//! the query string, a JSON body or a form body. An FWAPI-style `/rules` resource holds fwrule
+//! text, validated by [`crate::firewall::rule`] and returned in canonical form.
+//!
+//! State lives in the same database as Portolan's (SQLite file or PostgreSQL), in `napi_*`
+//! tables. Every NIC change commits in ONE transaction with its Portolan records: the overlay
+//! mapping (tombstoned on delete) and the VL2/VL3 events of every host on the VNI, or the host's
+//! underlay mapping for underlay NICs — so a Portolan server on the same store never sees a NIC
+//! without its mapping or a mapping without its NIC, even if this process is killed.
+//!
+//! Admin views of Portolan's state (`/portolan/...`) and Prometheus metrics (`/metrics`) are
+//! served beside the API.
+//!
+//! Module map: [`http`] (routes, request/response plumbing), [`params`] (restify-style
+//! parameter validation), [`error`] (error bodies), [`db`] (dialect-neutral SQL), then one module
+//! per resource: [`nic_tags`], [`networks`] (with IPs and allocation), [`nics`], [`fabrics`],
+//! [`rules`], [`portolan_view`]; [`bench`] measures NIC provisions per second.
+
+pub mod bench;
+pub mod client;
+pub mod db;
+pub mod error;
+pub mod fabrics;
+pub mod http;
+pub mod metrics;
+pub mod networks;
+pub mod nic_tags;
+pub mod nics;
+pub mod params;
+pub mod portolan_view;
+pub mod rules;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use portolan::store::{self, Store};
+
+use self::db::Db;
+use self::error::OpError;
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NIC tag of fabric networks (NAPI `overlay.overlayNicTag`).
+    pub overlay_nic_tag: String,
+    /// NIC tag of underlay networks (NAPI `overlay.underlayNicTag`).
+    pub underlay_nic_tag: String,
+    /// Default MTU of fabric networks (NAPI `overlay.defaultOverlayMTU`).
+    pub overlay_mtu: u32,
+    /// Whether `/fabrics` routes are served (else 428).
+    pub fabrics_enabled: bool,
+    /// Owner of reserved IPs (gateway, resolvers, broadcast): NAPI's `ufdsAdminUuid`.
+    pub admin_uuid: String,
+    /// OUI (24 bits) of generated MACs.
+    pub mac_oui: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            overlay_nic_tag: "sdc_overlay".into(),
+            underlay_nic_tag: "sdc_underlay".into(),
+            overlay_mtu: 1400,
+            fabrics_enabled: true,
+            admin_uuid: "aaaaaaaa-aaaa-aaaa-aaaa-000000000000".into(),
+            mac_oui: 0x90b8d0,
+        }
+    }
+}
+
+/// `fabric control`: serve the NAPI-compatible API (or, with `bench`, measure it).
+#[derive(clap::Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ControlArgs {
+    /// Address to listen on (HTTP).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The store, shared with Portolan: `sqlite:PATH` (embedded default) or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
+    #[arg(long, default_value = "sqlite:fabric.db")]
+    pub store: String,
+    /// NIC tag of fabric (overlay) networks; fabric NICs report `<tag>/<vnet_id>`.
+    #[arg(long, default_value = "sdc_overlay")]
+    pub overlay_nic_tag: String,
+    /// NIC tag of underlay networks: server NICs with `underlay: true` on a network with this tag
+    /// publish their host's underlay address to Portolan.
+    #[arg(long, default_value = "sdc_underlay")]
+    pub underlay_nic_tag: String,
+    /// Default MTU of fabric networks.
+    #[arg(long, default_value_t = 1400)]
+    pub overlay_mtu: u32,
+    /// Refuse `/fabrics` routes (428), as NAPI does with overlays disabled.
+    #[arg(long)]
+    pub no_fabrics: bool,
+    /// UUID that owns reserved IPs (gateway, resolvers, broadcast).
+    #[arg(long, default_value = "aaaaaaaa-aaaa-aaaa-aaaa-000000000000")]
+    pub admin_uuid: String,
+    /// OUI of generated MAC addresses, 6 hex digits (must be unicast).
+    #[arg(long, default_value = "90b8d0")]
+    pub mac_oui: String,
+    /// Measure NIC provisions per second instead of serving.
+    #[command(subcommand)]
+    pub cmd: Option<ControlCmd>,
+}
+
+/// Subcommands of `fabric control`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ControlCmd {
+    /// Benchmark: provision NICs through the HTTP API of an in-process service on 127.0.0.1,
+    /// sequentially then concurrently, and print provisions per second.
+    Bench(bench::BenchArgs),
+}
+
+impl ControlArgs {
+    /// The service settings these arguments give.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let oui = u32::from_str_radix(&self.mac_oui, 16)
+            .ok()
+            .filter(|o| self.mac_oui.len() == 6 && o >> 16 & 1 == 0)
+            .with_context(|| {
+                format!(
+                    "--mac-oui {:?}: expected 6 hex digits of a unicast OUI, e.g. 90b8d0",
+                    self.mac_oui
+                )
+            })?;
+        let admin = params::parse_uuid(&self.admin_uuid).with_context(|| {
+            format!("--admin-uuid {:?}: expected a UUID", self.admin_uuid)
+        })?;
+        if !(576..=9000).contains(&self.overlay_mtu) {
+            anyhow::bail!("--overlay-mtu {}: expected 576..=9000", self.overlay_mtu);
+        }
+        Ok(Config {
+            overlay_nic_tag: self.overlay_nic_tag.clone(),
+            underlay_nic_tag: self.underlay_nic_tag.clone(),
+            overlay_mtu: self.overlay_mtu,
+            fabrics_enabled: !self.no_fabrics,
+            admin_uuid: admin,
+            mac_oui: oui,
+        })
+    }
+}
+
+/// Entry point of `fabric control`: builds its own tokio runtime.
+pub fn run(args: ControlArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fabric-control")
+        .build()
+        .context("cannot start the tokio runtime")?;
+    if let Some(ControlCmd::Bench(b)) = &args.cmd {
+        let cfg = args.config()?;
+        return rt.block_on(bench::run(b.clone(), cfg));
+    }
+    let cfg = args.config()?;
+    rt.block_on(async move {
+        let store = open_store(&args.store, &cfg).await?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, store = %store.describe(), "fabric control listening");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        http::serve(listener, store, cfg, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// Opens the store and prepares the control plane's schema and the overlay NIC tag.
+pub async fn open_store(url: &str, cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let url = url.to_string();
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<dyn Store>> {
+        let store = store::open(&url).with_context(|| format!("cannot open store {url}"))?;
+        prepare(&*store, &cfg).context("cannot prepare the control plane's tables")?;
+        Ok(store)
+    })
+    .await
+    .context("store opening task failed")?
+}
+
+/// Creates the `napi_*` tables and the overlay NIC tag (MTU max(overlay MTU, 1500)).
+pub fn prepare(store: &dyn Store, cfg: &Config) -> Result<(), OpError> {
+    store::with_txn(store, |tx| {
+        let mut d = Db::from(tx.raw());
+        db::create_schema(&mut d)?;
+        nic_tags::ensure(&mut d, &cfg.overlay_nic_tag, i64::from(cfg.overlay_mtu.max(1500)))
+    })
+}
+
+static LAST_US: AtomicI64 = AtomicI64::new(0);
+
+/// Microseconds since the epoch, strictly increasing within this process (IP records are freed
+/// in this order).
+pub fn now_us() -> i64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let mut last = LAST_US.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST_US.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(x) => last = x,
+        }
+    }
+}
+
+/// The current time, ISO-8601 with milliseconds (`2026-11-29T19:00:00.000Z`).
+pub fn iso_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    iso_from_ms(d.as_millis() as i64)
+}
+
+/// ISO-8601 of milliseconds since the epoch.
+pub fn iso_from_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso() {
+        assert_eq!(iso_from_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_from_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(iso_from_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn monotonic() {
+        let a = now_us();
+        let b = now_us();
+        assert!(b > a);
+    }
+}
