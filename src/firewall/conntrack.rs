@@ -667,7 +667,11 @@ impl Conntrack {
             count += 1;
             let key = self.slots[i].key;
             assert_eq!(self.hashes[i], key.hash(self.seed), "slot {i} hash");
-            assert_eq!(self.find(&key, self.hashes[i]), Some(i), "slot {i} reachable");
+            assert_eq!(
+                self.find(&key, self.hashes[i]),
+                Some(i),
+                "slot {i} reachable"
+            );
         }
         assert_eq!(count, self.len);
         assert!(self.len <= self.max_flows);

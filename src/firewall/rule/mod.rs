@@ -7,7 +7,7 @@
 //! differential test `tests/fwrule_differential.rs` checks all of that against the real package.
 //!
 //! Layers, as upstream's:
-//! 1. [`lexer`](self) — first-match lexer (see `lexer.rs`), unescaping strings.
+//! 1. lexer (`lexer.rs`) — upstream's first-match lexer, unescaping strings at lex time.
 //! 2. parser — the grammar plus the *parser-level* value checks (addresses, subnets, ports,
 //!    ranges, ICMP types/codes, priority, UUIDs) and the language-version checks
 //!    ([`ParseOptions::max_version`]). See `parser.rs` for how the order of checks and syntax
@@ -147,6 +147,12 @@ impl Action {
             Action::Allow => "allow",
             Action::Block => "block",
         }
+    }
+}
+
+impl Serialize for Action {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 

@@ -12,9 +12,7 @@
 //! upstream makes without a lookahead (the priority level) checks at once.
 
 use super::lexer::{Kind, Lexer, Token};
-use super::validate::{
-    decimal_in, ip6addr_parse, is_uuid, node_is_ipv4, node_is_ipv6, validate_subnet,
-};
+use super::validate::{decimal_in, is_uuid, node_is_ipv4, node_is_ipv6, validate_subnet};
 use super::{
     Action, IcmpTarget, IpTarget, ParseOptions, ParseTree, PortTarget, ProtoTargets, Protocol,
     RuleError, SubnetTarget, Tag, Target, Wildcard,
@@ -536,10 +534,4 @@ fn maybe_range(word: &str, pos: usize) -> Result<PortTarget, RuleError> {
             message: format!("\"{word}\" is not a valid port number or range"),
         }),
     }
-}
-
-/// Re-exported for the model: `ip6addr` parse of a subnet's address text.
-#[allow(dead_code)]
-pub(crate) fn subnet_addr(text: &str) -> Option<std::net::IpAddr> {
-    ip6addr_parse(text).map(|a| a.to_ip())
 }
