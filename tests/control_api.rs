@@ -90,18 +90,45 @@ async fn call(c: &mut HttpClient, method: &str, path: &str, body: Option<Value>)
 
 async fn ok(c: &mut HttpClient, method: &str, path: &str, body: Option<Value>) -> Value {
     let r = call(c, method, path, body).await;
-    assert_eq!(r.status, 200, "{method} {path}: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        200,
+        "{method} {path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     r.json()
 }
 
-async fn fabric_net(c: &mut HttpClient, owner: &str, vlan: u16, subnet: &str, extra: Value) -> Value {
-    let r = call(c, "POST", &format!("/fabrics/{owner}/vlans"), Some(json!({"vlan_id": vlan}))).await;
-    assert!(r.status == 200 || r.json()["code"] == "InUse", "{:?}", r.json());
+async fn fabric_net(
+    c: &mut HttpClient,
+    owner: &str,
+    vlan: u16,
+    subnet: &str,
+    extra: Value,
+) -> Value {
+    let r = call(
+        c,
+        "POST",
+        &format!("/fabrics/{owner}/vlans"),
+        Some(json!({"vlan_id": vlan})),
+    )
+    .await;
+    assert!(
+        r.status == 200 || r.json()["code"] == "InUse",
+        "{:?}",
+        r.json()
+    );
     let mut body = json!({"name": format!("net-{vlan}-{subnet}"), "subnet": subnet});
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
-    ok(c, "POST", &format!("/fabrics/{owner}/vlans/{vlan}/networks"), Some(body)).await
+    ok(
+        c,
+        "POST",
+        &format!("/fabrics/{owner}/vlans/{vlan}/networks"),
+        Some(body),
+    )
+    .await
 }
 
 fn zone(vm: &str, cn: &str) -> Value {
@@ -123,13 +150,24 @@ async fn ping_nic_tags_and_errors() {
     let tags = ok(&mut c, "GET", "/nic_tags", None).await;
     assert_eq!(tags[0]["name"], "sdc_overlay");
     assert_eq!(tags[0]["mtu"], 1500);
-    let t = ok(&mut c, "POST", "/nic_tags", Some(json!({"name": "external", "mtu": 9000}))).await;
+    let t = ok(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "external", "mtu": 9000})),
+    )
+    .await;
     assert_eq!(t["name"], "external");
     assert_eq!(t["mtu"], 9000);
     assert!(t["uuid"].as_str().unwrap().len() == 36);
     // Form body.
     let r = c
-        .request("POST", "/nic_tags", Some("application/x-www-form-urlencoded"), b"name=admin")
+        .request(
+            "POST",
+            "/nic_tags",
+            Some("application/x-www-form-urlencoded"),
+            b"name=admin",
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200);
@@ -149,11 +187,20 @@ async fn ping_nic_tags_and_errors() {
         json!({"code":"InvalidParameters","message":"Missing parameters",
                "errors":[{"field":"name","code":"MissingParameter","message":"Missing parameter"}]})
     );
-    let r = call(&mut c, "POST", "/nic_tags", Some(json!({"name": "bad-name!", "mtu": 100}))).await;
+    let r = call(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "bad-name!", "mtu": 100})),
+    )
+    .await;
     assert_eq!(r.status, 422);
     let e = r.json();
     assert_eq!(e["errors"][0]["field"], "mtu");
-    assert_eq!(e["errors"][0]["message"], "mtu must be a number between 1500 and 9000");
+    assert_eq!(
+        e["errors"][0]["message"],
+        "mtu must be a number between 1500 and 9000"
+    );
     assert_eq!(e["errors"][1]["field"], "name");
     let r = call(&mut c, "GET", "/nic_tags?foo=1&bar=2", None).await;
     assert_eq!(
@@ -162,9 +209,18 @@ async fn ping_nic_tags_and_errors() {
             {"field":["bar","foo"],"code":"UnknownParameters","message":"Unknown parameters: bar, foo"}]})
     );
     // Non-object body, bad JSON.
-    let r = c.request("POST", "/nic_tags", Some("application/json"), b"[1,2]").await.unwrap();
-    assert_eq!(r.json()["errors"][0]["message"], "Parameters must be objects");
-    let r = c.request("POST", "/nic_tags", Some("application/json"), b"{nope").await.unwrap();
+    let r = c
+        .request("POST", "/nic_tags", Some("application/json"), b"[1,2]")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "Parameters must be objects"
+    );
+    let r = c
+        .request("POST", "/nic_tags", Some("application/json"), b"{nope")
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
     // Pagination.
     let page = ok(&mut c, "GET", "/nic_tags?limit=1&offset=1", None).await;
@@ -185,15 +241,33 @@ async fn ping_nic_tags_and_errors() {
     // Get / update / delete.
     let r = call(&mut c, "GET", "/nic_tags/nope", None).await;
     assert_eq!(r.status, 404);
-    assert_eq!(r.json(), json!({"code":"ResourceNotFound","message":"nic tag not found"}));
-    let t = ok(&mut c, "PUT", "/nic_tags/external", Some(json!({"mtu": 1600}))).await;
+    assert_eq!(
+        r.json(),
+        json!({"code":"ResourceNotFound","message":"nic tag not found"})
+    );
+    let t = ok(
+        &mut c,
+        "PUT",
+        "/nic_tags/external",
+        Some(json!({"mtu": 1600})),
+    )
+    .await;
     assert_eq!(t["mtu"], 1600);
-    let r = call(&mut c, "PUT", "/nic_tags/external", Some(json!({"name": "ext2"}))).await;
+    let r = call(
+        &mut c,
+        "PUT",
+        "/nic_tags/external",
+        Some(json!({"name": "ext2"})),
+    )
+    .await;
     assert_eq!(r.status, 422);
     let r = call(&mut c, "DELETE", "/nic_tags/external", None).await;
     assert_eq!(r.status, 204);
     assert!(r.body.is_empty());
-    assert_eq!(call(&mut c, "GET", "/nic_tags/external", None).await.status, 404);
+    assert_eq!(
+        call(&mut c, "GET", "/nic_tags/external", None).await.status,
+        404
+    );
     // Unknown route.
     assert_eq!(call(&mut c, "GET", "/nope", None).await.status, 404);
 }
@@ -202,7 +276,13 @@ async fn ping_nic_tags_and_errors() {
 async fn networks_ipam_and_nics() {
     let s = Svc::start().await;
     let mut c = s.client();
-    ok(&mut c, "POST", "/nic_tags", Some(json!({"name": "external"}))).await;
+    ok(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "external"})),
+    )
+    .await;
     // Missing parameters: only name, nic_tag, vlan_id (and subnet) are reported.
     let r = call(&mut c, "POST", "/networks", Some(json!({}))).await;
     assert_eq!(r.status, 422);
@@ -234,8 +314,10 @@ async fn networks_ipam_and_nics() {
         &mut c,
         "POST",
         "/networks",
-        Some(json!({"name": "pub", "nic_tag": "external", "vlan_id": 0, "subnet": "198.51.100.0/29",
-                    "gateway": "198.51.100.1", "resolvers": ["198.51.100.2", "8.8.8.8"]})),
+        Some(
+            json!({"name": "pub", "nic_tag": "external", "vlan_id": 0, "subnet": "198.51.100.0/29",
+                    "gateway": "198.51.100.1", "resolvers": ["198.51.100.2", "8.8.8.8"]}),
+        ),
     )
     .await;
     let nu = net["uuid"].as_str().unwrap().to_string();
@@ -260,7 +342,9 @@ async fn networks_ipam_and_nics() {
         &mut c,
         "POST",
         "/networks",
-        Some(json!({"name": "pub", "nic_tag": "external", "vlan_id": 0, "subnet": "203.0.113.0/24"})),
+        Some(
+            json!({"name": "pub", "nic_tag": "external", "vlan_id": 0, "subnet": "203.0.113.0/24"}),
+        ),
     )
     .await;
     assert_eq!(
@@ -283,13 +367,31 @@ async fn networks_ipam_and_nics() {
     // Bad UUID or unknown network: 404.
     for u in ["nope", "00000000-0000-4000-8000-000000000000"] {
         let r = call(&mut c, "GET", &format!("/networks/{u}"), None).await;
-        assert_eq!(r.json(), json!({"code":"ResourceNotFound","message":"network not found"}));
+        assert_eq!(
+            r.json(),
+            json!({"code":"ResourceNotFound","message":"network not found"})
+        );
     }
     // Provision: lowest never-used first (.3, .4, .5, .6), then SubnetFull.
-    let body = |vm: &str| json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": vm});
+    let body =
+        |vm: &str| json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": vm});
     let mut macs = Vec::new();
-    for (i, want) in ["198.51.100.3", "198.51.100.4", "198.51.100.5", "198.51.100.6"].iter().enumerate() {
-        let n = ok(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(body(&format!("22222222-0000-4000-8000-00000000000{i}")))).await;
+    for (i, want) in [
+        "198.51.100.3",
+        "198.51.100.4",
+        "198.51.100.5",
+        "198.51.100.6",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let n = ok(
+            &mut c,
+            "POST",
+            &format!("/networks/{nu}/nics"),
+            Some(body(&format!("22222222-0000-4000-8000-00000000000{i}"))),
+        )
+        .await;
         assert_eq!(n["ip"], *want);
         assert_eq!(n["network_uuid"], nu.as_str());
         assert_eq!(n["nic_tag"], "external");
@@ -299,7 +401,13 @@ async fn networks_ipam_and_nics() {
         assert_eq!(n["primary"], false);
         macs.push(n["mac"].as_str().unwrap().to_string());
     }
-    let r = call(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(body(VM1))).await;
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(body(VM1)),
+    )
+    .await;
     assert_eq!(r.status, 507);
     assert_eq!(
         r.json(),
@@ -320,7 +428,9 @@ async fn networks_ipam_and_nics() {
                "errors":[{"field":"mac","code":"InvalidParameter","message":"invalid MAC address"}]})
     );
     assert_eq!(
-        call(&mut c, "GET", "/nics/02:00:00:00:00:99", None).await.json(),
+        call(&mut c, "GET", "/nics/02:00:00:00:00:99", None)
+            .await
+            .json(),
         json!({"code":"ResourceNotFound","message":"nic not found"})
     );
     // Delete in use.
@@ -332,22 +442,66 @@ async fn networks_ipam_and_nics() {
     assert_eq!(e["errors"][0]["code"], "UsedBy");
     assert_eq!(e["errors"][0]["type"], "nic");
     // Least recently freed: free .5 then .4; the next NIC gets .5.
-    let by_ip = |ip: &str| macs[ip.rsplit('.').next().unwrap().parse::<usize>().unwrap() - 3].clone();
-    assert_eq!(call(&mut c, "DELETE", &format!("/nics/{}", by_ip("198.51.100.5")), None).await.status, 204);
-    assert_eq!(call(&mut c, "DELETE", &format!("/nics/{}", by_ip("198.51.100.4")), None).await.status, 204);
-    let freed = ok(&mut c, "GET", &format!("/networks/{nu}/ips/198.51.100.5"), None).await;
-    assert_eq!(freed, json!({"ip":"198.51.100.5","network_uuid":nu,"reserved":false,"free":true}));
-    let n = ok(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(body(VM1))).await;
+    let by_ip =
+        |ip: &str| macs[ip.rsplit('.').next().unwrap().parse::<usize>().unwrap() - 3].clone();
+    assert_eq!(
+        call(
+            &mut c,
+            "DELETE",
+            &format!("/nics/{}", by_ip("198.51.100.5")),
+            None
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(
+            &mut c,
+            "DELETE",
+            &format!("/nics/{}", by_ip("198.51.100.4")),
+            None
+        )
+        .await
+        .status,
+        204
+    );
+    let freed = ok(
+        &mut c,
+        "GET",
+        &format!("/networks/{nu}/ips/198.51.100.5"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        freed,
+        json!({"ip":"198.51.100.5","network_uuid":nu,"reserved":false,"free":true})
+    );
+    let n = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(body(VM1)),
+    )
+    .await;
     assert_eq!(n["ip"], "198.51.100.5");
-    let n = ok(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(body(VM2))).await;
+    let n = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(body(VM2)),
+    )
+    .await;
     assert_eq!(n["ip"], "198.51.100.4");
     // Explicit IP in use.
     let r = call(
         &mut c,
         "POST",
         "/nics",
-        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": VM2,
-                    "network_uuid": nu, "ip": "198.51.100.5"})),
+        Some(
+            json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": VM2,
+                    "network_uuid": nu, "ip": "198.51.100.5"}),
+        ),
     )
     .await;
     assert_eq!(
@@ -356,19 +510,37 @@ async fn networks_ipam_and_nics() {
     );
     // IPs: outside subnet, invalid, never stored.
     assert_eq!(
-        call(&mut c, "GET", &format!("/networks/{nu}/ips/10.0.0.1"), None).await.json(),
+        call(&mut c, "GET", &format!("/networks/{nu}/ips/10.0.0.1"), None)
+            .await
+            .json(),
         json!({"code":"ResourceNotFound","message":"IP is not in subnet"})
     );
     assert_eq!(
-        call(&mut c, "GET", &format!("/networks/{nu}/ips/bogus"), None).await.json(),
+        call(&mut c, "GET", &format!("/networks/{nu}/ips/bogus"), None)
+            .await
+            .json(),
         json!({"code":"ResourceNotFound","message":"Invalid IP address"})
     );
-    let r = call(&mut c, "PUT", &format!("/networks/{nu}/ips/198.51.100.5"), Some(json!({"free": true, "unassign": true}))).await;
-    assert_eq!(r.json()["errors"][0]["message"], "free and unassign cannot both be set to \"true\"");
+    let r = call(
+        &mut c,
+        "PUT",
+        &format!("/networks/{nu}/ips/198.51.100.5"),
+        Some(json!({"free": true, "unassign": true})),
+    )
+    .await;
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "free and unassign cannot both be set to \"true\""
+    );
     // List filters and pagination on NICs.
     let all = ok(&mut c, "GET", "/nics", None).await;
     assert_eq!(all.as_array().unwrap().len(), 4);
-    let sorted: Vec<&str> = all.as_array().unwrap().iter().map(|n| n["mac"].as_str().unwrap()).collect();
+    let sorted: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["mac"].as_str().unwrap())
+        .collect();
     let mut s2 = sorted.clone();
     s2.sort();
     assert_eq!(sorted, s2);
@@ -376,66 +548,170 @@ async fn networks_ipam_and_nics() {
     assert_eq!(p2.as_array().unwrap().len(), 1);
     let one = ok(&mut c, "GET", &format!("/nics?belongs_to_uuid={VM1}"), None).await;
     assert_eq!(one.as_array().unwrap().len(), 1);
-    assert_eq!(call(&mut c, "GET", "/nics?colour=red", None).await.status, 422);
+    assert_eq!(
+        call(&mut c, "GET", "/nics?colour=red", None).await.status,
+        422
+    );
     // Update: state, primary; a bad value changes nothing.
     let mac = one[0]["mac"].as_str().unwrap().to_string();
-    let r = call(&mut c, "PUT", &format!("/nics/{mac}"), Some(json!({"state": "exploded"}))).await;
+    let r = call(
+        &mut c,
+        "PUT",
+        &format!("/nics/{mac}"),
+        Some(json!({"state": "exploded"})),
+    )
+    .await;
     assert_eq!(r.status, 422);
-    assert_eq!(ok(&mut c, "GET", &format!("/nics/{mac}"), None).await["state"], "provisioning");
-    let u = ok(&mut c, "PUT", &format!("/nics/{mac}"), Some(json!({"state": "running", "primary": true}))).await;
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/nics/{mac}"), None).await["state"],
+        "provisioning"
+    );
+    let u = ok(
+        &mut c,
+        "PUT",
+        &format!("/nics/{mac}"),
+        Some(json!({"state": "running", "primary": true})),
+    )
+    .await;
     assert_eq!(u["state"], "running");
     assert_eq!(u["primary"], true);
     // Networks list, update, sorted by name; /metrics counts.
     let nets = ok(&mut c, "GET", "/networks?nic_tag=external", None).await;
     assert_eq!(nets.as_array().unwrap().len(), 1);
-    let upd = ok(&mut c, "PUT", &format!("/networks/{nu}"), Some(json!({"description": "d"}))).await;
+    let upd = ok(
+        &mut c,
+        "PUT",
+        &format!("/networks/{nu}"),
+        Some(json!({"description": "d"})),
+    )
+    .await;
     assert_eq!(upd["description"], "d");
-    let r = call(&mut c, "PUT", &format!("/networks/{nu}"), Some(json!({"subnet": "10.0.0.0/8"}))).await;
-    assert_eq!(r.json()["errors"][0]["message"], "Network updates for this field are not supported");
+    let r = call(
+        &mut c,
+        "PUT",
+        &format!("/networks/{nu}"),
+        Some(json!({"subnet": "10.0.0.0/8"})),
+    )
+    .await;
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "Network updates for this field are not supported"
+    );
     let m = c.request("GET", "/metrics", None, b"").await.unwrap();
     let text = String::from_utf8(m.body).unwrap();
     assert!(text.contains("fabric_control_nics 4"), "{text}");
-    assert!(text.contains("route=\"/networks/{uuid}/nics\",method=\"POST\",status=\"507\"} 1"), "{text}");
+    assert!(
+        text.contains("route=\"/networks/{uuid}/nics\",method=\"POST\",status=\"507\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("fabric_control_store_seconds_count{kind=\"write\"}"));
     // Delete everything: then the network can go.
     for n in ok(&mut c, "GET", "/nics", None).await.as_array().unwrap() {
         let mac = n["mac"].as_str().unwrap();
-        assert_eq!(call(&mut c, "DELETE", &format!("/nics/{mac}"), None).await.status, 204);
+        assert_eq!(
+            call(&mut c, "DELETE", &format!("/nics/{mac}"), None)
+                .await
+                .status,
+            204
+        );
     }
-    assert_eq!(call(&mut c, "DELETE", &format!("/networks/{nu}"), None).await.status, 204);
-    assert_eq!(call(&mut c, "GET", &format!("/networks/{nu}"), None).await.status, 404);
+    assert_eq!(
+        call(&mut c, "DELETE", &format!("/networks/{nu}"), None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        call(&mut c, "GET", &format!("/networks/{nu}"), None)
+            .await
+            .status,
+        404
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fabrics_vlans_and_networks() {
     let s = Svc::start().await;
     let mut c = s.client();
-    let v = ok(&mut c, "POST", &format!("/fabrics/{OWNER}/vlans"), Some(json!({"vlan_id": 7, "name": "seven"}))).await;
+    let v = ok(
+        &mut c,
+        "POST",
+        &format!("/fabrics/{OWNER}/vlans"),
+        Some(json!({"vlan_id": 7, "name": "seven"})),
+    )
+    .await;
     let vnet = v["vnet_id"].as_u64().unwrap();
     assert!(vnet <= 16_777_215);
     assert_eq!(v["owner_uuid"], OWNER);
-    let v2 = ok(&mut c, "POST", &format!("/fabrics/{OWNER}/vlans"), Some(json!({"vlan_id": 8}))).await;
+    let v2 = ok(
+        &mut c,
+        "POST",
+        &format!("/fabrics/{OWNER}/vlans"),
+        Some(json!({"vlan_id": 8})),
+    )
+    .await;
     assert_eq!(v2["vnet_id"].as_u64(), Some(vnet), "one vnet_id per owner");
-    let r = call(&mut c, "POST", &format!("/fabrics/{OWNER}/vlans"), Some(json!({"vlan_id": 7}))).await;
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/fabrics/{OWNER}/vlans"),
+        Some(json!({"vlan_id": 7})),
+    )
+    .await;
     assert_eq!(
         r.json(),
         json!({"code":"InUse","message":"VLAN ID is already in use",
                "errors":[{"field":"vlan_id","code":"Duplicate","message":"VLAN ID is already in use"}]})
     );
-    let o = ok(&mut c, "POST", &format!("/fabrics/{OTHER}/vlans"), Some(json!({"vlan_id": 7}))).await;
+    let o = ok(
+        &mut c,
+        "POST",
+        &format!("/fabrics/{OTHER}/vlans"),
+        Some(json!({"vlan_id": 7})),
+    )
+    .await;
     assert_ne!(o["vnet_id"].as_u64(), Some(vnet));
-    let list = ok(&mut c, "GET", &format!("/fabrics/{OWNER}/vlans?fields=vlan_id"), None).await;
+    let list = ok(
+        &mut c,
+        "GET",
+        &format!("/fabrics/{OWNER}/vlans?fields=vlan_id"),
+        None,
+    )
+    .await;
     assert_eq!(list, json!([{"vlan_id": 7}, {"vlan_id": 8}]));
     assert_eq!(
-        call(&mut c, "GET", &format!("/fabrics/{OWNER}/vlans/99"), None).await.json(),
+        call(&mut c, "GET", &format!("/fabrics/{OWNER}/vlans/99"), None)
+            .await
+            .json(),
         json!({"code":"ResourceNotFound","message":"vlan not found"})
     );
-    let u = ok(&mut c, "PUT", &format!("/fabrics/{OWNER}/vlans/7"), Some(json!({"description": "x"}))).await;
+    let u = ok(
+        &mut c,
+        "PUT",
+        &format!("/fabrics/{OWNER}/vlans/7"),
+        Some(json!({"description": "x"})),
+    )
+    .await;
     assert_eq!(u["description"], "x");
     // Fabric networks: private ranges only, no overlap on one vnet, per-owner names.
-    let r = call(&mut c, "POST", &format!("/fabrics/{OWNER}/vlans/7/networks"), Some(json!({"name": "a", "subnet": "8.8.8.0/24"}))).await;
-    assert_eq!(r.json()["errors"][0]["message"], "subnet must be within private ranges");
-    let n = ok(&mut c, "POST", &format!("/fabrics/{OWNER}/vlans/7/networks"), Some(json!({"name": "a", "subnet": "10.5.0.0/24", "gateway": "10.5.0.1"}))).await;
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/fabrics/{OWNER}/vlans/7/networks"),
+        Some(json!({"name": "a", "subnet": "8.8.8.0/24"})),
+    )
+    .await;
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "subnet must be within private ranges"
+    );
+    let n = ok(
+        &mut c,
+        "POST",
+        &format!("/fabrics/{OWNER}/vlans/7/networks"),
+        Some(json!({"name": "a", "subnet": "10.5.0.0/24", "gateway": "10.5.0.1"})),
+    )
+    .await;
     assert_eq!(n["fabric"], true);
     assert_eq!(n["mtu"], 1400);
     assert_eq!(n["nic_tag"], "sdc_overlay");
@@ -445,25 +721,56 @@ async fn fabrics_vlans_and_networks() {
     assert_eq!(n["internet_nat"], true);
     assert_eq!(n["gateway_provisioned"], false);
     let nu = n["uuid"].as_str().unwrap().to_string();
-    let r = call(&mut c, "POST", &format!("/fabrics/{OWNER}/vlans/8/networks"), Some(json!({"name": "b", "subnet": "10.5.0.128/25"}))).await;
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/fabrics/{OWNER}/vlans/8/networks"),
+        Some(json!({"name": "b", "subnet": "10.5.0.128/25"})),
+    )
+    .await;
     assert_eq!(r.json()["errors"][0]["code"], "UsedBy");
     assert_eq!(r.json()["errors"][0]["id"], nu.as_str());
     // Another owner may reuse the subnet and the name.
     fabric_net(&mut c, OTHER, 7, "10.5.0.0/24", json!({"name": "a"})).await;
     // Another owner cannot see it.
-    assert_eq!(call(&mut c, "GET", &format!("/fabrics/{OTHER}/vlans/7/networks/{nu}"), None).await.status, 404);
+    assert_eq!(
+        call(
+            &mut c,
+            "GET",
+            &format!("/fabrics/{OTHER}/vlans/7/networks/{nu}"),
+            None
+        )
+        .await
+        .status,
+        404
+    );
     let plain = ok(&mut c, "GET", &format!("/networks/{nu}"), None).await;
     assert_eq!(plain["owner_uuids"], json!([OWNER]));
     // A fabric NIC needs cn_uuid; it reports sdc_overlay/<vnet_id>.
-    let r = call(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": VM1}))).await;
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": VM1})),
+    )
+    .await;
     assert_eq!(
         r.json(),
         json!({"code":"InvalidParameters","message":"Missing parameters",
                "errors":[{"field":"cn_uuid","code":"MissingParameter","message":"Missing parameter"}]})
     );
     let r = call(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(json!({"owner_uuid": OTHER, "belongs_to_type": "zone", "belongs_to_uuid": VM1, "cn_uuid": CN1}))).await;
-    assert_eq!(r.json()["errors"][0]["message"], "network owner_uuids do not match");
-    let nic = ok(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(zone(VM1, CN1))).await;
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "network owner_uuids do not match"
+    );
+    let nic = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(zone(VM1, CN1)),
+    )
+    .await;
     assert_eq!(nic["nic_tag"], format!("sdc_overlay/{vnet}"));
     assert_eq!(nic["ip"], "10.5.0.2");
     assert_eq!(nic["fabric"], true);
@@ -476,24 +783,67 @@ async fn fabrics_vlans_and_networks() {
     let natnic = ok(&mut c, "POST", "/nics", Some(nat)).await;
     assert_eq!(natnic["ip"], "10.5.0.1");
     assert_eq!(natnic["gateway_provisioned"], true);
-    assert_eq!(ok(&mut c, "GET", &format!("/networks/{nu}"), None).await["gateway_provisioned"], true);
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/networks/{nu}"), None).await["gateway_provisioned"],
+        true
+    );
     // Immutable on fabrics.
-    let r = call(&mut c, "PUT", &format!("/fabrics/{OWNER}/vlans/7/networks/{nu}"), Some(json!({"gateway": "10.5.0.3"}))).await;
-    assert_eq!(r.json()["errors"][0]["message"], "Network updates for this field are not supported on fabrics");
+    let r = call(
+        &mut c,
+        "PUT",
+        &format!("/fabrics/{OWNER}/vlans/7/networks/{nu}"),
+        Some(json!({"gateway": "10.5.0.3"})),
+    )
+    .await;
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "Network updates for this field are not supported on fabrics"
+    );
     // VLAN with networks cannot go.
     let r = call(&mut c, "DELETE", &format!("/fabrics/{OWNER}/vlans/7"), None).await;
     assert_eq!(r.json()["code"], "InUse");
     assert_eq!(r.json()["message"], "VLAN must have no networks");
     // Tear down in order.
-    for m in [nic["mac"].as_str().unwrap(), natnic["mac"].as_str().unwrap()] {
-        assert_eq!(call(&mut c, "DELETE", &format!("/nics/{m}"), None).await.status, 204);
+    for m in [
+        nic["mac"].as_str().unwrap(),
+        natnic["mac"].as_str().unwrap(),
+    ] {
+        assert_eq!(
+            call(&mut c, "DELETE", &format!("/nics/{m}"), None)
+                .await
+                .status,
+            204
+        );
     }
-    assert_eq!(ok(&mut c, "GET", &format!("/networks/{nu}"), None).await["gateway_provisioned"], false);
-    assert_eq!(call(&mut c, "DELETE", &format!("/fabrics/{OWNER}/vlans/7/networks/{nu}"), None).await.status, 204);
-    assert_eq!(call(&mut c, "DELETE", &format!("/fabrics/{OWNER}/vlans/7"), None).await.status, 204);
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/networks/{nu}"), None).await["gateway_provisioned"],
+        false
+    );
+    assert_eq!(
+        call(
+            &mut c,
+            "DELETE",
+            &format!("/fabrics/{OWNER}/vlans/7/networks/{nu}"),
+            None
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(&mut c, "DELETE", &format!("/fabrics/{OWNER}/vlans/7"), None)
+            .await
+            .status,
+        204
+    );
     // Deleting a NIC twice: 404.
     let m = nic["mac"].as_str().unwrap();
-    assert_eq!(call(&mut c, "DELETE", &format!("/nics/{m}"), None).await.status, 404);
+    assert_eq!(
+        call(&mut c, "DELETE", &format!("/nics/{m}"), None)
+            .await
+            .status,
+        404
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,30 +857,88 @@ async fn rules_resource() {
         Some(json!({"rule": "from any to tag role = web allow tcp ports 443, 80", "owner_uuid": OWNER, "enabled": true})),
     )
     .await;
-    assert_eq!(r["rule"], "FROM any TO tag \"role\" = \"web\" ALLOW tcp (PORT 80 AND PORT 443)");
+    assert_eq!(
+        r["rule"],
+        "FROM any TO tag \"role\" = \"web\" ALLOW tcp (PORT 80 AND PORT 443)"
+    );
     assert_eq!(r["enabled"], true);
     assert_eq!(r["owner_uuid"], OWNER);
     let u = r["uuid"].as_str().unwrap().to_string();
-    let bad = call(&mut c, "POST", "/rules", Some(json!({"rule": "FROM any TO any ALLOW tcp PORT 80", "owner_uuid": OWNER}))).await;
+    let bad = call(
+        &mut c,
+        "POST",
+        "/rules",
+        Some(json!({"rule": "FROM any TO any ALLOW tcp PORT 80", "owner_uuid": OWNER})),
+    )
+    .await;
     assert_eq!(bad.status, 422);
     assert_eq!(bad.json()["errors"][0]["field"], "rule");
-    assert!(bad.json()["errors"][0]["message"].as_str().unwrap().contains("rule does not affect VMs"));
+    assert!(bad.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rule does not affect VMs"));
     let both = call(&mut c, "POST", "/rules", Some(json!({"rule": "FROM any TO all vms ALLOW tcp PORT 22", "owner_uuid": OWNER, "global": true}))).await;
     assert_eq!(both.status, 422);
-    let g = ok(&mut c, "POST", "/rules", Some(json!({"rule": "FROM any TO all vms ALLOW tcp PORT 22", "global": true}))).await;
+    let g = ok(
+        &mut c,
+        "POST",
+        "/rules",
+        Some(json!({"rule": "FROM any TO all vms ALLOW tcp PORT 22", "global": true})),
+    )
+    .await;
     assert_eq!(g["global"], true);
-    let vm = ok(&mut c, "POST", "/rules", Some(json!({"rule": format!("FROM vm {VM1} TO any BLOCK udp PORT 53"), "owner_uuid": OTHER}))).await;
-    assert_eq!(ok(&mut c, "GET", &format!("/rules?owner_uuid={OWNER}"), None).await.as_array().unwrap().len(), 2);
+    let vm = ok(
+        &mut c,
+        "POST",
+        "/rules",
+        Some(
+            json!({"rule": format!("FROM vm {VM1} TO any BLOCK udp PORT 53"), "owner_uuid": OTHER}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/rules?owner_uuid={OWNER}"), None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     let by_vm = ok(&mut c, "GET", &format!("/rules?vm={VM1}"), None).await;
     assert_eq!(by_vm, json!([vm]));
-    let up = ok(&mut c, "PUT", &format!("/rules/{u}"), Some(json!({"enabled": false, "description": "web"}))).await;
+    let up = ok(
+        &mut c,
+        "PUT",
+        &format!("/rules/{u}"),
+        Some(json!({"enabled": false, "description": "web"})),
+    )
+    .await;
     assert_eq!(up["enabled"], false);
     assert_ne!(up["version"], r["version"]);
-    let r2 = call(&mut c, "PUT", &format!("/rules/{u}"), Some(json!({"rule": "FROM"}))).await;
+    let r2 = call(
+        &mut c,
+        "PUT",
+        &format!("/rules/{u}"),
+        Some(json!({"rule": "FROM"})),
+    )
+    .await;
     assert_eq!(r2.status, 422);
-    assert_eq!(ok(&mut c, "GET", &format!("/rules/{u}"), None).await["rule"], r["rule"]);
-    assert_eq!(call(&mut c, "DELETE", &format!("/rules/{u}"), None).await.status, 204);
-    assert_eq!(call(&mut c, "GET", &format!("/rules/{u}"), None).await.status, 404);
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/rules/{u}"), None).await["rule"],
+        r["rule"]
+    );
+    assert_eq!(
+        call(&mut c, "DELETE", &format!("/rules/{u}"), None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        call(&mut c, "GET", &format!("/rules/{u}"), None)
+            .await
+            .status,
+        404
+    );
 }
 
 /// Provision through the API; a Portolan server on the same store answers VL2/VL3 with the NIC
@@ -541,7 +949,13 @@ async fn portolan_answers_what_the_api_wrote() {
     let s = Svc::start().await;
     let mut c = s.client();
     // Underlay: each host's server NIC on the underlay network publishes its address.
-    ok(&mut c, "POST", "/nic_tags", Some(json!({"name": "sdc_underlay"}))).await;
+    ok(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "sdc_underlay"})),
+    )
+    .await;
     let under = ok(
         &mut c,
         "POST",
@@ -560,15 +974,33 @@ async fn portolan_answers_what_the_api_wrote() {
         )
         .await;
         assert_eq!(n["underlay"], true);
-        underlay.push(n["ip"].as_str().unwrap().parse::<std::net::IpAddr>().unwrap());
+        underlay.push(
+            n["ip"]
+                .as_str()
+                .unwrap()
+                .parse::<std::net::IpAddr>()
+                .unwrap(),
+        );
         let u = ok(&mut c, "GET", &format!("/portolan/underlay/{cn}"), None).await;
         assert_eq!(u, json!({"cn_uuid": cn, "ip": n["ip"], "port": 4789}));
     }
     let net = fabric_net(&mut c, OWNER, 5, "192.168.50.0/24", json!({})).await;
     let nu = net["uuid"].as_str().unwrap();
     let vnet = net["vnet_id"].as_u64().unwrap() as u32;
-    let a = ok(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(zone(VM1, CN1))).await;
-    let b = ok(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(zone(VM2, CN2))).await;
+    let a = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(zone(VM1, CN1)),
+    )
+    .await;
+    let b = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(zone(VM2, CN2)),
+    )
+    .await;
     let mac: portolan::svp::Mac = a["mac"].as_str().unwrap().parse().unwrap();
     let ip: std::net::IpAddr = a["ip"].as_str().unwrap().parse().unwrap();
 
@@ -588,7 +1020,10 @@ async fn portolan_answers_what_the_api_wrote() {
     }));
     let svp = Client::new(ClientConfig::new(paddr));
     let v3 = svp.vl3(ip, vnet).await.unwrap().expect("VL3 hit");
-    assert_eq!((v3.mac, v3.underlay_ip, v3.underlay_port), (mac, underlay[0], 4789));
+    assert_eq!(
+        (v3.mac, v3.underlay_ip, v3.underlay_port),
+        (mac, underlay[0], 4789)
+    );
     let v2 = svp.vl2(mac, vnet).await.unwrap().expect("VL2 hit");
     assert_eq!((v2.underlay_ip, v2.underlay_port), (underlay[0], 4789));
     // Drain both hosts' logs, then move NIC a to host 2.
@@ -597,11 +1032,25 @@ async fn portolan_answers_what_the_api_wrote() {
         let ids: Vec<_> = recs.iter().map(LogRecord::id).collect();
         svp.log_rm(&ids).await.unwrap();
     }
-    let moved = ok(&mut c, "PUT", &format!("/nics/{}", a["mac"].as_str().unwrap()), Some(json!({"cn_uuid": CN2}))).await;
+    let moved = ok(
+        &mut c,
+        "PUT",
+        &format!("/nics/{}", a["mac"].as_str().unwrap()),
+        Some(json!({"cn_uuid": CN2})),
+    )
+    .await;
     assert_eq!(moved["cn_uuid"], CN2);
-    let v3 = svp.vl3(ip, vnet).await.unwrap().expect("VL3 hit after the move");
+    let v3 = svp
+        .vl3(ip, vnet)
+        .await
+        .unwrap()
+        .expect("VL3 hit after the move");
     assert_eq!(v3.underlay_ip, underlay[1]);
-    let v2 = svp.vl2(mac, vnet).await.unwrap().expect("VL2 hit after the move");
+    let v2 = svp
+        .vl2(mac, vnet)
+        .await
+        .unwrap()
+        .expect("VL2 hit after the move");
     assert_eq!(v2.underlay_ip, underlay[1]);
     // Every host on the VNI (1 held a, 2 holds b and now a) got VL2 for the MAC and VL3 for the IP.
     for u in &underlay {
@@ -611,26 +1060,75 @@ async fn portolan_answers_what_the_api_wrote() {
             "host {u}: {recs:?}"
         );
         assert!(
-            recs.iter().any(|r| matches!(r, LogRecord::Vl3 { ip: i, vnet_id, .. }
+            recs.iter()
+                .any(|r| matches!(r, LogRecord::Vl3 { ip: i, vnet_id, .. }
                 if portolan::svp::from_wire_ip(*i) == ip && *vnet_id == vnet)),
             "host {u}: {recs:?}"
         );
     }
     // The admin views show the same: mapping live on CN2, version 2.
-    let maps = ok(&mut c, "GET", &format!("/portolan/mappings?vnet_id={vnet}"), None).await;
-    let ma = maps.as_array().unwrap().iter().find(|m| m["ip"] == a["ip"]).unwrap().clone();
+    let maps = ok(
+        &mut c,
+        "GET",
+        &format!("/portolan/mappings?vnet_id={vnet}"),
+        None,
+    )
+    .await;
+    let ma = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["ip"] == a["ip"])
+        .unwrap()
+        .clone();
     assert_eq!(ma["cn_uuid"], CN2);
     assert_eq!(ma["deleted"], false);
     assert_eq!(ma["version"], 2);
-    let ev = ok(&mut c, "GET", &format!("/portolan/events?cn_uuid={CN1}"), None).await;
-    assert!(ev.as_array().unwrap().iter().any(|e| e["record"]["type"] == "SVP_LOG_VL2"));
+    let ev = ok(
+        &mut c,
+        "GET",
+        &format!("/portolan/events?cn_uuid={CN1}"),
+        None,
+    )
+    .await;
+    assert!(ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["record"]["type"] == "SVP_LOG_VL2"));
     // Delete: tombstone, VL2 events; SVP no longer answers.
-    assert_eq!(call(&mut c, "DELETE", &format!("/nics/{}", a["mac"].as_str().unwrap()), None).await.status, 204);
+    assert_eq!(
+        call(
+            &mut c,
+            "DELETE",
+            &format!("/nics/{}", a["mac"].as_str().unwrap()),
+            None
+        )
+        .await
+        .status,
+        204
+    );
     assert_eq!(svp.vl3(ip, vnet).await.unwrap(), None);
-    let maps = ok(&mut c, "GET", &format!("/portolan/mappings?vnet_id={vnet}"), None).await;
-    let ma = maps.as_array().unwrap().iter().find(|m| m["ip"] == a["ip"]).unwrap().clone();
+    let maps = ok(
+        &mut c,
+        "GET",
+        &format!("/portolan/mappings?vnet_id={vnet}"),
+        None,
+    )
+    .await;
+    let ma = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["ip"] == a["ip"])
+        .unwrap()
+        .clone();
     assert_eq!(ma["deleted"], true);
-    assert!(svp.vl3(b["ip"].as_str().unwrap().parse().unwrap(), vnet).await.unwrap().is_some());
+    assert!(svp
+        .vl3(b["ip"].as_str().unwrap().parse().unwrap(), vnet)
+        .await
+        .unwrap()
+        .is_some());
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }

@@ -25,7 +25,10 @@ fn sdc_clients_napi_drives_the_service() {
     if !dir.join("node_modules/sdc-clients/package.json").exists() {
         return skip_or_fail("sdc-clients is not installed in tests/node-napi (npm ci)");
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let db = std::env::temp_dir().join(format!("fabric-control-napi-{}.db", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_fabric"))
         .args(["control", "--listen", &port.to_string(), "--store"])
@@ -35,7 +38,10 @@ fn sdc_clients_napi_drives_the_service() {
         .unwrap();
     let t0 = Instant::now();
     while std::net::TcpStream::connect(port).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "fabric control did not come up");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "fabric control did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = Command::new("node")

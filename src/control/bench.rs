@@ -74,14 +74,25 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn drive(addr: std::net::SocketAddr, args: &BenchArgs) -> anyhow::Result<(Duration, Duration)> {
+async fn drive(
+    addr: std::net::SocketAddr,
+    args: &BenchArgs,
+) -> anyhow::Result<(Duration, Duration)> {
     let owner = "930896af-bf8c-48d4-885c-6573a94b1853";
     let mut c = HttpClient::new(addr);
     let r = c
-        .json("POST", &format!("/fabrics/{owner}/vlans"), Some(&json!({"vlan_id": 10})))
+        .json(
+            "POST",
+            &format!("/fabrics/{owner}/vlans"),
+            Some(&json!({"vlan_id": 10})),
+        )
         .await?;
     if r.status != 200 {
-        bail!("creating the bench VLAN: {} {}", r.status, String::from_utf8_lossy(&r.body));
+        bail!(
+            "creating the bench VLAN: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
     }
     let r = c
         .json(
@@ -91,9 +102,16 @@ async fn drive(addr: std::net::SocketAddr, args: &BenchArgs) -> anyhow::Result<(
         )
         .await?;
     if r.status != 200 {
-        bail!("creating the bench network: {} {}", r.status, String::from_utf8_lossy(&r.body));
+        bail!(
+            "creating the bench network: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
     }
-    let net = r.json()["uuid"].as_str().context("network uuid")?.to_string();
+    let net = r.json()["uuid"]
+        .as_str()
+        .context("network uuid")?
+        .to_string();
     let path = Arc::new(format!("/networks/{net}/nics"));
     let body = move |i: usize| {
         json!({
@@ -107,7 +125,11 @@ async fn drive(addr: std::net::SocketAddr, args: &BenchArgs) -> anyhow::Result<(
     for i in 0..args.sequential {
         let r = c.json("POST", &path, Some(&body(i))).await?;
         if r.status != 200 {
-            bail!("provision {i}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+            bail!(
+                "provision {i}: {} {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
         }
     }
     let seq = t0.elapsed();
@@ -123,7 +145,11 @@ async fn drive(addr: std::net::SocketAddr, args: &BenchArgs) -> anyhow::Result<(
             for i in lo..hi {
                 let r = c.json("POST", &path, Some(&body(i))).await?;
                 if r.status != 200 {
-                    bail!("provision {i}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+                    bail!(
+                        "provision {i}: {} {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    );
                 }
             }
             Ok::<(), anyhow::Error>(())

@@ -57,9 +57,18 @@ impl HttpClient {
     }
 
     /// Sends a request with an optional JSON body.
-    pub async fn json(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<HttpResponse, ClientError> {
+    pub async fn json(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<HttpResponse, ClientError> {
         let b = body.map(|v| v.to_string()).unwrap_or_default();
-        let ct = if body.is_some() { Some("application/json") } else { None };
+        let ct = if body.is_some() {
+            Some("application/json")
+        } else {
+            None
+        };
         self.request(method, path, ct, b.as_bytes()).await
     }
 
@@ -106,7 +115,9 @@ impl HttpClient {
         conn.get_mut().write_all(&out).await?;
         let mut line = String::new();
         if conn.read_line(&mut line).await? == 0 {
-            return Err(ClientError::Protocol("connection closed before the status line".into()));
+            return Err(ClientError::Protocol(
+                "connection closed before the status line".into(),
+            ));
         }
         let status: u16 = line
             .split_whitespace()

@@ -41,7 +41,9 @@ impl Val {
     pub fn as_i64(&self, what: &str) -> Result<i64, OpError> {
         match self {
             Val::Int(Some(v)) => Ok(*v),
-            other => Err(OpError::Corrupt(format!("{what}: expected an integer, found {other:?}"))),
+            other => Err(OpError::Corrupt(format!(
+                "{what}: expected an integer, found {other:?}"
+            ))),
         }
     }
     /// The optional integer.
@@ -55,7 +57,9 @@ impl Val {
     pub fn into_string(self, what: &str) -> Result<String, OpError> {
         match self {
             Val::Text(Some(v)) => Ok(v),
-            other => Err(OpError::Corrupt(format!("{what}: expected text, found {other:?}"))),
+            other => Err(OpError::Corrupt(format!(
+                "{what}: expected text, found {other:?}"
+            ))),
         }
     }
     /// The optional text.
@@ -69,7 +73,9 @@ impl Val {
     pub fn into_bytes(self, what: &str) -> Result<Vec<u8>, OpError> {
         match self {
             Val::Bytes(Some(v)) => Ok(v),
-            other => Err(OpError::Corrupt(format!("{what}: expected bytes, found {other:?}"))),
+            other => Err(OpError::Corrupt(format!(
+                "{what}: expected bytes, found {other:?}"
+            ))),
         }
     }
 }
@@ -99,7 +105,9 @@ impl rusqlite::ToSql for Val {
         use rusqlite::types::{ToSqlOutput, Value as V};
         Ok(match self {
             Val::Int(Some(v)) => ToSqlOutput::Owned(V::Integer(*v)),
-            Val::Text(Some(v)) => ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(v.as_bytes())),
+            Val::Text(Some(v)) => {
+                ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(v.as_bytes()))
+            }
             Val::Bytes(Some(v)) => ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Blob(v)),
             Val::Int(None) | Val::Text(None) | Val::Bytes(None) => ToSqlOutput::Owned(V::Null),
         })
@@ -180,7 +188,9 @@ impl Db<'_> {
                 let mut stmt = c.prepare_cached(sql)?;
                 let n = stmt.column_count();
                 let rows = stmt
-                    .query_map(rusqlite::params_from_iter(params.iter()), |r| sqlite_row(r, n))?
+                    .query_map(rusqlite::params_from_iter(params.iter()), |r| {
+                        sqlite_row(r, n)
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             }

@@ -134,8 +134,7 @@ impl ApiError {
     /// parameters" when every entry is a `MissingParameter`.
     pub fn invalid_params(mut errors: Vec<FieldError>) -> ApiError {
         errors.sort_by_key(FieldError::sort_key);
-        let message = if !errors.is_empty() && errors.iter().all(|e| e.code == "MissingParameter")
-        {
+        let message = if !errors.is_empty() && errors.iter().all(|e| e.code == "MissingParameter") {
             "Missing parameters"
         } else {
             "Invalid parameters"
@@ -209,8 +208,7 @@ impl ApiError {
 
     /// 404 for a path no route serves.
     pub fn no_route(method: &str, path: &str) -> ApiError {
-        ApiError::new(404, "ResourceNotFound", format!("{path} does not exist"))
-            .with_method(method)
+        ApiError::new(404, "ResourceNotFound", format!("{path} does not exist")).with_method(method)
     }
 
     fn with_method(self, _method: &str) -> ApiError {
@@ -281,9 +279,7 @@ impl OpError {
             OpError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
                 e.code == rusqlite::ErrorCode::ConstraintViolation
             }
-            OpError::Postgres(e) => {
-                e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
-            }
+            OpError::Postgres(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
             _ => false,
         }
     }

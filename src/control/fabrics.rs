@@ -48,7 +48,9 @@ const VLAN_MSG: &str = "VLAN ID must be a number between 0 and 4094, and not 1";
 /// Checks the overlay switch and the owner UUID in the URL.
 pub fn check_owner(cfg: &Config, owner: &str) -> Result<String, ApiError> {
     if !cfg.fabrics_enabled {
-        return Err(ApiError::precondition_required("overlay networking is not enabled"));
+        return Err(ApiError::precondition_required(
+            "overlay networking is not enabled",
+        ));
     }
     parse_uuid(owner).ok_or_else(|| ApiError::invalid("owner_uuid", "invalid UUID"))
 }
@@ -62,9 +64,12 @@ fn url_vlan(vlan: &str) -> Result<u16, ApiError> {
 
 /// The owner's vnet_id, if it has one.
 pub fn vnet_of(db: &mut Db<'_>, owner: &str) -> Result<Option<u32>, OpError> {
-    db.query_opt("SELECT vnet_id FROM napi_fabrics WHERE owner_uuid = $1", &[Val::text(owner)])?
-        .map(|r| r[0].as_i64("vnet_id").map(|v| v as u32))
-        .transpose()
+    db.query_opt(
+        "SELECT vnet_id FROM napi_fabrics WHERE owner_uuid = $1",
+        &[Val::text(owner)],
+    )?
+    .map(|r| r[0].as_i64("vnet_id").map(|v| v as u32))
+    .transpose()
 }
 
 /// The owner's vnet_id, created (random, retried on collision) if it has none.
@@ -77,7 +82,10 @@ fn ensure_vnet(db: &mut Db<'_>, owner: &str) -> Result<u32, OpError> {
         getrandom::getrandom(&mut b).map_err(|e| OpError::Corrupt(format!("random: {e}")))?;
         let v = u32::from_be_bytes(b) % MAX_VNET_ID;
         let taken = db
-            .query_opt("SELECT owner_uuid FROM napi_fabrics WHERE vnet_id = $1", &[Val::int(v)])?
+            .query_opt(
+                "SELECT owner_uuid FROM napi_fabrics WHERE vnet_id = $1",
+                &[Val::int(v)],
+            )?
             .is_some();
         if !taken {
             db.exec(
@@ -144,7 +152,11 @@ pub fn create_vlan(db: &mut Db<'_>, owner: &str, p: &mut Params) -> Result<Value
     let vlan = p.require("vlan_id", vlan);
     let name = p.text("name", 255);
     let description = p.text("description", 255);
-    let fields = if p.has("fields") { p.fields(VLAN_FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(VLAN_FIELDS)
+    } else {
+        None
+    };
     p.finish()?;
     let vlan = vlan.unwrap_or(0) as u16;
     db.lock(lock_key(LOCK_OWNER, owner))?;
@@ -152,7 +164,10 @@ pub fn create_vlan(db: &mut Db<'_>, owner: &str, p: &mut Params) -> Result<Value
     if get_vlan(db, owner, vlan)?.is_some() {
         return Err(ApiError::in_use(
             "VLAN ID is already in use",
-            vec![FieldError::duplicate("vlan_id", "VLAN ID is already in use")],
+            vec![FieldError::duplicate(
+                "vlan_id",
+                "VLAN ID is already in use",
+            )],
         )
         .into());
     }
@@ -171,7 +186,11 @@ pub fn create_vlan(db: &mut Db<'_>, owner: &str, p: &mut Params) -> Result<Value
 /// ListFabricVLANs, by vlan_id.
 pub fn list_vlans(db: &mut Db<'_>, owner: &str, p: &mut Params) -> Result<Value, OpError> {
     p.allow_only(&["fields", "limit", "offset", "owner_uuid"]);
-    let fields = if p.has("fields") { p.fields(VLAN_FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(VLAN_FIELDS)
+    } else {
+        None
+    };
     let (limit, offset) = p.pagination();
     p.finish()?;
     let Some(vnet) = vnet_of(db, owner)? else {
@@ -190,20 +209,45 @@ pub fn list_vlans(db: &mut Db<'_>, owner: &str, p: &mut Params) -> Result<Value,
 }
 
 /// GetFabricVLAN.
-pub fn get_vlan_api(db: &mut Db<'_>, owner: &str, vlan: &str, p: &mut Params) -> Result<Value, OpError> {
+pub fn get_vlan_api(
+    db: &mut Db<'_>,
+    owner: &str,
+    vlan: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
     p.allow_only(&["fields", "owner_uuid", "vlan_id"]);
-    let fields = if p.has("fields") { p.fields(VLAN_FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(VLAN_FIELDS)
+    } else {
+        None
+    };
     p.finish()?;
     let v = find_vlan(db, owner, vlan)?;
     Ok(select_fields(v.to_json(), fields.as_deref()))
 }
 
 /// UpdateFabricVLAN: name and description.
-pub fn update_vlan(db: &mut Db<'_>, owner: &str, vlan: &str, p: &mut Params) -> Result<Value, OpError> {
-    p.allow_only(&["name", "description", "fields", "owner_uuid", "vlan_id", "vnet_id"]);
+pub fn update_vlan(
+    db: &mut Db<'_>,
+    owner: &str,
+    vlan: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
+    p.allow_only(&[
+        "name",
+        "description",
+        "fields",
+        "owner_uuid",
+        "vlan_id",
+        "vnet_id",
+    ]);
     let name = p.text("name", 255);
     let description = p.text("description", 255);
-    let fields = if p.has("fields") { p.fields(VLAN_FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(VLAN_FIELDS)
+    } else {
+        None
+    };
     let mut v = find_vlan(db, owner, vlan)?;
     if let Some(x) = p.raw("vlan_id").cloned() {
         if super::params::as_int(&x) != Some(i64::from(v.vlan_id)) {
@@ -232,7 +276,9 @@ pub fn update_vlan(db: &mut Db<'_>, owner: &str, vlan: &str, p: &mut Params) -> 
 fn vlan_networks(db: &mut Db<'_>, v: &Vlan) -> Result<Vec<Network>, OpError> {
     Ok(networks::on_vnet(db, v.vnet_id)?
         .into_iter()
-        .filter(|n| n.fabric && n.vlan_id == v.vlan_id && n.owner_uuids.first() == Some(&v.owner_uuid))
+        .filter(|n| {
+            n.fabric && n.vlan_id == v.vlan_id && n.owner_uuids.first() == Some(&v.owner_uuid)
+        })
         .collect())
 }
 
@@ -246,7 +292,11 @@ pub fn delete_vlan(db: &mut Db<'_>, owner: &str, vlan: &str) -> Result<(), OpErr
             "VLAN must have no networks",
             nets.iter()
                 .map(|n| {
-                    FieldError::used_by_no_field("network", &n.uuid, format!("In use by network \"{}\"", n.uuid))
+                    FieldError::used_by_no_field(
+                        "network",
+                        &n.uuid,
+                        format!("In use by network \"{}\"", n.uuid),
+                    )
                 })
                 .collect(),
         )
@@ -260,16 +310,31 @@ pub fn delete_vlan(db: &mut Db<'_>, owner: &str, vlan: &str) -> Result<(), OpErr
 }
 
 /// CreateFabricNetwork.
-pub fn create_network(db: &mut Db<'_>, cfg: &Config, owner: &str, vlan: &str, p: &mut Params) -> Result<Value, OpError> {
+pub fn create_network(
+    db: &mut Db<'_>,
+    cfg: &Config,
+    owner: &str,
+    vlan: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
     let v = find_vlan(db, owner, vlan)?;
     let req = networks::validate_create(p, cfg, Some((owner, v.vlan_id, v.vnet_id)))?;
     networks::create(db, cfg, req, View::Fabric)
 }
 
 /// ListFabricNetworks.
-pub fn list_networks(db: &mut Db<'_>, owner: &str, vlan: &str, p: &mut Params) -> Result<Value, OpError> {
+pub fn list_networks(
+    db: &mut Db<'_>,
+    owner: &str,
+    vlan: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
     p.allow_only(&["fields", "limit", "offset", "owner_uuid", "vlan_id"]);
-    let fields = if p.has("fields") { p.fields(networks::FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(networks::FIELDS)
+    } else {
+        None
+    };
     let (limit, offset) = p.pagination();
     p.finish()?;
     let v = find_vlan(db, owner, vlan)?;
@@ -281,19 +346,37 @@ pub fn list_networks(db: &mut Db<'_>, owner: &str, vlan: &str, p: &mut Params) -
 }
 
 /// A fabric network of this owner and VLAN, or 404.
-pub fn find_network(db: &mut Db<'_>, owner: &str, vlan: &str, uuid: &str) -> Result<Network, OpError> {
+pub fn find_network(
+    db: &mut Db<'_>,
+    owner: &str,
+    vlan: &str,
+    uuid: &str,
+) -> Result<Network, OpError> {
     let v = find_vlan(db, owner, vlan)?;
     let n = networks::find(db, uuid)?;
-    if !n.fabric || n.vlan_id != v.vlan_id || n.owner_uuids.first().map(String::as_str) != Some(owner) {
+    if !n.fabric
+        || n.vlan_id != v.vlan_id
+        || n.owner_uuids.first().map(String::as_str) != Some(owner)
+    {
         return Err(ApiError::not_found("network not found").into());
     }
     Ok(n)
 }
 
 /// GetFabricNetwork.
-pub fn get_network(db: &mut Db<'_>, owner: &str, vlan: &str, uuid: &str, p: &mut Params) -> Result<Value, OpError> {
+pub fn get_network(
+    db: &mut Db<'_>,
+    owner: &str,
+    vlan: &str,
+    uuid: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
     p.allow_only(&["fields", "owner_uuid", "vlan_id"]);
-    let fields = if p.has("fields") { p.fields(networks::FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(networks::FIELDS)
+    } else {
+        None
+    };
     p.finish()?;
     let n = find_network(db, owner, vlan, uuid)?;
     Ok(select_fields(n.to_json(View::Fabric), fields.as_deref()))

@@ -67,7 +67,9 @@ fn write_db<F>(f: F) -> Op
 where
     F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
 {
-    Op::Write(Box::new(move |t, a, p| f(&mut Db::from(t.raw()), a, p).map(Reply::Json)))
+    Op::Write(Box::new(move |t, a, p| {
+        f(&mut Db::from(t.raw()), a, p).map(Reply::Json)
+    }))
 }
 
 fn delete_db<F>(f: F) -> Op
@@ -86,7 +88,11 @@ fn no_params(p: &mut Params) -> Result<(), ApiError> {
 
 /// Picks the operation for a route and method.
 fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
-    let m = if *method == Method::HEAD { Method::GET } else { method.clone() };
+    let m = if *method == Method::HEAD {
+        Method::GET
+    } else {
+        method.clone()
+    };
     let arg = |i: usize| path.get(i).cloned().unwrap_or_default();
     let (a0, a1, a2) = (arg(0), arg(1), arg(2));
     match (m, pattern) {
@@ -333,10 +339,12 @@ async fn handle(
 
 async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiError> {
     let kind = match &op {
-        Op::Now(_) => return match op {
-            Op::Now(r) => r,
-            _ => Err(ApiError::internal()),
-        },
+        Op::Now(_) => {
+            return match op {
+                Op::Now(r) => r,
+                _ => Err(ApiError::internal()),
+            }
+        }
         Op::Read(_) | Op::Metrics => "read",
         Op::Write(_) => "write",
     };
@@ -344,21 +352,25 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
     let task = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         let r: Result<Reply, OpError> = match op {
-            Op::Read(f) => store::with_read(&*a.store, |raw| f(&mut Db::from(raw), &a, &mut params)),
+            Op::Read(f) => {
+                store::with_read(&*a.store, |raw| f(&mut Db::from(raw), &a, &mut params))
+            }
             Op::Write(f) => store::with_txn(&*a.store, |tx| f(tx, &a, &mut params)),
             Op::Metrics => {
-                let counts = store::with_read(&*a.store, |raw| -> Result<(u64, u64, u64), OpError> {
-                    let mut d = Db::from(raw);
-                    let mut count = |sql: &str| -> Result<u64, OpError> {
-                        let r = d.query_opt(sql, &[])?;
-                        Ok(r.and_then(|r| r.first().and_then(Val::as_opt_i64)).unwrap_or(0) as u64)
-                    };
-                    Ok((
-                        count("SELECT COUNT(*) FROM napi_nics")?,
-                        count("SELECT COUNT(*) FROM napi_networks")?,
-                        count("SELECT COUNT(*) FROM napi_rules")?,
-                    ))
-                });
+                let counts =
+                    store::with_read(&*a.store, |raw| -> Result<(u64, u64, u64), OpError> {
+                        let mut d = Db::from(raw);
+                        let mut count = |sql: &str| -> Result<u64, OpError> {
+                            let r = d.query_opt(sql, &[])?;
+                            Ok(r.and_then(|r| r.first().and_then(Val::as_opt_i64))
+                                .unwrap_or(0) as u64)
+                        };
+                        Ok((
+                            count("SELECT COUNT(*) FROM napi_nics")?,
+                            count("SELECT COUNT(*) FROM napi_networks")?,
+                            count("SELECT COUNT(*) FROM napi_rules")?,
+                        ))
+                    });
                 counts.map(|(n, w, r)| {
                     Reply::Text(a.metrics.render(&[
                         ("fabric_control_nics", "NICs in the store.", n),

@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the store latency histogram.
-const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
+const BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
 
 #[derive(Default)]
 struct Histogram {
@@ -52,7 +54,9 @@ impl Metrics {
     /// Prometheus text; `gauges` are (name, help, value) read from the store at scrape time.
     pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
-        out.push_str("# HELP fabric_control_requests_total HTTP requests by route, method and status.\n");
+        out.push_str(
+            "# HELP fabric_control_requests_total HTTP requests by route, method and status.\n",
+        );
         out.push_str("# TYPE fabric_control_requests_total counter\n");
         for ((route, method, status), n) in lock(&self.requests).iter() {
             let _ = writeln!(
@@ -79,8 +83,16 @@ impl Metrics {
                 "fabric_control_store_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {}",
                 h.count
             );
-            let _ = writeln!(out, "fabric_control_store_seconds_sum{{kind=\"{kind}\"}} {}", h.sum);
-            let _ = writeln!(out, "fabric_control_store_seconds_count{{kind=\"{kind}\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "fabric_control_store_seconds_sum{{kind=\"{kind}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "fabric_control_store_seconds_count{{kind=\"{kind}\"}} {}",
+                h.count
+            );
         }
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -92,7 +104,9 @@ impl Metrics {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -106,7 +120,9 @@ mod tests {
         m.request("/nics/{mac}", "GET", 200);
         m.store("write", Duration::from_millis(3));
         let t = m.render(&[("fabric_control_nics", "NICs.", 7)]);
-        assert!(t.contains("fabric_control_requests_total{route=\"/nics/{mac}\",method=\"GET\",status=\"200\"} 2"));
+        assert!(t.contains(
+            "fabric_control_requests_total{route=\"/nics/{mac}\",method=\"GET\",status=\"200\"} 2"
+        ));
         assert!(t.contains("fabric_control_store_seconds_bucket{kind=\"write\",le=\"0.005\"} 1"));
         assert!(t.contains("fabric_control_store_seconds_bucket{kind=\"write\",le=\"0.001\"} 0"));
         assert!(t.contains("fabric_control_nics 7"));

@@ -130,9 +130,8 @@ impl ControlArgs {
                     self.mac_oui
                 )
             })?;
-        let admin = params::parse_uuid(&self.admin_uuid).with_context(|| {
-            format!("--admin-uuid {:?}: expected a UUID", self.admin_uuid)
-        })?;
+        let admin = params::parse_uuid(&self.admin_uuid)
+            .with_context(|| format!("--admin-uuid {:?}: expected a UUID", self.admin_uuid))?;
         if !(576..=9000).contains(&self.overlay_mtu) {
             anyhow::bail!("--overlay-mtu {}: expected 576..=9000", self.overlay_mtu);
         }
@@ -191,7 +190,11 @@ pub fn prepare(store: &dyn Store, cfg: &Config) -> Result<(), OpError> {
     store::with_txn(store, |tx| {
         let mut d = Db::from(tx.raw());
         db::create_schema(&mut d)?;
-        nic_tags::ensure(&mut d, &cfg.overlay_nic_tag, i64::from(cfg.overlay_mtu.max(1500)))
+        nic_tags::ensure(
+            &mut d,
+            &cfg.overlay_nic_tag,
+            i64::from(cfg.overlay_mtu.max(1500)),
+        )
     })
 }
 

@@ -110,7 +110,11 @@ impl Network {
         m.insert("mtu".into(), json!(self.mtu));
         m.insert(
             "resolvers".into(),
-            json!(self.resolvers.iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+            json!(self
+                .resolvers
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()),
         );
         if let Some(g) = self.gateway {
             m.insert("gateway".into(), json!(g.to_string()));
@@ -257,7 +261,11 @@ pub fn on_vnet(db: &mut Db<'_>, vnet_id: u32) -> Result<Vec<Network>, OpError> {
 
 fn name_key(n: &Network) -> String {
     if n.fabric {
-        format!("{}:{}", n.owner_uuids.first().map_or("", String::as_str), n.name)
+        format!(
+            "{}:{}",
+            n.owner_uuids.first().map_or("", String::as_str),
+            n.name
+        )
     } else {
         format!("global:{}", n.name)
     }
@@ -447,7 +455,9 @@ pub fn allocate(db: &mut Db<'_>, net_uuid: &str) -> Result<Option<u32>, OpError>
             &[Val::int(new_hint), Val::text(net_uuid)],
         )?;
         if let Some(g) = gap {
-            return Ok(Some(u32::try_from(g).map_err(|_| OpError::Corrupt(format!("gap {g}")))?));
+            return Ok(Some(
+                u32::try_from(g).map_err(|_| OpError::Corrupt(format!("gap {g}")))?,
+            ));
         }
     }
     // No never-used address left: the least recently freed one.
@@ -638,9 +648,18 @@ pub fn validate_create(
         None => p.uuid_array("owner_uuids").unwrap_or_default(),
     };
     let description = p.text("description", 255);
-    let default_mtu = if fabric.is_some() { cfg.overlay_mtu } else { 1500 };
+    let default_mtu = if fabric.is_some() {
+        cfg.overlay_mtu
+    } else {
+        1500
+    };
     let mtu = p
-        .int_in("mtu", 576, 9000, "mtu must be a number between 576 and 9000")
+        .int_in(
+            "mtu",
+            576,
+            9000,
+            "mtu must be a number between 576 and 9000",
+        )
         .map_or(default_mtu, |m| m as u32);
     let uuid = p.uuid("uuid");
     let internet_nat = if fabric.is_some() {
@@ -656,7 +675,11 @@ pub fn validate_create(
             p.invalid("family", "only ipv4 networks are supported");
         }
     }
-    let fields = if p.has("fields") { p.fields(FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(FIELDS)
+    } else {
+        None
+    };
     p.finish()?;
     // Cross-field checks run only when every field is individually valid (as warden does).
     let (subnet_ip, prefix) = subnet.unwrap_or((Ipv4Addr::UNSPECIFIED, 32));
@@ -667,17 +690,32 @@ pub fn validate_create(
     let end = end.unwrap_or(Ipv4Addr::from(last_usable));
     let inside = |ip: Ipv4Addr| (lo..=hi).contains(&u32::from(ip));
     if !inside(start) {
-        p.invalid("provision_start_ip", "provision_start_ip cannot be outside subnet");
+        p.invalid(
+            "provision_start_ip",
+            "provision_start_ip cannot be outside subnet",
+        );
     } else if u32::from(start) == hi && hi != lo {
-        p.invalid("provision_start_ip", "provision_start_ip cannot be the broadcast address");
+        p.invalid(
+            "provision_start_ip",
+            "provision_start_ip cannot be the broadcast address",
+        );
     }
     if !inside(end) {
-        p.invalid("provision_end_ip", "provision_end_ip cannot be outside subnet");
+        p.invalid(
+            "provision_end_ip",
+            "provision_end_ip cannot be outside subnet",
+        );
     } else if u32::from(end) == hi && hi - lo >= 2 {
-        p.invalid("provision_end_ip", "provision_end_ip cannot be the broadcast address");
+        p.invalid(
+            "provision_end_ip",
+            "provision_end_ip cannot be the broadcast address",
+        );
     }
     if inside(start) && inside(end) && u32::from(start) > u32::from(end) {
-        p.invalid("provision_end_ip", "provision_end_ip must be greater than provision_start_ip");
+        p.invalid(
+            "provision_end_ip",
+            "provision_end_ip must be greater than provision_start_ip",
+        );
     }
     if let Some(g) = gateway {
         if !inside(g) {
@@ -742,17 +780,31 @@ fn overlapping(db: &mut Db<'_>, n: &Network) -> Result<Vec<String>, OpError> {
         )?
     };
     rows.into_iter()
-        .map(|r| r.into_iter().next().map_or(Err(OpError::Corrupt("uuid".into())), |v| v.into_string("uuid")))
+        .map(|r| {
+            r.into_iter()
+                .next()
+                .map_or(Err(OpError::Corrupt("uuid".into())), |v| {
+                    v.into_string("uuid")
+                })
+        })
         .collect()
 }
 
 /// Creates a validated network: checks the tag, the name, overlaps; writes the network and its
 /// reserved IP records (gateway, in-subnet resolvers, broadcast) and range markers.
-pub fn create(db: &mut Db<'_>, cfg: &Config, req: NewNetwork, view: View) -> Result<Value, OpError> {
+pub fn create(
+    db: &mut Db<'_>,
+    cfg: &Config,
+    req: NewNetwork,
+    view: View,
+) -> Result<Value, OpError> {
     let n = req.net;
     db.lock(lock_key(LOCK_GLOBAL, "networks"))?;
     if n.fabric {
-        db.lock(lock_key(LOCK_OWNER, n.owner_uuids.first().map_or("", String::as_str)))?;
+        db.lock(lock_key(
+            LOCK_OWNER,
+            n.owner_uuids.first().map_or("", String::as_str),
+        ))?;
     }
     let tag = super::nic_tags::get(db, &n.nic_tag)?;
     let mut errs = Vec::new();
@@ -789,7 +841,12 @@ pub fn create(db: &mut Db<'_>, cfg: &Config, req: NewNetwork, view: View) -> Res
             overlaps
                 .iter()
                 .map(|u| {
-                    FieldError::used_by("subnet", "network", u, "subnet overlaps with another network")
+                    FieldError::used_by(
+                        "subnet",
+                        "network",
+                        u,
+                        "subnet overlaps with another network",
+                    )
                 })
                 .collect(),
         )
@@ -913,7 +970,11 @@ pub fn list(db: &mut Db<'_>, q: &ListNetworks) -> Result<Value, OpError> {
         .filter(|n| q.names.as_ref().is_none_or(|v| v.contains(&n.name)))
         .filter(|n| q.nic_tags.as_ref().is_none_or(|v| v.contains(&n.nic_tag)))
         .filter(|n| q.vlan_id.is_none_or(|v| i64::from(n.vlan_id) == v))
-        .filter(|n| q.owner_uuid.as_ref().is_none_or(|o| n.owner_uuids.contains(o)))
+        .filter(|n| {
+            q.owner_uuid
+                .as_ref()
+                .is_none_or(|o| n.owner_uuids.contains(o))
+        })
         .filter(|n| {
             q.provisionable_by
                 .as_ref()
@@ -929,7 +990,11 @@ pub fn get_checked(db: &mut Db<'_>, uuid: &str, p: &mut Params) -> Result<Value,
     p.allow_only(&["provisionable_by", "owner_uuid", "fields"]);
     let prov = p.uuid("provisionable_by");
     let owner = p.uuid("owner_uuid");
-    let fields = if p.has("fields") { p.fields(FIELDS) } else { None };
+    let fields = if p.has("fields") {
+        p.fields(FIELDS)
+    } else {
+        None
+    };
     p.finish()?;
     let n = find(db, uuid)?;
     if let Some(o) = owner {
@@ -992,20 +1057,36 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
     if n.fabric {
         for f in ["gateway", "owner_uuids"] {
             if p.has(f) {
-                p.invalid(f, "Network updates for this field are not supported on fabrics");
+                p.invalid(
+                    f,
+                    "Network updates for this field are not supported on fabrics",
+                );
             }
         }
     }
     let name = p.text("name", 255);
     let description = p.text("description", 255);
-    let mtu = p.int_in("mtu", 576, 9000, "mtu must be a number between 576 and 9000");
+    let mtu = p.int_in(
+        "mtu",
+        576,
+        9000,
+        "mtu must be a number between 576 and 9000",
+    );
     let resolvers = p.ipv4_array("resolvers");
     let routes = validate_routes(p);
     let start = p.ipv4("provision_start_ip");
     let end = p.ipv4("provision_end_ip");
     let gateway = if n.fabric { None } else { p.ipv4("gateway") };
-    let owners = if n.fabric { None } else { p.uuid_array("owner_uuids") };
-    let fields = if p.has("fields") { p.fields(FIELDS) } else { None };
+    let owners = if n.fabric {
+        None
+    } else {
+        p.uuid_array("owner_uuids")
+    };
+    let fields = if p.has("fields") {
+        p.fields(FIELDS)
+    } else {
+        None
+    };
     p.finish()?;
     db.lock(lock_key(LOCK_GLOBAL, "networks"))?;
     lock_network(db, &n.uuid)?;
@@ -1021,7 +1102,10 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
         let tag = super::nic_tags::get(db, &m.nic_tag)?;
         if let Some(t) = tag {
             if x > t.mtu {
-                p.invalid("mtu", format!("network MTU must be under nic_tag MTU ({})", t.mtu));
+                p.invalid(
+                    "mtu",
+                    format!("network MTU must be under nic_tag MTU ({})", t.mtu),
+                );
             }
         }
     }
@@ -1046,15 +1130,27 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
     let (lo, hi) = m.bounds();
     let inside = |ip: Ipv4Addr| (lo..=hi).contains(&u32::from(ip));
     if !inside(m.provision_start) {
-        p.invalid("provision_start_ip", "provision_start_ip cannot be outside subnet");
+        p.invalid(
+            "provision_start_ip",
+            "provision_start_ip cannot be outside subnet",
+        );
     }
     if !inside(m.provision_end) {
-        p.invalid("provision_end_ip", "provision_end_ip cannot be outside subnet");
+        p.invalid(
+            "provision_end_ip",
+            "provision_end_ip cannot be outside subnet",
+        );
     } else if u32::from(m.provision_end) == hi && hi - lo >= 2 {
-        p.invalid("provision_end_ip", "provision_end_ip cannot be the broadcast address");
+        p.invalid(
+            "provision_end_ip",
+            "provision_end_ip cannot be the broadcast address",
+        );
     }
     if u32::from(m.provision_start) > u32::from(m.provision_end) {
-        p.invalid("provision_end_ip", "provision_end_ip must be greater than provision_start_ip");
+        p.invalid(
+            "provision_end_ip",
+            "provision_end_ip must be greater than provision_start_ip",
+        );
     }
     if let Some(g) = m.gateway {
         if !inside(g) {
@@ -1114,14 +1210,26 @@ pub fn delete(db: &mut Db<'_>, n: &Network) -> Result<(), OpError> {
         )
         .into());
     }
-    db.exec("DELETE FROM napi_ips WHERE network_uuid = $1", &[Val::text(&n.uuid)])?;
-    db.exec("DELETE FROM napi_networks WHERE uuid = $1", &[Val::text(&n.uuid)])?;
+    db.exec(
+        "DELETE FROM napi_ips WHERE network_uuid = $1",
+        &[Val::text(&n.uuid)],
+    )?;
+    db.exec(
+        "DELETE FROM napi_networks WHERE uuid = $1",
+        &[Val::text(&n.uuid)],
+    )?;
     Ok(())
 }
 
 /// ListIPs.
 pub fn list_ips_api(db: &mut Db<'_>, n: &Network, p: &mut Params) -> Result<Value, OpError> {
-    p.allow_only(&["belongs_to_type", "belongs_to_uuid", "owner_uuid", "limit", "offset"]);
+    p.allow_only(&[
+        "belongs_to_type",
+        "belongs_to_uuid",
+        "owner_uuid",
+        "limit",
+        "offset",
+    ]);
     let btt = p.one_of("belongs_to_type", &["zone", "server", "other"]);
     let btu = p.uuid("belongs_to_uuid");
     let owner = p.uuid("owner_uuid");
@@ -1178,7 +1286,10 @@ pub fn update_ip(db: &mut Db<'_>, n: &Network, ip: &str, p: &mut Params) -> Resu
     let free = p.boolean("free").unwrap_or(false);
     let check_owner = p.boolean("check_owner").unwrap_or(true);
     if free && unassign {
-        p.invalid("unassign", "free and unassign cannot both be set to \"true\"");
+        p.invalid(
+            "unassign",
+            "free and unassign cannot both be set to \"true\"",
+        );
     }
     if btu.is_some() != btt.is_some() && !free && !unassign {
         if btu.is_none() {
@@ -1197,7 +1308,13 @@ pub fn update_ip(db: &mut Db<'_>, n: &Network, ip: &str, p: &mut Params) -> Resu
     if let Some(row) = holder {
         if free || unassign || btu.is_some() {
             let mac = super::nics::mac_string(row[0].as_i64("mac")? as u64);
-            let field = if free { "free" } else if unassign { "unassign" } else { "belongs_to_uuid" };
+            let field = if free {
+                "free"
+            } else if unassign {
+                "unassign"
+            } else {
+                "belongs_to_uuid"
+            };
             return Err(ApiError::invalid_params(vec![FieldError::used_by(
                 field,
                 "nic",
@@ -1210,7 +1327,9 @@ pub fn update_ip(db: &mut Db<'_>, n: &Network, ip: &str, p: &mut Params) -> Resu
     if check_owner {
         if let Some(o) = &owner {
             if !n.owner_uuids.is_empty() && !n.owner_uuids.contains(o) {
-                return Err(ApiError::invalid("owner_uuid", "network owner_uuids do not match").into());
+                return Err(
+                    ApiError::invalid("owner_uuid", "network owner_uuids do not match").into(),
+                );
             }
         }
     }
@@ -1243,8 +1362,14 @@ mod tests {
 
     #[test]
     fn subnets() {
-        assert_eq!(parse_subnet("10.0.2.0/24").unwrap(), (Ipv4Addr::new(10, 0, 2, 0), 24));
-        assert_eq!(parse_subnet("10.0.2.5/24").unwrap_err(), "invalid CIDR format");
+        assert_eq!(
+            parse_subnet("10.0.2.0/24").unwrap(),
+            (Ipv4Addr::new(10, 0, 2, 0), 24)
+        );
+        assert_eq!(
+            parse_subnet("10.0.2.5/24").unwrap_err(),
+            "invalid CIDR format"
+        );
         assert!(parse_subnet("10.0.0.0/7").is_err());
         assert!(parse_subnet("10.0.0.0").is_err());
         assert!(parse_subnet("10.0.0.0/024").is_err());

@@ -26,7 +26,10 @@ impl NicTag {
 
 fn from_row(r: super::db::Row) -> Result<NicTag, OpError> {
     let mut it = r.into_iter();
-    let mut next = || it.next().ok_or_else(|| OpError::Corrupt("nic tag row".into()));
+    let mut next = || {
+        it.next()
+            .ok_or_else(|| OpError::Corrupt("nic tag row".into()))
+    };
     Ok(NicTag {
         name: next()?.into_string("name")?,
         uuid: next()?.into_string("uuid")?,
@@ -50,9 +53,7 @@ pub fn find(db: &mut Db<'_>, name: &str) -> Result<NicTag, OpError> {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 31
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    !s.is_empty() && s.len() <= 31 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 const NAME_MSG: &str =
@@ -102,7 +103,11 @@ pub fn create(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
     let name = name.unwrap_or_default();
     db.lock(lock_key(LOCK_GLOBAL, "nic_tags"))?;
     if get(db, &name)?.is_some() {
-        return Err(ApiError::invalid_params(vec![FieldError::duplicate("name", "Already exists")]).into());
+        return Err(ApiError::invalid_params(vec![FieldError::duplicate(
+            "name",
+            "Already exists",
+        )])
+        .into());
     }
     let uuid = match uuid {
         Some(u) => u,
@@ -119,7 +124,10 @@ pub fn list(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
     let (limit, offset) = p.pagination();
     p.finish()?;
     let tags = db
-        .query("SELECT name, uuid, mtu FROM napi_nic_tags ORDER BY name", &[])?
+        .query(
+            "SELECT name, uuid, mtu FROM napi_nic_tags ORDER BY name",
+            &[],
+        )?
         .into_iter()
         .map(|r| from_row(r).map(|t| t.to_json()))
         .collect::<Result<Vec<_>, _>>()?;
@@ -174,21 +182,35 @@ pub fn update(db: &mut Db<'_>, name: &str, p: &mut Params) -> Result<Value, OpEr
             return Err(ApiError::invalid_params(used).into());
         }
         if get(db, &n)?.is_some() {
-            return Err(ApiError::invalid_params(vec![FieldError::duplicate("name", "Already exists")]).into());
+            return Err(ApiError::invalid_params(vec![FieldError::duplicate(
+                "name",
+                "Already exists",
+            )])
+            .into());
         }
-        db.exec("DELETE FROM napi_nic_tags WHERE name = $1", &[Val::text(name)])?;
+        db.exec(
+            "DELETE FROM napi_nic_tags WHERE name = $1",
+            &[Val::text(name)],
+        )?;
         t.name = n;
     }
     if let Some(m) = mtu {
         let max_net: Option<i64> = db
-            .query("SELECT doc FROM napi_networks WHERE nic_tag = $1", &[Val::text(name)])?
+            .query(
+                "SELECT doc FROM napi_networks WHERE nic_tag = $1",
+                &[Val::text(name)],
+            )?
             .into_iter()
             .filter_map(|r| r.into_iter().next()?.into_opt_string())
             .filter_map(|d| serde_json::from_str::<super::networks::Network>(&d).ok())
             .map(|n| i64::from(n.mtu))
             .max();
         if max_net.is_some_and(|x| x > m) {
-            return Err(ApiError::invalid("mtu", "mtu must be at least the MTU of every network with this tag").into());
+            return Err(ApiError::invalid(
+                "mtu",
+                "mtu must be at least the MTU of every network with this tag",
+            )
+            .into());
         }
         t.mtu = m;
     }
@@ -204,6 +226,9 @@ pub fn delete(db: &mut Db<'_>, name: &str) -> Result<(), OpError> {
     if !used.is_empty() {
         return Err(ApiError::in_use("nic tag is in use by networks", used).into());
     }
-    db.exec("DELETE FROM napi_nic_tags WHERE name = $1", &[Val::text(name)])?;
+    db.exec(
+        "DELETE FROM napi_nic_tags WHERE name = $1",
+        &[Val::text(name)],
+    )?;
     Ok(())
 }

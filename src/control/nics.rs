@@ -109,7 +109,8 @@ impl Nic {
     /// The underlay mapping this NIC provides, if it is an underlay NIC.
     pub fn underlay_mapping(&self, net: Option<&Network>, cfg: &Config) -> Option<UnderlayMapping> {
         let net = net?;
-        if !self.underlay || self.belongs_to_type != "server" || net.nic_tag != cfg.underlay_nic_tag {
+        if !self.underlay || self.belongs_to_type != "server" || net.nic_tag != cfg.underlay_nic_tag
+        {
             return None;
         }
         Some(UnderlayMapping {
@@ -153,7 +154,11 @@ impl Nic {
             m.insert("nic_tag".into(), json!(tag));
             m.insert(
                 "resolvers".into(),
-                json!(n.resolvers.iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+                json!(n
+                    .resolvers
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()),
             );
             m.insert("vlan_id".into(), json!(n.vlan_id));
             if !n.routes.is_empty() {
@@ -225,9 +230,12 @@ fn nic_from_row(r: db::Row) -> Result<Nic, OpError> {
 
 /// One NIC.
 pub fn get(db: &mut Db<'_>, mac: u64) -> Result<Option<Nic>, OpError> {
-    db.query_opt("SELECT doc FROM napi_nics WHERE mac = $1", &[Val::int(mac as i64)])?
-        .map(nic_from_row)
-        .transpose()
+    db.query_opt(
+        "SELECT doc FROM napi_nics WHERE mac = $1",
+        &[Val::int(mac as i64)],
+    )?
+    .map(nic_from_row)
+    .transpose()
 }
 
 /// The NIC named in a URL: a bad MAC is 422 on `mac`, a missing NIC 404.
@@ -393,8 +401,14 @@ pub fn validate_create(p: &mut Params, url_network: Option<&str>) -> Result<NewN
     if nic.underlay && nic.belongs_to_type != "server" {
         p.invalid("underlay", "Only server NICs can be underlay NICs");
     }
-    if nic.ip.is_some() && network_uuid.is_none() && (nic.nic_tag.is_none() || nic.vlan_id.is_none()) {
-        p.invalid("ip", "ip requires network_uuid, or nic_tag and vlan_id, to find its network");
+    if nic.ip.is_some()
+        && network_uuid.is_none()
+        && (nic.nic_tag.is_none() || nic.vlan_id.is_none())
+    {
+        p.invalid(
+            "ip",
+            "ip requires network_uuid, or nic_tag and vlan_id, to find its network",
+        );
     }
     p.finish()?;
     Ok(NewNic {
@@ -414,7 +428,12 @@ fn random_mac(oui: u32) -> Result<u64, OpError> {
 
 /// Finds the network containing `ip` with `nic_tag` and `vlan_id` (CreateNic without
 /// `network_uuid`).
-fn network_for(db: &mut Db<'_>, ip: Ipv4Addr, tag: &str, vlan: u16) -> Result<Option<Network>, OpError> {
+fn network_for(
+    db: &mut Db<'_>,
+    ip: Ipv4Addr,
+    tag: &str,
+    vlan: u16,
+) -> Result<Option<Network>, OpError> {
     let rows = db.query(
         "SELECT uuid FROM napi_networks WHERE nic_tag = $1 AND vlan_id = $2 \
            AND subnet_lo <= $3 AND subnet_hi >= $3 ORDER BY uuid",
@@ -431,7 +450,12 @@ fn network_for(db: &mut Db<'_>, ip: Ipv4Addr, tag: &str, vlan: u16) -> Result<Op
 }
 
 /// Claims `ip` (explicit) or allocates one on `net` for `nic`; writes the IP record.
-fn take_ip(db: &mut Db<'_>, net: &Network, nic: &Nic, explicit: Option<Ipv4Addr>) -> Result<Ipv4Addr, OpError> {
+fn take_ip(
+    db: &mut Db<'_>,
+    net: &Network,
+    nic: &Nic,
+    explicit: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, OpError> {
     networks::lock_network(db, &net.uuid)?;
     let addr = match explicit {
         Some(ip) => {
@@ -443,7 +467,10 @@ fn take_ip(db: &mut Db<'_>, net: &Network, nic: &Nic, explicit: Option<Ipv4Addr>
             }
             if let Some(r) = networks::get_ip(db, &net.uuid, u32::from(ip))? {
                 // Gateway and resolvers (held by `other`) may be requested explicitly.
-                let held = r.belongs_to_uuid.as_ref().is_some_and(|b| b != &nic.belongs_to_uuid)
+                let held = r
+                    .belongs_to_uuid
+                    .as_ref()
+                    .is_some_and(|b| b != &nic.belongs_to_uuid)
                     && r.belongs_to_type.as_deref() != Some("other");
                 let nic_holds = db
                     .query_opt(
@@ -503,8 +530,12 @@ fn check_network(db: &mut Db<'_>, req: &NewNic, net: &Network) -> Result<(), OpE
     if net.fabric && nic.belongs_to_type == "zone" && nic.cn_uuid.is_none() {
         errs.push(FieldError::missing("cn_uuid"));
     }
-    if req.check_owner && !net.owner_uuids.is_empty() && !net.owner_uuids.contains(&nic.owner_uuid) {
-        errs.push(FieldError::invalid("owner_uuid", "network owner_uuids do not match"));
+    if req.check_owner && !net.owner_uuids.is_empty() && !net.owner_uuids.contains(&nic.owner_uuid)
+    {
+        errs.push(FieldError::invalid(
+            "owner_uuid",
+            "network owner_uuids do not match",
+        ));
     }
     let _ = db;
     if errs.is_empty() {
@@ -515,7 +546,12 @@ fn check_network(db: &mut Db<'_>, req: &NewNic, net: &Network) -> Result<(), OpE
 }
 
 /// Sets `gateway_provisioned` when a NIC takes (or leaves) a fabric network's gateway IP.
-fn mark_gateway(db: &mut Db<'_>, net: &Network, ip: Ipv4Addr, provisioned: bool) -> Result<(), OpError> {
+fn mark_gateway(
+    db: &mut Db<'_>,
+    net: &Network,
+    ip: Ipv4Addr,
+    provisioned: bool,
+) -> Result<(), OpError> {
     if net.fabric && net.gateway == Some(ip) && net.gateway_provisioned != provisioned {
         // Re-read: the caller's copy may predate this transaction's other writes.
         if let Some(mut n) = networks::get(db, &net.uuid)? {
@@ -549,13 +585,16 @@ fn clear_other_primaries(db: &mut Db<'_>, nic: &Nic) -> Result<(), OpError> {
 pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, OpError> {
     let mut d = Db::from(tx.raw());
     // The network, if any.
-    let net = match (&req.network_uuid, req.nic.ip, &req.nic.nic_tag, req.nic.vlan_id) {
+    let net = match (
+        &req.network_uuid,
+        req.nic.ip,
+        &req.nic.nic_tag,
+        req.nic.vlan_id,
+    ) {
         (Some(u), _, _, _) => match networks::get(&mut d, u)? {
             Some(n) => Some(n),
             None if req.url_network => return Err(ApiError::not_found("network not found").into()),
-            None => {
-                return Err(ApiError::invalid("network_uuid", "network does not exist").into())
-            }
+            None => return Err(ApiError::invalid("network_uuid", "network does not exist").into()),
         },
         (None, Some(ip), Some(tag), Some(vlan)) => {
             let tag = tag.split('/').next().unwrap_or(tag).to_string();
@@ -579,7 +618,11 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
     d.lock(lock_key(LOCK_GLOBAL, "macs"))?;
     if req.mac_given {
         if get(&mut d, req.nic.mac)?.is_some() {
-            return Err(ApiError::invalid_params(vec![FieldError::duplicate("mac", "Already exists")]).into());
+            return Err(ApiError::invalid_params(vec![FieldError::duplicate(
+                "mac",
+                "Already exists",
+            )])
+            .into());
         }
     } else {
         let mut found = None;
@@ -669,7 +712,12 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
     let ip = p.ipv4("ip");
     let check_owner = p.boolean("check_owner").unwrap_or(true);
     let _ = p.string("nic_tag");
-    let _ = p.int_in("vlan_id", 0, 4094, "VLAN ID must be a number between 0 and 4094, and not 1");
+    let _ = p.int_in(
+        "vlan_id",
+        0,
+        4094,
+        "VLAN ID must be a number between 0 and 4094, and not 1",
+    );
     let mut d = Db::from(tx.raw());
     let old = find(&mut d, mac)?;
     if let Some(m) = p.raw("mac").cloned() {
@@ -725,7 +773,11 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
         let n = target_net.as_ref().ok_or_else(|| {
             ApiError::invalid("ip", "ip requires network_uuid: this NIC is on no network")
         })?;
-        let explicit = if old_net.as_ref().map(|o| &o.uuid) == Some(&n.uuid) { ip } else { ip };
+        let explicit = if old_net.as_ref().map(|o| &o.uuid) == Some(&n.uuid) {
+            ip
+        } else {
+            ip
+        };
         let new_ip = take_ip(&mut d, n, &nic, explicit)?;
         if let (Some(on), Some(oip)) = (&old_net, old.ip) {
             release_ip(&mut d, &on.uuid, oip)?;
@@ -808,7 +860,10 @@ pub fn delete(tx: &mut dyn Txn, cfg: &Config, mac: &str) -> Result<(), OpError> 
         release_ip(&mut d, &n.uuid, ip)?;
         mark_gateway(&mut d, n, ip, false)?;
     }
-    d.exec("DELETE FROM napi_nics WHERE mac = $1", &[Val::int(nic.mac as i64)])?;
+    d.exec(
+        "DELETE FROM napi_nics WHERE mac = $1",
+        &[Val::int(nic.mac as i64)],
+    )?;
     drop(d);
     if let Some(m) = nic.overlay(net.as_ref()) {
         tx.delete_mapping(m.vnet_id, m.ip)?;
@@ -845,9 +900,16 @@ pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpEr
     let mut uuid_filters = Vec::new();
     for f in ["owner_uuid", "belongs_to_uuid", "cn_uuid", "network_uuid"] {
         if let Some(v) = p.string_array(f) {
-            let bad: Vec<Value> = v.iter().filter(|x| parse_uuid(x).is_none()).map(|x| json!(x)).collect();
+            let bad: Vec<Value> = v
+                .iter()
+                .filter(|x| parse_uuid(x).is_none())
+                .map(|x| json!(x))
+                .collect();
             if bad.is_empty() {
-                uuid_filters.push((f, v.iter().filter_map(|x| parse_uuid(x)).collect::<Vec<_>>()));
+                uuid_filters.push((
+                    f,
+                    v.iter().filter_map(|x| parse_uuid(x)).collect::<Vec<_>>(),
+                ));
             } else {
                 let mut e = FieldError::invalid(f, "invalid UUID");
                 e.invalid = Some(bad);
@@ -860,7 +922,10 @@ pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpEr
     let tags = p.string_array("nic_tag");
     let provided = p.string_array("nic_tags_provided");
     let underlay = p.boolean("underlay");
-    let allows: Vec<(&str, bool)> = ALLOW.iter().filter_map(|a| p.boolean(a).map(|b| (*a, b))).collect();
+    let allows: Vec<(&str, bool)> = ALLOW
+        .iter()
+        .filter_map(|a| p.boolean(a).map(|b| (*a, b)))
+        .collect();
     let (limit, offset) = p.pagination();
     p.finish()?;
     let nics: Vec<Nic> = db
@@ -884,7 +949,9 @@ pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpEr
             && underlay.is_none_or(|u| n.underlay == u)
             && allows.iter().all(|(a, b)| n.allow(a) == *b)
             && provided.as_ref().is_none_or(|v| {
-                n.nic_tags_provided.as_ref().is_some_and(|p| p.iter().any(|t| v.contains(t)))
+                n.nic_tags_provided
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|t| v.contains(t)))
             });
         if !ok {
             continue;

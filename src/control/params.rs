@@ -36,7 +36,11 @@ fn push(map: &mut Map<String, Value>, k: String, v: Value) {
 impl Params {
     /// Parameters from a query string and a body with its content type. Body parameters win
     /// over query parameters of the same name.
-    pub fn parse(query: Option<&str>, content_type: Option<&str>, body: &[u8]) -> Result<Params, ApiError> {
+    pub fn parse(
+        query: Option<&str>,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Params, ApiError> {
         let mut map = Map::new();
         if let Some(q) = query {
             for (k, v) in form_urlencoded::parse(q.as_bytes()) {
@@ -55,9 +59,8 @@ impl Params {
             let mut body_map = Map::new();
             match ct.as_str() {
                 "application/json" | "" => {
-                    let v: Value = serde_json::from_slice(body).map_err(|e| {
-                        ApiError::invalid_content(format!("Invalid JSON: {e}"))
-                    })?;
+                    let v: Value = serde_json::from_slice(body)
+                        .map_err(|e| ApiError::invalid_content(format!("Invalid JSON: {e}")))?;
                     match v {
                         Value::Object(o) => body_map = o,
                         _ => {
@@ -260,8 +263,14 @@ impl Params {
         match v.as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()) {
             Some(ip) => Some(ip),
             None => {
-                if v.as_str().and_then(|s| s.parse::<std::net::Ipv6Addr>().ok()).is_some() {
-                    self.invalid(name, "IPv6 addresses are not supported: expected an IPv4 address");
+                if v.as_str()
+                    .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok())
+                    .is_some()
+                {
+                    self.invalid(
+                        name,
+                        "IPv6 addresses are not supported: expected an IPv4 address",
+                    );
                 } else {
                     self.invalid(name, "invalid IP address");
                 }
@@ -333,7 +342,10 @@ impl Params {
         if !bad.is_empty() || f.is_empty() {
             let mut e = FieldError::invalid(
                 "fields",
-                format!("unknown field specified; expected some of: {}", allowed.join(", ")),
+                format!(
+                    "unknown field specified; expected some of: {}",
+                    allowed.join(", ")
+                ),
             );
             if !bad.is_empty() {
                 e.invalid = Some(bad);
@@ -437,7 +449,10 @@ mod tests {
         assert_eq!(p.pagination(), (5, 0));
         assert!(p.finish().is_ok());
         let e = Params::parse(None, Some("application/json"), b"[1]").unwrap_err();
-        assert_eq!(e.body()["errors"][0]["message"], "Parameters must be objects");
+        assert_eq!(
+            e.body()["errors"][0]["message"],
+            "Parameters must be objects"
+        );
         let e = Params::parse(None, Some("application/json"), b"{").unwrap_err();
         assert_eq!(e.status, 400);
         let mut p = Params::parse(Some("limit=0&offset=-1&zz=1"), None, b"").unwrap();

@@ -32,7 +32,12 @@ fn cn_param(p: &mut Params, name: &str) -> Option<portolan::store::CnUuid> {
 /// `GET /portolan/mappings?vnet_id=N`: every mapping of the VNI, by IP.
 pub fn mappings(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
     p.allow_only(&["vnet_id", "limit", "offset"]);
-    let vnet = p.int_in("vnet_id", 0, i64::from(u32::MAX), "vnet_id must be a number between 0 and 16777215");
+    let vnet = p.int_in(
+        "vnet_id",
+        0,
+        i64::from(u32::MAX),
+        "vnet_id must be a number between 0 and 16777215",
+    );
     let vnet = p.require("vnet_id", vnet);
     let (limit, offset) = p.pagination();
     p.finish()?;
@@ -44,7 +49,10 @@ pub fn mappings(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
     let mut out = Vec::new();
     for r in rows {
         let mut it = r.into_iter();
-        let mut next = || it.next().ok_or_else(|| OpError::Corrupt("mapping row".into()));
+        let mut next = || {
+            it.next()
+                .ok_or_else(|| OpError::Corrupt("mapping row".into()))
+        };
         let ip = ip_text(next()?.into_bytes("ip")?)?;
         let mac = next()?.as_i64("mac")? as u64;
         let cn = uuid_text(next()?.into_bytes("cn_uuid")?)?;
@@ -61,7 +69,9 @@ pub fn mappings(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
 
 /// `GET /portolan/underlay/:cn_uuid`.
 pub fn underlay(db: &mut Db<'_>, cn: &str) -> Result<Value, OpError> {
-    let Some(c) = super::params::parse_uuid(cn).and_then(|u| u.parse::<portolan::store::CnUuid>().ok()) else {
+    let Some(c) =
+        super::params::parse_uuid(cn).and_then(|u| u.parse::<portolan::store::CnUuid>().ok())
+    else {
         return Err(ApiError::invalid("cn_uuid", "invalid UUID").into());
     };
     let row = db.query_opt(
@@ -72,14 +82,24 @@ pub fn underlay(db: &mut Db<'_>, cn: &str) -> Result<Value, OpError> {
         return Err(ApiError::not_found("underlay mapping not found").into());
     };
     let mut it = r.into_iter();
-    let ip = ip_text(it.next().ok_or_else(|| OpError::Corrupt("underlay row".into()))?.into_bytes("ip")?)?;
-    let port = it.next().ok_or_else(|| OpError::Corrupt("underlay row".into()))?.as_i64("port")?;
+    let ip = ip_text(
+        it.next()
+            .ok_or_else(|| OpError::Corrupt("underlay row".into()))?
+            .into_bytes("ip")?,
+    )?;
+    let port = it
+        .next()
+        .ok_or_else(|| OpError::Corrupt("underlay row".into()))?
+        .as_i64("port")?;
     Ok(json!({"cn_uuid": c.to_string(), "ip": ip, "port": port}))
 }
 
 fn event_json(cn: &str, r: Row) -> Result<Value, OpError> {
     let mut it = r.into_iter();
-    let mut next = || it.next().ok_or_else(|| OpError::Corrupt("event row".into()));
+    let mut next = || {
+        it.next()
+            .ok_or_else(|| OpError::Corrupt("event row".into()))
+    };
     let id = uuid_text(next()?.into_bytes("id")?)?;
     let vnet = next()?.as_i64("vnet_id")?;
     let kind = next()?.as_i64("kind")?;
@@ -91,7 +111,9 @@ fn event_json(cn: &str, r: Row) -> Result<Value, OpError> {
     let vlan = next()?.as_i64("vlan")?;
     let record = match kind {
         1 => json!({"type": "SVP_LOG_VL2", "mac": mac_string(mac), "vnet_id": vnet}),
-        2 => json!({"type": "SVP_LOG_VL3", "ip": ip, "mac": mac_string(mac), "vlan": vlan, "vnet_id": vnet}),
+        2 => {
+            json!({"type": "SVP_LOG_VL3", "ip": ip, "mac": mac_string(mac), "vlan": vlan, "vnet_id": vnet})
+        }
         k => return Err(OpError::Corrupt(format!("event kind {k}"))),
     };
     Ok(json!({"id": id, "cn_uuid": cn, "vnet_id": vnet, "record": record}))
@@ -112,6 +134,9 @@ pub fn events(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
         &[Val::Bytes(Some(cn.0.to_vec()))],
     )?;
     let c = cn.to_string();
-    let out = rows.into_iter().map(|r| event_json(&c, r)).collect::<Result<Vec<_>, _>>()?;
+    let out = rows
+        .into_iter()
+        .map(|r| event_json(&c, r))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Value::Array(page(out, limit, offset)))
 }

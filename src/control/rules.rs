@@ -81,7 +81,10 @@ fn parse_rule(text: &str) -> Result<(String, Vec<String>), FieldError> {
             vms.dedup();
             Ok((r.text(), vms))
         }
-        Err(e) => Err(FieldError::invalid("rule", format!("{} error: {e}", e.class()))),
+        Err(e) => Err(FieldError::invalid(
+            "rule",
+            format!("{} error: {e}", e.class()),
+        )),
     }
 }
 
@@ -112,10 +115,13 @@ pub fn find(db: &mut Db<'_>, uuid: &str) -> Result<Rule, OpError> {
     let Some(u) = parse_uuid(uuid) else {
         return Err(ApiError::not_found("rule not found").into());
     };
-    db.query_opt("SELECT doc FROM napi_rules WHERE uuid = $1", &[Val::text(u)])?
-        .map(from_row)
-        .transpose()?
-        .ok_or_else(|| ApiError::not_found("rule not found").into())
+    db.query_opt(
+        "SELECT doc FROM napi_rules WHERE uuid = $1",
+        &[Val::text(u)],
+    )?
+    .map(from_row)
+    .transpose()?
+    .ok_or_else(|| ApiError::not_found("rule not found").into())
 }
 
 const WRITE_PARAMS: &[&str] = &[
@@ -134,7 +140,11 @@ const WRITE_PARAMS: &[&str] = &[
 fn apply(p: &mut Params, r: &mut Rule, creating: bool) -> Result<(), ApiError> {
     p.allow_only(WRITE_PARAMS);
     let text = p.string("rule");
-    let text = if creating { p.require("rule", text) } else { text };
+    let text = if creating {
+        p.require("rule", text)
+    } else {
+        text
+    };
     let owner = p.uuid("owner_uuid");
     let global = p.boolean("global");
     let enabled = p.boolean("enabled");
@@ -214,10 +224,17 @@ pub fn create(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
         None => random_uuid().map_err(|e| OpError::Corrupt(format!("random: {e}")))?,
     };
     if db
-        .query_opt("SELECT uuid FROM napi_rules WHERE uuid = $1", &[Val::text(&r.uuid)])?
+        .query_opt(
+            "SELECT uuid FROM napi_rules WHERE uuid = $1",
+            &[Val::text(&r.uuid)],
+        )?
         .is_some()
     {
-        return Err(ApiError::invalid_params(vec![FieldError::duplicate("uuid", "Already exists")]).into());
+        return Err(ApiError::invalid_params(vec![FieldError::duplicate(
+            "uuid",
+            "Already exists",
+        )])
+        .into());
     }
     save(db, &r)?;
     Ok(r.to_json())
@@ -234,7 +251,10 @@ pub fn update(db: &mut Db<'_>, uuid: &str, p: &mut Params) -> Result<Value, OpEr
 /// DeleteRule.
 pub fn delete(db: &mut Db<'_>, uuid: &str) -> Result<(), OpError> {
     let r = find(db, uuid)?;
-    db.exec("DELETE FROM napi_rules WHERE uuid = $1", &[Val::text(&r.uuid)])?;
+    db.exec(
+        "DELETE FROM napi_rules WHERE uuid = $1",
+        &[Val::text(&r.uuid)],
+    )?;
     Ok(())
 }
 
