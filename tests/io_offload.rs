@@ -479,3 +479,21 @@ proptest! {
         let _ = c.finish();
     }
 }
+
+#[test]
+fn non_ip_frames_pass_through_segment() {
+    // An ARP request: no IP header at all; segment() must copy it untouched.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&MAC_A);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&MAC_A);
+    arp.extend_from_slice(&V4_A);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&V4_B);
+    let hdr = VirtioNetHdr::default();
+    assert_eq!(segmented_len(&hdr, &arp, 8).unwrap(), 8 + arp.len());
+    let mut out = vec![0u8; 100];
+    let s = segment(&hdr, &arp, 8, &mut out).unwrap();
+    assert_eq!((s.count, s.total_len()), (1, 8 + arp.len()));
+    assert_eq!(&out[s.frame_range(0)], &arp[..]);
+}

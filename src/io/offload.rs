@@ -448,6 +448,9 @@ pub fn segmented_len(
     frame: &[u8],
     headroom: usize,
 ) -> Result<usize, OffloadError> {
+    if hdr.gso_type & !GSO_ECN == GSO_NONE {
+        return Ok(headroom + frame.len());
+    }
     let plan = plan(hdr, frame, headroom)?;
     Ok(plan.0.total_len())
 }
@@ -459,16 +462,6 @@ fn plan(
 ) -> Result<(Segments, Layout), OffloadError> {
     let gso = hdr.gso_type & !GSO_ECN;
     let lay = parse(frame)?;
-    if gso == GSO_NONE {
-        let s = Segments {
-            count: 1,
-            stride: headroom + frame.len(),
-            headroom,
-            seg_len: frame.len(),
-            last_len: frame.len(),
-        };
-        return Ok((s, lay));
-    }
     let want = match gso {
         GSO_TCPV4 => (false, PROTO_TCP),
         GSO_TCPV6 => (true, PROTO_TCP),
@@ -517,13 +510,35 @@ fn plan(
 /// Splits a TAP frame announcing GSO (TCPv4, TCPv6, UDP L4) into MSS-sized Ethernet frames in
 /// `out`, leaving `headroom` bytes before each; fixes IP length/ID/header checksum, TCP
 /// sequence numbers, flags (FIN/PSH on the last segment only, CWR on the first only) and L4
-/// checksums. A frame without GSO is copied with its partial checksum completed. No allocation.
+/// checksums. A frame without GSO (of any kind, ARP included) is copied with its partial
+/// checksum completed. No allocation.
 pub fn segment(
     hdr: &VirtioNetHdr,
     frame: &[u8],
     headroom: usize,
     out: &mut [u8],
 ) -> Result<Segments, OffloadError> {
+    if hdr.gso_type & !GSO_ECN == GSO_NONE {
+        // Any frame (ARP, IPv6 with extension headers, ...): copy, finish a partial checksum.
+        let len = frame.len();
+        let segs = Segments {
+            count: 1,
+            stride: headroom + len,
+            headroom,
+            seg_len: len,
+            last_len: len,
+        };
+        if out.len() < headroom + len {
+            return Err(OffloadError::OutputTooSmall {
+                need: headroom + len,
+                have: out.len(),
+            });
+        }
+        let dst = &mut out[headroom..headroom + len];
+        dst.copy_from_slice(frame);
+        complete_checksum(hdr, dst)?;
+        return Ok(segs);
+    }
     let (segs, lay) = plan(hdr, frame, headroom)?;
     let need = segs.total_len();
     if out.len() < need {
@@ -531,12 +546,6 @@ pub fn segment(
             need,
             have: out.len(),
         });
-    }
-    if segs.count == 1 && hdr.gso_type & !GSO_ECN == GSO_NONE {
-        let dst = &mut out[headroom..headroom + frame.len()];
-        dst.copy_from_slice(frame);
-        complete_checksum(hdr, dst)?;
-        return Ok(segs);
     }
     let mss = hdr.gso_size as usize;
     let hl = lay.hdrs;
