@@ -207,12 +207,8 @@ impl ApiError {
     }
 
     /// 404 for a path no route serves.
-    pub fn no_route(method: &str, path: &str) -> ApiError {
-        ApiError::new(404, "ResourceNotFound", format!("{path} does not exist")).with_method(method)
-    }
-
-    fn with_method(self, _method: &str) -> ApiError {
-        self
+    pub fn no_route(path: &str) -> ApiError {
+        ApiError::new(404, "ResourceNotFound", format!("{path} does not exist"))
     }
 
     /// 405 for a known path with an unsupported method.

@@ -303,7 +303,7 @@ pub async fn serve(
 
 async fn fallback(State(app): State<Arc<App>>, method: Method, uri: Uri) -> Response<Body> {
     let started = Instant::now();
-    let e = ApiError::no_route(method.as_str(), uri.path());
+    let e = ApiError::no_route(uri.path());
     app.metrics.request("unmatched", method.as_str(), e.status);
     respond(&method, Err(e), started)
 }
@@ -427,10 +427,8 @@ fn respond(method: &Method, result: Result<Reply, ApiError>, started: Instant) -
     if let Some(e) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
         h.insert(header::ETAG, e);
     }
-    if let Ok(id) = random_uuid().map(|u| HeaderValue::from_str(&u)) {
-        if let Ok(id) = id {
-            h.insert("x-request-id", id);
-        }
+    if let Ok(Ok(id)) = random_uuid().map(|u| HeaderValue::from_str(&u)) {
+        h.insert("x-request-id", id);
     }
     h.insert(
         "x-response-time",

@@ -650,7 +650,6 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
     }
     clear_other_primaries(&mut d, &nic)?;
     save(&mut d, &nic)?;
-    drop(d);
     if let Some(m) = nic.overlay(net.as_ref()) {
         tx.create_mapping(&m)?;
     }
@@ -773,12 +772,7 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
         let n = target_net.as_ref().ok_or_else(|| {
             ApiError::invalid("ip", "ip requires network_uuid: this NIC is on no network")
         })?;
-        let explicit = if old_net.as_ref().map(|o| &o.uuid) == Some(&n.uuid) {
-            ip
-        } else {
-            ip
-        };
-        let new_ip = take_ip(&mut d, n, &nic, explicit)?;
+        let new_ip = take_ip(&mut d, n, &nic, ip)?;
         if let (Some(on), Some(oip)) = (&old_net, old.ip) {
             release_ip(&mut d, &on.uuid, oip)?;
             mark_gateway(&mut d, on, oip, false)?;
@@ -808,7 +802,6 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
     }
     clear_other_primaries(&mut d, &nic)?;
     save(&mut d, &nic)?;
-    drop(d);
     // Portolan.
     let before = old.overlay(old_net.as_ref());
     let after = nic.overlay(target_net.as_ref());
@@ -864,7 +857,6 @@ pub fn delete(tx: &mut dyn Txn, cfg: &Config, mac: &str) -> Result<(), OpError> 
         "DELETE FROM napi_nics WHERE mac = $1",
         &[Val::int(nic.mac as i64)],
     )?;
-    drop(d);
     if let Some(m) = nic.overlay(net.as_ref()) {
         tx.delete_mapping(m.vnet_id, m.ip)?;
     }

@@ -69,7 +69,7 @@ fn version() -> String {
 }
 
 /// Parses rule text with FWAPI's options; the error names the field `rule`.
-fn parse_rule(text: &str) -> Result<(String, Vec<String>), FieldError> {
+fn parse_rule(text: &str) -> Result<(String, Vec<String>), String> {
     let opts = ParseOptions {
         max_version: None,
         enforce_subnet_mask: true,
@@ -81,10 +81,7 @@ fn parse_rule(text: &str) -> Result<(String, Vec<String>), FieldError> {
             vms.dedup();
             Ok((r.text(), vms))
         }
-        Err(e) => Err(FieldError::invalid(
-            "rule",
-            format!("{} error: {e}", e.class()),
-        )),
+        Err(e) => Err(format!("{} error: {e}", e.class())),
     }
 }
 
@@ -160,7 +157,7 @@ fn apply(p: &mut Params, r: &mut Rule, creating: bool) -> Result<(), ApiError> {
                 r.rule = canon;
                 r.vms = vms;
             }
-            Err(e) => p.error(e),
+            Err(e) => p.invalid("rule", e),
         }
     }
     p.finish()?;
