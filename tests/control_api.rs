@@ -1132,3 +1132,233 @@ async fn portolan_answers_what_the_api_wrote() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
+
+/// NIC updates that renumber or change kind keep Portolan in step; underlay NICs publish and
+/// withdraw their host; reserved IPs are skipped by allocation but can be asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nic_updates_and_ip_reservations() {
+    let s = Svc::start().await;
+    let mut c = s.client();
+    let net = fabric_net(&mut c, OWNER, 9, "10.9.9.0/29", json!({})).await;
+    let nu = net["uuid"].as_str().unwrap().to_string();
+    let vnet = net["vnet_id"].as_u64().unwrap();
+    // Reserve .2: allocation skips it; an explicit request may still take it.
+    let r = ok(
+        &mut c,
+        "PUT",
+        &format!("/networks/{nu}/ips/10.9.9.2"),
+        Some(json!({"reserved": true})),
+    )
+    .await;
+    assert_eq!(
+        r,
+        json!({"ip":"10.9.9.2","network_uuid":nu,"reserved":true,"free":false})
+    );
+    let a = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(zone(VM1, CN1)),
+    )
+    .await;
+    assert_eq!(a["ip"], "10.9.9.1");
+    let b = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(zone(VM2, CN1)),
+    )
+    .await;
+    assert_eq!(b["ip"], "10.9.9.3");
+    let mac = a["mac"].as_str().unwrap().to_string();
+    // Renumber a to the reserved .2: old address tombstoned, new one live, .1 freed.
+    let u = ok(
+        &mut c,
+        "PUT",
+        &format!("/nics/{mac}"),
+        Some(json!({"ip": "10.9.9.2"})),
+    )
+    .await;
+    assert_eq!(u["ip"], "10.9.9.2");
+    let maps = ok(
+        &mut c,
+        "GET",
+        &format!("/portolan/mappings?vnet_id={vnet}"),
+        None,
+    )
+    .await;
+    let state: Vec<(String, bool)> = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["ip"].as_str().unwrap().to_string(),
+                m["deleted"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        state,
+        [
+            ("10.9.9.1".to_string(), true),
+            ("10.9.9.2".to_string(), false),
+            ("10.9.9.3".to_string(), false)
+        ]
+    );
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/networks/{nu}/ips/10.9.9.1"), None).await["free"],
+        true
+    );
+    // Taking b's address is refused and changes nothing.
+    let r = call(
+        &mut c,
+        "PUT",
+        &format!("/nics/{mac}"),
+        Some(json!({"ip": "10.9.9.3"})),
+    )
+    .await;
+    assert_eq!(r.json()["errors"][0]["code"], "UsedBy");
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/nics/{mac}"), None).await["ip"],
+        "10.9.9.2"
+    );
+    // An IP a NIC holds cannot be freed behind its back.
+    let r = call(
+        &mut c,
+        "PUT",
+        &format!("/networks/{nu}/ips/10.9.9.2"),
+        Some(json!({"free": true})),
+    )
+    .await;
+    assert_eq!(r.json()["errors"][0]["id"], mac.as_str());
+    // No longer a zone: the mapping is tombstoned.
+    ok(
+        &mut c,
+        "PUT",
+        &format!("/nics/{mac}"),
+        Some(json!({"belongs_to_type": "other"})),
+    )
+    .await;
+    let maps = ok(
+        &mut c,
+        "GET",
+        &format!("/portolan/mappings?vnet_id={vnet}"),
+        None,
+    )
+    .await;
+    assert!(maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["ip"] != "10.9.9.2" || m["deleted"] == true));
+    // Primary moves within one owner object.
+    let p1 = ok(
+        &mut c,
+        "PUT",
+        &format!("/nics/{}", b["mac"].as_str().unwrap()),
+        Some(json!({"primary": true})),
+    )
+    .await;
+    assert_eq!(p1["primary"], true);
+    let c2 = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{nu}/nics"),
+        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": VM2, "cn_uuid": CN2, "primary": true})),
+    )
+    .await;
+    assert_eq!(c2["primary"], true);
+    assert_eq!(
+        ok(
+            &mut c,
+            "GET",
+            &format!("/nics/{}", b["mac"].as_str().unwrap()),
+            None
+        )
+        .await["primary"],
+        false
+    );
+    // Underlay: a server NIC publishes its host and withdraws it on delete.
+    ok(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "sdc_underlay"})),
+    )
+    .await;
+    let un = ok(
+        &mut c,
+        "POST",
+        "/networks",
+        Some(json!({"name": "u", "nic_tag": "sdc_underlay", "vlan_id": 0, "subnet": "127.0.30.0/24"})),
+    )
+    .await;
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/networks/{}/nics", un["uuid"].as_str().unwrap()),
+        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": VM1, "underlay": true})),
+    )
+    .await;
+    assert_eq!(
+        r.json()["errors"][0]["message"],
+        "Only server NICs can be underlay NICs"
+    );
+    let srv = ok(
+        &mut c,
+        "POST",
+        &format!("/networks/{}/nics", un["uuid"].as_str().unwrap()),
+        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "server", "belongs_to_uuid": CN1, "underlay": true})),
+    )
+    .await;
+    assert_eq!(
+        ok(&mut c, "GET", &format!("/portolan/underlay/{CN1}"), None).await["ip"],
+        srv["ip"]
+    );
+    assert_eq!(
+        call(
+            &mut c,
+            "DELETE",
+            &format!("/nics/{}", srv["mac"].as_str().unwrap()),
+            None
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(&mut c, "GET", &format!("/portolan/underlay/{CN1}"), None)
+            .await
+            .status,
+        404
+    );
+    // A given MAC in any form is stored canonically; a duplicate is refused.
+    let n = ok(
+        &mut c,
+        "POST",
+        "/nics",
+        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "other", "belongs_to_uuid": VM1, "mac": "2-0-0-a-b-c"})),
+    )
+    .await;
+    assert_eq!(n["mac"], "02:00:00:0a:0b:0c");
+    let r = call(
+        &mut c,
+        "POST",
+        "/nics",
+        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "other", "belongs_to_uuid": VM1, "mac": "02000000 0a0b0c"})),
+    )
+    .await;
+    assert_eq!(r.json()["errors"][0]["message"], "invalid MAC address");
+    let r = call(
+        &mut c,
+        "POST",
+        "/nics",
+        Some(json!({"owner_uuid": OWNER, "belongs_to_type": "other", "belongs_to_uuid": VM1, "mac": "0200000a0b0c"})),
+    )
+    .await;
+    assert_eq!(
+        r.json()["errors"][0],
+        json!({"field":"mac","code":"Duplicate","message":"Already exists"})
+    );
+}
