@@ -1362,3 +1362,52 @@ async fn nic_updates_and_ip_reservations() {
         json!({"field":"mac","code":"Duplicate","message":"Already exists"})
     );
 }
+
+/// Etag on objects; `If-Match` on PUT/DELETE is honoured (412 and no change on a mismatch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etags_and_if_match() {
+    let s = Svc::start().await;
+    let mut c = s.client();
+    let r = call(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "etagged"})),
+    )
+    .await;
+    let etag = r.header("etag").unwrap().to_string();
+    let g = call(&mut c, "GET", "/nic_tags/etagged", None).await;
+    assert_eq!(g.header("etag"), Some(etag.as_str()));
+    let put = |tag: &str| {
+        format!(
+            "PUT /nic_tags/etagged HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nif-match: {tag}\r\ncontent-length: 12\r\n\r\n{{\"mtu\":1600}}"
+        )
+    };
+    // A stale etag: 412, nothing changes.
+    let raw = raw_request(s.addr, &put("\"0000000000000000\"")).await;
+    assert!(raw.starts_with("HTTP/1.1 412"), "{raw}");
+    assert!(raw.contains("\"code\":\"PreconditionFailed\""), "{raw}");
+    assert_eq!(
+        ok(&mut c, "GET", "/nic_tags/etagged", None).await["mtu"],
+        1500
+    );
+    // The current etag: applied.
+    let raw = raw_request(s.addr, &put(&etag)).await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!(
+        ok(&mut c, "GET", "/nic_tags/etagged", None).await["mtu"],
+        1600
+    );
+}
+
+async fn raw_request(addr: SocketAddr, req: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

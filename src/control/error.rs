@@ -187,6 +187,11 @@ impl ApiError {
         ApiError::new(403, "NotAuthorized", message)
     }
 
+    /// 412 `PreconditionFailed` (an `If-Match` that does not match).
+    pub fn precondition_failed(message: impl Into<String>) -> ApiError {
+        ApiError::new(412, "PreconditionFailed", message)
+    }
+
     /// 428 `PreconditionRequired`.
     pub fn precondition_required(message: impl Into<String>) -> ApiError {
         ApiError::new(428, "PreconditionRequired", message)

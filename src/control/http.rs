@@ -324,9 +324,20 @@ async fn handle(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(String::from);
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     let result = match Params::parse(uri.query(), ct.as_deref(), &body) {
         Err(e) => Err(e),
-        Ok(params) => run(&app, route(&method, &pattern, path), params).await,
+        Ok(params) => {
+            let mut op = route(&method, &pattern, path.clone());
+            if let (Some(im), true) = (if_match, method == Method::PUT || method == Method::DELETE)
+            {
+                op = conditional(op, route(&Method::GET, &pattern, path), im);
+            }
+            run(&app, op, params).await
+        }
     };
     let status = match &result {
         Ok(Reply::NoContent) => 204,
@@ -335,6 +346,34 @@ async fn handle(
     };
     app.metrics.request(&pattern, method.as_str(), status);
     respond(&method, result, started)
+}
+
+/// `If-Match` on a per-object PUT or DELETE (restify's `conditionalRequest`): inside the write
+/// transaction, the object's current representation must have one of the given etags (or the
+/// header is `*`), else 412 and nothing changes.
+fn conditional(op: Op, get: Op, if_match: String) -> Op {
+    match (op, get) {
+        (Op::Write(w), Op::Read(g)) => Op::Write(Box::new(move |tx, a, p| {
+            let cur = g(&mut Db::from(tx.raw()), a, &mut Params::default())?;
+            if let Reply::Json(v) = cur {
+                let etag = etag_of(&serde_json::to_vec(&v)?);
+                let wanted = if_match.trim();
+                let matches = wanted == "*"
+                    || wanted
+                        .split(',')
+                        .map(|t| t.trim().trim_start_matches("W/"))
+                        .any(|t| t == etag || t.trim_matches('"') == etag.trim_matches('"'));
+                if !matches {
+                    return Err(ApiError::precondition_failed(format!(
+                        "if-match '{wanted}' didn't match etag '{etag}'"
+                    ))
+                    .into());
+                }
+            }
+            w(tx, a, p)
+        })),
+        (op, _) => op,
+    }
 }
 
 async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiError> {
