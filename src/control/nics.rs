@@ -920,8 +920,46 @@ pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpEr
         .collect();
     let (limit, offset) = p.pagination();
     p.finish()?;
+    // Column filters go to SQL; the rest are checked below. Without the latter, the page is
+    // cut in SQL too.
+    let mut sql = String::from("SELECT doc FROM napi_nics");
+    let mut args: Vec<Val> = Vec::new();
+    let mut conds: Vec<String> = Vec::new();
+    let column_filters = uuid_filters
+        .iter()
+        .map(|(f, v)| (*f, v.clone()))
+        .chain(btt.clone().map(|v| ("belongs_to_type", v)))
+        .chain(states.clone().map(|v| ("state", v)));
+    for (col, vals) in column_filters {
+        let mut marks = Vec::new();
+        for v in vals {
+            args.push(Val::text(v));
+            marks.push(format!("${}", args.len()));
+        }
+        if marks.is_empty() {
+            conds.push("1 = 0".into());
+        } else {
+            conds.push(format!("{col} IN ({})", marks.join(", ")));
+        }
+    }
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    sql.push_str(" ORDER BY mac");
+    let rust_side =
+        underlay.is_some() || !allows.is_empty() || provided.is_some() || tags.is_some();
+    let (limit, offset) = if rust_side {
+        (limit, offset)
+    } else {
+        args.push(Val::int(i64::try_from(limit).unwrap_or(i64::MAX)));
+        sql.push_str(&format!(" LIMIT ${}", args.len()));
+        args.push(Val::int(i64::try_from(offset).unwrap_or(i64::MAX)));
+        sql.push_str(&format!(" OFFSET ${}", args.len()));
+        (super::params::MAX_LIMIT, 0)
+    };
     let nics: Vec<Nic> = db
-        .query("SELECT doc FROM napi_nics ORDER BY mac", &[])?
+        .query(&sql, &args)?
         .into_iter()
         .map(nic_from_row)
         .collect::<Result<_, _>>()?;
