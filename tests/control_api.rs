@@ -1411,3 +1411,32 @@ async fn raw_request(addr: SocketAddr, req: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+/// CreateNic without network_uuid (net-agent's way): ip + nic_tag (`sdc_overlay/<vnet_id>`) +
+/// vlan_id find the owner's network even when another owner uses the same subnet and VLAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_nic_by_ip_tag_and_vlan() {
+    let s = Svc::start().await;
+    let mut c = s.client();
+    let mine = fabric_net(&mut c, OWNER, 4, "10.4.0.0/24", json!({})).await;
+    let theirs = fabric_net(&mut c, OTHER, 4, "10.4.0.0/24", json!({})).await;
+    assert_ne!(mine["vnet_id"], theirs["vnet_id"]);
+    let mut body = zone(VM1, CN1);
+    body["ip"] = json!("10.4.0.20");
+    body["nic_tag"] = json!(format!("sdc_overlay/{}", mine["vnet_id"]));
+    body["vlan_id"] = json!(4);
+    let n = ok(&mut c, "POST", "/nics", Some(body.clone())).await;
+    assert_eq!(n["network_uuid"], mine["uuid"]);
+    assert_eq!(n["ip"], "10.4.0.20");
+    // Without the VNI the tag is ambiguous.
+    body["nic_tag"] = json!("sdc_overlay");
+    body["ip"] = json!("10.4.0.21");
+    let r = call(&mut c, "POST", "/nics", Some(body.clone())).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["errors"][0]["field"], "ip");
+    // Without nic_tag and vlan_id, an ip alone says nothing.
+    let mut lone = zone(VM2, CN1);
+    lone["ip"] = json!("10.4.0.22");
+    let r = call(&mut c, "POST", "/nics", Some(lone)).await;
+    assert_eq!(r.json()["errors"][0]["field"], "ip");
+}

@@ -434,11 +434,32 @@ fn network_for(
     tag: &str,
     vlan: u16,
 ) -> Result<Option<Network>, OpError> {
-    let rows = db.query(
+    // A fabric NIC's tag is `<overlay tag>/<vnet_id>`: the VNI picks the owner's network.
+    let (name, vnet) = match tag.split_once('/') {
+        Some((n, v)) => match v.parse::<u32>() {
+            Ok(v) => (n, Some(v)),
+            Err(_) => return Err(ApiError::invalid("nic_tag", "nic tag does not exist").into()),
+        },
+        None => (tag, None),
+    };
+    let mut sql = String::from(
         "SELECT uuid FROM napi_networks WHERE nic_tag = $1 AND vlan_id = $2 \
-           AND subnet_lo <= $3 AND subnet_hi >= $3 ORDER BY uuid",
-        &[Val::text(tag), Val::int(vlan), Val::int(u32::from(ip))],
-    )?;
+           AND subnet_lo <= $3 AND subnet_hi >= $3",
+    );
+    let mut args = vec![Val::text(name), Val::int(vlan), Val::int(u32::from(ip))];
+    if let Some(v) = vnet {
+        sql.push_str(" AND vnet_id = $4");
+        args.push(Val::int(v));
+    }
+    sql.push_str(" ORDER BY uuid LIMIT 2");
+    let rows = db.query(&sql, &args)?;
+    if rows.len() > 1 {
+        return Err(ApiError::invalid(
+            "ip",
+            "more than one network matches ip, nic_tag and vlan_id: give network_uuid",
+        )
+        .into());
+    }
     match rows.into_iter().next() {
         Some(r) => {
             let u = r.into_iter().next().map(|v| v.into_string("uuid"));
@@ -596,19 +617,16 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
             None if req.url_network => return Err(ApiError::not_found("network not found").into()),
             None => return Err(ApiError::invalid("network_uuid", "network does not exist").into()),
         },
-        (None, Some(ip), Some(tag), Some(vlan)) => {
-            let tag = tag.split('/').next().unwrap_or(tag).to_string();
-            match network_for(&mut d, ip, &tag, vlan)? {
-                Some(n) => Some(n),
-                None => {
-                    return Err(ApiError::invalid(
-                        "ip",
-                        "No networks found matching parameters: ip, nic_tag, vlan_id",
-                    )
-                    .into())
-                }
+        (None, Some(ip), Some(tag), Some(vlan)) => match network_for(&mut d, ip, tag, vlan)? {
+            Some(n) => Some(n),
+            None => {
+                return Err(ApiError::invalid(
+                    "ip",
+                    "No networks found matching parameters: ip, nic_tag, vlan_id",
+                )
+                .into())
             }
-        }
+        },
         _ => None,
     };
     if let Some(n) = &net {
