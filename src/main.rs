@@ -21,6 +21,21 @@ enum Cmd {
     /// unprivileged user; check ARP proxying, lookups, ping, TCP and isolation, and print a
     /// report. Exits non-zero if any expectation fails.
     Demo,
+    /// Run the per-host dataplane daemon: TAP vnics, VXLAN over a UDP underlay, lookups and
+    /// shootdowns through Portolan, and a local control socket for `fabric vnic`/`fabric stats`.
+    /// Needs root (TAP devices, network namespaces). SIGTERM drains and removes the TAPs.
+    Dataplane(fabric::dataplane::daemon::DataplaneArgs),
+    /// Add, remove or list vnics of a running dataplane.
+    #[command(subcommand)]
+    Vnic(fabric::dataplane::cli::VnicCmd),
+    /// Counters of a running dataplane: global, per vnic, per drop reason, resolver.
+    Stats {
+        #[command(flatten)]
+        control: fabric::dataplane::cli::ControlPath,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Firewall rules in Triton's fwrule language.
     #[command(subcommand)]
     Fw(FwCmd),
@@ -67,6 +82,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Dataplane(args) => edge("fabric dataplane", fabric::dataplane::daemon::run(args)),
+        Cmd::Vnic(cmd) => edge("fabric vnic", fabric::dataplane::cli::vnic(cmd)),
+        Cmd::Stats { control, json } => {
+            edge("fabric stats", fabric::dataplane::cli::stats(control, json))
+        }
         Cmd::Fw(FwCmd::Parse(args)) => {
             match fabric::firewall::cli::run_parse(&args, &mut std::io::stdout().lock()) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -76,6 +96,17 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+/// Print an error chain for a failed subcommand and pick the exit code.
+fn edge(what: &str, r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

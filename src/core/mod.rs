@@ -515,6 +515,11 @@ impl Core {
                 {
                     return self.vnic_ndp(id, buf, now);
                 }
+                if dst.is_multicast() {
+                    // MLD reports and router solicitations (often from `::` during DAD):
+                    // never flooded, and not worth calling spoofed.
+                    return Verdict::Drop(DropReason::Multicast);
+                }
                 if !v.owns_v6(ip.src()) {
                     return Verdict::Drop(DropReason::SpoofedSrcIp);
                 }
@@ -700,6 +705,12 @@ impl Core {
             }
             None => false,
         }
+    }
+
+    /// Ask the resolver for `key` now (e.g. to re-resolve after a shootdown), unless a lookup
+    /// for it is already in flight.
+    pub fn resolve(&mut self, key: LookupKey, now: Instant) {
+        self.request(key, now)
     }
 
     /// Ask the resolver for `key` unless a lookup for it is already in flight.

@@ -1,0 +1,164 @@
+//! `fabric vnic …` and `fabric stats`: clients of the dataplane's control socket.
+
+use super::control::{self, Request, Stats, VnicAddSpec, VnicInfo};
+use super::daemon::print_counters;
+use std::path::PathBuf;
+
+/// Where the daemon listens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlPath {
+    /// The dataplane's control socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/fabric/dataplane.sock"
+    )]
+    pub control: PathBuf,
+}
+
+/// `fabric vnic …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum VnicCmd {
+    /// Create a TAP inside an existing network namespace, give it MAC, address, MTU and an
+    /// on-link route, bring it up, and attach it to the dataplane on segment VNI.
+    Add {
+        #[command(flatten)]
+        control: ControlPath,
+        /// Existing network namespace (as created by `ip netns add`).
+        #[arg(long, value_name = "NS")]
+        netns: String,
+        /// Interface name inside the namespace.
+        #[arg(long, value_name = "IF", default_value = "eth0")]
+        name: String,
+        /// Segment: the tenant's 24-bit VXLAN network identifier.
+        #[arg(long, value_name = "N")]
+        vni: u32,
+        /// MAC address (colon, dash or bare hex).
+        #[arg(long, value_name = "MAC")]
+        mac: String,
+        /// Address with prefix length, e.g. 10.0.0.2/24.
+        #[arg(long, value_name = "A/LEN")]
+        ip: String,
+        /// MTU (1450 leaves room for VXLAN on a 1500-byte underlay).
+        #[arg(long, value_name = "M", default_value_t = 1450)]
+        mtu: u32,
+    },
+    /// Detach a vnic and remove its TAP.
+    Rm {
+        #[command(flatten)]
+        control: ControlPath,
+        /// Namespace of the vnic.
+        #[arg(long, value_name = "NS")]
+        netns: String,
+        /// Interface name inside it.
+        #[arg(long, value_name = "IF", default_value = "eth0")]
+        name: String,
+    },
+    /// List vnics.
+    Ls {
+        #[command(flatten)]
+        control: ControlPath,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Run a `fabric vnic` subcommand.
+pub fn vnic(cmd: VnicCmd) -> anyhow::Result<()> {
+    match cmd {
+        VnicCmd::Add {
+            control,
+            netns,
+            name,
+            vni,
+            mac,
+            ip,
+            mtu,
+        } => {
+            let v = control::call(
+                &control.control,
+                &Request::VnicAdd(VnicAddSpec {
+                    netns,
+                    name,
+                    vni,
+                    mac,
+                    ip,
+                    mtu,
+                }),
+            )?;
+            let info: VnicInfo = serde_json::from_value(v)?;
+            println!(
+                "added {} in netns {}: vni {} mac {} ip {} mtu {} (offloads {})",
+                info.name, info.netns, info.vni, info.mac, info.ip, info.mtu, info.offloads
+            );
+        }
+        VnicCmd::Rm {
+            control,
+            netns,
+            name,
+        } => {
+            control::call(
+                &control.control,
+                &Request::VnicRm {
+                    netns: netns.clone(),
+                    name: name.clone(),
+                },
+            )?;
+            println!("removed {name} from netns {netns}");
+        }
+        VnicCmd::Ls { control, json } => {
+            let v = control::call(&control.control, &Request::VnicLs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let list: Vec<VnicInfo> = serde_json::from_value(v)?;
+                println!(
+                    "{:<12} {:<10} {:<9} {:<18} {:<20} {:<6}",
+                    "NETNS", "NAME", "VNI", "MAC", "IP", "MTU"
+                );
+                for i in list {
+                    println!(
+                        "{:<12} {:<10} {:<9} {:<18} {:<20} {:<6}",
+                        i.netns, i.name, i.vni, i.mac, i.ip, i.mtu
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run `fabric stats`.
+pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
+    let v = control::call(&control.control, &Request::Stats)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s: Stats = serde_json::from_value(v)?;
+    println!(
+        "host {} underlay {} (gso {}, gro {})",
+        s.cn_uuid, s.underlay, s.gso, s.gro
+    );
+    println!("{}", print_counters("global", &s.global));
+    println!(
+        "io: tap_malformed {}, underlay_send_errors {}, tap_write_errors {}",
+        s.tap_malformed, s.underlay_send_errors, s.tap_write_errors
+    );
+    let r = &s.resolver;
+    println!(
+        "resolver: lookups {}, not_found {}, failed {}, log_polls {}, log_errors {}, vl2_shootdowns {}, vl3_shootdowns {}, garps {}",
+        r.lookups, r.not_found, r.failed, r.log_polls, r.log_errors, r.vl2_shootdowns, r.vl3_shootdowns, r.garps
+    );
+    for v in &s.vnics {
+        println!(
+            "{}",
+            print_counters(
+                &format!("vnic {}/{} (vni {}, {})", v.netns, v.name, v.vni, v.ip),
+                &v.counters
+            )
+        );
+    }
+    Ok(())
+}
