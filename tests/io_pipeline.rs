@@ -296,10 +296,11 @@ fn tcp_between_two_containers_over_a_vxlan_wire() {
         assert_eq!(sum, expect, "content differs");
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         eprintln!(
-            "{} MB in {:.2?} ({:.2} Gbit/s, debug build, 2 shared cores); A: {} TAP reads ({} GSO), {} transmits; B: {} datagrams in, {} TAP writes ({} coalesced)",
+            "{} MB in {:.2?} ({:.2} Gbit/s, {} build); A: {} TAP reads ({} GSO), {} transmits; B: {} datagrams in, {} TAP writes ({} coalesced)",
             BYTES >> 20,
             elapsed,
             BYTES as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+            if cfg!(debug_assertions) { "debug" } else { "release" },
             r(&ca.tap_reads),
             r(&ca.gso_reads),
             r(&ca.transmits),
