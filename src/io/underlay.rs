@@ -10,7 +10,7 @@
 //!   datagrams back to back (the last may be shorter) and goes out as *one* `sendmmsg` entry with
 //!   a `SOL_UDP/UDP_SEGMENT` cmsg; the kernel (or the NIC) cuts it. GSO is probed with
 //!   `getsockopt(UDP_SEGMENT)` (Linux ≥ 4.18). A transmit larger than the kernel's segment limit
-//!   (`UDP_MAX_SEGMENTS`, 64 before Linux 6.9) or than 64 KB is split into several entries. If a
+//!   (`UDP_MAX_SEGMENTS`: 64 on older kernels, 128 on recent ones; we use 64) or than 64 KB is split into several entries. If a
 //!   GSO send fails with `EIO` (egress device without checksum offload, as quinn-udp and wireguard-go found), GSO is
 //!   switched off for this socket (logged once) and the same transmits are re-sent one datagram
 //!   per entry: nothing is lost. (Current kernels, 6.18 here, segment and checksum in software
@@ -59,7 +59,7 @@ use super::sys;
 pub const VXLAN_PORT: u16 = 4789;
 /// Most entries handed to one `sendmmsg`/`recvmmsg` call (quinn-udp uses 32; wireguard-go 128).
 pub const BATCH_MAX: usize = 64;
-/// Segments per GSO send that every GSO-capable kernel accepts (`UDP_MAX_SEGMENTS` before 6.9).
+/// Segments per GSO send that every GSO-capable kernel accepts (older kernels cap `UDP_MAX_SEGMENTS` at 64).
 pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Default socket buffer size (wireguard-go settled on 7 MB).
 pub const DEFAULT_BUFFER_BYTES: usize = 8 << 20;
