@@ -9,9 +9,10 @@
 //! - **Send (`UDP_SEGMENT`)**: a [`Transmit`] with `segment_size: Some(n)` carries equal `n`-byte
 //!   datagrams back to back (the last may be shorter) and goes out as *one* `sendmmsg` entry with
 //!   a `SOL_UDP/UDP_SEGMENT` cmsg; the kernel (or the NIC) cuts it. GSO is probed with
-//!   `getsockopt(UDP_SEGMENT)` (Linux ≥ 4.18). A transmit larger than the kernel's segment limit
-//!   (`UDP_MAX_SEGMENTS`: 64 on older kernels, 128 on recent ones; we use 64) or than 64 KB is split into several entries. If a
-//!   GSO send fails with `EIO` (egress device without checksum offload, as quinn-udp and wireguard-go found), GSO is
+//!   `getsockopt(UDP_SEGMENT)` (Linux ≥ 4.18). A transmit larger than the kernel's segment
+//!   limit (`UDP_MAX_SEGMENTS`: 64 on older kernels, 128 on recent ones; we use 64) or than
+//!   64 KB is split into several entries. If a GSO send fails with `EIO` (egress device without
+//!   checksum offload, as quinn-udp and wireguard-go found), GSO is
 //!   switched off for this socket (logged once) and the same transmits are re-sent one datagram
 //!   per entry: nothing is lost. (Current kernels, 6.18 here, segment and checksum in software
 //!   instead of failing, so this is for older ones.)
