@@ -184,12 +184,14 @@ impl Encap {
         loop {
             let _ = self.poller.wait(&mut events, Some(TICK));
             let now = Instant::now();
-            let ready: Vec<u64> = events
-                .iter()
-                .filter(|e| e.readable)
-                .map(|e| e.token)
-                .collect();
-            for token in ready {
+            // Copy the ready tokens out (no allocation) so `self` is free while handling them.
+            let mut ready = [0u64; 64];
+            let mut nready = 0;
+            for e in events.iter().filter(|e| e.readable).take(ready.len()) {
+                ready[nready] = e.token;
+                nready += 1;
+            }
+            for &token in &ready[..nready] {
                 if token == WAKE_TOKEN {
                     self.waker.reset();
                 } else {
