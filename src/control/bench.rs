@@ -27,12 +27,19 @@ pub struct BenchArgs {
     /// Clients (connections) in the concurrent phase.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Tenants (owners, each with its own VNI and fabric network); NIC i goes to tenant
+    /// i mod N. Each provision tells every host on its VNI, so one big VNI is the worst case.
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
 }
 
 /// Runs the benchmark and prints the figures.
 pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency 0: expected at least 1");
+    }
+    if args.tenants == 0 || args.tenants > 256 {
+        bail!("--tenants {}: expected 1..=256", args.tenants);
     }
     let tmp = std::env::temp_dir().join(format!("fabric-control-bench-{}.db", std::process::id()));
     let url = args
@@ -57,7 +64,7 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
         }
     }
     let (seq, conc) = result?;
-    println!("store: {url}");
+    println!("store: {url}, {} tenant(s)", args.tenants);
     println!(
         "sequential: {} NICs in {:.3} s = {:.0} provisions/s",
         args.sequential,
@@ -78,52 +85,59 @@ async fn drive(
     addr: std::net::SocketAddr,
     args: &BenchArgs,
 ) -> anyhow::Result<(Duration, Duration)> {
-    let owner = "930896af-bf8c-48d4-885c-6573a94b1853";
     let mut c = HttpClient::new(addr);
-    let r = c
-        .json(
-            "POST",
-            &format!("/fabrics/{owner}/vlans"),
-            Some(&json!({"vlan_id": 10})),
-        )
-        .await?;
-    if r.status != 200 {
-        bail!(
-            "creating the bench VLAN: {} {}",
-            r.status,
-            String::from_utf8_lossy(&r.body)
-        );
+    let mut paths = Vec::new();
+    for t in 0..args.tenants {
+        let owner = format!("930896af-bf8c-48d4-885c-{t:012x}");
+        let r = c
+            .json(
+                "POST",
+                &format!("/fabrics/{owner}/vlans"),
+                Some(&json!({"vlan_id": 10})),
+            )
+            .await?;
+        if r.status != 200 {
+            bail!(
+                "creating the bench VLAN: {} {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+        let r = c
+            .json(
+                "POST",
+                &format!("/fabrics/{owner}/vlans/10/networks"),
+                Some(&json!({"name": "bench", "subnet": "10.128.0.0/14", "gateway": "10.128.0.1"})),
+            )
+            .await?;
+        if r.status != 200 {
+            bail!(
+                "creating the bench network: {} {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+        let net = r.json()["uuid"]
+            .as_str()
+            .context("network uuid")?
+            .to_string();
+        paths.push((owner, format!("/networks/{net}/nics")));
     }
-    let r = c
-        .json(
-            "POST",
-            &format!("/fabrics/{owner}/vlans/10/networks"),
-            Some(&json!({"name": "bench", "subnet": "10.128.0.0/14", "gateway": "10.128.0.1"})),
-        )
-        .await?;
-    if r.status != 200 {
-        bail!(
-            "creating the bench network: {} {}",
-            r.status,
-            String::from_utf8_lossy(&r.body)
-        );
-    }
-    let net = r.json()["uuid"]
-        .as_str()
-        .context("network uuid")?
-        .to_string();
-    let path = Arc::new(format!("/networks/{net}/nics"));
-    let body = move |i: usize| {
-        json!({
+    let paths = Arc::new(paths);
+    let req = move |i: usize| {
+        let (owner, path) = &paths[i % paths.len()];
+        let body = json!({
             "owner_uuid": owner,
             "belongs_to_type": "zone",
             "belongs_to_uuid": format!("00000000-0000-4000-8000-{:012x}", i),
             "cn_uuid": format!("564d1a4c-0000-4000-8000-{:012x}", i % 8),
-        })
+        });
+        (path.clone(), body)
     };
     let t0 = Instant::now();
     for i in 0..args.sequential {
-        let r = c.json("POST", &path, Some(&body(i))).await?;
+        let (path, body) = req(i);
+        let r = c.json("POST", &path, Some(&body)).await?;
         if r.status != 200 {
             bail!(
                 "provision {i}: {} {}",
@@ -137,13 +151,14 @@ async fn drive(
     let t1 = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..args.concurrency {
-        let path = path.clone();
+        let req = req.clone();
         let lo = args.sequential + w * per;
         let hi = (lo + per).min(args.sequential + args.concurrent);
         tasks.push(tokio::spawn(async move {
             let mut c = HttpClient::new(addr);
             for i in lo..hi {
-                let r = c.json("POST", &path, Some(&body(i))).await?;
+                let (path, body) = req(i);
+                let r = c.json("POST", &path, Some(&body)).await?;
                 if r.status != 200 {
                     bail!(
                         "provision {i}: {} {}",

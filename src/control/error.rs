@@ -285,10 +285,27 @@ impl OpError {
         }
     }
 
+    /// Whether the database was busy (another process held SQLite's write lock too long).
+    pub fn is_busy(&self) -> bool {
+        let busy = |e: &rusqlite::Error| {
+            matches!(e, rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::DatabaseBusy
+                    || f.code == rusqlite::ErrorCode::DatabaseLocked)
+        };
+        match self {
+            OpError::Sqlite(e) | OpError::Store(portolan::store::StoreError::Sqlite(e)) => busy(e),
+            _ => false,
+        }
+    }
+
     /// The answer for the client.
     pub fn into_api(self) -> ApiError {
         match self {
             OpError::Api(e) => e,
+            e if e.is_busy() => {
+                tracing::warn!(error = %e, "store busy");
+                ApiError::unavailable("the store is busy; retry the request")
+            }
             other => {
                 tracing::error!(error = %other, "control plane operation failed");
                 ApiError::internal()

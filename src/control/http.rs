@@ -29,6 +29,9 @@ pub struct App {
     pub cfg: Config,
     /// Counters.
     pub metrics: Metrics,
+    /// On SQLite, this process's writers queue here rather than in SQLite's busy handler,
+    /// which sleeps up to 100 ms per retry and lets a writer starve under contention.
+    pub sqlite_writers: Option<std::sync::Mutex<()>>,
 }
 
 /// What an operation answers on success.
@@ -291,10 +294,12 @@ pub async fn serve(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let sqlite = store.describe().starts_with("sqlite:");
     let app = Arc::new(App {
         store,
         cfg,
         metrics: Metrics::default(),
+        sqlite_writers: sqlite.then(|| std::sync::Mutex::new(())),
     });
     axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
@@ -394,7 +399,14 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
             Op::Read(f) => {
                 store::with_read(&*a.store, |raw| f(&mut Db::from(raw), &a, &mut params))
             }
-            Op::Write(f) => store::with_txn(&*a.store, |tx| f(tx, &a, &mut params)),
+            Op::Write(f) => {
+                // A panic in another writer cannot leave `()` inconsistent.
+                let _turn = a
+                    .sqlite_writers
+                    .as_ref()
+                    .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+                store::with_txn(&*a.store, |tx| f(tx, &a, &mut params))
+            }
             Op::Metrics => {
                 let counts =
                     store::with_read(&*a.store, |raw| -> Result<(u64, u64, u64), OpError> {
