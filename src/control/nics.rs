@@ -87,8 +87,13 @@ impl Nic {
     }
 
     fn allow(&self, name: &str) -> bool {
-        let mut c = self.clone();
-        *c.allow_mut(name)
+        match name {
+            "allow_dhcp_spoofing" => self.allow_dhcp_spoofing,
+            "allow_ip_spoofing" => self.allow_ip_spoofing,
+            "allow_mac_spoofing" => self.allow_mac_spoofing,
+            "allow_restricted_traffic" => self.allow_restricted_traffic,
+            _ => self.allow_unfiltered_promisc,
+        }
     }
 
     /// The overlay mapping this NIC should have, if it is a fabric NIC.
@@ -545,7 +550,7 @@ fn release_ip(db: &mut Db<'_>, net_uuid: &str, ip: Ipv4Addr) -> Result<(), OpErr
     Ok(())
 }
 
-fn check_network(db: &mut Db<'_>, req: &NewNic, net: &Network) -> Result<(), OpError> {
+fn check_network(req: &NewNic, net: &Network) -> Result<(), OpError> {
     let nic = &req.nic;
     let mut errs = Vec::new();
     if net.fabric && nic.belongs_to_type == "zone" && nic.cn_uuid.is_none() {
@@ -558,7 +563,6 @@ fn check_network(db: &mut Db<'_>, req: &NewNic, net: &Network) -> Result<(), OpE
             "network owner_uuids do not match",
         ));
     }
-    let _ = db;
     if errs.is_empty() {
         Ok(())
     } else {
@@ -630,7 +634,7 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
         _ => None,
     };
     if let Some(n) = &net {
-        check_network(&mut d, &req, n)?;
+        check_network(&req, n)?;
     }
     // The MAC: given (must be new) or random in the OUI.
     d.lock(lock_key(LOCK_GLOBAL, "macs"))?;
@@ -781,7 +785,7 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
             url_network: false,
         };
         if renumber || nic.owner_uuid != old.owner_uuid {
-            check_network(&mut d, &req, n)?;
+            check_network(&req, n)?;
         } else if n.fabric && nic.belongs_to_type == "zone" && nic.cn_uuid.is_none() {
             return Err(ApiError::invalid_params(vec![FieldError::missing("cn_uuid")]).into());
         }
