@@ -1439,4 +1439,20 @@ async fn create_nic_by_ip_tag_and_vlan() {
     lone["ip"] = json!("10.4.0.22");
     let r = call(&mut c, "POST", "/nics", Some(lone)).await;
     assert_eq!(r.json()["errors"][0]["field"], "ip");
+    // SearchIPs: both owners' networks hold 10.4.0.20; only one NIC has it.
+    let found = ok(&mut c, "GET", "/search/ips?ip=10.4.0.20", None).await;
+    assert_eq!(found.as_array().unwrap().len(), 2);
+    let held: Vec<&Value> = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["free"] == false)
+        .collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0]["belongs_to_uuid"], VM1);
+    assert_eq!(held[0]["network_uuid"], mine["uuid"]);
+    let r = call(&mut c, "GET", "/search/ips?ip=192.0.2.1", None).await;
+    assert_eq!(r.status, 404);
+    let r = call(&mut c, "GET", "/search/ips", None).await;
+    assert_eq!(r.json()["message"], "Missing parameters");
 }

@@ -174,6 +174,7 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
         })),
         // Fabrics.
         (m, p) if p.starts_with("/fabrics/") => fabric_route(m, p, a0, a1, a2),
+        (Method::GET, "/search/ips") => read(|d, _, p| networks::search_ips(d, p)),
         // Rules.
         (Method::GET, "/rules") => read(|d, _, p| rules::list(d, p)),
         (Method::POST, "/rules") => write_db(|d, _, p| rules::create(d, p)),
@@ -271,6 +272,7 @@ const ROUTES: &[&str] = &[
     "/fabrics/{owner_uuid}/vlans/{vlan_id}",
     "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks",
     "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}",
+    "/search/ips",
     "/rules",
     "/rules/{uuid}",
     "/portolan/mappings",

@@ -1384,3 +1384,54 @@ mod tests {
         ));
     }
 }
+
+/// SearchIPs (`GET /search/ips?ip=`): the IP's record on every network whose subnet holds it
+/// (never-stored addresses appear as free records); 404 when no network holds it.
+pub fn search_ips(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
+    p.allow_only(&[
+        "ip",
+        "belongs_to_type",
+        "belongs_to_uuid",
+        "fabric",
+        "owner_uuid",
+    ]);
+    let ip = p.ipv4("ip");
+    let ip = p.require("ip", ip);
+    let btt = p.one_of("belongs_to_type", &["zone", "server", "other"]);
+    let btu = p.uuid("belongs_to_uuid");
+    let fabric = p.boolean("fabric");
+    let owner = p.uuid("owner_uuid");
+    p.finish()?;
+    let Some(ip) = ip else {
+        return Ok(Value::Array(Vec::new()));
+    };
+    let a = u32::from(ip);
+    let uuids = db.query(
+        "SELECT uuid FROM napi_networks WHERE subnet_lo <= $1 AND subnet_hi >= $1 ORDER BY uuid",
+        &[Val::int(a)],
+    )?;
+    let mut out = Vec::new();
+    for r in uuids {
+        let u = r
+            .into_iter()
+            .next()
+            .ok_or_else(|| OpError::Corrupt("uuid".into()))?
+            .into_string("uuid")?;
+        let Some(n) = get(db, &u)? else { continue };
+        if fabric.is_some_and(|f| f != n.fabric) {
+            continue;
+        }
+        let rec = get_ip(db, &u, a)?.unwrap_or_else(|| IpRec::free(a));
+        if (btt.is_some() && rec.belongs_to_type != btt)
+            || (btu.is_some() && rec.belongs_to_uuid != btu)
+            || (owner.is_some() && rec.owner_uuid != owner)
+        {
+            continue;
+        }
+        out.push(rec.to_json(&u));
+    }
+    if out.is_empty() {
+        return Err(ApiError::not_found("No networks found containing that IP address").into());
+    }
+    Ok(Value::Array(out))
+}
