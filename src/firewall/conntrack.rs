@@ -440,8 +440,10 @@ impl Default for Entry {
 
 /// Size of the eviction sample.
 const EVICT_SAMPLE: usize = 16;
-/// Most slots inspected to find that sample.
+/// How far the eviction cursor moves at least, so successive evictions sample new slots.
 const EVICT_SCAN: usize = 128;
+/// Upper bound on `max_flows` (2^26 flows; the table holds twice as many slots).
+pub const MAX_FLOWS_LIMIT: usize = 1 << 26;
 
 /// The connection-tracking table of one dataplane thread (or shard). Not `Sync`: each thread
 /// owns its own, flows are pinned to threads by hash.
@@ -483,7 +485,7 @@ fn echo_kind(proto: u8, ty: u8) -> Option<bool> {
 impl Conntrack {
     /// Allocates the whole table.
     pub fn new(config: ConntrackConfig) -> Self {
-        let max = config.max_flows.max(1);
+        let max = config.max_flows.clamp(1, MAX_FLOWS_LIMIT);
         let cap = (max * 2).next_power_of_two();
         Conntrack {
             hashes: vec![0; cap].into_boxed_slice(),
@@ -597,7 +599,9 @@ impl Conntrack {
         // (rank, idle-since) — lower is a better victim.
         let mut best: Option<(usize, u8, u64)> = None;
         let mut seen = 0;
-        for step in 0..EVICT_SCAN {
+        let mut scanned = 0;
+        for step in 0..=self.mask {
+            scanned = step + 1;
             let i = (self.cursor + step) & self.mask;
             if self.hashes[i] == 0 {
                 continue;
@@ -618,7 +622,7 @@ impl Conntrack {
                 break;
             }
         }
-        self.cursor = (self.cursor + EVICT_SCAN) & self.mask;
+        self.cursor = (self.cursor + scanned.max(EVICT_SCAN)) & self.mask;
         if let Some((i, rank, _)) = best {
             match rank {
                 0 => self.stats.evicted_expired += 1,
