@@ -1456,3 +1456,148 @@ async fn create_nic_by_ip_tag_and_vlan() {
     let r = call(&mut c, "GET", "/search/ips", None).await;
     assert_eq!(r.json()["message"], "Missing parameters");
 }
+
+/// Network pools: provisioning moves on to the next member when one is full; a pooled network
+/// cannot be deleted; an explicit IP cannot go with a pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_pools() {
+    let s = Svc::start().await;
+    let mut c = s.client();
+    ok(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "external"})),
+    )
+    .await;
+    let mk = |name: &str, subnet: &str| json!({"name": name, "nic_tag": "external", "vlan_id": 0, "subnet": subnet});
+    let n1 = ok(
+        &mut c,
+        "POST",
+        "/networks",
+        Some(mk("p1", "203.0.113.0/30")),
+    )
+    .await;
+    let n2 = ok(
+        &mut c,
+        "POST",
+        "/networks",
+        Some(mk("p2", "203.0.113.8/30")),
+    )
+    .await;
+    let (u1, u2) = (n1["uuid"].as_str().unwrap(), n2["uuid"].as_str().unwrap());
+    let r = call(
+        &mut c,
+        "POST",
+        "/network_pools",
+        Some(json!({"name": "pool"})),
+    )
+    .await;
+    assert_eq!(
+        r.json()["errors"],
+        json!([{"field":"networks","code":"MissingParameter","message":"Missing parameter"}])
+    );
+    let pool = ok(
+        &mut c,
+        "POST",
+        "/network_pools",
+        Some(json!({"name": "pool", "networks": [u1, u2]})),
+    )
+    .await;
+    assert_eq!(pool["nic_tag"], "external");
+    let mut want = vec![u1, u2];
+    want.sort();
+    assert_eq!(pool["networks"], json!(want));
+    let pu = pool["uuid"].as_str().unwrap().to_string();
+    // Each /30 has two usable addresses: .1 .2 on p1, then .9 .10 on p2, then full.
+    let body = json!({"owner_uuid": OWNER, "belongs_to_type": "zone", "belongs_to_uuid": VM1});
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let n = ok(
+            &mut c,
+            "POST",
+            &format!("/networks/{pu}/nics"),
+            Some(body.clone()),
+        )
+        .await;
+        got.push((
+            n["network_uuid"].as_str().unwrap().to_string(),
+            n["ip"].as_str().unwrap().to_string(),
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            (u1.to_string(), "203.0.113.1".to_string()),
+            (u1.to_string(), "203.0.113.2".to_string()),
+            (u2.to_string(), "203.0.113.9".to_string()),
+            (u2.to_string(), "203.0.113.10".to_string()),
+        ]
+    );
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/networks/{pu}/nics"),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(r.status, 507);
+    assert_eq!(r.json()["network_uuid"], pu.as_str());
+    let mut with_ip = body.clone();
+    with_ip["ip"] = json!("203.0.113.1");
+    let r = call(
+        &mut c,
+        "POST",
+        &format!("/networks/{pu}/nics"),
+        Some(with_ip),
+    )
+    .await;
+    assert_eq!(r.json()["errors"][0]["field"], "ip");
+    // Pooled networks stay; pool CRUD.
+    for n in ok(&mut c, "GET", "/nics", None).await.as_array().unwrap() {
+        let m = n["mac"].as_str().unwrap();
+        assert_eq!(
+            call(&mut c, "DELETE", &format!("/nics/{m}"), None)
+                .await
+                .status,
+            204
+        );
+    }
+    let r = call(&mut c, "DELETE", &format!("/networks/{u1}"), None).await;
+    assert_eq!(r.json()["code"], "InUse");
+    assert_eq!(r.json()["message"], "Network is in use");
+    let up = ok(
+        &mut c,
+        "PUT",
+        &format!("/network_pools/{pu}"),
+        Some(json!({"networks": [u2]})),
+    )
+    .await;
+    assert_eq!(up["networks"], json!([u2]));
+    assert_eq!(
+        call(&mut c, "DELETE", &format!("/networks/{u1}"), None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        ok(&mut c, "GET", "/network_pools", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        call(&mut c, "DELETE", &format!("/network_pools/{pu}"), None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        call(&mut c, "GET", &format!("/network_pools/{pu}"), None)
+            .await
+            .json(),
+        json!({"code":"ResourceNotFound","message":"network pool not found"})
+    );
+}

@@ -301,6 +301,11 @@ pub const SCHEMA: &[&str] = &[
         description TEXT,
         PRIMARY KEY (owner_uuid, vlan_id)
     )",
+    "CREATE TABLE IF NOT EXISTS napi_network_pools (
+        uuid TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        doc  TEXT NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS napi_rules (
         uuid       TEXT PRIMARY KEY,
         owner_uuid TEXT,

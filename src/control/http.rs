@@ -19,7 +19,7 @@ use super::db::{Db, Val};
 use super::error::{ApiError, OpError};
 use super::metrics::Metrics;
 use super::params::{random_uuid, Params};
-use super::{fabrics, networks, nic_tags, nics, portolan_view, rules, Config};
+use super::{fabrics, networks, nic_tags, nics, pools, portolan_view, rules, Config};
 
 /// Shared state of the service.
 pub struct App {
@@ -174,6 +174,17 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
         })),
         // Fabrics.
         (m, p) if p.starts_with("/fabrics/") => fabric_route(m, p, a0, a1, a2),
+        (Method::GET, "/network_pools") => read(|d, _, p| pools::list(d, p)),
+        (Method::POST, "/network_pools") => write_db(|d, _, p| pools::create(d, p)),
+        (Method::GET, "/network_pools/{uuid}") => read(move |d, _, p| {
+            no_params(p)?;
+            Ok(pools::find(d, &a0)?.to_json())
+        }),
+        (Method::PUT, "/network_pools/{uuid}") => write_db(move |d, _, p| pools::update(d, &a0, p)),
+        (Method::DELETE, "/network_pools/{uuid}") => delete_db(move |d, _, p| {
+            no_params(p)?;
+            pools::delete(d, &a0)
+        }),
         (Method::GET, "/search/ips") => read(|d, _, p| networks::search_ips(d, p)),
         // Rules.
         (Method::GET, "/rules") => read(|d, _, p| rules::list(d, p)),
@@ -272,6 +283,8 @@ const ROUTES: &[&str] = &[
     "/fabrics/{owner_uuid}/vlans/{vlan_id}",
     "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks",
     "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}",
+    "/network_pools",
+    "/network_pools/{uuid}",
     "/search/ips",
     "/rules",
     "/rules/{uuid}",

@@ -18,7 +18,7 @@
 //! Module map: [`http`] (routes, request/response plumbing), [`params`] (restify-style
 //! parameter validation), [`error`] (error bodies), [`db`] (dialect-neutral SQL), then one module
 //! per resource: [`nic_tags`], [`networks`] (with IPs and allocation), [`nics`], [`fabrics`],
-//! [`rules`], [`portolan_view`]; [`bench`] measures NIC provisions per second.
+//! [`pools`], [`rules`], [`portolan_view`]; [`bench`] measures NIC provisions per second.
 
 pub mod bench;
 pub mod client;
@@ -31,6 +31,7 @@ pub mod networks;
 pub mod nic_tags;
 pub mod nics;
 pub mod params;
+pub mod pools;
 pub mod portolan_view;
 pub mod rules;
 

@@ -1210,6 +1210,23 @@ pub fn delete(db: &mut Db<'_>, n: &Network) -> Result<(), OpError> {
         )
         .into());
     }
+    let pools = super::pools::holding(db, &n.uuid)?;
+    if !pools.is_empty() {
+        return Err(ApiError::in_use(
+            "Network is in use",
+            pools
+                .iter()
+                .map(|p| {
+                    FieldError::used_by_no_field(
+                        "network_pool",
+                        &p.uuid,
+                        format!("In use by network_pool \"{}\"", p.uuid),
+                    )
+                })
+                .collect(),
+        )
+        .into());
+    }
     db.exec(
         "DELETE FROM napi_ips WHERE network_uuid = $1",
         &[Val::text(&n.uuid)],

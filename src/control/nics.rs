@@ -609,6 +609,8 @@ fn clear_other_primaries(db: &mut Db<'_>, nic: &Nic) -> Result<(), OpError> {
 /// Creates a NIC (with its IP and Portolan records) in the caller's transaction.
 pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, OpError> {
     let mut d = Db::from(tx.raw());
+    // Lock order everywhere: MACs, then a network, then Portolan's VNI.
+    d.lock(lock_key(LOCK_GLOBAL, "macs"))?;
     // The network, if any.
     let net = match (
         &req.network_uuid,
@@ -618,7 +620,10 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
     ) {
         (Some(u), _, _, _) => match networks::get(&mut d, u)? {
             Some(n) => Some(n),
-            None if req.url_network => return Err(ApiError::not_found("network not found").into()),
+            None if req.url_network => match super::pools::get(&mut d, u)? {
+                Some(pool) => Some(pick_from_pool(&mut d, &mut req, &pool)?),
+                None => return Err(ApiError::not_found("network not found").into()),
+            },
             None => return Err(ApiError::invalid("network_uuid", "network does not exist").into()),
         },
         (None, Some(ip), Some(tag), Some(vlan)) => match network_for(&mut d, ip, tag, vlan)? {
@@ -637,7 +642,6 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
         check_network(&req, n)?;
     }
     // The MAC: given (must be new) or random in the OUI.
-    d.lock(lock_key(LOCK_GLOBAL, "macs"))?;
     if req.mac_given {
         if get(&mut d, req.nic.mac)?.is_some() {
             return Err(ApiError::invalid_params(vec![FieldError::duplicate(
@@ -680,6 +684,35 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
     }
     let net = refreshed(tx, net)?;
     Ok(nic.to_json(net.as_ref(), cfg))
+}
+
+/// ProvisionNic on a pool: the first member network (in pool order) that the owner may use and
+/// that has a free address; that address is claimed as if requested.
+fn pick_from_pool(
+    d: &mut Db<'_>,
+    req: &mut NewNic,
+    pool: &super::pools::Pool,
+) -> Result<Network, OpError> {
+    if req.nic.ip.is_some() {
+        return Err(ApiError::invalid("ip", "ip cannot be specified with a network pool").into());
+    }
+    let mut refusal = None;
+    for u in &pool.networks {
+        let Some(n) = networks::get(d, u)? else {
+            continue;
+        };
+        if let Err(e) = check_network(req, &n) {
+            refusal = Some(e);
+            continue;
+        }
+        networks::lock_network(d, &n.uuid)?;
+        if let Some(a) = networks::allocate(d, &n.uuid)? {
+            req.nic.ip = Some(Ipv4Addr::from(a));
+            return Ok(n);
+        }
+        refusal = None;
+    }
+    Err(refusal.unwrap_or_else(|| ApiError::subnet_full(&pool.uuid).into()))
 }
 
 fn refreshed(tx: &mut dyn Txn, net: Option<Network>) -> Result<Option<Network>, OpError> {
