@@ -1373,35 +1373,6 @@ pub fn update_ip(db: &mut Db<'_>, n: &Network, ip: &str, p: &mut Params) -> Resu
     Ok(rec.to_json(&n.uuid))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subnets() {
-        assert_eq!(
-            parse_subnet("10.0.2.0/24").unwrap(),
-            (Ipv4Addr::new(10, 0, 2, 0), 24)
-        );
-        assert_eq!(
-            parse_subnet("10.0.2.5/24").unwrap_err(),
-            "invalid CIDR format"
-        );
-        assert!(parse_subnet("10.0.0.0/7").is_err());
-        assert!(parse_subnet("10.0.0.0").is_err());
-        assert!(parse_subnet("10.0.0.0/024").is_err());
-        assert!(parse_subnet("fd00::/64").unwrap_err().contains("IPv6"));
-        assert!(is_private(
-            u32::from(Ipv4Addr::new(172, 16, 0, 0)),
-            u32::from(Ipv4Addr::new(172, 16, 0, 255))
-        ));
-        assert!(!is_private(
-            u32::from(Ipv4Addr::new(8, 8, 8, 0)),
-            u32::from(Ipv4Addr::new(8, 8, 8, 255))
-        ));
-    }
-}
-
 /// SearchIPs (`GET /search/ips?ip=`): the IP's record on every network whose subnet holds it
 /// (never-stored addresses appear as free records); 404 when no network holds it.
 pub fn search_ips(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
@@ -1451,4 +1422,33 @@ pub fn search_ips(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
         return Err(ApiError::not_found("No networks found containing that IP address").into());
     }
     Ok(Value::Array(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets() {
+        assert_eq!(
+            parse_subnet("10.0.2.0/24").unwrap(),
+            (Ipv4Addr::new(10, 0, 2, 0), 24)
+        );
+        assert_eq!(
+            parse_subnet("10.0.2.5/24").unwrap_err(),
+            "invalid CIDR format"
+        );
+        assert!(parse_subnet("10.0.0.0/7").is_err());
+        assert!(parse_subnet("10.0.0.0").is_err());
+        assert!(parse_subnet("10.0.0.0/024").is_err());
+        assert!(parse_subnet("fd00::/64").unwrap_err().contains("IPv6"));
+        assert!(is_private(
+            u32::from(Ipv4Addr::new(172, 16, 0, 0)),
+            u32::from(Ipv4Addr::new(172, 16, 0, 255))
+        ));
+        assert!(!is_private(
+            u32::from(Ipv4Addr::new(8, 8, 8, 0)),
+            u32::from(Ipv4Addr::new(8, 8, 8, 255))
+        ));
+    }
 }
