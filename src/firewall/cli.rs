@@ -52,7 +52,14 @@ pub fn run_parse(args: &FwParseArgs, out: &mut impl Write) -> anyhow::Result<boo
             .and_then(|rule| parse_tree(text, &opts).map(|tree| (tree, rule.text())));
         match (result, args.json) {
             (Ok((tree, canonical)), true) => {
-                writeln!(out, "{}", json!({"parse": tree, "canonical": canonical}))?
+                // Written by hand to keep the documented key order (parse, then canonical) and
+                // the tree's own order (from, to, action, protocol, priority).
+                writeln!(
+                    out,
+                    "{{\"parse\":{},\"canonical\":{}}}",
+                    serde_json::to_string(&tree)?,
+                    serde_json::to_string(&canonical)?
+                )?
             }
             (Ok((_, canonical)), false) => writeln!(out, "{canonical}")?,
             (Err(e), json_mode) => {
@@ -108,6 +115,10 @@ mod tests {
         );
         assert_eq!(v["parse"]["protocol"]["targets"][0], 22);
         assert_eq!(v["parse"]["priority"], 3);
+        assert!(
+            out.starts_with(r#"{"parse":{"from":[["wildcard","any"]],"to":[["wildcard","vmall"]],"action":"allow","#),
+            "{out}"
+        );
     }
 
     #[test]
