@@ -395,9 +395,16 @@ impl FlowKey {
             | u64::from(self.vni & 0x00ff_ffff) << 32
             | u64::from(self.proto) << 56;
         let flags = u64::from(self.v6) | u64::from(self.local_is_lo) << 1;
-        let mut h = fold(seed ^ self.lo as u64, K ^ (self.lo >> 64) as u64);
-        h = fold(h ^ self.hi as u64, K ^ (self.hi >> 64) as u64);
-        h = fold(h ^ meta, K ^ flags);
+        // Two independent folds (they run in parallel), then one to combine.
+        const K2: u64 = 0x1319_8a2e_0370_7344;
+        // The seed is in both operands of every fold, so no chosen input zeroes a product.
+        let s2 = seed.rotate_left(32) ^ K;
+        let a = fold(seed ^ self.lo as u64, s2 ^ (self.lo >> 64) as u64);
+        let b = fold(
+            s2 ^ meta ^ self.hi as u64,
+            seed ^ K2 ^ flags ^ (self.hi >> 64) as u64,
+        );
+        let h = fold(a ^ K2, b ^ s2);
         // Never 0: 0 marks an empty slot.
         h | 1
     }
