@@ -188,6 +188,15 @@ struct Vl2Entry {
     expires: Instant,
 }
 
+/// Where a (VNI, MAC) lives: one table for local vnics and VL2 answers, so forwarding a frame
+/// costs one hash probe. A local vnic is authoritative: answers never overwrite it, and cache
+/// invalidation and sweeps never remove it.
+#[derive(Debug, Clone, Copy)]
+enum L2Dest {
+    Local(VnicId),
+    Remote(Vl2Entry),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Vl3Entry {
     mac: Mac,
@@ -212,10 +221,9 @@ struct PendingQueue {
 pub struct Core {
     cfg: Config,
     vnics: Vec<Option<Vnic>>,
-    local_mac: FxHashMap<(Vni, Mac), VnicId>,
+    l2: FxHashMap<(Vni, Mac), L2Dest>,
     local_ip: FxHashMap<(Vni, IpAddr), VnicId>,
     vni_vnics: FxHashMap<Vni, u32>,
-    vl2: FxHashMap<(Vni, Mac), Vl2Entry>,
     vl3: FxHashMap<(Vni, IpAddr), Vl3Entry>,
     negative: FxHashMap<LookupKey, Instant>,
     in_flight: FxHashMap<LookupKey, Instant>,
@@ -239,10 +247,9 @@ impl Core {
         Core {
             cfg,
             vnics: Vec::new(),
-            local_mac: FxHashMap::default(),
+            l2: FxHashMap::default(),
             local_ip: FxHashMap::default(),
             vni_vnics: FxHashMap::default(),
-            vl2: FxHashMap::default(),
             vl3: FxHashMap::default(),
             negative: FxHashMap::default(),
             in_flight: FxHashMap::default(),
@@ -270,7 +277,7 @@ impl Core {
         if !(576..=9000).contains(&cfg.mtu) {
             return Err(VnicError::BadMtu(cfg.mtu));
         }
-        if let Some(&other) = self.local_mac.get(&(cfg.vni, cfg.mac)) {
+        if let Some(&L2Dest::Local(other)) = self.l2.get(&(cfg.vni, cfg.mac)) {
             return Err(VnicError::DuplicateMac {
                 vni: cfg.vni,
                 mac: cfg.mac,
@@ -301,7 +308,7 @@ impl Core {
                 self.vnics.len() - 1
             });
         let id = VnicId(slot as u32);
-        self.local_mac.insert((cfg.vni, cfg.mac), id);
+        self.l2.insert((cfg.vni, cfg.mac), L2Dest::Local(id));
         for ip in ips {
             self.local_ip.insert((cfg.vni, ip), id);
         }
@@ -321,7 +328,7 @@ impl Core {
             .get_mut(id.0 as usize)
             .and_then(Option::take)
             .ok_or(VnicError::NoSuchVnic(id))?;
-        self.local_mac.remove(&(v.cfg.vni, v.cfg.mac));
+        self.l2.remove(&(v.cfg.vni, v.cfg.mac));
         for a in &v.cfg.ipv4 {
             self.local_ip.remove(&(v.cfg.vni, IpAddr::V4(*a)));
         }
@@ -369,14 +376,31 @@ impl Core {
 
     /// Record that `mac` on `vni` lives behind `underlay` (as a VL2 answer would).
     pub fn insert_vl2(&mut self, vni: Vni, mac: Mac, underlay: SocketAddr, now: Instant) {
-        self.vl2.insert(
-            (vni, mac),
-            Vl2Entry {
-                underlay,
-                expires: now + self.cfg.cache_ttl,
-            },
-        );
+        let e = L2Dest::Remote(Vl2Entry {
+            underlay,
+            expires: now + self.cfg.cache_ttl,
+        });
+        match self.l2.entry((vni, mac)) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if !matches!(o.get(), L2Dest::Local(_)) {
+                    o.insert(e);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(e);
+            }
+        }
         self.negative.remove(&LookupKey::Vl2 { vni, mac });
+    }
+
+    /// Remove a remote (cached) VL2 entry; a local vnic's entry stays.
+    fn forget_vl2(&mut self, vni: Vni, mac: Mac) -> bool {
+        if let Some(L2Dest::Remote(_)) = self.l2.get(&(vni, mac)) {
+            self.l2.remove(&(vni, mac));
+            true
+        } else {
+            false
+        }
     }
 
     /// Record that `ip` on `vni` is `mapping` (as a VL3 answer would; fills VL2 too).
@@ -395,7 +419,7 @@ impl Core {
     /// Forget where `mac` on `vni` lives (a VL2 shootdown). Returns whether it was cached.
     pub fn invalidate_vl2(&mut self, vni: Vni, mac: Mac) -> bool {
         self.negative.remove(&LookupKey::Vl2 { vni, mac });
-        self.vl2.remove(&(vni, mac)).is_some()
+        self.forget_vl2(vni, mac)
     }
 
     /// Forget who has `ip` on `vni` (a VL3 shootdown). Returns whether it was cached.
@@ -406,7 +430,10 @@ impl Core {
 
     /// Cached underlay address for `mac` on `vni`, fresh or stale.
     pub fn cached_vl2(&self, vni: Vni, mac: Mac) -> Option<SocketAddr> {
-        self.vl2.get(&(vni, mac)).map(|e| e.underlay)
+        match self.l2.get(&(vni, mac)) {
+            Some(L2Dest::Remote(e)) => Some(e.underlay),
+            _ => None,
+        }
     }
 
     /// Cached MAC for `ip` on `vni`, fresh or stale.
@@ -416,7 +443,12 @@ impl Core {
 
     /// Number of (VL2, VL3, negative) cache entries.
     pub fn cache_sizes(&self) -> (usize, usize, usize) {
-        (self.vl2.len(), self.vl3.len(), self.negative.len())
+        let remote = self
+            .l2
+            .values()
+            .filter(|d| matches!(d, L2Dest::Remote(_)))
+            .count();
+        (remote, self.vl3.len(), self.negative.len())
     }
 
     /// Frames and bytes currently held pending lookups.
@@ -547,15 +579,15 @@ impl Core {
         if dst == v.cfg.mac {
             return Verdict::Drop(DropReason::Hairpin);
         }
-        if let Some(&local) = self.local_mac.get(&(vni, dst)) {
-            let mtu = self.vnic_ref(local).map_or(0, |l| l.cfg.mtu);
-            if buf.len() - ethernet::HEADER_LEN > usize::from(mtu) {
-                return Verdict::Drop(DropReason::FrameTooBig);
+        match self.l2.get(&(vni, dst)) {
+            Some(&L2Dest::Local(local)) => {
+                let mtu = self.vnic_ref(local).map_or(0, |l| l.cfg.mtu);
+                if buf.len() - ethernet::HEADER_LEN > usize::from(mtu) {
+                    return Verdict::Drop(DropReason::FrameTooBig);
+                }
+                Verdict::ToVnic(local)
             }
-            return Verdict::ToVnic(local);
-        }
-        match self.vl2.get(&(vni, dst)) {
-            Some(e) => {
+            Some(L2Dest::Remote(e)) => {
                 let (underlay, stale) = (e.underlay, e.expires <= now);
                 if stale {
                     self.request(LookupKey::Vl2 { vni, mac: dst }, now);
@@ -823,16 +855,16 @@ impl Core {
                 DropReason::Multicast
             });
         }
-        match self.local_mac.get(&(vni, dst)) {
-            Some(&id) => {
+        match self.l2.get(&(vni, dst)) {
+            Some(&L2Dest::Local(id)) => {
                 let mtu = self.vnic_ref(id).map_or(0, |v| v.cfg.mtu);
                 if f.len() - ethernet::HEADER_LEN > usize::from(mtu) {
                     return Verdict::Drop(DropReason::FrameTooBig);
                 }
                 Verdict::ToVnic(id)
             }
-            None if self.vni_vnics.contains_key(&vni) => Verdict::Drop(DropReason::NoVnicForMac),
-            None => Verdict::Drop(DropReason::UnknownVni),
+            _ if self.vni_vnics.contains_key(&vni) => Verdict::Drop(DropReason::NoVnicForMac),
+            _ => Verdict::Drop(DropReason::UnknownVni),
         }
     }
 
@@ -871,7 +903,7 @@ impl Core {
                     None
                 }
                 Ok(None) => {
-                    self.vl2.remove(&(vni, mac));
+                    self.forget_vl2(vni, mac);
                     Some(DropReason::LookupNotFound)
                 }
                 Err(_) => Some(DropReason::LookupFailed),
@@ -892,7 +924,7 @@ impl Core {
             // Remember the miss briefly (also for failures: do not hammer a mapping service
             // that is down), unless a stale entry is still serving traffic.
             let cached = match key {
-                LookupKey::Vl2 { vni, mac } => self.vl2.contains_key(&(vni, mac)),
+                LookupKey::Vl2 { vni, mac } => self.cached_vl2(vni, mac).is_some(),
                 LookupKey::Vl3 { vni, ip } => self.vl3.contains_key(&(vni, ip)),
             };
             if !cached {
@@ -989,7 +1021,10 @@ impl Core {
         {
             self.last_sweep = Some(now);
             let grace = self.cfg.stale_grace;
-            self.vl2.retain(|_, e| e.expires + grace > now);
+            self.l2.retain(|_, d| match d {
+                L2Dest::Local(_) => true,
+                L2Dest::Remote(e) => e.expires + grace > now,
+            });
             self.vl3.retain(|_, e| e.expires + grace > now);
         }
     }

@@ -724,3 +724,26 @@ mod props {
         }
     }
 }
+
+#[test]
+fn local_vnic_is_authoritative_over_cache_answers() {
+    let mut core = Core::default();
+    let now = Instant::now();
+    let a = core.add_vnic(cfg(100, A, "10.0.0.1")).unwrap();
+    let b = core.add_vnic(cfg(100, B, "10.0.0.2")).unwrap();
+    // A (stale or hostile) VL2 answer claiming B is remote does not redirect local traffic.
+    core.insert_vl2(vni(100), B, under(7), now);
+    assert_eq!(core.cached_vl2(vni(100), B), None);
+    assert!(
+        !core.invalidate_vl2(vni(100), B),
+        "local entries are not cache entries"
+    );
+    core.handle_timeout(now + Duration::from_secs(3600));
+    let f = udp_frame(A, B, "10.0.0.1", "10.0.0.2", 10);
+    assert_eq!(send(&mut core, a, &f, now).0, Verdict::ToVnic(b));
+    // Once B leaves, the MAC can be cached as remote again.
+    core.remove_vnic(b).unwrap();
+    core.insert_vl2(vni(100), B, under(7), now);
+    assert_eq!(core.cached_vl2(vni(100), B), Some(under(7)));
+    assert_eq!(core.cache_sizes().0, 1);
+}
