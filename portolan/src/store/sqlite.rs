@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS portolan_overlay (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS portolan_overlay_by_mac ON portolan_overlay (vnet_id, mac);
 CREATE INDEX IF NOT EXISTS portolan_overlay_by_cn ON portolan_overlay (vnet_id, cn_uuid);
+-- Covers vnet_hosts (run twice per mapping operation): the live hosts of a VNI come from the
+-- index alone instead of reading every mapping row on the VNI.
+CREATE INDEX IF NOT EXISTS portolan_overlay_live_hosts ON portolan_overlay (vnet_id, cn_uuid) WHERE deleted = 0;
 CREATE TABLE IF NOT EXISTS portolan_underlay (
     cn_uuid BLOB PRIMARY KEY,
     ip      BLOB    NOT NULL,
