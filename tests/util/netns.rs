@@ -514,6 +514,12 @@ impl Topo {
         ip(&["-n", &ns, "link", "set", "vx0", "mtu", "1450"]);
         ip(&["-n", &ns, "link", "set", "vx0", "master", "brk", "up"]);
         ip(&["-n", &ns, "link", "set", "brk", "up"]);
+        // A veth "NIC" passes CHECKSUM_PARTIAL packets on unfinished: the kernel vxlan driver
+        // would leave the inner TCP checksum to the underlay device, and fabric's UDP socket
+        // would receive it incomplete (a real NIC computes it on the wire). Without TX
+        // checksum offload on u0 the kernel completes checksums (and segments) in software.
+        in_ns(&ns, &["ethtool", "-K", "u0", "tx", "off"])
+            .unwrap_or_else(|e| panic!("ethtool -K u0 tx off: {e}"));
         i
     }
 
