@@ -641,6 +641,15 @@ impl Drop for Topo {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
+            let keep = std::env::temp_dir().join(format!("{}-failed-logs", self.prefix));
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                    if e.path().extension().is_some_and(|x| x == "log") {
+                        let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                    }
+                }
+                eprintln!("--- full logs kept in {}", keep.display());
+            }
             for (i, _) in self.hosts.iter().enumerate().filter(|(_, h)| h.fabric) {
                 if let Ok(s) = self.try_stats(i) {
                     eprintln!(
