@@ -12,7 +12,7 @@ for f in scripts/setup.d/*.sh; do
   source "$f"
 done
 echo "== cargo test (workspace)"
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast
 echo "== fuzz targets compile"
 if [ -f fuzz/Cargo.toml ]; then
   cargo check --manifest-path fuzz/Cargo.toml

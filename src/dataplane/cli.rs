@@ -108,7 +108,7 @@ pub fn vnic(cmd: VnicCmd) -> anyhow::Result<()> {
             println!("removed {name} from netns {netns}");
         }
         VnicCmd::Ls { control, json } => {
-            let v = control::call(&control.control, &Request::VnicLs)?;
+            let v = control::call(&control.control, &Request::VnicLs {})?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -131,7 +131,7 @@ pub fn vnic(cmd: VnicCmd) -> anyhow::Result<()> {
 
 /// Run `fabric stats`.
 pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
-    let v = control::call(&control.control, &Request::Stats)?;
+    let v = control::call(&control.control, &Request::Stats {})?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

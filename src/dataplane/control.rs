@@ -24,10 +24,11 @@ pub enum Request {
         /// Interface name inside it.
         name: String,
     },
-    /// List vnics.
-    VnicLs,
+    /// List vnics. (Empty struct variants, not unit variants, so that serde rejects unknown
+    /// fields on them too.)
+    VnicLs {},
     /// Counters: global, per vnic, per drop reason, and the resolver's.
-    Stats,
+    Stats {},
 }
 
 /// What `vnic_add` needs.
@@ -182,7 +183,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"stats"}"#).unwrap(),
-            Request::Stats
+            Request::Stats {}
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"stats","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());

@@ -767,8 +767,8 @@ impl Daemon {
                 }
                 Ok(serde_json::json!({"removed": {"netns": netns, "name": name}}))
             }
-            Request::VnicLs => Ok(serde_json::to_value(self.stats().await?.vnics)?),
-            Request::Stats => Ok(serde_json::to_value(self.stats().await?)?),
+            Request::VnicLs {} => Ok(serde_json::to_value(self.stats().await?.vnics)?),
+            Request::Stats {} => Ok(serde_json::to_value(self.stats().await?)?),
         }
     }
 
