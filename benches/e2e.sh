@@ -80,7 +80,7 @@ UUID=("" 564d1a4c-0000-4000-8000-0000000e2e01 564d1a4c-0000-4000-8000-0000000e2e
 
 underlay() {
   addns "$U"
-  ip -n "$U" link add br0 type bridge
+  ip -n "$U" link add br0 address 02:00:c0:a8:4e:fe type bridge # fixed: not the lowest port MAC
   ip -n "$U" addr add 192.168.78.254/24 dev br0
   ip -n "$U" link set br0 up
   local i

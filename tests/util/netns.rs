@@ -224,7 +224,19 @@ impl Topo {
         };
         let br = t.bridge_ns.clone();
         t.create_ns(&br);
-        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
+        // A fixed MAC: otherwise the bridge takes the lowest MAC of its ports, and adding a
+        // host's port may change it under hosts that already resolved Portolan's address.
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:00:c0:a8:4d:fe",
+            "type",
+            "bridge",
+        ]);
         ip(&[
             "-n",
             &br,
