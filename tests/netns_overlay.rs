@@ -309,13 +309,9 @@ fn moved_container_is_followed_within_2s() {
         "host 3 delivered nothing to c2: {:?}",
         v.counters
     );
-    for i in 0..3 {
+    for (i, pid) in pids.iter().enumerate() {
         assert!(t.dataplane_alive(i), "dataplane of host {i} died");
-        assert_eq!(
-            t.hosts[i].dataplane_pid(),
-            pids[i],
-            "dataplane {i} restarted"
-        );
+        assert_eq!(t.hosts[i].dataplane_pid(), *pid, "dataplane {i} restarted");
     }
     t.ping(&c1, c2.ip, 2)
         .unwrap_or_else(|e| panic!("after the move: {e}"));
