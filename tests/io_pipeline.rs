@@ -107,7 +107,7 @@ fn host(
                             dst: peer,
                             segment_size: Some(s.stride),
                             contents: &segs[..s.total_len()],
-                            flow_hash: offload::flow_hash(frame),
+                            flow_hash: fabric::core::flow_hash(frame),
                         }])
                         .unwrap();
                         c.transmits.fetch_add(1, Ordering::Relaxed);

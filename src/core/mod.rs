@@ -1049,8 +1049,11 @@ fn encapsulate(buf: &mut FrameBuf<'_>, vni: Vni, dst: SocketAddr) -> Verdict {
     }
 }
 
-/// A cheap hash of the inner flow: MACs, and for IPv4 the addresses and (for TCP/UDP) ports.
-/// Used to spread flows over outer UDP source ports (RFC 7348 section 5).
+/// A cheap hash of the inner flow, for the outer UDP source port (RFC 7348 section 5) and so
+/// for which underlay socket a frame leaves from: MACs, plus for IPv4 and IPv6 the addresses
+/// and (for TCP/UDP) the ports. Every segment of a flow hashes alike, so a flow keeps one outer
+/// source port and its order. This is the only flow hash: the dataplane takes it from the
+/// verdict.
 #[inline]
 pub fn flow_hash(f: &[u8]) -> u32 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1064,20 +1067,32 @@ pub fn flow_hash(f: &[u8]) -> u32 {
         w.copy_from_slice(&f[at..at + 8]);
         u64::from_le_bytes(w)
     }
+    #[inline(always)]
+    fn ports(f: &[u8], at: usize) -> u64 {
+        u64::from(u32::from_le_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]))
+    }
     if f.len() < 16 {
         return 0;
     }
     // dst+src MAC (12 bytes) as two overlapping words.
     let mut h = mix(mix(0, word(f, 0)), word(f, 4));
-    if f.len() >= 42 && f[12] == 0x08 && f[13] == 0x00 {
-        h = mix(h, word(f, 26)); // IPv4 src + dst
-        let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
-        if matches!(f[23], 6 | 17) && f.len() >= l4 + 4 {
-            h = mix(
-                h,
-                u64::from(u32::from_le_bytes([f[l4], f[l4 + 1], f[l4 + 2], f[l4 + 3]])),
-            );
+    match (f[12], f[13]) {
+        (0x08, 0x00) if f.len() >= 42 => {
+            h = mix(h, word(f, 26)); // IPv4 src + dst
+            let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+            if matches!(f[23], 6 | 17) && f.len() >= l4 + 4 {
+                h = mix(h, ports(f, l4));
+            }
         }
+        (0x86, 0xdd) if f.len() >= 54 => {
+            for at in [22, 30, 38, 46] {
+                h = mix(h, word(f, at)); // IPv6 src + dst
+            }
+            if matches!(f[20], 6 | 17) && f.len() >= 58 {
+                h = mix(h, ports(f, 54));
+            }
+        }
+        _ => {}
     }
     (h >> 32) as u32 ^ h as u32
 }

@@ -1,7 +1,7 @@
 //! Unit tests of the core's decisions, frame by frame.
 
 use super::*;
-use crate::wire::{arp, ipv4, EthernetRepr, Ipv4Repr, Ipv6Repr};
+use crate::wire::{arp, EthernetRepr, Ipv4Repr, Ipv6Repr};
 
 const A: Mac = Mac([0x02, 0, 0, 0, 0, 0x0a]);
 const B: Mac = Mac([0x02, 0, 0, 0, 0, 0x0b]);
@@ -691,13 +691,39 @@ fn vnic_table_rejects_conflicts() {
 }
 
 #[test]
-fn flow_hash_depends_on_ports() {
+fn flow_hash_is_per_flow() {
     let a = udp_frame(A, B, "10.0.0.1", "10.0.0.2", 10);
-    let mut b = a.clone();
-    b[35] ^= 1;
-    assert_ne!(flow_hash(&a), flow_hash(&b));
     assert_eq!(flow_hash(&a), flow_hash(&a.clone()));
-    let _ = ipv4::MIN_HEADER_LEN;
+    let mut longer = udp_frame(A, B, "10.0.0.1", "10.0.0.2", 900);
+    longer[42] = 7; // other payload and length: same flow
+    assert_eq!(flow_hash(&longer), flow_hash(&a));
+    let mut b = a.clone();
+    b[35] ^= 1; // other source port: other flow
+    assert_ne!(flow_hash(&a), flow_hash(&b));
+    // IPv6: addresses and ports count too.
+    let mut v6 = vec![0u8; 14 + 40 + 8];
+    EthernetRepr {
+        src: A,
+        dst: B,
+        vlan_tci: None,
+        ethertype: EtherType::IPV6,
+    }
+    .emit(&mut v6);
+    Ipv6Repr {
+        src: "fd00::1".parse().unwrap(),
+        dst: "fd00::2".parse().unwrap(),
+        next_header: 17,
+        payload_len: 8,
+        hop_limit: 64,
+    }
+    .emit(&mut v6[14..]);
+    let mut w = v6.clone();
+    w[55] ^= 1;
+    assert_ne!(flow_hash(&v6), flow_hash(&w), "IPv6 source port");
+    let mut x = v6.clone();
+    x[37] ^= 1;
+    assert_ne!(flow_hash(&v6), flow_hash(&x), "IPv6 source address");
+    assert_eq!(flow_hash(&[0u8; 3]), 0);
 }
 
 mod props {

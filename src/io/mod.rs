@@ -4,7 +4,7 @@
 //! - [`tap`]: TAP devices with `IFF_VNET_HDR` offloads (frames are `virtio_net_hdr` + Ethernet),
 //!   single or multi-queue, nonblocking.
 //! - [`offload`]: the `virtio_net_hdr` codec, userspace segmentation of TSO/USO super-frames,
-//!   TCP coalescing for TAP writes, checksums and the inner flow hash. Pure (no syscalls), but
+//!   TCP coalescing for TAP writes, checksums. Pure (no syscalls), but
 //!   it lives here because it interprets the TAP's GSO metadata.
 //! - [`underlay`]: the VXLAN UDP socket(s): `sendmmsg`/`recvmmsg` batches into caller buffers,
 //!   `UDP_SEGMENT`/`UDP_GRO`, outer source port picked from the inner flow hash.
@@ -49,7 +49,7 @@
 //! if let Some(n) = vnic.read(&mut rd)? {
 //!     let hdr = offload::VirtioNetHdr::decode(&rd[..n]).unwrap();
 //!     let frame = &rd[offload::VIRTIO_NET_HDR_LEN..n];
-//!     let hash = offload::flow_hash(frame);
+//!     let hash = fabric::core::flow_hash(frame);
 //!     let segs = offload::segment(&hdr, frame, vxlan_hdr.len(), &mut segs_buf)?;
 //!     segs.fill_headroom(&mut segs_buf, &vxlan_hdr);
 //!     udp.send(&[underlay::Transmit {

@@ -1,5 +1,5 @@
 //! `virtio_net_hdr`, userspace segmentation of TAP super-frames, TCP coalescing for TAP
-//! writes, checksum helpers and the inner flow hash. Pure: no syscalls, no allocation.
+//! writes and checksum helpers (the inner flow hash is `core::flow_hash`). Pure: no syscalls, no allocation.
 //!
 //! # Encapsulation path (TAP read → underlay)
 //!
@@ -863,54 +863,6 @@ fn same_flow(cur: &[u8], f: &[u8], lay: &Layout) -> bool {
         && cur[l4 + 18..hl] == f[l4 + 18..hl] // urgent pointer and options
 }
 
-// ---------------------------------------------------------------------------------------------
-// Flow hash (outer UDP source port entropy, RFC 7348)
-// ---------------------------------------------------------------------------------------------
-
-/// A hash of the inner flow of an Ethernet frame, for [`super::underlay::Transmit::flow_hash`]:
-/// IP addresses, protocol and ports for TCP/UDP over IPv4/IPv6 (IP addresses and protocol for
-/// other IP traffic; MAC addresses and ethertype otherwise). Every segment of a flow, and every
-/// fragment-free packet of it, hashes alike, so a flow keeps one outer source port.
-#[inline]
-pub fn flow_hash(frame: &[u8]) -> u32 {
-    #[inline(always)]
-    fn mix(h: u64, v: u64) -> u64 {
-        (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
-    }
-    let mut h = 0x243F_6A88_85A3_08D3u64;
-    match parse(frame) {
-        Ok(lay) => {
-            let (src, dst) = lay.src_dst(frame);
-            for part in [src, dst] {
-                for c in part.chunks(8) {
-                    let mut w = [0u8; 8];
-                    w[..c.len()].copy_from_slice(c);
-                    h = mix(h, u64::from_ne_bytes(w));
-                }
-            }
-            let ports = u32::from_ne_bytes([
-                frame[lay.l4],
-                frame[lay.l4 + 1],
-                frame[lay.l4 + 2],
-                frame[lay.l4 + 3],
-            ]);
-            h = mix(h, (lay.proto as u64) << 32 | ports as u64);
-        }
-        Err(_) => {
-            let mut w = [0u8; 16];
-            let n = frame.len().min(14);
-            w[..n].copy_from_slice(&frame[..n]);
-            h = mix(h, u64::from_ne_bytes(w[..8].try_into().unwrap_or([0; 8])));
-            h = mix(h, u64::from_ne_bytes(w[8..].try_into().unwrap_or([0; 8])));
-        }
-    }
-    // Final avalanche (murmur3 fmix64), folded to 32 bits.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    (h ^ (h >> 32)) as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -978,26 +930,6 @@ mod tests {
         h.encode(&mut b);
         assert_eq!(VirtioNetHdr::decode(&b), Some(h));
         assert_eq!(VirtioNetHdr::decode(&b[..11]), None);
-    }
-
-    #[test]
-    fn flow_hash_is_per_flow() {
-        let mut f = vec![0u8; 54];
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
-        f[14] = 0x45;
-        f[23] = 6;
-        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
-        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
-        f[34..38].copy_from_slice(&[0x30, 0x39, 0x00, 0x50]);
-        f[46] = 5 << 4;
-        let a = flow_hash(&f);
-        let mut g = f.clone();
-        g[38..42].copy_from_slice(&[9, 9, 9, 9]); // other sequence number: same flow
-        g.extend_from_slice(&[1, 2, 3]);
-        assert_eq!(flow_hash(&g), a);
-        g[35] ^= 1; // other source port: other flow
-        assert_ne!(flow_hash(&g), a);
-        assert_ne!(flow_hash(&[0u8; 3]), a);
     }
 
     #[test]
