@@ -175,5 +175,84 @@ fn big_cache(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, encap, decap, arp_proxy, big_cache);
+/// The same two paths for a vnic whose firewall is on (default policy plus a few rules), on an
+/// established UDP flow: the added cost is parsing the packet summary and one conntrack
+/// lookup per frame.
+fn firewalled(c: &mut Criterion) {
+    use fabric::firewall::compile::{Firewall, FirewallState, RuleRecord, VmAddress, VmRecord};
+    use std::sync::Arc;
+    let owner = "aaaaaaaa-0000-4000-8000-000000000000";
+    let vm_a = "00000000-0000-4000-8000-00000000000a";
+    let state = FirewallState {
+        vms: vec![VmRecord {
+            uuid: vm_a.into(),
+            owner_uuid: owner.into(),
+            tags: Default::default(),
+            firewall_enabled: true,
+            ips: vec![VmAddress {
+                vni: vni().get(),
+                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            }],
+        }],
+        rules: (0..8)
+            .map(|i| RuleRecord {
+                uuid: format!("11111111-0000-4000-8000-{i:012}"),
+                owner_uuid: Some(owner.into()),
+                global: false,
+                enabled: true,
+                rule: format!("FROM any TO vm {vm_a} ALLOW tcp PORT {}", 8000 + i),
+            })
+            .collect(),
+    };
+    let rules = Arc::new(
+        Firewall::new(&state)
+            .unwrap()
+            .compile_vnic(vm_a, vni().get(), 1),
+    );
+    let (mut core, id) = core_with_a();
+    core.set_firewall(id, Some(rules)).unwrap();
+    let now = Instant::now();
+    let src: SocketAddr = "127.0.0.2:4789".parse().unwrap();
+    core.insert_vl2(vni(), B, src, now);
+    let len = 64;
+    let mut out = vec![0u8; HEADROOM + len];
+    out[HEADROOM..].copy_from_slice(&frame(B, len));
+    // The reply: B → A, ports swapped (frame() writes zero ports, so the same 5-tuple).
+    let mut back = vec![0u8; vxlan::HEADER_LEN + len];
+    vxlan::write_header(&mut back, vni());
+    let mut inner = frame(A, len);
+    inner[6..12].copy_from_slice(&B.0);
+    inner[26..30].copy_from_slice(&[10, 0, 0, 2]);
+    inner[30..34].copy_from_slice(&[10, 0, 0, 1]);
+    back[vxlan::HEADER_LEN..].copy_from_slice(&inner);
+    let total = back.len();
+    {
+        let mut buf = FrameBuf::new(&mut out, HEADROOM, len).unwrap();
+        assert!(matches!(
+            core.from_vnic(id, &mut buf, now),
+            Verdict::ToUnderlay { .. }
+        ));
+    }
+    let mut g = c.benchmark_group("firewalled_established");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encap_64", |b| {
+        b.iter(|| {
+            let mut buf = FrameBuf::new(&mut out, HEADROOM, len).unwrap();
+            let v = core.from_vnic(id, &mut buf, now);
+            debug_assert!(matches!(v, Verdict::ToUnderlay { .. }));
+            black_box(v)
+        })
+    });
+    g.bench_function("decap_64", |b| {
+        b.iter(|| {
+            let mut buf = FrameBuf::new(&mut back, 0, total).unwrap();
+            let v = core.from_underlay(src, &mut buf, now);
+            debug_assert!(matches!(v, Verdict::ToVnic(_)));
+            black_box(v)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, encap, decap, arp_proxy, big_cache, firewalled);
 criterion_main!(benches);

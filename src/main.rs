@@ -52,6 +52,12 @@ enum FwCmd {
     /// with --json its parse tree, or the error with its class (syntax, value, version, model).
     /// Exits 1 if any rule was rejected.
     Parse(fabric::firewall::cli::FwParseArgs),
+    /// Send the whole firewall state (VM directory + rules, JSON) to a running dataplane. It is
+    /// validated and compiled as a whole: any bad rule rejects it (the error names the rule's
+    /// uuid) and the old state stays. Established flows survive unless the new rules deny them.
+    Apply(fabric::dataplane::cli::FwApplyArgs),
+    /// Show a vnic's compiled rule set in evaluation order, canonical text, with hit counters.
+    Ls(fabric::dataplane::cli::FwLsArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +93,10 @@ fn main() -> ExitCode {
         Cmd::Stats { control, json } => {
             edge("fabric stats", fabric::dataplane::cli::stats(control, json))
         }
+        Cmd::Fw(FwCmd::Apply(args)) => {
+            edge("fabric fw apply", fabric::dataplane::cli::fw_apply(args))
+        }
+        Cmd::Fw(FwCmd::Ls(args)) => edge("fabric fw ls", fabric::dataplane::cli::fw_ls(args)),
         Cmd::Fw(FwCmd::Parse(args)) => {
             match fabric::firewall::cli::run_parse(&args, &mut std::io::stdout().lock()) {
                 Ok(true) => ExitCode::SUCCESS,

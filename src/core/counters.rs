@@ -67,6 +67,10 @@ drop_reasons! {
     UnknownVni = "unknown_vni",
     /// Underlay datagram for a MAC that has no vnic on that VNI here.
     NoVnicForMac = "no_vnic_for_mac",
+    /// The vnic's firewall denied it by a BLOCK rule (the rule's hit counter has it too).
+    FirewallRule = "firewall_rule",
+    /// The vnic's firewall denied it by the inbound default (no rule allowed the new flow).
+    FirewallDefault = "firewall_default",
 }
 
 /// Counters for one vnic or for the whole core. Plain integers: one core is owned by one

@@ -18,6 +18,15 @@
 //! - [`Core::poll_output`]: frames released later (held frames after their lookup, ARP/NDP
 //!   answers that needed a lookup).
 //!
+//! Firewall: a vnic may carry a compiled rule set ([`Core::set_firewall`]). Then every IP
+//! packet it sends is checked against its outbound rules and every IP packet delivered to it
+//! (from the underlay or from a local vnic) against its inbound rules, through one
+//! connection-tracking table per core (created when the first filter is set): a new flow is
+//! classified once, later packets of either direction cost one lookup. ARP, neighbour
+//! discovery and non-first IP fragments are not filtered (the first fragment carries the
+//! ports and is). Denied packets are dropped as [`DropReason::FirewallRule`] or
+//! [`DropReason::FirewallDefault`].
+//!
 //! Caches are keyed by VNI, so tenants may reuse the same MACs and IPs. Entries past their TTL
 //! are still used while a refresh lookup is in flight (so a busy flow never stalls on expiry);
 //! a "not found" answer removes the entry and is remembered briefly in a negative cache.
@@ -33,10 +42,14 @@ pub use buf::{FrameBuf, HEADROOM};
 pub use counters::{Counters, CountersSnapshot, DropReason};
 pub use lookup::{LookupAnswer, LookupError, LookupKey, Vl3Mapping};
 
+use crate::firewall::compile::{Direction, VnicRuleSet};
+use crate::firewall::conntrack::{self, Conntrack, ConntrackConfig, ConntrackStats};
+use crate::firewall::packet::{self as fwpacket, SummaryError};
 use crate::wire::{self, arp, ethernet, ipv6, ndp, vxlan, EtherType, Mac, Vni};
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Identifies a vnic within one core.
@@ -90,6 +103,14 @@ pub enum VnicError {
     /// No such vnic.
     #[error("no vnic {0:?}")]
     NoSuchVnic(VnicId),
+    /// A rule set compiled for another VNI.
+    #[error("rule set is for VNI {rules}, the vnic is on VNI {vnic}")]
+    FirewallVni {
+        /// The vnic's VNI.
+        vnic: Vni,
+        /// The rule set's.
+        rules: u32,
+    },
 }
 
 /// Tunables. Defaults suit a production host.
@@ -107,6 +128,9 @@ pub struct Config {
     pub pending_max_dests: usize,
     /// Cache entries stale for longer than this are removed by the sweep.
     pub stale_grace: Duration,
+    /// Connection tracking (size, timeouts, hash seed); the table is allocated when the first
+    /// filter is set.
+    pub conntrack: ConntrackConfig,
 }
 
 impl Default for Config {
@@ -118,6 +142,10 @@ impl Default for Config {
             pending_bytes_per_dest: 64 * 1024,
             pending_max_dests: 4096,
             stale_grace: Duration::from_secs(300),
+            conntrack: ConntrackConfig {
+                seed: random_seed(),
+                ..ConntrackConfig::default()
+            },
         }
     }
 }
@@ -169,6 +197,8 @@ struct Vnic {
     cfg: VnicConfig,
     link_local: Ipv6Addr,
     counters: Counters,
+    /// The firewall (`None`: unfiltered).
+    rules: Option<Arc<VnicRuleSet>>,
 }
 
 impl Vnic {
@@ -233,6 +263,26 @@ pub struct Core {
     counters: Counters,
     last_sweep: Option<Instant>,
     scratch: Vec<u8>,
+    conntrack: Option<Tracker>,
+    /// Time zero of the connection-tracking clock.
+    epoch: Instant,
+}
+
+/// The connection-tracking table (allocated on first use).
+struct Tracker(Conntrack);
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conntrack({} flows)", self.0.len())
+    }
+}
+
+/// A per-process random hash key for the connection-tracking table.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x5eed);
+    h.finish()
 }
 
 impl Default for Core {
@@ -259,6 +309,8 @@ impl Core {
             counters: Counters::default(),
             last_sweep: None,
             scratch: vec![0u8; HEADROOM + 65_536],
+            conntrack: None,
+            epoch: Instant::now(),
         }
     }
 
@@ -317,8 +369,87 @@ impl Core {
             link_local: eui64_link_local(cfg.mac),
             cfg,
             counters: Counters::default(),
+            rules: None,
         });
         Ok(id)
+    }
+
+    /// Set (or with `None` remove) a vnic's firewall. The new rule set applies from the next
+    /// frame; tracked flows are re-checked against it on their next packet and survive unless
+    /// it denies them. The rule set must have been compiled for the vnic's VNI.
+    pub fn set_firewall(
+        &mut self,
+        id: VnicId,
+        rules: Option<Arc<VnicRuleSet>>,
+    ) -> Result<(), VnicError> {
+        let v = self
+            .vnics
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(VnicError::NoSuchVnic(id))?;
+        if let Some(r) = &rules {
+            if r.vni() != v.cfg.vni.get() {
+                return Err(VnicError::FirewallVni {
+                    vnic: v.cfg.vni,
+                    rules: r.vni(),
+                });
+            }
+            if self.conntrack.is_none() {
+                self.conntrack = Some(Tracker(Conntrack::new(self.cfg.conntrack)));
+            }
+        }
+        v.rules = rules;
+        Ok(())
+    }
+
+    /// Connection-tracking counters and the number of tracked flows (`None` until a filter
+    /// was set).
+    pub fn conntrack_stats(&self) -> Option<(ConntrackStats, usize)> {
+        self.conntrack.as_ref().map(|t| (t.0.stats(), t.0.len()))
+    }
+
+    /// Checks a frame crossing vnic `id` in direction `dir` against its firewall.
+    #[inline]
+    fn filter(
+        &mut self,
+        id: VnicId,
+        dir: Direction,
+        frame: &[u8],
+        now: Instant,
+    ) -> Result<(), DropReason> {
+        let Some(rules) = self
+            .vnics
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .and_then(|v| v.rules.as_deref())
+        else {
+            return Ok(());
+        };
+        let pkt = match fwpacket::summarize(frame) {
+            Ok(p) => p,
+            Err(SummaryError::NotIp | SummaryError::NonFirstFragment) => return Ok(()),
+            Err(SummaryError::Malformed(_)) => return Err(DropReason::Malformed),
+        };
+        if is_ndp(&pkt) {
+            return Ok(());
+        }
+        let Some(ct) = self.conntrack.as_mut() else {
+            return Ok(());
+        };
+        let t = now.saturating_duration_since(self.epoch);
+        let reason = match ct.0.classify(rules, dir, &pkt, t) {
+            conntrack::Verdict::Allow { .. } => return Ok(()),
+            conntrack::Verdict::Deny { rule: Some(_) } => DropReason::FirewallRule,
+            conntrack::Verdict::Deny { rule: None } => DropReason::FirewallDefault,
+        };
+        if dir == Direction::Ingress {
+            // The frame's own accounting counts the drop globally (and on the sending vnic for
+            // local traffic); the vnic whose rules denied it counts it here.
+            if let Some(Some(v)) = self.vnics.get_mut(id.0 as usize) {
+                v.counters.drop(reason);
+            }
+        }
+        Err(reason)
     }
 
     /// Detach a vnic; its held frames are dropped when their lookups complete.
@@ -534,6 +665,9 @@ impl Core {
                 if !v.owns_v4(ip.src()) {
                     return Verdict::Drop(DropReason::SpoofedSrcIp);
                 }
+                if let Err(r) = self.filter(id, Direction::Egress, buf.bytes(), now) {
+                    return Verdict::Drop(r);
+                }
                 self.forward(id, dst, buf, now)
             }
             EtherType::ARP => self.vnic_arp(id, buf, now),
@@ -554,6 +688,9 @@ impl Core {
                 }
                 if !v.owns_v6(ip.src()) {
                     return Verdict::Drop(DropReason::SpoofedSrcIp);
+                }
+                if let Err(r) = self.filter(id, Direction::Egress, buf.bytes(), now) {
+                    return Verdict::Drop(r);
                 }
                 self.forward(id, dst, buf, now)
             }
@@ -584,6 +721,9 @@ impl Core {
                 let mtu = self.vnic_ref(local).map_or(0, |l| l.cfg.mtu);
                 if buf.len() - ethernet::HEADER_LEN > usize::from(mtu) {
                     return Verdict::Drop(DropReason::FrameTooBig);
+                }
+                if let Err(r) = self.filter(local, Direction::Ingress, buf.bytes(), now) {
+                    return Verdict::Drop(r);
                 }
                 Verdict::ToVnic(local)
             }
@@ -824,7 +964,7 @@ impl Core {
         &mut self,
         src: SocketAddr,
         buf: &mut FrameBuf<'_>,
-        _now: Instant,
+        now: Instant,
     ) -> Verdict {
         let Ok(p) = vxlan::Packet::new_checked(buf.bytes()) else {
             return Verdict::Drop(DropReason::VxlanMalformed);
@@ -860,6 +1000,9 @@ impl Core {
                 let mtu = self.vnic_ref(id).map_or(0, |v| v.cfg.mtu);
                 if f.len() - ethernet::HEADER_LEN > usize::from(mtu) {
                     return Verdict::Drop(DropReason::FrameTooBig);
+                }
+                if let Err(r) = self.filter(id, Direction::Ingress, buf.bytes(), now) {
+                    return Verdict::Drop(r);
                 }
                 Verdict::ToVnic(id)
             }
@@ -1014,6 +1157,9 @@ impl Core {
         self.in_flight
             .retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
         self.negative.retain(|_, until| *until > now);
+        if let Some(ct) = self.conntrack.as_mut() {
+            ct.0.sweep(now.saturating_duration_since(self.epoch), 4096);
+        }
         let sweep_every = self.cfg.stale_grace.max(Duration::from_secs(1));
         if self
             .last_sweep
@@ -1028,6 +1174,13 @@ impl Core {
             self.vl3.retain(|_, e| e.expires + grace > now);
         }
     }
+}
+
+/// Neighbour discovery (router/neighbour solicitation and advertisement, redirect) is link
+/// machinery, not traffic: never filtered.
+#[inline]
+fn is_ndp(p: &conntrack::PacketSummary) -> bool {
+    p.proto == ipv6::NEXT_HEADER_ICMPV6 && p.icmp.is_some_and(|i| (133..=137).contains(&i.ty))
 }
 
 enum Resolved {

@@ -773,3 +773,219 @@ fn local_vnic_is_authoritative_over_cache_answers() {
     assert_eq!(core.cached_vl2(vni(100), B), Some(under(7)));
     assert_eq!(core.cache_sizes().0, 1);
 }
+
+// ----- firewall in the core ------------------------------------------------------------------
+
+const OWNER: &str = "aaaaaaaa-0000-4000-8000-000000000000";
+const VM_A: &str = "00000000-0000-4000-8000-00000000000a";
+const VM_B: &str = "00000000-0000-4000-8000-00000000000b";
+
+/// A TCP segment `sip:sport → dip:dport` with `flags`.
+fn tcp_frame(
+    src: Mac,
+    dst: Mac,
+    sip: &str,
+    sport: u16,
+    dip: &str,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 20];
+    EthernetRepr {
+        src,
+        dst,
+        vlan_tci: None,
+        ethertype: EtherType::IPV4,
+    }
+    .emit(&mut f);
+    Ipv4Repr {
+        src: ip(sip),
+        dst: ip(dip),
+        protocol: 6,
+        payload_len: 20,
+        ttl: 64,
+    }
+    .emit(&mut f[14..]);
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    f[46] = 5 << 4;
+    f[47] = flags;
+    f
+}
+
+/// Rule sets for VM_A (10.0.0.1, firewall on) and VM_B (10.0.0.2) on VNI 100 from `rules`.
+fn rule_sets(rules: &[&str], generation: u64) -> (Arc<VnicRuleSet>, Arc<VnicRuleSet>) {
+    use crate::firewall::compile::{Firewall, FirewallState, RuleRecord, VmAddress, VmRecord};
+    let vm = |uuid: &str, addr: &str, on: bool| VmRecord {
+        uuid: uuid.into(),
+        owner_uuid: OWNER.into(),
+        tags: Default::default(),
+        firewall_enabled: on,
+        ips: vec![VmAddress {
+            vni: 100,
+            ip: IpAddr::V4(ip(addr)),
+        }],
+    };
+    let state = FirewallState {
+        vms: vec![vm(VM_A, "10.0.0.1", true), vm(VM_B, "10.0.0.2", true)],
+        rules: rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RuleRecord {
+                uuid: format!("11111111-0000-4000-8000-{i:012}"),
+                owner_uuid: Some(OWNER.into()),
+                global: false,
+                enabled: true,
+                rule: r.to_string(),
+            })
+            .collect(),
+    };
+    let fw = Firewall::new(&state).expect("valid state");
+    (
+        Arc::new(fw.compile_vnic(VM_A, 100, generation)),
+        Arc::new(fw.compile_vnic(VM_B, 100, generation)),
+    )
+}
+
+#[test]
+fn firewall_inbound_default_deny_outbound_with_state() {
+    let (mut core, a, now) = one_vnic();
+    core.insert_vl2(vni(100), B, under(2), now);
+    let (rules_a, _) = rule_sets(&[], 1);
+    core.set_firewall(a, Some(rules_a)).unwrap();
+    // A new inbound flow is denied by the default, counted per vnic.
+    let syn_in = tcp_frame(B, A, "10.0.0.2", 40000, "10.0.0.1", 22, 0x02);
+    let (v, _, _) = recv(&mut core, &vxlan_datagram(100, &syn_in), now);
+    assert_eq!(v, Verdict::Drop(DropReason::FirewallDefault));
+    assert_eq!(
+        core.vnic_counters(a)
+            .unwrap()
+            .drops_of(DropReason::FirewallDefault),
+        1
+    );
+    // Outbound is allowed and its replies come back through the state.
+    let syn_out = tcp_frame(A, B, "10.0.0.1", 50000, "10.0.0.2", 80, 0x02);
+    assert!(matches!(
+        send(&mut core, a, &syn_out, now).0,
+        Verdict::ToUnderlay { .. }
+    ));
+    let synack = tcp_frame(B, A, "10.0.0.2", 80, "10.0.0.1", 50000, 0x12);
+    assert_eq!(
+        recv(&mut core, &vxlan_datagram(100, &synack), now).0,
+        Verdict::ToVnic(a)
+    );
+    let ack = tcp_frame(A, B, "10.0.0.1", 50000, "10.0.0.2", 80, 0x10);
+    assert!(matches!(
+        send(&mut core, a, &ack, now).0,
+        Verdict::ToUnderlay { .. }
+    ));
+    let data_in = tcp_frame(B, A, "10.0.0.2", 80, "10.0.0.1", 50000, 0x18);
+    assert_eq!(
+        recv(&mut core, &vxlan_datagram(100, &data_in), now).0,
+        Verdict::ToVnic(a)
+    );
+    let (stats, flows) = core.conntrack_stats().unwrap();
+    assert_eq!(flows, 1);
+    assert_eq!(stats.new_flows, 1);
+    assert!(stats.established >= 3, "{stats:?}");
+    // ARP is never filtered.
+    core.insert_vl3(
+        vni(100),
+        IpAddr::V4(ip("10.0.0.2")),
+        Vl3Mapping {
+            mac: B,
+            underlay: under(2),
+        },
+        now,
+    );
+    let (v, _) = send(&mut core, a, &arp_request(A, "10.0.0.1", "10.0.0.2"), now);
+    assert_eq!(v, Verdict::Reply(a));
+}
+
+#[test]
+fn firewall_rules_admit_and_block_and_swap_atomically() {
+    let (mut core, a, now) = one_vnic();
+    let (rules_a, _) = rule_sets(&["FROM vm 00000000-0000-4000-8000-00000000000b TO vm 00000000-0000-4000-8000-00000000000a ALLOW tcp PORT 22"], 1);
+    core.set_firewall(a, Some(rules_a.clone())).unwrap();
+    let syn = |sport| tcp_frame(B, A, "10.0.0.2", sport, "10.0.0.1", 22, 0x02);
+    assert_eq!(
+        recv(&mut core, &vxlan_datagram(100, &syn(40000)), now).0,
+        Verdict::ToVnic(a)
+    );
+    // Another port stays closed.
+    let other = tcp_frame(B, A, "10.0.0.2", 40001, "10.0.0.1", 23, 0x02);
+    assert_eq!(
+        recv(&mut core, &vxlan_datagram(100, &other), now).0,
+        Verdict::Drop(DropReason::FirewallDefault)
+    );
+    assert_eq!(rules_a.hit_counts().iter().sum::<u64>(), 1);
+    // A PRIORITY 1 BLOCK overrides the allow: new flows denied by that rule, and the flow
+    // admitted before is revoked on its next packet.
+    let (blocking, _) = rule_sets(
+        &[
+            "FROM vm 00000000-0000-4000-8000-00000000000b TO vm 00000000-0000-4000-8000-00000000000a ALLOW tcp PORT 22",
+            "FROM vm 00000000-0000-4000-8000-00000000000b TO vm 00000000-0000-4000-8000-00000000000a BLOCK tcp PORT 22 PRIORITY 1",
+        ],
+        2,
+    );
+    core.set_firewall(a, Some(blocking.clone())).unwrap();
+    let data = tcp_frame(B, A, "10.0.0.2", 40000, "10.0.0.1", 22, 0x10);
+    assert_eq!(
+        recv(&mut core, &vxlan_datagram(100, &data), now).0,
+        Verdict::Drop(DropReason::FirewallRule)
+    );
+    assert_eq!(
+        recv(&mut core, &vxlan_datagram(100, &syn(40002)), now).0,
+        Verdict::Drop(DropReason::FirewallRule)
+    );
+    assert_eq!(core.conntrack_stats().unwrap().0.revoked, 1);
+    // Removing the filter passes everything again.
+    core.set_firewall(a, None).unwrap();
+    assert_eq!(
+        recv(&mut core, &vxlan_datagram(100, &other), now).0,
+        Verdict::ToVnic(a)
+    );
+    // A rule set for another VNI is refused.
+    let other_vni = Arc::new(VnicRuleSet::empty(VM_A, 200, 3, true));
+    assert!(core.set_firewall(a, Some(other_vni)).is_err());
+}
+
+#[test]
+fn firewall_between_two_local_vnics_checks_both_sides() {
+    let (mut core, a, now) = one_vnic();
+    let b = core.add_vnic(cfg(100, B, "10.0.0.2")).unwrap();
+    let (rules_a, rules_b) = rule_sets(&[], 1);
+    core.set_firewall(a, Some(rules_a)).unwrap();
+    core.set_firewall(b, Some(rules_b)).unwrap();
+    // A → B: A's egress allows, B's ingress default denies.
+    let syn = tcp_frame(A, B, "10.0.0.1", 50000, "10.0.0.2", 80, 0x02);
+    assert_eq!(
+        send(&mut core, a, &syn, now).0,
+        Verdict::Drop(DropReason::FirewallDefault)
+    );
+    // Counted on the sender's frame and on the vnic whose rules denied it.
+    assert_eq!(
+        core.vnic_counters(a)
+            .unwrap()
+            .drops_of(DropReason::FirewallDefault),
+        1
+    );
+    assert_eq!(
+        core.vnic_counters(b)
+            .unwrap()
+            .drops_of(DropReason::FirewallDefault),
+        1
+    );
+    // With an allow for B's port 80 from A, the flow and its replies pass locally.
+    let (rules_a, rules_b) = rule_sets(
+        &["FROM vm 00000000-0000-4000-8000-00000000000a TO vm 00000000-0000-4000-8000-00000000000b ALLOW tcp PORT 80"],
+        2,
+    );
+    core.set_firewall(a, Some(rules_a)).unwrap();
+    core.set_firewall(b, Some(rules_b)).unwrap();
+    assert_eq!(send(&mut core, a, &syn, now).0, Verdict::ToVnic(b));
+    let synack = tcp_frame(B, A, "10.0.0.2", 80, "10.0.0.1", 50000, 0x12);
+    assert_eq!(send(&mut core, b, &synack, now).0, Verdict::ToVnic(a));
+    // One flow per side: A's egress entry and B's ingress entry.
+    assert_eq!(core.conntrack_stats().unwrap().1, 2);
+}

@@ -1,7 +1,8 @@
 //! `fabric vnic …` and `fabric stats`: clients of the dataplane's control socket.
 
-use super::control::{self, Request, Stats, VnicAddSpec, VnicInfo};
+use super::control::{self, FwApplied, FwListing, Request, Stats, VnicAddSpec, VnicInfo};
 use super::daemon::print_counters;
+use crate::firewall::compile::FirewallState;
 use std::path::PathBuf;
 
 /// Where the daemon listens.
@@ -159,6 +160,122 @@ pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
                 &v.counters
             )
         );
+    }
+    Ok(())
+}
+
+/// `fabric fw apply`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FwApplyArgs {
+    #[command(flatten)]
+    pub control: ControlPath,
+    /// The whole firewall state as JSON (`-` for standard input):
+    /// `{"vms":[{"uuid":…,"owner_uuid":…,"tags":{…},"firewall_enabled":true,
+    /// "ips":[{"vni":N,"ip":"…"}]}], "rules":[{"uuid":…,"owner_uuid":…|"global":true,
+    /// "enabled":true,"rule":"FROM … TO … ALLOW …"}]}`. A local vnic belongs to the VM that
+    /// lists its (vni, ip); vnics no VM claims are not filtered.
+    #[arg(value_name = "FILE.json")]
+    pub file: PathBuf,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fabric fw ls`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FwLsArgs {
+    #[command(flatten)]
+    pub control: ControlPath,
+    /// The vnic (interface name).
+    #[arg(long, value_name = "IF")]
+    pub vnic: String,
+    /// Its namespace, when the name is used in several.
+    #[arg(long, value_name = "NS")]
+    pub netns: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reads a firewall state document; unknown fields and bad values are errors with a position.
+pub fn read_fw_state(path: &std::path::Path) -> anyhow::Result<FirewallState> {
+    use anyhow::Context as _;
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a firewall state", path.display()))
+}
+
+/// Run `fabric fw apply`.
+pub fn fw_apply(args: FwApplyArgs) -> anyhow::Result<()> {
+    let state = read_fw_state(&args.file)?;
+    let v = control::call(&args.control.control, &Request::FwApply { state })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let a: FwApplied = serde_json::from_value(v)?;
+    println!(
+        "applied firewall generation {}: {} VMs, {} rules ({} enabled)",
+        a.generation, a.vms, a.rules, a.enabled_rules
+    );
+    for v in &a.vnics {
+        let what = match (&v.vm_uuid, v.filtered) {
+            (None, _) => "no VM claims its address: unfiltered".to_string(),
+            (Some(vm), false) => format!("vm {vm}, firewall off: unfiltered"),
+            (Some(vm), true) => format!("vm {vm}, filtered, {} compiled rules", v.rules),
+        };
+        println!("  {}/{}: {what}", v.netns, v.name);
+    }
+    Ok(())
+}
+
+/// Run `fabric fw ls`.
+pub fn fw_ls(args: FwLsArgs) -> anyhow::Result<()> {
+    let v = control::call(
+        &args.control.control,
+        &Request::FwLs {
+            netns: args.netns,
+            vnic: args.vnic,
+        },
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let l: FwListing = serde_json::from_value(v)?;
+    let state = match (&l.vm_uuid, l.filtered) {
+        (None, _) => "no VM claims its address: unfiltered".to_string(),
+        (Some(vm), false) => format!("vm {vm}, firewall off: unfiltered"),
+        (Some(vm), true) => {
+            format!("vm {vm}, filtered (inbound default deny, outbound default allow)")
+        }
+    };
+    println!(
+        "vnic {}/{} vni {} ip {}: {state}; firewall generation {}",
+        l.netns, l.name, l.vni, l.ip, l.generation
+    );
+    if l.filtered {
+        println!(
+            "{:<4} {:>4} {:<6} {:>10}  RULE",
+            "DIR", "PRI", "ACTION", "HITS"
+        );
+        for r in &l.rules {
+            println!(
+                "{:<4} {:>4} {:<6} {:>10}  {}  [{}]",
+                r.direction, r.priority, r.action, r.hits, r.text, r.uuid
+            );
+        }
+        println!(
+            "denied: {} by rule, {} by the inbound default",
+            l.denied_by_rule, l.denied_by_default
+        );
+    }
+    if let Some(ct) = &l.conntrack {
+        println!("conntrack (host): {} flows, {}", ct.flows, ct.counters);
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! `fabric vnic …` and `fabric stats` subcommands are thin clients of this API; so is the agent.
 
 use crate::core::CountersSnapshot;
+use crate::firewall::compile::FirewallState;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -29,6 +30,104 @@ pub enum Request {
     VnicLs {},
     /// Counters: global, per vnic, per drop reason, and the resolver's.
     Stats {},
+    /// Replace the whole firewall input (VM directory + rules). Validated and compiled as a
+    /// whole: a bad rule rejects the request and the previous state stays in force.
+    FwApply {
+        /// The new state.
+        state: FirewallState,
+    },
+    /// One vnic's compiled rule set with hit counters.
+    FwLs {
+        /// Namespace of the vnic (needed only when the name is not unique).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
+        /// Interface name.
+        vnic: String,
+    },
+}
+
+/// The answer to `fw_apply`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FwApplied {
+    /// Generation of the compiled state now in force.
+    pub generation: u64,
+    /// VMs in the directory.
+    pub vms: usize,
+    /// Rules received.
+    pub rules: usize,
+    /// Of which enabled.
+    pub enabled_rules: usize,
+    /// What each local vnic got.
+    pub vnics: Vec<FwVnicSummary>,
+}
+
+/// One local vnic after `fw_apply`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FwVnicSummary {
+    /// Namespace.
+    pub netns: String,
+    /// Interface name.
+    pub name: String,
+    /// The VM whose address the vnic has (`None`: no VM in the directory claims it; the vnic
+    /// is unfiltered).
+    pub vm_uuid: Option<String>,
+    /// Whether its traffic is filtered (the VM has `firewall_enabled`).
+    pub filtered: bool,
+    /// Compiled rule entries.
+    pub rules: usize,
+}
+
+/// The answer to `fw_ls`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FwListing {
+    /// Namespace.
+    pub netns: String,
+    /// Interface name.
+    pub name: String,
+    /// Segment.
+    pub vni: u32,
+    /// Address.
+    pub ip: String,
+    /// The VM the vnic belongs to, if the directory names one.
+    pub vm_uuid: Option<String>,
+    /// Whether its traffic is filtered.
+    pub filtered: bool,
+    /// Generation of the firewall state in force.
+    pub generation: u64,
+    /// Compiled rules in evaluation order (outbound first), canonical text.
+    pub rules: Vec<FwRuleLine>,
+    /// Packets this vnic dropped by a BLOCK rule.
+    pub denied_by_rule: u64,
+    /// Packets this vnic dropped by the inbound default.
+    pub denied_by_default: u64,
+    /// The host's connection-tracking table.
+    pub conntrack: Option<ConntrackInfo>,
+}
+
+/// One compiled rule of a vnic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FwRuleLine {
+    /// `in` or `out`.
+    pub direction: String,
+    /// Rule UUID.
+    pub uuid: String,
+    /// Priority (0–100).
+    pub priority: u8,
+    /// `allow` or `block`.
+    pub action: String,
+    /// Canonical rule text.
+    pub text: String,
+    /// Flows admitted (allow) or packets dropped (block) by it.
+    pub hits: u64,
+}
+
+/// The connection-tracking table's size and counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConntrackInfo {
+    /// Flows tracked now.
+    pub flows: usize,
+    /// Counters (established, new_flows, denied_by_rule, evictions, …).
+    pub counters: serde_json::Value,
 }
 
 /// What `vnic_add` needs.
@@ -93,6 +192,9 @@ pub struct Stats {
     pub tap_write_errors: u64,
     /// Resolver counters.
     pub resolver: ResolverStats,
+    /// Connection tracking (absent until a vnic is filtered).
+    #[serde(default)]
+    pub conntrack: Option<ConntrackInfo>,
 }
 
 /// Resolver counters.

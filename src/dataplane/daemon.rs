@@ -1,28 +1,39 @@
 //! `fabric dataplane`: the per-host daemon.
 //!
 //! Threads:
-//! - **encap** (one thread): epoll over every vnic's TAP. Reads `virtio_net_hdr` + frame
-//!   (64 KB TSO super-frames when the container's stack uses the offloads), segments it in
-//!   userspace with room for the VXLAN header before each segment, runs the core on each
-//!   segment (which writes the VXLAN header in place) and sends the segments of one
-//!   super-frame as one `UDP_SEGMENT` (GSO) transmit when they share a destination. Owns the
-//!   core with the VL2/VL3 caches and the held-frame queues.
-//! - **decap** (one thread): `recvmmsg` batches (with `UDP_GRO`), runs its own core instance
-//!   (which only needs the vnic table) on every datagram, coalesces consecutive same-flow TCP
-//!   segments into one TAP write with a `virtio_net_hdr`.
+//! - **worker** (one hot thread): epoll over every vnic's TAP and the underlay socket. From a
+//!   TAP it reads `virtio_net_hdr` + frame (64 KB TSO super-frames when the container's stack
+//!   uses the offloads), segments it in userspace with room for the VXLAN header before each
+//!   segment, runs the core on each segment (which writes the VXLAN header in place) and sends
+//!   the segments of one super-frame as one `UDP_SEGMENT` (GSO) transmit when they share a
+//!   destination. From the underlay it receives `recvmmsg` batches (with `UDP_GRO`), runs the
+//!   core on every datagram and coalesces consecutive same-flow TCP segments into one TAP
+//!   write with a `virtio_net_hdr`. It owns the core: vnic table, VL2/VL3 caches, held frames,
+//!   firewall rule sets and the connection-tracking table.
 //! - **tokio runtime**: the control socket, the resolver (one task per lookup on the Portolan
-//!   SVP client) and the shootdown poller.
+//!   SVP client), the shootdown poller, and firewall compilation.
 //!
-//! The two hot threads never share a lock: each owns a [`Core`]; vnic changes, lookup answers
-//! and shootdowns reach them as messages (`std::sync::mpsc` plus an eventfd to wake the encap
-//! thread's epoll; the decap thread checks its queue between receive batches, at least every
-//! 100 ms). Counters are per thread and merged when asked for.
+//! Why one hot thread and not one per direction: the stateful firewall must see both
+//! directions of a flow (a reply must meet the state its request created), so a flow's two
+//! directions belong to one thread. Scaling out means more workers, each owning a group of
+//! vnics with both their directions (multi-queue TAP, the underlay receiver handing frames to
+//! the owning worker); that is not built yet.
+//!
+//! The hot thread takes no lock: vnic changes, firewall rule sets, lookup answers and
+//! shootdowns reach it as messages (`std::sync::mpsc` plus an eventfd to wake its epoll).
+//! Rule sets are immutable `Arc`s swapped between two packets; connection tracking re-checks a
+//! flow against the new set on its next packet.
 
-use super::control::{self, Request, ResolverStats, Stats, VnicAddSpec, VnicInfo};
-use crate::core::{
-    proxy, Config, Core, Counters, FrameBuf, LookupAnswer, LookupError, LookupKey, Output, Verdict,
-    Vl3Mapping, VnicConfig, VnicError, VnicId,
+use super::control::{
+    self, ConntrackInfo, FwApplied, FwListing, FwRuleLine, FwVnicSummary, Request, ResolverStats,
+    Stats, VnicAddSpec, VnicInfo,
 };
+use crate::core::{
+    proxy, Config, Core, Counters, DropReason, FrameBuf, LookupAnswer, LookupError, LookupKey,
+    Output, Verdict, Vl3Mapping, VnicConfig, VnicError, VnicId,
+};
+use crate::firewall::compile::{Direction, Firewall, FirewallState, VnicRuleSet};
+use crate::firewall::conntrack::ConntrackStats;
 use crate::io::netlink::{self, Netns, VnicSpec};
 use crate::io::offload::{self, TcpCoalescer, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
 use crate::io::poll::{Events, Interest, Poller, Waker};
@@ -77,6 +88,9 @@ pub struct DataplaneArgs {
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
+const UNDERLAY_TOKEN: u64 = u64::MAX - 1;
+/// Receive batches taken per wake-up before the TAPs get their turn.
+const UNDERLAY_BATCH_BUDGET: usize = 8;
 const TAP_READ_BUDGET: usize = 64;
 const RECV_BATCH: usize = 16;
 const RECV_SLOT: usize = 65_536;
@@ -97,13 +111,21 @@ struct ThreadStats {
     global: Counters,
     vnics: Vec<(VnicId, Counters)>,
     io: IoCounters,
+    conntrack: Option<(ConntrackStats, usize)>,
 }
 
 enum Cmd {
     AddVnic {
         cfg: VnicConfig,
         tap: Arc<Tap>,
+        /// The vnic's filter (`None`: unfiltered).
+        rules: Option<Arc<VnicRuleSet>>,
         reply: oneshot::Sender<Result<VnicId, VnicError>>,
+    },
+    /// Swap the filters of these vnics (all at once, between two frames).
+    SetFirewall {
+        sets: Vec<(VnicId, Option<Arc<VnicRuleSet>>)>,
+        reply: oneshot::Sender<()>,
     },
     RemoveVnic {
         id: VnicId,
@@ -160,9 +182,13 @@ fn send_one(u: &Underlay, dst: SocketAddr, flow_hash: u32, d: &[u8], io: &mut Io
     }
 }
 
-// ----- encap thread ------------------------------------------------------------------------
+// ----- the worker thread -------------------------------------------------------------------
 
-struct Encap {
+/// The hot thread: owns the core (vnic table, caches, held frames, firewall and connection
+/// tracking), every TAP and the underlay receive socket. Both directions of every flow pass
+/// through it, which the stateful firewall needs (a reply must meet the state its request
+/// created).
+struct Worker {
     core: Core,
     taps: Vec<Option<Arc<Tap>>>,
     underlay: Arc<Underlay>,
@@ -172,12 +198,20 @@ struct Encap {
     lookups: tokio::sync::mpsc::UnboundedSender<LookupKey>,
     garp_pending: FxHashSet<(Vni, IpAddr)>,
     io: IoCounters,
+    peer_port: u16,
+    /// TAP read buffer (virtio_net_hdr + up to a 64 KB super-frame).
     rd: Vec<u8>,
+    /// Segments of one super-frame, each behind VXLAN headroom.
     seg: Vec<u8>,
     verdicts: Vec<(Verdict, usize, usize)>,
+    /// Underlay receive slots (`RECV_BATCH` × 64 KB, GRO super-datagrams).
+    big: Vec<u8>,
+    /// Coalesced TCP super-frame for one TAP write.
+    sup: Vec<u8>,
+    meta: [RecvMeta; RECV_BATCH],
 }
 
-impl Encap {
+impl Worker {
     fn run(mut self) {
         let mut events = Events::with_capacity(64);
         let mut last_tick = Instant::now();
@@ -192,10 +226,10 @@ impl Encap {
                 nready += 1;
             }
             for &token in &ready[..nready] {
-                if token == WAKE_TOKEN {
-                    self.waker.reset();
-                } else {
-                    self.drain_tap(VnicId(token as u32), now);
+                match token {
+                    WAKE_TOKEN => self.waker.reset(),
+                    UNDERLAY_TOKEN => self.drain_underlay(now),
+                    t => self.drain_tap(VnicId(t as u32), now),
                 }
             }
             while let Ok(cmd) = self.rx.try_recv() {
@@ -219,7 +253,12 @@ impl Encap {
 
     fn command(&mut self, cmd: Cmd, now: Instant) -> bool {
         match cmd {
-            Cmd::AddVnic { cfg, tap, reply } => {
+            Cmd::AddVnic {
+                cfg,
+                tap,
+                rules,
+                reply,
+            } => {
                 let r = self.core.add_vnic(cfg);
                 if let Ok(id) = r {
                     let slot = id.0 as usize;
@@ -235,6 +274,8 @@ impl Encap {
                         let _ = reply.send(Err(VnicError::NoSuchVnic(id)));
                         return true;
                     }
+                    // Before the first frame can be read: no unfiltered window.
+                    let _ = self.core.set_firewall(id, rules);
                     self.taps[slot] = Some(tap);
                 }
                 let _ = reply.send(r);
@@ -244,6 +285,12 @@ impl Encap {
                     let _ = self.poller.delete(tap.as_fd());
                 }
                 let _ = self.core.remove_vnic(id);
+                let _ = reply.send(());
+            }
+            Cmd::SetFirewall { sets, reply } => {
+                for (id, rules) in sets {
+                    let _ = self.core.set_firewall(id, rules);
+                }
                 let _ = reply.send(());
             }
             Cmd::Answer(ans) => {
@@ -298,6 +345,7 @@ impl Encap {
                         })
                         .collect(),
                     io: self.io.clone(),
+                    conntrack: self.core.conntrack_stats(),
                 });
             }
             Cmd::Shutdown => return false,
@@ -321,6 +369,8 @@ impl Encap {
             }
         }
     }
+
+    // ----- vnic → underlay -------------------------------------------------------------------
 
     fn drain_tap(&mut self, id: VnicId, now: Instant) {
         let Some(tap) = self.taps.get(id.0 as usize).cloned().flatten() else {
@@ -414,6 +464,109 @@ impl Encap {
             }
         }
     }
+
+    // ----- underlay → vnic -------------------------------------------------------------------
+
+    /// Receives what the underlay socket has queued (a bounded number of batches, so TAPs get
+    /// their turn) and delivers it.
+    fn drain_underlay(&mut self, now: Instant) {
+        for _ in 0..UNDERLAY_BATCH_BUDGET {
+            let got = {
+                let mut chunks = self.big.chunks_mut(RECV_SLOT);
+                let mut bufs: [IoSliceMut<'_>; RECV_BATCH] = std::array::from_fn(|_| {
+                    IoSliceMut::new(chunks.next().expect("RECV_BATCH slots"))
+                });
+                // An error (e.g. ICMP-reported unreachable peer) loses nothing queued: go on.
+                self.underlay
+                    .try_recv(&mut bufs, &mut self.meta)
+                    .unwrap_or_default()
+            };
+            if got == 0 {
+                return;
+            }
+            self.deliver_batch(got, now);
+            if got < RECV_BATCH {
+                return;
+            }
+        }
+    }
+
+    fn deliver_batch(&mut self, got: usize, now: Instant) {
+        let Worker {
+            core,
+            taps,
+            underlay,
+            io,
+            big,
+            sup,
+            meta,
+            peer_port,
+            ..
+        } = self;
+        let mut co = TcpCoalescer::new(&mut sup[..]);
+        let mut pending_for: Option<VnicId> = None;
+        for (s, m) in meta[..got].iter().enumerate() {
+            if m.truncated || m.len == 0 {
+                continue;
+            }
+            let slot = &mut big[s * RECV_SLOT..s * RECV_SLOT + m.len];
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            // The peer's VXLAN port, for ARP answers (its source port is arbitrary).
+            let src = SocketAddr::new(m.src.ip(), *peer_port);
+            let mut off = 0;
+            while off < m.len {
+                let len = stride.min(m.len - off);
+                let Some(mut buf) = FrameBuf::new(slot, off, len) else {
+                    break;
+                };
+                let v = core.from_underlay(src, &mut buf, now);
+                let (start, flen) = (buf.start(), buf.len());
+                match v {
+                    Verdict::ToVnic(to) => {
+                        let inner = &slot[start..start + flen];
+                        if pending_for != Some(to) {
+                            if let (Some(prev), Some(f)) = (pending_for, co.finish()) {
+                                if let Some(Some(tap)) = taps.get(prev.0 as usize) {
+                                    write_raw(tap, f, io);
+                                }
+                            }
+                            pending_for = Some(to);
+                        }
+                        let tap = taps.get(to.0 as usize).and_then(Option::as_ref);
+                        loop {
+                            match co.push(inner) {
+                                offload::Push::Started | offload::Push::Merged => break,
+                                offload::Push::Flush => {
+                                    if let (Some(f), Some(tap)) = (co.finish(), tap) {
+                                        write_raw(tap, f, io);
+                                    }
+                                }
+                                offload::Push::Bypass => {
+                                    if let Some(tap) = tap {
+                                        if let Some(f) = co.finish() {
+                                            write_raw(tap, f, io);
+                                        }
+                                        write_tap(tap, inner, io);
+                                    }
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Verdict::ToUnderlay { dst, flow_hash } => {
+                        send_one(underlay, dst, flow_hash, &slot[start..start + flen], io)
+                    }
+                    _ => {}
+                }
+                off += stride;
+            }
+        }
+        if let (Some(prev), Some(f)) = (pending_for, co.finish()) {
+            if let Some(Some(tap)) = taps.get(prev.0 as usize) {
+                write_raw(tap, f, io);
+            }
+        }
+    }
 }
 
 fn failed_answer(key: LookupKey) -> LookupAnswer {
@@ -429,142 +582,6 @@ fn failed_answer(key: LookupKey) -> LookupAnswer {
             ip,
             result: Err(LookupError::Unreachable("resolver stopped".into())),
         },
-    }
-}
-
-// ----- decap thread ------------------------------------------------------------------------
-
-struct Decap {
-    core: Core,
-    taps: Vec<Option<Arc<Tap>>>,
-    underlay: Arc<Underlay>,
-    rx: mpsc::Receiver<Cmd>,
-    peer_port: u16,
-    io: IoCounters,
-}
-
-impl Decap {
-    fn run(mut self) {
-        let mut big = vec![0u8; RECV_BATCH * RECV_SLOT];
-        let mut sup = vec![0u8; VIRTIO_NET_HDR_LEN + 70_000];
-        let mut meta = [RecvMeta::default(); RECV_BATCH];
-        loop {
-            while let Ok(cmd) = self.rx.try_recv() {
-                match cmd {
-                    Cmd::AddVnic { cfg, tap, reply } => {
-                        let r = self.core.add_vnic(cfg);
-                        if let Ok(id) = r {
-                            let slot = id.0 as usize;
-                            if self.taps.len() <= slot {
-                                self.taps.resize(slot + 1, None);
-                            }
-                            self.taps[slot] = Some(tap);
-                        }
-                        let _ = reply.send(r);
-                    }
-                    Cmd::RemoveVnic { id, reply } => {
-                        if let Some(t) = self.taps.get_mut(id.0 as usize) {
-                            *t = None;
-                        }
-                        let _ = self.core.remove_vnic(id);
-                        let _ = reply.send(());
-                    }
-                    Cmd::Stats { reply } => {
-                        let _ = reply.send(ThreadStats {
-                            global: self.core.counters().clone(),
-                            vnics: self
-                                .core
-                                .vnics()
-                                .map(|(id, _)| {
-                                    (id, self.core.vnic_counters(id).cloned().unwrap_or_default())
-                                })
-                                .collect(),
-                            io: self.io.clone(),
-                        });
-                    }
-                    Cmd::Shutdown => return,
-                    Cmd::Answer(_) | Cmd::InvalidateVl2 { .. } | Cmd::Vl3Changed { .. } => {}
-                }
-            }
-            let got = {
-                let mut chunks = big.chunks_mut(RECV_SLOT);
-                let mut bufs: [IoSliceMut<'_>; RECV_BATCH] = std::array::from_fn(|_| {
-                    IoSliceMut::new(chunks.next().expect("RECV_BATCH slots"))
-                });
-                match self.underlay.recv(&mut bufs, &mut meta) {
-                    Ok(n) => n,
-                    Err(_) => continue,
-                }
-            };
-            let now = Instant::now();
-            let mut co = TcpCoalescer::new(&mut sup);
-            let mut pending_for: Option<VnicId> = None;
-            for (s, m) in meta[..got].iter().enumerate() {
-                if m.truncated || m.len == 0 {
-                    continue;
-                }
-                let slot = &mut big[s * RECV_SLOT..s * RECV_SLOT + m.len];
-                let stride = if m.stride == 0 { m.len } else { m.stride };
-                // The peer's VXLAN port, for ARP answers (its source port is arbitrary).
-                let src = SocketAddr::new(m.src.ip(), self.peer_port);
-                let mut off = 0;
-                while off < m.len {
-                    let len = stride.min(m.len - off);
-                    let Some(mut buf) = FrameBuf::new(slot, off, len) else {
-                        break;
-                    };
-                    let v = self.core.from_underlay(src, &mut buf, now);
-                    let (start, flen) = (buf.start(), buf.len());
-                    match v {
-                        Verdict::ToVnic(to) => {
-                            let inner = &slot[start..start + flen];
-                            if pending_for != Some(to) {
-                                if let (Some(prev), Some(f)) = (pending_for, co.finish()) {
-                                    if let Some(Some(tap)) = self.taps.get(prev.0 as usize) {
-                                        write_raw(tap, f, &mut self.io);
-                                    }
-                                }
-                                pending_for = Some(to);
-                            }
-                            let tap = self.taps.get(to.0 as usize).and_then(Option::as_ref);
-                            loop {
-                                match co.push(inner) {
-                                    offload::Push::Started | offload::Push::Merged => break,
-                                    offload::Push::Flush => {
-                                        if let (Some(f), Some(tap)) = (co.finish(), tap) {
-                                            write_raw(tap, f, &mut self.io);
-                                        }
-                                    }
-                                    offload::Push::Bypass => {
-                                        if let Some(tap) = tap {
-                                            if let Some(f) = co.finish() {
-                                                write_raw(tap, f, &mut self.io);
-                                            }
-                                            write_tap(tap, inner, &mut self.io);
-                                        }
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        Verdict::ToUnderlay { dst, flow_hash } => send_one(
-                            &self.underlay,
-                            dst,
-                            flow_hash,
-                            &slot[start..start + flen],
-                            &mut self.io,
-                        ),
-                        _ => {}
-                    }
-                    off += stride;
-                }
-            }
-            if let (Some(prev), Some(f)) = (pending_for, co.finish()) {
-                if let Some(Some(tap)) = self.taps.get(prev.0 as usize) {
-                    write_raw(tap, f, &mut self.io);
-                }
-            }
-        }
     }
 }
 
@@ -660,7 +677,7 @@ async fn shootdowns(
     client: portolan::client::Client,
     underlay_ip: IpAddr,
     interval: Duration,
-    encap: ThreadHandle,
+    worker: ThreadHandle,
     rc: Arc<ResolverCounters>,
 ) {
     loop {
@@ -682,7 +699,7 @@ async fn shootdowns(
             match *r {
                 portolan::svp::LogRecord::Vl2 { id, mac, vnet_id } => {
                     if let Some(vni) = Vni::new(vnet_id) {
-                        encap.send(Cmd::InvalidateVl2 {
+                        worker.send(Cmd::InvalidateVl2 {
                             vni,
                             mac: Mac(mac.0),
                         });
@@ -694,7 +711,7 @@ async fn shootdowns(
                     id, ip, vnet_id, ..
                 } => {
                     if let Some(vni) = Vni::new(vnet_id) {
-                        encap.send(Cmd::Vl3Changed {
+                        worker.send(Cmd::Vl3Changed {
                             vni,
                             ip: mapped(IpAddr::V6(ip)),
                         });
@@ -718,16 +735,52 @@ async fn shootdowns(
 
 struct VnicEntry {
     spec: VnicAddSpec,
-    encap_id: VnicId,
-    decap_id: VnicId,
+    id: VnicId,
+    vni: Vni,
+    ip: IpAddr,
     offloads: String,
+    /// The compiled rule set (also when unfiltered, for `fw ls`); its hit counters are shared
+    /// with the worker's copy.
+    rules: Option<Arc<VnicRuleSet>>,
     _tap: Arc<Tap>,
 }
 
+/// The firewall input as last accepted, compiled.
+#[derive(Default)]
+struct FwState {
+    state: FirewallState,
+    fw: Option<Firewall>,
+    generation: u64,
+}
+
+impl FwState {
+    /// The rule set of the vnic with address `ip` on `vni`: the VM that has that address in
+    /// the directory decides (`None`: no VM claims the address, the vnic is unfiltered).
+    fn compile_for(&self, vni: Vni, ip: IpAddr) -> Option<Arc<VnicRuleSet>> {
+        let fw = self.fw.as_ref()?;
+        let vm = self
+            .state
+            .vms
+            .iter()
+            .find(|vm| vm.ips.iter().any(|a| a.vni == vni.get() && a.ip == ip))?;
+        Some(Arc::new(fw.compile_vnic(
+            &vm.uuid,
+            vni.get(),
+            self.generation,
+        )))
+    }
+}
+
+/// What the worker gets: only sets that filter (an unfiltered vnic costs nothing per packet).
+fn for_worker(rules: &Option<Arc<VnicRuleSet>>) -> Option<Arc<VnicRuleSet>> {
+    rules.as_ref().filter(|r| r.is_filtered()).cloned()
+}
+
 struct Daemon {
-    encap: ThreadHandle,
-    decap: ThreadHandle,
+    worker: ThreadHandle,
+    /// Lock order: `vnics` before `fw`.
     vnics: tokio::sync::Mutex<BTreeMap<(String, String), VnicEntry>>,
+    fw: tokio::sync::Mutex<FwState>,
     resolver: Arc<ResolverCounters>,
     cn_uuid: String,
     underlay: Arc<Underlay>,
@@ -760,15 +813,20 @@ impl Daemon {
                     .await
                     .remove(&(netns.clone(), name.clone()))
                     .ok_or_else(|| anyhow!("no vnic {name} in netns {netns}"))?;
-                for (h, id) in [(&self.encap, e.encap_id), (&self.decap, e.decap_id)] {
-                    let (tx, rx) = oneshot::channel();
-                    h.send(Cmd::RemoveVnic { id, reply: tx });
-                    rx.await.context("dataplane thread gone")?;
-                }
+                let (tx, rx) = oneshot::channel();
+                self.worker.send(Cmd::RemoveVnic {
+                    id: e.id,
+                    reply: tx,
+                });
+                rx.await.context("dataplane worker thread gone")?;
                 Ok(serde_json::json!({"removed": {"netns": netns, "name": name}}))
             }
             Request::VnicLs {} => Ok(serde_json::to_value(self.stats().await?.vnics)?),
             Request::Stats {} => Ok(serde_json::to_value(self.stats().await?)?),
+            Request::FwApply { state } => Ok(serde_json::to_value(self.fw_apply(state).await?)?),
+            Request::FwLs { netns, vnic } => {
+                Ok(serde_json::to_value(self.fw_ls(netns, vnic).await?)?)
+            }
         }
     }
 
@@ -819,35 +877,27 @@ impl Daemon {
             },
             mtu: mtu as u16,
         };
-        let add = |h: &ThreadHandle| {
-            let (tx, rx) = oneshot::channel();
-            h.send(Cmd::AddVnic {
-                cfg: cfg.clone(),
-                tap: tap.clone(),
-                reply: tx,
-            });
-            rx
-        };
-        let encap_id = add(&self.encap).await.context("encap thread gone")??;
-        let decap_id = match add(&self.decap).await.context("decap thread gone")? {
-            Ok(id) => id,
-            Err(e) => {
-                let (tx, rx) = oneshot::channel();
-                self.encap.send(Cmd::RemoveVnic {
-                    id: encap_id,
-                    reply: tx,
-                });
-                let _ = rx.await;
-                return Err(e.into());
-            }
-        };
+        // Hold the firewall state across the add so a concurrent `fw apply` cannot miss it.
+        let fw = self.fw.lock().await;
+        let rules = fw.compile_for(vni, ip);
+        let (tx, rx) = oneshot::channel();
+        self.worker.send(Cmd::AddVnic {
+            cfg,
+            tap: tap.clone(),
+            rules: for_worker(&rules),
+            reply: tx,
+        });
+        let id = rx.await.context("dataplane worker thread gone")??;
+        drop(fw);
         vnics.insert(
             key,
             VnicEntry {
                 spec: spec.clone(),
-                encap_id,
-                decap_id,
+                id,
+                vni,
+                ip,
                 offloads: offloads.clone(),
+                rules,
                 _tap: tap,
             },
         );
@@ -863,30 +913,127 @@ impl Daemon {
         })
     }
 
-    async fn stats(&self) -> anyhow::Result<Stats> {
-        let ask = |h: &ThreadHandle| {
-            let (tx, rx) = oneshot::channel();
-            h.send(Cmd::Stats { reply: tx });
-            rx
+    /// Validates and compiles a whole firewall state, then swaps every local vnic's rule set
+    /// at once. On any error nothing changes.
+    async fn fw_apply(&self, state: FirewallState) -> anyhow::Result<FwApplied> {
+        let fw = Firewall::new(&state).map_err(|e| anyhow!("firewall state rejected: {e}"))?;
+        let mut vnics = self.vnics.lock().await;
+        let mut cur = self.fw.lock().await;
+        let next = FwState {
+            generation: cur.generation + 1,
+            fw: Some(fw),
+            state,
         };
-        let e = ask(&self.encap).await.context("encap thread gone")?;
-        let d = ask(&self.decap).await.context("decap thread gone")?;
-        let mut global = e.global.clone();
-        global.merge(&d.global);
+        let mut sets = Vec::with_capacity(vnics.len());
+        let mut report = Vec::with_capacity(vnics.len());
+        for ((netns, name), e) in vnics.iter_mut() {
+            let rules = next.compile_for(e.vni, e.ip);
+            sets.push((e.id, for_worker(&rules)));
+            report.push(FwVnicSummary {
+                netns: netns.clone(),
+                name: name.clone(),
+                vm_uuid: rules.as_ref().map(|r| r.vm_uuid().to_string()),
+                filtered: rules.as_ref().is_some_and(|r| r.is_filtered()),
+                rules: rules.as_ref().map_or(0, |r| r.rules().len()),
+            });
+            e.rules = rules;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.worker.send(Cmd::SetFirewall { sets, reply: tx });
+        rx.await.context("dataplane worker thread gone")?;
+        let applied = FwApplied {
+            generation: next.generation,
+            vms: next.state.vms.len(),
+            rules: next.state.rules.len(),
+            enabled_rules: next.state.rules.iter().filter(|r| r.enabled).count(),
+            vnics: report,
+        };
+        *cur = next;
+        Ok(applied)
+    }
+
+    async fn fw_ls(&self, netns: Option<String>, vnic: String) -> anyhow::Result<FwListing> {
+        let stats = self.stats().await?;
         let vnics = self.vnics.lock().await;
-        let find = |s: &ThreadStats, id: VnicId| {
-            s.vnics
-                .iter()
-                .find(|(i, _)| *i == id)
-                .map(|(_, c)| c.clone())
+        let matches: Vec<_> = vnics
+            .iter()
+            .filter(|((ns, name), _)| *name == vnic && netns.as_ref().is_none_or(|n| n == ns))
+            .collect();
+        let ((ns, name), e) = match matches.as_slice() {
+            [one] => *one,
+            [] => bail!(
+                "no vnic {vnic}{} (see `fabric vnic ls`)",
+                netns.map(|n| format!(" in netns {n}")).unwrap_or_default()
+            ),
+            many => bail!(
+                "vnic {vnic} exists in several namespaces ({}): pass --netns",
+                many.iter()
+                    .map(|((ns, _), _)| ns.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         };
+        let generation = self.fw.lock().await.generation;
+        let counters = stats
+            .vnics
+            .iter()
+            .find(|v| v.netns == *ns && v.name == *name)
+            .map(|v| v.counters.clone());
+        let drop_count = |label: &str| {
+            counters
+                .as_ref()
+                .and_then(|c| c.drops.get(label).copied())
+                .unwrap_or(0)
+        };
+        let rules = e
+            .rules
+            .as_ref()
+            .map(|r| {
+                r.listing()
+                    .into_iter()
+                    .map(|(dir, m, hits)| FwRuleLine {
+                        direction: match dir {
+                            Direction::Ingress => "in".into(),
+                            Direction::Egress => "out".into(),
+                        },
+                        uuid: m.uuid.clone(),
+                        priority: m.priority,
+                        action: format!("{:?}", m.action).to_lowercase(),
+                        text: m.text.clone(),
+                        hits,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(FwListing {
+            netns: ns.clone(),
+            name: name.clone(),
+            vni: e.vni.get(),
+            ip: e.ip.to_string(),
+            vm_uuid: e.rules.as_ref().map(|r| r.vm_uuid().to_string()),
+            filtered: e.rules.as_ref().is_some_and(|r| r.is_filtered()),
+            generation,
+            rules,
+            denied_by_rule: drop_count(DropReason::FirewallRule.label()),
+            denied_by_default: drop_count(DropReason::FirewallDefault.label()),
+            conntrack: stats.conntrack,
+        })
+    }
+
+    async fn stats(&self) -> anyhow::Result<Stats> {
+        let (tx, rx) = oneshot::channel();
+        self.worker.send(Cmd::Stats { reply: tx });
+        let w = rx.await.context("dataplane worker thread gone")?;
+        let vnics = self.vnics.lock().await;
         let list = vnics
             .values()
             .map(|v| {
-                let mut c = find(&e, v.encap_id).unwrap_or_default();
-                if let Some(dc) = find(&d, v.decap_id) {
-                    c.merge(&dc);
-                }
+                let c = w
+                    .vnics
+                    .iter()
+                    .find(|(i, _)| *i == v.id)
+                    .map(|(_, c)| c.clone())
+                    .unwrap_or_default();
                 VnicInfo {
                     netns: v.spec.netns.clone(),
                     name: v.spec.name.clone(),
@@ -905,11 +1052,11 @@ impl Daemon {
             underlay: self.underlay.local_addr().to_string(),
             gso: self.underlay.gso_enabled(),
             gro: self.underlay.gro_enabled(),
-            global: global.snapshot(),
+            global: w.global.snapshot(),
             vnics: list,
-            tap_malformed: e.io.tap_malformed + d.io.tap_malformed,
-            underlay_send_errors: e.io.underlay_send_errors + d.io.underlay_send_errors,
-            tap_write_errors: e.io.tap_write_errors + d.io.tap_write_errors,
+            tap_malformed: w.io.tap_malformed,
+            underlay_send_errors: w.io.underlay_send_errors,
+            tap_write_errors: w.io.tap_write_errors,
             resolver: ResolverStats {
                 lookups: r.lookups.load(Ordering::Relaxed),
                 not_found: r.not_found.load(Ordering::Relaxed),
@@ -918,8 +1065,12 @@ impl Daemon {
                 log_errors: r.log_errors.load(Ordering::Relaxed),
                 vl2_shootdowns: r.vl2_shootdowns.load(Ordering::Relaxed),
                 vl3_shootdowns: r.vl3_shootdowns.load(Ordering::Relaxed),
-                garps: e.io.garps,
+                garps: w.io.garps,
             },
+            conntrack: w.conntrack.map(|(s, flows)| ConntrackInfo {
+                flows,
+                counters: serde_json::to_value(s).unwrap_or_default(),
+            }),
         })
     }
 }
@@ -978,50 +1129,38 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let waker = Arc::new(Waker::new()?);
     let poller = Poller::new()?;
     poller.add(waker.as_fd(), WAKE_TOKEN, Interest::Read)?;
-    let (etx, erx) = mpsc::channel();
-    let (dtx, drx) = mpsc::channel();
-    let encap = ThreadHandle {
-        tx: etx,
+    poller.add(underlay.as_fd(), UNDERLAY_TOKEN, Interest::Read)?;
+    let (wtx, wrx) = mpsc::channel();
+    let worker = ThreadHandle {
+        tx: wtx,
         waker: Some(waker.clone()),
     };
-    let decap = ThreadHandle {
-        tx: dtx,
-        waker: None,
-    };
-    let core_cfg = Config::default();
-    let e = Encap {
-        core: Core::new(core_cfg.clone()),
+    let w = Worker {
+        core: Core::new(Config::default()),
         taps: Vec::new(),
         underlay: underlay.clone(),
         poller,
         waker,
-        rx: erx,
+        rx: wrx,
         lookups: lookup_tx,
         garp_pending: FxHashSet::default(),
         io: IoCounters::default(),
+        peer_port: args.peer_port,
         rd: vec![0u8; VIRTIO_NET_HDR_LEN + 65_550],
         seg: vec![0u8; 128 * 1024 + 64 * 64],
         verdicts: Vec::with_capacity(64),
+        big: vec![0u8; RECV_BATCH * RECV_SLOT],
+        sup: vec![0u8; VIRTIO_NET_HDR_LEN + 70_000],
+        meta: [RecvMeta::default(); RECV_BATCH],
     };
-    let dd = Decap {
-        core: Core::new(core_cfg),
-        taps: Vec::new(),
-        underlay: underlay.clone(),
-        rx: drx,
-        peer_port: args.peer_port,
-        io: IoCounters::default(),
-    };
-    let encap_thread = std::thread::Builder::new()
-        .name("fabric-encap".into())
-        .spawn(move || e.run())?;
-    let decap_thread = std::thread::Builder::new()
-        .name("fabric-decap".into())
-        .spawn(move || dd.run())?;
+    let worker_thread = std::thread::Builder::new()
+        .name("fabric-worker".into())
+        .spawn(move || w.run())?;
     let resolver = Arc::new(ResolverCounters::default());
     let daemon = Arc::new(Daemon {
-        encap: encap.clone(),
-        decap: decap.clone(),
+        worker: worker.clone(),
         vnics: tokio::sync::Mutex::new(BTreeMap::new()),
+        fw: tokio::sync::Mutex::new(FwState::default()),
         resolver: resolver.clone(),
         cn_uuid: args.cn_uuid.clone(),
         underlay: underlay.clone(),
@@ -1033,13 +1172,13 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         cc.connect_timeout = Duration::from_millis(args.lookup_timeout_ms);
         let client = portolan::client::Client::new(cc);
         {
-            let (client, encap, rc) = (client.clone(), encap.clone(), resolver.clone());
+            let (client, worker, rc) = (client.clone(), worker.clone(), resolver.clone());
             tokio::spawn(async move {
                 while let Some(key) = lookup_rx.recv().await {
-                    let (client, encap, rc) = (client.clone(), encap.clone(), rc.clone());
+                    let (client, worker, rc) = (client.clone(), worker.clone(), rc.clone());
                     tokio::spawn(async move {
                         let ans = lookup(&client, key, &rc).await;
-                        encap.send(Cmd::Answer(ans));
+                        worker.send(Cmd::Answer(ans));
                     });
                 }
             });
@@ -1048,7 +1187,7 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             client.clone(),
             underlay_addr.ip(),
             Duration::from_millis(args.poll_interval_ms),
-            encap.clone(),
+            worker.clone(),
             resolver.clone(),
         ));
         if let Some(dir) = control_path.parent() {
@@ -1085,11 +1224,9 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         }
         Ok(())
     });
-    // Drain: stop the hot threads, then drop every TAP (which removes the devices).
-    encap.send(Cmd::Shutdown);
-    decap.send(Cmd::Shutdown);
-    let _ = encap_thread.join();
-    let _ = decap_thread.join();
+    // Drain: stop the hot thread, then drop every TAP (which removes the devices).
+    worker.send(Cmd::Shutdown);
+    let _ = worker_thread.join();
     drop(daemon);
     rt.shutdown_timeout(Duration::from_secs(1));
     let _ = std::fs::remove_file(&args.control);

@@ -37,6 +37,7 @@ use super::rule::{
 
 /// One address of a VM, on one overlay network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmAddress {
     /// The VXLAN network identifier (24 bits).
     pub vni: u32,
@@ -46,6 +47,7 @@ pub struct VmAddress {
 
 /// A VM (container) as the firewall sees it: local or remote, it is resolved the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmRecord {
     /// VM UUID (lower case).
     pub uuid: String,
@@ -80,6 +82,7 @@ fn tags_as_strings<'de, D: serde::Deserializer<'de>>(
 
 /// A stored rule, in FWAPI's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleRecord {
     /// Rule UUID.
     pub uuid: String,
@@ -98,6 +101,7 @@ pub struct RuleRecord {
 
 /// The whole firewall input: VM directory and rules (the `fw apply` document).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FirewallState {
     /// Every VM, local and remote.
     #[serde(default)]

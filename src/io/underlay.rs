@@ -478,6 +478,25 @@ impl Underlay {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Result<usize, UnderlayError> {
+        self.recv_flags(bufs, meta, libc::MSG_WAITFORONE)
+    }
+
+    /// Like [`Underlay::recv`] but never waits: returns 0 at once when nothing is queued (for
+    /// callers that wait on readiness with a poller).
+    pub fn try_recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Result<usize, UnderlayError> {
+        self.recv_flags(bufs, meta, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_flags(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+        flags: libc::c_int,
+    ) -> Result<usize, UnderlayError> {
         let n = bufs.len().min(meta.len()).min(BATCH_MAX);
         if n == 0 {
             return Ok(0);
@@ -505,7 +524,7 @@ impl Underlay {
                     self.rx.as_raw_fd(),
                     hdrs.as_mut_ptr(),
                     n as libc::c_uint,
-                    libc::MSG_WAITFORONE,
+                    flags,
                     std::ptr::null_mut(),
                 )
             };
