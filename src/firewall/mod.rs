@@ -11,6 +11,9 @@
 //! * [`conntrack`] — the flow table: first packet classified against the rule set, then one
 //!   hash lookup per packet; TCP/UDP/ICMP state, timeouts, related ICMP errors, bounded size
 //!   with counted eviction, no per-packet allocation.
+//! * [`packet`] — an Ethernet frame → the [`conntrack::PacketSummary`] conntrack judges:
+//!   IPv4/IPv6 (extension headers, fragments), TCP/UDP ports and flags, ICMP echo ids and
+//!   the packet an ICMP error embeds; no allocation, no panic on any input.
 //! * [`docker`] — the Docker-implied policy (sdc-docker's T3–T6 rules) for a container.
 //! * [`cli`] — `fabric fw parse`.
 //!
@@ -52,4 +55,5 @@ pub mod compile;
 pub mod conntrack;
 pub mod docker;
 mod index;
+pub mod packet;
 pub mod rule;
