@@ -27,7 +27,9 @@
 //! **Rule changes.** Entries remember the rule set's generation. The first packet of a flow
 //! after a swap re-evaluates the flow's first packet against the new rule set: if still
 //! allowed the flow continues (one classification per flow per change), otherwise the entry is
-//! removed and the packet denied (`revoked` counter). So established flows survive a rule
+//! marked revoked and the packet denied (`revoked` counter); a revoked flow's packets, both
+//! directions, stay denied until it is idle for the closing timeout (see
+//! [`FlowState::Revoked`]). So established flows survive a rule
 //! change unless the new rules deny them.
 //!
 //! **Memory and time.** The table is allocated once ([`Conntrack::new`]): open addressing with
@@ -323,6 +325,12 @@ pub enum FlowState {
     Unreplied,
     /// Non-TCP, both directions seen.
     Replied,
+    /// Cut by a rule change: every packet of the flow, either direction, is denied (by the
+    /// rule that revoked it) until the flow stays idle for the closing timeout, the
+    /// originator opens it again with a SYN, or a later rule set allows it again. Without
+    /// this, the local side's next mid-stream packet would pick the flow up again as a new
+    /// outbound flow and re-admit the peer the rule change cut off.
+    Revoked,
 }
 
 impl FlowState {
@@ -334,6 +342,7 @@ impl FlowState {
                 | FlowState::Closed
                 | FlowState::SynSent
                 | FlowState::Unreplied
+                | FlowState::Revoked
         )
     }
 }
@@ -643,7 +652,7 @@ pub struct Conntrack {
     max_flows: usize,
     cursor: usize,
     /// Idle timeouts in nanoseconds, by `[is ICMP][state]`.
-    timeout_ns: [[u64; 8]; 2],
+    timeout_ns: [[u64; STATES]; 2],
     hash_keys: HashKeys,
     stats: ConntrackStats,
 }
@@ -677,8 +686,11 @@ fn echo_kind(proto: u8, ty: u8) -> Option<bool> {
     }
 }
 
+/// Number of [`FlowState`]s.
+const STATES: usize = 9;
+
 /// Idle timeouts in nanoseconds by `[is ICMP][state as usize]`.
-fn timeout_table(t: &Timeouts) -> [[u64; 8]; 2] {
+fn timeout_table(t: &Timeouts) -> [[u64; STATES]; 2] {
     let ns = |d| nanos(d).min(MAX_TIMEOUT_NS);
     let states = [
         FlowState::SynSent,
@@ -689,14 +701,15 @@ fn timeout_table(t: &Timeouts) -> [[u64; 8]; 2] {
         FlowState::Closed,
         FlowState::Unreplied,
         FlowState::Replied,
+        FlowState::Revoked,
     ];
-    let mut table = [[0; 8]; 2];
+    let mut table = [[0; STATES]; 2];
     for (icmp, row) in table.iter_mut().enumerate() {
         for s in states {
             row[s as usize] = ns(match s {
                 FlowState::SynSent | FlowState::SynReceived => t.tcp_handshake,
                 FlowState::Established => t.tcp_established,
-                FlowState::FinWait | FlowState::TimeWait => t.tcp_closing,
+                FlowState::FinWait | FlowState::TimeWait | FlowState::Revoked => t.tcp_closing,
                 FlowState::Closed => t.tcp_closed,
                 _ if icmp == 1 => t.icmp,
                 FlowState::Unreplied => t.udp_unreplied,
@@ -955,7 +968,10 @@ impl Conntrack {
             let e = &mut self.hot[i];
             if e.expires > now_ns
                 && e.generation == rules.generation()
-                && !matches!(e.state, FlowState::TimeWait | FlowState::Closed)
+                && !matches!(
+                    e.state,
+                    FlowState::TimeWait | FlowState::Closed | FlowState::Revoked
+                )
             {
                 let from_orig = src_is_lo == (e.bits & ORIG_IS_LO != 0);
                 let next = next_state(e.state, pkt.proto, pkt.tcp_flags, from_orig);
@@ -1034,11 +1050,18 @@ impl Conntrack {
             let e = &self.hot[i];
             let state = e.state;
             let from_orig = src_is_lo == (e.bits & ORIG_IS_LO != 0);
-            let reopen =
-                syn_only && from_orig && matches!(state, FlowState::TimeWait | FlowState::Closed);
+            let reopen = syn_only
+                && from_orig
+                && matches!(
+                    state,
+                    FlowState::TimeWait | FlowState::Closed | FlowState::Revoked
+                );
+            if e.expires > now_ns && !reopen && state == FlowState::Revoked {
+                return self.revoked_packet(i, rules, pkt.proto, now_ns);
+            }
             if e.expires > now_ns && !reopen {
                 if e.generation != rules.generation() {
-                    if let Err(verdict) = self.recheck(i, rules) {
+                    if let Err(verdict) = self.recheck(i, rules, now_ns) {
                         return verdict;
                     }
                 }
@@ -1092,16 +1115,25 @@ impl Conntrack {
     }
 
     /// The rule set changed since slot `i`'s flow was last seen: classifies its first packet
-    /// again; removes the flow if now denied.
+    /// again; if now denied, the flow becomes [`FlowState::Revoked`] (kept, so that later
+    /// packets of either direction stay denied) and the packet is denied.
     #[cold]
     #[inline(never)]
-    fn recheck(&mut self, i: usize, rules: &VnicRuleSet) -> Result<(), Verdict> {
+    fn recheck(&mut self, i: usize, rules: &VnicRuleSet, now_ns: u64) -> Result<(), Verdict> {
         let Cold { first_dir, first } = self.cold[i];
         let rule = match rules.evaluate(first_dir, &first) {
             RuleVerdict::AllowedBy(id) => Some(id),
             RuleVerdict::DefaultAllow | RuleVerdict::Unfiltered => None,
             v => {
-                self.remove_at(i);
+                let timeout = self.timeout_ns[0][FlowState::Revoked as usize];
+                let e = &mut self.hot[i];
+                e.state = FlowState::Revoked;
+                e.generation = rules.generation();
+                e.set_rule(match v {
+                    RuleVerdict::DeniedBy(id) => Some(id),
+                    _ => None,
+                });
+                e.expires = now_ns.saturating_add(timeout);
                 self.stats.revoked += 1;
                 return Err(deny(v));
             }
@@ -1110,6 +1142,54 @@ impl Conntrack {
         e.set_rule(rule);
         e.generation = rules.generation();
         Ok(())
+    }
+
+    /// A packet of a revoked flow: denied by the rule that revoked it (the idle timer
+    /// restarts), unless the rule set changed since and now allows the flow's first packet,
+    /// which brings the flow back (as established, or replied for non-TCP).
+    #[cold]
+    #[inline(never)]
+    fn revoked_packet(&mut self, i: usize, rules: &VnicRuleSet, proto: u8, now_ns: u64) -> Verdict {
+        if self.hot[i].generation != rules.generation() {
+            let Cold { first_dir, first } = self.cold[i];
+            let verdict = rules.evaluate(first_dir, &first);
+            let e = &mut self.hot[i];
+            e.generation = rules.generation();
+            if verdict.allows() {
+                e.set_rule(match verdict {
+                    RuleVerdict::AllowedBy(id) => Some(id),
+                    _ => None,
+                });
+                let state = if proto == PROTO_TCP {
+                    FlowState::Established
+                } else {
+                    FlowState::Replied
+                };
+                e.state = state;
+                e.expires = now_ns.saturating_add(
+                    self.timeout_ns[usize::from(is_icmp_proto(proto))][state as usize],
+                );
+                let rule = e.rule();
+                self.stats.established += 1;
+                return Verdict::Allow {
+                    rule,
+                    via: Via::Established,
+                };
+            }
+            e.set_rule(match verdict {
+                RuleVerdict::DeniedBy(id) => Some(id),
+                _ => None,
+            });
+        }
+        let timeout = self.timeout(FlowState::Revoked, proto);
+        let e = &mut self.hot[i];
+        e.expires = now_ns.saturating_add(timeout);
+        let rule = e.rule();
+        match rule {
+            Some(_) => self.stats.denied_by_rule += 1,
+            None => self.stats.denied_by_default += 1,
+        }
+        Verdict::Deny { rule }
     }
 
     /// A packet without state: classify it once, and track it if allowed and it starts a
@@ -1591,6 +1671,48 @@ mod tests {
             Verdict::Deny { rule: None }
         );
         assert_eq!(ct.stats().revoked, 1);
+        // The revoked flow stays cut both ways: the local side's next mid-stream packet must
+        // not pick it up again as a new outbound flow (which would re-admit the peer).
+        let out22 = PacketSummary::tcp(ip(ME), 22, ip(PEER), 1001, TCP_ACK);
+        assert_eq!(
+            ct.flow_state(7, Direction::Egress, &out22),
+            Some(FlowState::Revoked)
+        );
+        assert_eq!(
+            ct.classify(&rs2, Direction::Egress, &out22, secs(2)),
+            Verdict::Deny { rule: None }
+        );
+        assert_eq!(
+            ct.classify(&rs2, Direction::Ingress, &a22, secs(3)),
+            Verdict::Deny { rule: None }
+        );
+        assert_eq!(ct.stats().revoked, 1);
+        // It stays revoked while packets keep coming, and ends after the closing timeout of
+        // silence.
+        let closing = Timeouts::default().tcp_closing.as_secs();
+        assert!(!ct
+            .classify(&rs2, Direction::Egress, &out22, secs(3 + closing - 1))
+            .is_allow());
+        assert!(ct.sweep(secs(3 + 2 * closing), 1 << 20) >= 1);
+        assert_eq!(ct.flow_state(7, Direction::Egress, &out22), None);
+        // A later rule set that allows it again brings a revoked flow back.
+        let s23 = PacketSummary::tcp(ip(PEER), 1002, ip(ME), 22, TCP_SYN);
+        assert!(ct
+            .classify(&rs1, Direction::Ingress, &s23, secs(1000))
+            .is_allow());
+        let rs3 = ruleset(&["FROM any TO all vms ALLOW tcp PORT 80"], 3);
+        let a23 = PacketSummary::tcp(ip(PEER), 1002, ip(ME), 22, TCP_ACK);
+        assert!(!ct
+            .classify(&rs3, Direction::Ingress, &a23, secs(1001))
+            .is_allow());
+        let rs4 = ruleset(&["FROM any TO all vms ALLOW tcp PORT 22"], 4);
+        assert!(ct
+            .classify(&rs4, Direction::Ingress, &a23, secs(1002))
+            .is_allow());
+        assert_eq!(
+            ct.flow_state(7, Direction::Ingress, &a23),
+            Some(FlowState::Established)
+        );
     }
 
     #[test]
