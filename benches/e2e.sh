@@ -114,6 +114,9 @@ setup_fabric() {
             {"vnet_id":$VNI,"ip":"${CIP[2]}","mac":"${CMAC[2]}","cn_uuid":"${UUID[2]}"}]}
 JSON
   "$PORTOLAN_BIN" import --store "sqlite:$TMP/portolan.db" "$TMP/map.json" >/dev/null
+  # Start the dataplanes only once Portolan answers: otherwise their clients back off (1, 2,
+  # 4, 8 s) and the first lookups can miss the 20 s the measurement waits for.
+  wait_for 20 ip netns exec "${H[1]}" "$PORTOLAN_BIN" ping -s 192.168.78.254:1296 --timeout 1
   local i
   for i in 1 2; do
     ip netns exec "${H[i]}" "$FABRIC_BIN" dataplane --underlay "${HIP[i]}" --portolan 192.168.78.254:1296 \
