@@ -132,11 +132,9 @@ pub fn vnic(cmd: VnicCmd) -> anyhow::Result<()> {
 
 /// Run `fabric stats`.
 pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
-    let v = control::call(&control.control, &Request::Stats {})?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    let Some(v) = call_unless_json(&control.control, &Request::Stats {}, json)? else {
         return Ok(());
-    }
+    };
     let s: Stats = serde_json::from_value(v)?;
     println!(
         "host {} underlay {} (gso {}, gro {})",
@@ -212,48 +210,43 @@ pub fn read_fw_state(path: &std::path::Path) -> anyhow::Result<FirewallState> {
 /// Run `fabric fw apply`.
 pub fn fw_apply(args: FwApplyArgs) -> anyhow::Result<()> {
     let state = read_fw_state(&args.file)?;
-    let v = control::call(&args.control.control, &Request::FwApply { state })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    let req = Request::FwApply { state };
+    let Some(v) = call_unless_json(&args.control.control, &req, args.json)? else {
         return Ok(());
-    }
+    };
     let a: FwApplied = serde_json::from_value(v)?;
     println!(
         "applied firewall generation {}: {} VMs, {} rules ({} enabled)",
         a.generation, a.vms, a.rules, a.enabled_rules
     );
     for v in &a.vnics {
-        let what = match (&v.vm_uuid, v.filtered) {
-            (None, _) => "no VM claims its address: unfiltered".to_string(),
-            (Some(vm), false) => format!("vm {vm}, firewall off: unfiltered"),
-            (Some(vm), true) => format!("vm {vm}, filtered, {} compiled rules", v.rules),
-        };
-        println!("  {}/{}: {what}", v.netns, v.name);
+        let what = filter_state(&v.vm_uuid, v.filtered);
+        if v.filtered {
+            println!(
+                "  {}/{}: {what}, {} compiled rules",
+                v.netns, v.name, v.rules
+            );
+        } else {
+            println!("  {}/{}: {what}", v.netns, v.name);
+        }
     }
     Ok(())
 }
 
 /// Run `fabric fw ls`.
 pub fn fw_ls(args: FwLsArgs) -> anyhow::Result<()> {
-    let v = control::call(
-        &args.control.control,
-        &Request::FwLs {
-            netns: args.netns,
-            vnic: args.vnic,
-        },
-    )?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let l: FwListing = serde_json::from_value(v)?;
-    let state = match (&l.vm_uuid, l.filtered) {
-        (None, _) => "no VM claims its address: unfiltered".to_string(),
-        (Some(vm), false) => format!("vm {vm}, firewall off: unfiltered"),
-        (Some(vm), true) => {
-            format!("vm {vm}, filtered (inbound default deny, outbound default allow)")
-        }
+    let req = Request::FwLs {
+        netns: args.netns,
+        vnic: args.vnic,
     };
+    let Some(v) = call_unless_json(&args.control.control, &req, args.json)? else {
+        return Ok(());
+    };
+    let l: FwListing = serde_json::from_value(v)?;
+    let mut state = filter_state(&l.vm_uuid, l.filtered);
+    if l.filtered {
+        state.push_str(" (inbound default deny, outbound default allow)");
+    }
     println!(
         "vnic {}/{} vni {} ip {}: {state}; firewall generation {}",
         l.netns, l.name, l.vni, l.ip, l.generation
@@ -278,4 +271,27 @@ pub fn fw_ls(args: FwLsArgs) -> anyhow::Result<()> {
         println!("conntrack (host): {} flows, {}", ct.flows, ct.counters);
     }
     Ok(())
+}
+
+/// Sends `req`; with `json`, prints the answer as JSON and returns `None`, else returns it.
+fn call_unless_json(
+    path: &std::path::Path,
+    req: &Request,
+    json: bool,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let v = control::call(path, req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(None);
+    }
+    Ok(Some(v))
+}
+
+/// How a vnic is filtered, in words.
+fn filter_state(vm_uuid: &Option<String>, filtered: bool) -> String {
+    match (vm_uuid, filtered) {
+        (None, _) => "no VM claims its address: unfiltered".to_string(),
+        (Some(vm), false) => format!("vm {vm}, firewall off: unfiltered"),
+        (Some(vm), true) => format!("vm {vm}, filtered"),
+    }
 }
