@@ -142,8 +142,8 @@ pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
     );
     println!("{}", print_counters("global", &s.global));
     println!(
-        "io: tap_malformed {}, underlay_send_errors {}, tap_write_errors {}",
-        s.tap_malformed, s.underlay_send_errors, s.tap_write_errors
+        "io: tap_malformed {}, underlay_send_errors {}, tap_write_errors {}, tap_read_errors {}",
+        s.tap_malformed, s.underlay_send_errors, s.tap_write_errors, s.tap_read_errors
     );
     let r = &s.resolver;
     println!(

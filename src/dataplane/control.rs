@@ -190,6 +190,9 @@ pub struct Stats {
     pub underlay_send_errors: u64,
     /// TAP write errors (device gone or full).
     pub tap_write_errors: u64,
+    /// TAP read errors (device gone); such a vnic is no longer polled.
+    #[serde(default)]
+    pub tap_read_errors: u64,
     /// Resolver counters.
     pub resolver: ResolverStats,
     /// Connection tracking (absent until a vnic is filtered).

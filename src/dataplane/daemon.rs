@@ -101,6 +101,7 @@ const ZERO_VNET_HDR: [u8; VIRTIO_NET_HDR_LEN] = [0; VIRTIO_NET_HDR_LEN];
 #[derive(Debug, Default, Clone)]
 struct IoCounters {
     tap_malformed: u64,
+    tap_read_errors: u64,
     underlay_send_errors: u64,
     tap_write_errors: u64,
     garps: u64,
@@ -380,8 +381,13 @@ impl Worker {
             let n = match tap.read(&mut self.rd) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
-                Err(_) => {
-                    self.io.tap_malformed += 1;
+                Err(e) => {
+                    // The device is gone or broken (e.g. its namespace was deleted without
+                    // `vnic rm`): stop polling it, or level-triggered epoll would spin on the
+                    // error. The vnic stays attached until `vnic rm`.
+                    self.io.tap_read_errors += 1;
+                    let _ = self.poller.delete(tap.as_fd());
+                    tracing::warn!(vnic = id.0, error = %e, "TAP read failed; vnic no longer polled");
                     break;
                 }
             };
@@ -1057,6 +1063,7 @@ impl Daemon {
             tap_malformed: w.io.tap_malformed,
             underlay_send_errors: w.io.underlay_send_errors,
             tap_write_errors: w.io.tap_write_errors,
+            tap_read_errors: w.io.tap_read_errors,
             resolver: ResolverStats {
                 lookups: r.lookups.load(Ordering::Relaxed),
                 not_found: r.not_found.load(Ordering::Relaxed),
