@@ -401,9 +401,7 @@ impl Worker {
             return;
         };
         let frame = &self.rd[VIRTIO_NET_HDR_LEN..n];
-        let segs = if hdr.gso_type & !offload::GSO_ECN == offload::GSO_NONE
-            && hdr.flags & offload::F_NEEDS_CSUM == 0
-        {
+        let segs = if hdr.is_plain() {
             // A plain frame with complete checksums: nothing to interpret, whatever its
             // protocol (the core judges it). Copy it behind the VXLAN headroom.
             let h = vxlan::HEADER_LEN;

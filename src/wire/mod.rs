@@ -28,7 +28,7 @@ pub use ipv4::{Packet as Ipv4Packet, Repr as Ipv4Repr};
 pub use ipv6::{Packet as Ipv6Packet, Repr as Ipv6Repr};
 pub use mac::Mac;
 pub use ndp::{Packet as NdpPacket, Repr as NdpRepr};
-pub use virtio_net::{Header as VirtioNetHdr, Repr as VirtioNetRepr};
+pub use virtio_net::VirtioNetHdr;
 pub use vxlan::{Packet as VxlanPacket, Repr as VxlanRepr, Vni};
 
 /// Why a buffer could not be parsed as the protocol asked for.
