@@ -1001,3 +1001,45 @@ fn revoked_connection_stays_cut_when_container_sends() {
     drop((xs, ys, l));
     teardown(t);
 }
+
+#[test]
+fn firewall_state_survives_a_dataplane_restart() {
+    if !root_or_skip("firewall_state_survives_a_dataplane_restart") {
+        return;
+    }
+    let mut t = Topo::new(2);
+    let vni = 5107;
+    let x = t.add_container(0, vni, "10.81.7.1/24", "02:00:0a:51:07:01");
+    let y = t.add_container(1, vni, "10.81.7.2/24", "02:00:0a:51:07:02");
+    let mut p = Policy::default();
+    p.docker(VM_X, ACCOUNT_A, &x, &[(PortProto::Tcp, 8080)])
+        .docker(VM_Y, ACCOUNT_B, &y, &[]);
+    let gen = apply_all(&t, &p.doc());
+    let (before, raw) = fw_ls(&t, &x);
+    assert!(before.filtered, "{raw}");
+
+    // Restart X's host (its TAP goes away with it) and attach X again: the vnic is filtered
+    // from its first frame, by the state saved with --firewall-state, without a new apply.
+    t.stop_dataplane(0);
+    t.start_dataplane(0);
+    t.vnic_add(0, &x);
+    let (after, raw) = fw_ls(&t, &x);
+    assert!(after.filtered, "X unfiltered after a restart: {raw}");
+    assert_eq!(after.generation, gen, "{raw}");
+    let texts = |l: &FwListing| {
+        l.rules
+            .iter()
+            .map(|r| (r.direction.clone(), r.text.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(texts(&after), texts(&before), "{raw}");
+    // And enforced: the published port answers, another one does not.
+    let _l8080 = listen(&x, 8080);
+    let _l8081 = listen(&x, 8081);
+    connect(&y, x.ip, 8080, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("Y -> X:8080 after restart: {e}"));
+    assert_connect_dropped(&y, &x, 8081, "unpublished port after restart");
+    // The next apply continues the generation sequence.
+    assert_eq!(apply_all(&t, &p.doc()), gen + 1);
+    teardown(t);
+}

@@ -85,6 +85,55 @@ pub struct DataplaneArgs {
     /// Timeout of one Portolan query, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub lookup_timeout_ms: u64,
+    /// Keep the firewall state (the last document `fabric fw apply` sent, with its generation)
+    /// in this file: written atomically before an apply is acknowledged, loaded at start, so
+    /// vnics attached after a restart are filtered from their first frame instead of running
+    /// open until the state is sent again. A file that does not validate stops the start.
+    #[arg(long, value_name = "PATH")]
+    pub firewall_state: Option<PathBuf>,
+}
+
+/// What `--firewall-state` holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedFirewall {
+    generation: u64,
+    state: FirewallState,
+}
+
+/// Loads a saved firewall state (`None` if the file does not exist).
+fn load_firewall(path: &std::path::Path) -> anyhow::Result<Option<FwState>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let saved: SavedFirewall = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a saved firewall state", path.display()))?;
+    let fw = Firewall::new(&saved.state)
+        .map_err(|e| anyhow!("{}: firewall state rejected: {e}", path.display()))?;
+    Ok(Some(FwState {
+        state: saved.state,
+        fw: Some(fw),
+        generation: saved.generation,
+    }))
+}
+
+/// Writes the firewall state atomically (temp file, fsync, rename).
+fn save_firewall(
+    path: &std::path::Path,
+    generation: u64,
+    state: &FirewallState,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let body = serde_json::to_vec(&serde_json::json!({"generation": generation, "state": state}))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -788,6 +837,8 @@ struct Daemon {
     resolver: Arc<ResolverCounters>,
     cn_uuid: String,
     underlay: Arc<Underlay>,
+    /// `--firewall-state`.
+    fw_path: Option<PathBuf>,
 }
 
 fn parse_cidr(s: &str) -> anyhow::Result<(IpAddr, u8)> {
@@ -928,6 +979,14 @@ impl Daemon {
             fw: Some(fw),
             state,
         };
+        // Saved before it takes effect: what the dataplane enforces is never newer than what a
+        // restart would load.
+        if let Some(path) = &self.fw_path {
+            let (path, generation, state) = (path.clone(), next.generation, next.state.clone());
+            tokio::task::spawn_blocking(move || save_firewall(&path, generation, &state))
+                .await?
+                .context("saving the firewall state (--firewall-state); nothing applied")?;
+        }
         let mut sets = Vec::with_capacity(vnics.len());
         let mut report = Vec::with_capacity(vnics.len());
         for ((netns, name), e) in vnics.iter_mut() {
@@ -1122,6 +1181,25 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         .cn_uuid
         .parse()
         .map_err(|e| anyhow!("--cn-uuid {:?}: {e}", args.cn_uuid))?;
+    let saved_fw = match &args.firewall_state {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            load_firewall(path)?
+        }
+        None => None,
+    };
+    if let (Some(path), Some(fw)) = (&args.firewall_state, &saved_fw) {
+        eprintln!(
+            "fabric dataplane: firewall state generation {} loaded from {} ({} VMs, {} rules)",
+            fw.generation,
+            path.display(),
+            fw.state.vms.len(),
+            fw.state.rules.len()
+        );
+    }
     let underlay = Arc::new(
         Underlay::bind(&UnderlayConfig::new(underlay_addr))
             .context("binding the underlay socket")?,
@@ -1165,10 +1243,11 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon {
         worker: worker.clone(),
         vnics: tokio::sync::Mutex::new(BTreeMap::new()),
-        fw: tokio::sync::Mutex::new(FwState::default()),
+        fw: tokio::sync::Mutex::new(saved_fw.unwrap_or_default()),
         resolver: resolver.clone(),
         cn_uuid: args.cn_uuid.clone(),
         underlay: underlay.clone(),
+        fw_path: args.firewall_state.clone(),
     });
     let control_path = args.control.clone();
     let result = rt.block_on(async {
@@ -1253,3 +1332,46 @@ pub fn print_counters(name: &str, c: &crate::core::CountersSnapshot) -> String {
 
 /// `control::call` re-exported for the CLI.
 pub use control::call;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_firewall_state_round_trips_and_bad_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("fabric-fwstate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("firewall.json");
+        assert!(load_firewall(&path).unwrap().is_none(), "no file: no state");
+        let state: FirewallState = serde_json::from_value(serde_json::json!({
+            "vms": [{"uuid": "00000000-0000-4000-8000-000000000001",
+                     "owner_uuid": "aaaaaaaa-0000-4000-8000-000000000000",
+                     "firewall_enabled": true, "ips": [{"vni": 7, "ip": "10.0.0.1"}]}],
+            "rules": [{"uuid": "11111111-0000-4000-8000-000000000001", "global": true,
+                       "enabled": true, "rule": "FROM any TO all vms ALLOW tcp PORT 22"}]
+        }))
+        .unwrap();
+        save_firewall(&path, 41, &state).unwrap();
+        let loaded = load_firewall(&path).unwrap().expect("saved state");
+        assert_eq!(loaded.generation, 41);
+        assert_eq!(loaded.state, state);
+        assert!(loaded
+            .compile_for(Vni::new(7).unwrap(), "10.0.0.1".parse().unwrap())
+            .is_some_and(|r| r.is_filtered() && !r.rules().is_empty()));
+        std::fs::write(&path, b"{not json").unwrap();
+        let e = load_firewall(&path)
+            .err()
+            .expect("garbage refused")
+            .to_string();
+        assert!(e.contains("firewall.json"), "{e}");
+        let mut bad = state.clone();
+        bad.rules[0].rule = "FROM any TO all vms ALLOW tcp PORT 99999".into();
+        save_firewall(&path, 42, &bad).unwrap();
+        let e = format!(
+            "{:#}",
+            load_firewall(&path).err().expect("bad rule refused")
+        );
+        assert!(e.contains("11111111-0000-4000-8000-000000000001"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -318,6 +318,8 @@ impl Topo {
             .arg("--control")
             .arg(&h.control)
             .args(["--poll-interval-ms", "500"])
+            .arg("--firewall-state")
+            .arg(self.dir.join(format!("h{i}-firewall.json")))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -346,6 +348,13 @@ impl Topo {
                 h.control.display()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops host `i`'s dataplane (SIGTERM, which removes its TAPs; SIGKILL after 5 s).
+    pub fn stop_dataplane(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].dataplane.take() {
+            sigterm(&mut c, Duration::from_secs(5));
         }
     }
 
