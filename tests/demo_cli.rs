@@ -14,7 +14,7 @@ fn demo_runs_and_passes() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("PASS 9/9 expectations met"), "{stdout}");
+    assert!(stdout.contains("PASS 11/11 expectations met"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
     for needle in [
         "ARP answered locally",

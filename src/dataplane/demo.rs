@@ -1,8 +1,9 @@
 //! `fabric demo`: two in-process hosts, two tenants reusing one subnet, and a report.
 //!
 //! Runs unprivileged on loopback: host 1 and host 2 are cores with UDP underlay sockets on
-//! 127.0.0.11 and 127.0.0.12; containers are smoltcp stacks. Each step is an expectation; the
-//! demo fails (non-zero exit) if any is not met.
+//! 127.0.0.11 and 127.0.0.12; containers are smoltcp stacks; one container is firewalled
+//! (tcp port 80 and ping allowed in, everything else denied). Each step is an expectation;
+//! the demo fails (non-zero exit) if any is not met.
 
 use super::inproc::{ContainerId, World, WorldError};
 use crate::core::{Config, CountersSnapshot, DropReason};
@@ -79,6 +80,55 @@ struct Tenant {
     vni: Vni,
     a: ContainerId,
     b: ContainerId,
+}
+
+/// The demo's firewall: blue-c (10.0.0.3 on `vni`) allows tcp port 80 and, by the global
+/// rule, echo requests; everything else inbound is denied by the default.
+fn demo_firewall(
+    vni: Vni,
+) -> Result<
+    std::sync::Arc<crate::firewall::compile::VnicRuleSet>,
+    crate::firewall::compile::StateError,
+> {
+    use crate::firewall::compile::{Firewall, FirewallState, RuleRecord, VmAddress, VmRecord};
+    const VM: &str = "b10ec000-0000-4000-8000-000000000003";
+    const OWNER: &str = "b10e0000-0000-4000-8000-000000000000";
+    let rule = |uuid: &str, owner: Option<&str>, text: String| RuleRecord {
+        uuid: uuid.into(),
+        owner_uuid: owner.map(Into::into),
+        global: owner.is_none(),
+        enabled: true,
+        rule: text,
+    };
+    let state = FirewallState {
+        vms: vec![VmRecord {
+            uuid: VM.into(),
+            owner_uuid: OWNER.into(),
+            tags: Default::default(),
+            firewall_enabled: true,
+            ips: vec![VmAddress {
+                vni: vni.get(),
+                ip: Ipv4Addr::new(10, 0, 0, 3).into(),
+            }],
+        }],
+        rules: vec![
+            rule(
+                "f1000000-0000-4000-8000-000000000001",
+                Some(OWNER),
+                format!("FROM any TO vm {VM} ALLOW tcp PORT 80"),
+            ),
+            rule(
+                "f1000000-0000-4000-8000-000000000002",
+                None,
+                "FROM any TO all vms ALLOW icmp TYPE 8 CODE 0".into(),
+            ),
+        ],
+    };
+    Ok(std::sync::Arc::new(Firewall::new(&state)?.compile_vnic(
+        VM,
+        vni.get(),
+        1,
+    )))
 }
 
 /// Run the demo.
@@ -240,6 +290,50 @@ pub fn run() -> Result<Report, WorldError> {
         format!(
             "isolation: forged VXLAN on VNI {} to blue-c's MAC dropped (no_vnic_for_mac)",
             red.vni
+        ),
+    );
+
+    // Firewall: blue-c's VM gets its firewall on, with one inbound rule (tcp port 80) and
+    // the operator's global echo-request rule. The rule set is compiled from an fwrule
+    // document, as `fabric fw apply` does, and swapped into host2's core.
+    let rules = demo_firewall(tenants[1].vni).map_err(|e| WorldError::Stack(e.to_string()))?;
+    let vnic_c = w.container(blue_c).vnic;
+    w.host_mut(h2)
+        .core
+        .set_firewall(vnic_c, Some(rules))
+        .map_err(|e| WorldError::Stack(e.to_string()))?;
+    let blue_a = tenants[1].a;
+    let http = w.tcp_transfer(blue_a, blue_c, 80, 256 << 10, Duration::from_secs(10));
+    check(
+        matches!(&http, Ok(tr) if tr.content_ok),
+        match &http {
+            Ok(tr) => {
+                format!(
+                "firewall: blue-c allows tcp port 80: 256 KiB from blue-a in {:.2} s, content {}",
+                tr.elapsed.as_secs_f64(),
+                if tr.content_ok { "verified" } else { "CORRUPTED" }
+            )
+            }
+            Err(e) => format!("firewall: blue-a -> blue-c tcp port 80 failed: {e}"),
+        },
+    );
+    let denied = |w: &World| {
+        w.host(h2)
+            .core
+            .vnic_counters(vnic_c)
+            .map_or(0, |k| k.drops_of(DropReason::FirewallDefault))
+    };
+    let before = denied(&w);
+    let udp = w.udp_once(blue_a, blue_c, 53, b"query", Duration::from_millis(800))?;
+    let after = denied(&w);
+    let pinged = w.ping(blue_a, ip(3), 2, t)?;
+    check(
+        !udp && after > before && pinged.is_some(),
+        format!(
+            "firewall: blue-a -> blue-c udp port 53 {} by the inbound default ({} counted), ping {} by the global echo rule",
+            if udp { "DELIVERED" } else { "dropped" },
+            after - before,
+            if pinged.is_some() { "allowed" } else { "NOT answered" }
         ),
     );
 
