@@ -8,22 +8,9 @@ use std::process::Command;
 use fabric::io::netlink::{setup_vnic, Netlink, Netns, NetnsGuard, Route, VnicSpec};
 use fabric::io::IfName;
 
-fn root_or_skip(test: &str) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("");
-    if euid == "0" {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and CI=true forbids skipping");
-    }
-    eprintln!("skipping {test}: not root, cannot create network namespaces");
-    false
-}
+#[path = "util/root.rs"]
+mod root;
+use root::root_or_skip;
 
 fn ns_name(tag: &str) -> String {
     format!("fabio-{}-{}", std::process::id(), tag)

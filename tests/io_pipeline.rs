@@ -18,25 +18,12 @@ use fabric::io::tap::{Tap, MAX_FRAME};
 use fabric::io::underlay::{RecvMeta, SourcePorts, Transmit, Underlay, UnderlayConfig};
 use fabric::io::IfName;
 
+#[path = "util/root.rs"]
+mod root;
+use root::root_or_skip;
+
 const VNI: u32 = 4242;
 const BYTES: usize = 32 << 20;
-
-fn root_or_skip(test: &str) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("");
-    if euid == "0" {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root and CI=true forbids skipping");
-    }
-    eprintln!("skipping {test}: not root, cannot create namespaces and TAP devices");
-    false
-}
 
 #[derive(Default)]
 struct Counters {

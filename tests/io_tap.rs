@@ -6,22 +6,9 @@ use std::path::Path;
 use fabric::io::tap::{Offloads, Tap, TapConfig, TapError};
 use fabric::io::IfName;
 
-fn root_or_skip(test: &str) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("");
-    if euid == "0" {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root (CAP_NET_ADMIN) and CI=true forbids skipping");
-    }
-    eprintln!("skipping {test}: not root, cannot create TAP devices");
-    false
-}
+#[path = "util/root.rs"]
+mod root;
+use root::root_or_skip;
 
 /// A name unique to this process and call site.
 fn unique(tag: &str) -> IfName {

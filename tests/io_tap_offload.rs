@@ -22,6 +22,10 @@ use fabric::io::offload::{
 use fabric::io::tap::{Offloads, Tap, MAX_FRAME};
 use fabric::io::IfName;
 
+#[path = "util/root.rs"]
+mod root;
+use root::root_or_skip;
+
 const CONTAINER_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 2];
 const PEER_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 1];
 const CONTAINER_IP: [u8; 4] = [10, 253, 0, 2];
@@ -30,23 +34,6 @@ const PEER_PORT: u16 = 5000;
 const MSS: usize = 1460;
 const UP_BYTES: usize = 1 << 20; // container → peer
 const DOWN_BYTES: usize = 300_000; // peer → container
-
-fn root_or_skip(test: &str) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("");
-    if euid == "0" {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root and CI=true forbids skipping");
-    }
-    eprintln!("skipping {test}: not root, cannot create namespaces and TAP devices");
-    false
-}
 
 fn up_byte(i: usize) -> u8 {
     (i % 251) as u8

@@ -32,19 +32,7 @@ pub const PORTOLAN_PORT: u16 = 1296;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// True when running as root; otherwise prints why and returns false, except under CI=true,
-/// where skipping is a failure.
-pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and CI=true forbids skipping");
-    }
-    eprintln!("skipping {test}: not root, cannot create network namespaces");
-    false
-}
+include!("root.rs");
 
 /// The `fabric` binary under test.
 pub fn fabric_bin() -> PathBuf {
