@@ -88,6 +88,23 @@ async fn call(c: &mut HttpClient, method: &str, path: &str, body: Option<Value>)
     c.json(method, path, body.as_ref()).await.unwrap()
 }
 
+/// Asserts the status of one request, showing the body when it differs.
+async fn expect_status(
+    c: &mut HttpClient,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    want: u16,
+) {
+    let r = call(c, method, path, body).await;
+    assert_eq!(
+        r.status,
+        want,
+        "{method} {path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
 async fn ok(c: &mut HttpClient, method: &str, path: &str, body: Option<Value>) -> Value {
     let r = call(c, method, path, body).await;
     assert_eq!(
@@ -264,12 +281,9 @@ async fn ping_nic_tags_and_errors() {
     let r = call(&mut c, "DELETE", "/nic_tags/external", None).await;
     assert_eq!(r.status, 204);
     assert!(r.body.is_empty());
-    assert_eq!(
-        call(&mut c, "GET", "/nic_tags/external", None).await.status,
-        404
-    );
+    expect_status(&mut c, "GET", "/nic_tags/external", None, 404).await;
     // Unknown route.
-    assert_eq!(call(&mut c, "GET", "/nope", None).await.status, 404);
+    expect_status(&mut c, "GET", "/nope", None, 404).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,10 +562,7 @@ async fn networks_ipam_and_nics() {
     assert_eq!(p2.as_array().unwrap().len(), 1);
     let one = ok(&mut c, "GET", &format!("/nics?belongs_to_uuid={VM1}"), None).await;
     assert_eq!(one.as_array().unwrap().len(), 1);
-    assert_eq!(
-        call(&mut c, "GET", "/nics?colour=red", None).await.status,
-        422
-    );
+    expect_status(&mut c, "GET", "/nics?colour=red", None, 422).await;
     // Update: state, primary; a bad value changes nothing.
     let mac = one[0]["mac"].as_str().unwrap().to_string();
     let r = call(
@@ -608,25 +619,10 @@ async fn networks_ipam_and_nics() {
     // Delete everything: then the network can go.
     for n in ok(&mut c, "GET", "/nics", None).await.as_array().unwrap() {
         let mac = n["mac"].as_str().unwrap();
-        assert_eq!(
-            call(&mut c, "DELETE", &format!("/nics/{mac}"), None)
-                .await
-                .status,
-            204
-        );
+        expect_status(&mut c, "DELETE", &format!("/nics/{mac}"), None, 204).await;
     }
-    assert_eq!(
-        call(&mut c, "DELETE", &format!("/networks/{nu}"), None)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        call(&mut c, "GET", &format!("/networks/{nu}"), None)
-            .await
-            .status,
-        404
-    );
+    expect_status(&mut c, "DELETE", &format!("/networks/{nu}"), None, 204).await;
+    expect_status(&mut c, "GET", &format!("/networks/{nu}"), None, 404).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -808,12 +804,7 @@ async fn fabrics_vlans_and_networks() {
         nic["mac"].as_str().unwrap(),
         natnic["mac"].as_str().unwrap(),
     ] {
-        assert_eq!(
-            call(&mut c, "DELETE", &format!("/nics/{m}"), None)
-                .await
-                .status,
-            204
-        );
+        expect_status(&mut c, "DELETE", &format!("/nics/{m}"), None, 204).await;
     }
     assert_eq!(
         ok(&mut c, "GET", &format!("/networks/{nu}"), None).await["gateway_provisioned"],
@@ -830,20 +821,17 @@ async fn fabrics_vlans_and_networks() {
         .status,
         204
     );
-    assert_eq!(
-        call(&mut c, "DELETE", &format!("/fabrics/{OWNER}/vlans/7"), None)
-            .await
-            .status,
-        204
-    );
+    expect_status(
+        &mut c,
+        "DELETE",
+        &format!("/fabrics/{OWNER}/vlans/7"),
+        None,
+        204,
+    )
+    .await;
     // Deleting a NIC twice: 404.
     let m = nic["mac"].as_str().unwrap();
-    assert_eq!(
-        call(&mut c, "DELETE", &format!("/nics/{m}"), None)
-            .await
-            .status,
-        404
-    );
+    expect_status(&mut c, "DELETE", &format!("/nics/{m}"), None, 404).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -927,18 +915,8 @@ async fn rules_resource() {
         ok(&mut c, "GET", &format!("/rules/{u}"), None).await["rule"],
         r["rule"]
     );
-    assert_eq!(
-        call(&mut c, "DELETE", &format!("/rules/{u}"), None)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        call(&mut c, "GET", &format!("/rules/{u}"), None)
-            .await
-            .status,
-        404
-    );
+    expect_status(&mut c, "DELETE", &format!("/rules/{u}"), None, 204).await;
+    expect_status(&mut c, "GET", &format!("/rules/{u}"), None, 404).await;
 }
 
 /// Provision through the API; a Portolan server on the same store answers VL2/VL3 with the NIC
@@ -1327,12 +1305,14 @@ async fn nic_updates_and_ip_reservations() {
         .status,
         204
     );
-    assert_eq!(
-        call(&mut c, "GET", &format!("/portolan/underlay/{CN1}"), None)
-            .await
-            .status,
-        404
-    );
+    expect_status(
+        &mut c,
+        "GET",
+        &format!("/portolan/underlay/{CN1}"),
+        None,
+        404,
+    )
+    .await;
     // A given MAC in any form is stored canonically; a duplicate is refused.
     let n = ok(
         &mut c,
@@ -1556,12 +1536,7 @@ async fn network_pools() {
     // Pooled networks stay; pool CRUD.
     for n in ok(&mut c, "GET", "/nics", None).await.as_array().unwrap() {
         let m = n["mac"].as_str().unwrap();
-        assert_eq!(
-            call(&mut c, "DELETE", &format!("/nics/{m}"), None)
-                .await
-                .status,
-            204
-        );
+        expect_status(&mut c, "DELETE", &format!("/nics/{m}"), None, 204).await;
     }
     let r = call(&mut c, "DELETE", &format!("/networks/{u1}"), None).await;
     assert_eq!(r.json()["code"], "InUse");
@@ -1574,12 +1549,7 @@ async fn network_pools() {
     )
     .await;
     assert_eq!(up["networks"], json!([u2]));
-    assert_eq!(
-        call(&mut c, "DELETE", &format!("/networks/{u1}"), None)
-            .await
-            .status,
-        204
-    );
+    expect_status(&mut c, "DELETE", &format!("/networks/{u1}"), None, 204).await;
     assert_eq!(
         ok(&mut c, "GET", "/network_pools", None)
             .await
@@ -1588,12 +1558,7 @@ async fn network_pools() {
             .len(),
         1
     );
-    assert_eq!(
-        call(&mut c, "DELETE", &format!("/network_pools/{pu}"), None)
-            .await
-            .status,
-        204
-    );
+    expect_status(&mut c, "DELETE", &format!("/network_pools/{pu}"), None, 204).await;
     assert_eq!(
         call(&mut c, "GET", &format!("/network_pools/{pu}"), None)
             .await
