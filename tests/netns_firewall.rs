@@ -10,7 +10,7 @@
 mod netns;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,10 @@ use fabric::core::CountersSnapshot;
 use fabric::dataplane::control::{FwApplied, FwListing};
 use fabric::firewall::compile::{FirewallState, RuleRecord, VmAddress, VmRecord};
 use fabric::firewall::docker::{self, ContainerDescription, ImpliedKind, PortBinding, PortProto};
-use netns::{drops, fabric_bin, root_or_skip, tcp_transfer, teardown, udp_socket, Container, Topo};
+use netns::{
+    drops, fabric_bin, root_or_skip, tcp_transfer, teardown, udp_echo_server, udp_probe,
+    udp_socket, Container, Topo,
+};
 
 const MB: u64 = 1024 * 1024;
 
@@ -392,42 +395,6 @@ fn echo_roundtrip(s: &mut TcpStream, total: usize, seed: u64) -> Result<(), Stri
         off += n;
     }
     Ok(())
-}
-
-/// Echoes UDP datagrams on `port` inside `c` until the flag clears; returns how many.
-fn udp_echo_server(c: &Container, port: u16, run: Arc<AtomicBool>) -> JoinHandle<u64> {
-    let s = udp_socket(c, port);
-    std::thread::spawn(move || {
-        let mut n = 0;
-        let mut buf = [0u8; 2048];
-        while run.load(Ordering::Relaxed) {
-            if let Ok((len, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(&buf[..len], from);
-                n += 1;
-            }
-        }
-        n
-    })
-}
-
-/// Sends numbered probes to an echo server until one comes back or `within` passes.
-fn udp_probe(s: &UdpSocket, dst: SocketAddr, within: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    let mut buf = [0u8; 64];
-    let mut seq = 0u32;
-    while t0.elapsed() < within {
-        seq += 1;
-        let _ = s.send_to(&seq.to_be_bytes(), dst);
-        let sent = Instant::now();
-        while sent.elapsed() < Duration::from_millis(100) {
-            if let Ok((n, from)) = s.recv_from(&mut buf) {
-                if from == dst && n == 4 && buf[..4] == seq.to_be_bytes() {
-                    return Some(t0.elapsed());
-                }
-            }
-        }
-    }
-    None
 }
 
 /// Waits until `cond` holds or `within` passes.

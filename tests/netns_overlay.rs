@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netns::{drops, root_or_skip, rss_kib, tcp_transfer, teardown, udp_socket, Topo};
+use netns::{
+    drops, root_or_skip, rss_kib, tcp_transfer, teardown, udp_echo_server, udp_probe, udp_socket,
+    Topo,
+};
 
 const MB: u64 = 1024 * 1024;
 
@@ -208,46 +211,6 @@ fn tenants_with_identical_addresses_are_isolated() {
     teardown(t);
 }
 
-/// Sends UDP probes from `from` to an echo server until an answer arrives; returns when.
-fn probe_until(s: &UdpSocket, dst: SocketAddr, within: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    let mut buf = [0u8; 64];
-    let mut seq = 0u32;
-    while t0.elapsed() < within {
-        seq += 1;
-        let _ = s.send_to(&seq.to_be_bytes(), dst);
-        let sent = Instant::now();
-        while sent.elapsed() < Duration::from_millis(50) {
-            if let Ok((n, _)) = s.recv_from(&mut buf) {
-                if n == 4 && buf[..4] == seq.to_be_bytes() {
-                    return Some(t0.elapsed());
-                }
-            }
-        }
-    }
-    None
-}
-
-/// Echoes UDP datagrams in `c`'s namespace on `port` until the flag clears.
-fn echo_server(
-    c: &netns::Container,
-    port: u16,
-    run: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
-    let s = udp_socket(c, port);
-    std::thread::spawn(move || {
-        let mut n = 0;
-        let mut buf = [0u8; 2048];
-        while run.load(Ordering::Relaxed) {
-            if let Ok((len, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(&buf[..len], from);
-                n += 1;
-            }
-        }
-        n
-    })
-}
-
 #[test]
 fn moved_container_is_followed_within_2s() {
     if !root_or_skip("moved_container_is_followed_within_2s") {
@@ -257,13 +220,13 @@ fn moved_container_is_followed_within_2s() {
     let c1 = t.add_container(0, 4201, "10.72.0.1/24", "02:00:0a:48:00:01");
     let c2 = t.add_container(1, 4201, "10.72.0.2/24", "02:00:0a:48:00:02");
     let run = Arc::new(AtomicBool::new(true));
-    let echo = echo_server(&c2, 7001, run.clone());
+    let echo = udp_echo_server(&c2, 7001, run.clone());
     let client = udp_socket(&c1, 0);
     let dst = SocketAddr::from((c2.ip, 7001));
     t.ping(&c1, c2.ip, 2)
         .unwrap_or_else(|e| panic!("before the move: {e}"));
     assert!(
-        probe_until(&client, dst, Duration::from_secs(3)).is_some(),
+        udp_probe(&client, dst, Duration::from_secs(3)).is_some(),
         "UDP echo c1 -> c2 does not work before the move"
     );
     let pids: Vec<_> = t.hosts.iter().map(|h| h.dataplane_pid()).collect();
@@ -275,7 +238,7 @@ fn moved_container_is_followed_within_2s() {
     let t0 = Instant::now();
     t.map(&c2, 2);
     let imported = t0.elapsed();
-    let took = probe_until(&client, dst, Duration::from_secs(10));
+    let took = udp_probe(&client, dst, Duration::from_secs(10));
     run.store(false, Ordering::Relaxed);
     let echoed = echo.join().expect("echo thread");
     let took = took.map(|d| d + imported);

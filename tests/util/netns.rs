@@ -668,10 +668,8 @@ impl Drop for Topo {
                 }
             }
         }
-        for h in &mut self.hosts {
-            if let Some(mut c) = h.dataplane.take() {
-                sigterm(&mut c, Duration::from_secs(5));
-            }
+        for i in 0..self.hosts.len() {
+            self.stop_dataplane(i);
         }
         self.stop_portolan();
         for ns in self.namespaces.iter().rev() {
@@ -892,4 +890,45 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// A drop counter by label (0 when absent).
 pub fn drops(c: &fabric::core::CountersSnapshot, reason: &str) -> u64 {
     c.drops.get(reason).copied().unwrap_or(0)
+}
+
+/// Echoes UDP datagrams on `port` inside `c` until the flag clears; returns how many.
+pub fn udp_echo_server(
+    c: &Container,
+    port: u16,
+    run: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let s = udp_socket(c, port);
+    std::thread::spawn(move || {
+        let mut n = 0;
+        let mut buf = [0u8; 2048];
+        while run.load(Ordering::Relaxed) {
+            if let Ok((len, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..len], from);
+                n += 1;
+            }
+        }
+        n
+    })
+}
+
+/// Sends numbered probes to an echo server at `dst` (one every 50 ms) until one comes back
+/// from it or `within` passes; returns how long it took.
+pub fn udp_probe(s: &UdpSocket, dst: SocketAddr, within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 64];
+    let mut seq = 0u32;
+    while t0.elapsed() < within {
+        seq += 1;
+        let _ = s.send_to(&seq.to_be_bytes(), dst);
+        let sent = Instant::now();
+        while sent.elapsed() < Duration::from_millis(50) {
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                if from == dst && n == 4 && buf[..4] == seq.to_be_bytes() {
+                    return Some(t0.elapsed());
+                }
+            }
+        }
+    }
+    None
 }
