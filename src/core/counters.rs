@@ -115,24 +115,6 @@ impl Counters {
         self.drops[r as usize]
     }
 
-    /// Add `other` into `self` (per-thread counters into one view).
-    pub fn merge(&mut self, other: &Counters) {
-        self.rx_frames += other.rx_frames;
-        self.rx_bytes += other.rx_bytes;
-        self.to_underlay += other.to_underlay;
-        self.to_vnic += other.to_vnic;
-        self.arp_replied += other.arp_replied;
-        self.ndp_replied += other.ndp_replied;
-        self.held += other.held;
-        self.released += other.released;
-        self.vl2_lookups += other.vl2_lookups;
-        self.vl3_lookups += other.vl3_lookups;
-        self.vxlan_reserved_bits += other.vxlan_reserved_bits;
-        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
-            *a += b;
-        }
-    }
-
     /// All drops.
     pub fn drops_total(&self) -> u64 {
         self.drops.iter().sum()

@@ -165,7 +165,7 @@ pub struct VnicInfo {
     pub mtu: u32,
     /// Offloads the TAP negotiated.
     pub offloads: String,
-    /// Counters (both directions merged).
+    /// Counters of frames from and to this vnic.
     pub counters: CountersSnapshot,
 }
 
@@ -180,7 +180,7 @@ pub struct Stats {
     pub gso: bool,
     /// See above.
     pub gro: bool,
-    /// Host-wide counters, both directions merged.
+    /// Host-wide counters.
     pub global: CountersSnapshot,
     /// Per vnic.
     pub vnics: Vec<VnicInfo>,

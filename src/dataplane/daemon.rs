@@ -157,7 +157,7 @@ struct IoCounters {
 }
 
 #[derive(Debug, Default)]
-struct ThreadStats {
+struct WorkerStats {
     global: Counters,
     vnics: Vec<(VnicId, Counters)>,
     io: IoCounters,
@@ -191,24 +191,22 @@ enum Cmd {
         ip: IpAddr,
     },
     Stats {
-        reply: oneshot::Sender<ThreadStats>,
+        reply: oneshot::Sender<WorkerStats>,
     },
     Shutdown,
 }
 
-/// A handle to one hot thread.
+/// A handle to the worker thread: a command queue plus the eventfd that wakes its epoll.
 #[derive(Clone)]
-struct ThreadHandle {
+struct WorkerHandle {
     tx: mpsc::Sender<Cmd>,
-    waker: Option<Arc<Waker>>,
+    waker: Arc<Waker>,
 }
 
-impl ThreadHandle {
+impl WorkerHandle {
     fn send(&self, c: Cmd) {
         if self.tx.send(c).is_ok() {
-            if let Some(w) = &self.waker {
-                let _ = w.wake();
-            }
+            let _ = self.waker.wake();
         }
     }
 }
@@ -385,7 +383,7 @@ impl Worker {
                 }
             }
             Cmd::Stats { reply } => {
-                let _ = reply.send(ThreadStats {
+                let _ = reply.send(WorkerStats {
                     global: self.core.counters().clone(),
                     vnics: self
                         .core
@@ -730,7 +728,7 @@ async fn shootdowns(
     client: portolan::client::Client,
     underlay_ip: IpAddr,
     interval: Duration,
-    worker: ThreadHandle,
+    worker: WorkerHandle,
     rc: Arc<ResolverCounters>,
 ) {
     loop {
@@ -830,7 +828,7 @@ fn for_worker(rules: &Option<Arc<VnicRuleSet>>) -> Option<Arc<VnicRuleSet>> {
 }
 
 struct Daemon {
-    worker: ThreadHandle,
+    worker: WorkerHandle,
     /// Lock order: `vnics` before `fw`.
     vnics: tokio::sync::Mutex<BTreeMap<(String, String), VnicEntry>>,
     fw: tokio::sync::Mutex<FwState>,
@@ -1214,9 +1212,9 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     poller.add(waker.as_fd(), WAKE_TOKEN, Interest::Read)?;
     poller.add(underlay.as_fd(), UNDERLAY_TOKEN, Interest::Read)?;
     let (wtx, wrx) = mpsc::channel();
-    let worker = ThreadHandle {
+    let worker = WorkerHandle {
         tx: wtx,
-        waker: Some(waker.clone()),
+        waker: waker.clone(),
     };
     let w = Worker {
         core: Core::new(Config::default()),
