@@ -378,6 +378,37 @@ async fn networks_ipam_and_nics() {
         json!({"code":"InvalidParameters","message":"Invalid parameters","errors":[
             {"field":"subnet","type":"network","id":nu,"code":"UsedBy","message":"subnet overlaps with another network"}]})
     );
+    // Renaming another network to a taken name is refused the same way.
+    let other = ok(
+        &mut c,
+        "POST",
+        "/networks",
+        Some(
+            json!({"name": "other", "nic_tag": "external", "vlan_id": 0, "subnet": "192.0.2.0/24"}),
+        ),
+    )
+    .await;
+    let ou = other["uuid"].as_str().unwrap().to_string();
+    let r = call(
+        &mut c,
+        "PUT",
+        &format!("/networks/{ou}"),
+        Some(json!({"name": "pub"})),
+    )
+    .await;
+    assert_eq!(
+        r.json(),
+        json!({"code":"InvalidParameters","message":"name is in use by another network",
+               "errors":[{"field":"name","code":"Duplicate","message":"Already exists"}]})
+    );
+    ok(
+        &mut c,
+        "PUT",
+        &format!("/networks/{ou}"),
+        Some(json!({"name": "other2"})),
+    )
+    .await;
+    expect_status(&mut c, "DELETE", &format!("/networks/{ou}"), None, 204).await;
     // Bad UUID or unknown network: 404.
     for u in ["nope", "00000000-0000-4000-8000-000000000000"] {
         let r = call(&mut c, "GET", &format!("/networks/{u}"), None).await;

@@ -822,19 +822,7 @@ pub fn create(
     if !errs.is_empty() {
         return Err(ApiError::invalid_params(errs).into());
     }
-    let taken = db
-        .query_opt(
-            "SELECT uuid FROM napi_networks WHERE name_key = $1",
-            &[Val::text(name_key(&n))],
-        )?
-        .is_some();
-    if taken {
-        return Err(ApiError::invalid_params_msg(
-            "name is in use by another network",
-            vec![FieldError::duplicate("name", "Already exists")],
-        )
-        .into());
-    }
+    ensure_name_free(db, &n)?;
     let overlaps = overlapping(db, &n)?;
     if !overlaps.is_empty() {
         return Err(ApiError::invalid_params(
@@ -1159,19 +1147,7 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
     }
     p.finish()?;
     if m.name != n.name {
-        let taken = db
-            .query_opt(
-                "SELECT uuid FROM napi_networks WHERE name_key = $1 AND uuid <> $2",
-                &[Val::text(name_key(&m)), Val::text(&m.uuid)],
-            )?
-            .is_some();
-        if taken {
-            return Err(ApiError::invalid_params_msg(
-                "name is in use by another network",
-                vec![FieldError::duplicate("name", "Already exists")],
-            )
-            .into());
-        }
+        ensure_name_free(db, &m)?;
     }
     // A new range start restarts the gap search there (records below it stay).
     let hint = i64::from(u32::from(m.provision_start)) - 1;
@@ -1422,6 +1398,24 @@ pub fn search_ips(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
         return Err(ApiError::not_found("No networks found containing that IP address").into());
     }
     Ok(Value::Array(out))
+}
+
+/// Refuses `n`'s name when another network (not `n` itself) already has it.
+fn ensure_name_free(db: &mut Db<'_>, n: &Network) -> Result<(), OpError> {
+    let taken = db
+        .query_opt(
+            "SELECT uuid FROM napi_networks WHERE name_key = $1 AND uuid <> $2",
+            &[Val::text(name_key(n)), Val::text(&n.uuid)],
+        )?
+        .is_some();
+    if taken {
+        return Err(ApiError::invalid_params_msg(
+            "name is in use by another network",
+            vec![FieldError::duplicate("name", "Already exists")],
+        )
+        .into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
