@@ -2,7 +2,7 @@
 //! tests/node-napi/package-lock.json) drives the real `fabric control` binary through fabric
 //! VLAN -> fabric network -> provision NICs -> list/get -> update -> delete
 //! (tests/node-napi/napi.js asserts every step). Needs Node and `npm ci` in tests/node-napi
-//! (scripts/setup.d/40-node-napi.sh); without them the test prints why and skips, except under
+//! (scripts/setup.d/30-node.sh); without them the test prints why and skips, except under
 //! CI=true where it fails.
 
 use std::path::PathBuf;
@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 fn skip_or_fail(why: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why} (under CI=true the sdc-clients test must run; see scripts/setup.d/40-node-napi.sh)");
+        panic!(
+            "{why} (under CI=true the sdc-clients test must run; see scripts/setup.d/30-node.sh)"
+        );
     }
-    eprintln!("skipping sdc-clients test: {why}; run scripts/setup.d/40-node-napi.sh");
+    eprintln!("skipping sdc-clients test: {why}; run scripts/setup.d/30-node.sh");
 }
 
 #[test]

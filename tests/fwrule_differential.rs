@@ -11,7 +11,7 @@
 //! cases (default 4000) and `FWRULE_DIFF_SEED` the seed.
 //!
 //! When Node or the package is missing the test fails under `CI=true` and otherwise prints why
-//! and passes without comparing (set up with `scripts/setup.d/30-node-fwrule.sh`).
+//! and passes without comparing (set up with `scripts/setup.d/30-node.sh`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -923,7 +923,7 @@ fn oracle_unavailable() -> Option<String> {
     let pkg = oracle_dir().join("node_modules/fwrule/package.json");
     if !pkg.exists() {
         return Some(format!(
-            "{} is missing: run `npm ci` in tests/node (scripts/setup.d/30-node-fwrule.sh)",
+            "{} is missing: run `npm ci` in tests/node (scripts/setup.d/30-node.sh)",
             pkg.display()
         ));
     }
