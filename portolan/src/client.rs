@@ -51,6 +51,9 @@ pub const BACKOFF: [Duration; 6] = [
     Duration::from_secs(32),
 ];
 
+/// Default [`ClientConfig::backoff_cap`].
+pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
 /// The backoff before reconnect attempt number `failures` (1-based).
 pub fn backoff(failures: u32) -> Duration {
     let i = usize::try_from(failures.saturating_sub(1)).unwrap_or(usize::MAX);
@@ -70,6 +73,8 @@ pub struct ClientConfig {
     pub max_payload: u32,
     /// Timeout for one `connect` attempt.
     pub connect_timeout: Duration,
+    /// Longest wait between reconnect attempts, before jitter (see [`backoff`]).
+    pub backoff_cap: Duration,
 }
 
 impl ClientConfig {
@@ -81,6 +86,7 @@ impl ClientConfig {
             timeout: Duration::from_secs(5),
             max_payload: svp::DEFAULT_MAX_PAYLOAD,
             connect_timeout: Duration::from_secs(5),
+            backoff_cap: BACKOFF_CAP,
         }
     }
 }
