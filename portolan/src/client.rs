@@ -1,12 +1,18 @@
 //! Async SVP v1 client: a pool of connections to one server, pipelined requests matched by id,
-//! a per-query timeout, and reconnection with backoff 1, 2, 4, 8, 16, 32, 32, … seconds.
+//! a per-query timeout, and reconnection with a short, jittered backoff (see [`backoff`]:
+//! 1, 2, 4 s, then [`BACKOFF_CAP`] = 5 s, each ±25 %).
 //!
-//! Each pooled connection is driven by its own tasks. A failed `connect` waits out the backoff
-//! and tries again; a successful one resets the backoff. A connection that breaks (EOF, I/O
-//! error, a reply that fails validation, a query that times out) is closed, every query still
-//! waiting on it is sent once more on a connection that is up (every v1 request is
-//! idempotent) or fails with [`ClientError::ConnectionLost`], and it
-//! reconnects at once, as illumos varpd does. Queries go round-robin to the connections that are
+//! Each pooled connection is driven by its own tasks. A connection counts as up only once the
+//! server has answered a PING sent right after `connect` (so a server's first-frame deadline
+//! never closes an idle pooled connection, and a server that accepts and closes at once is a
+//! failure, not a success). A failed `connect` or PING waits out the backoff and tries again;
+//! the backoff grows with consecutive failures and is capped low, so lookups resume within a
+//! few seconds of the server's return. A connection that breaks (EOF, I/O error, a reply that
+//! fails validation, a query that times out) is closed, every query still waiting on it is sent
+//! once more on a connection that is up (every v1 request is idempotent) or fails with
+//! [`ClientError::ConnectionLost`], and it reconnects at once, as illumos varpd does, unless it
+//! lived less than [`STABLE`]: then the break counts as a failure too (one immediate retry,
+//! then the backoff). Queries go round-robin to the connections that are
 //! up; when none is up but one is still connecting, a query waits (within its timeout); when all
 //! are backing off it fails at once with [`ClientError::Unavailable`].
 //!
@@ -41,20 +47,36 @@ use crate::svp::{
     LogReq, Mac, Message, Op, RequestId, Status, Vl2Req, Vl3Req, VL3_TYPE_IP, VL3_TYPE_IPV6,
 };
 
-/// Backoff after consecutive connect failures: 1, 2, 4, 8, 16, 32 s, then 32 s.
-pub const BACKOFF: [Duration; 6] = [
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(4),
-    Duration::from_secs(8),
-    Duration::from_secs(16),
-    Duration::from_secs(32),
-];
+/// First backoff; each further consecutive failure doubles it, up to the cap.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 
-/// The backoff before reconnect attempt number `failures` (1-based).
-pub fn backoff(failures: u32) -> Duration {
-    let i = usize::try_from(failures.saturating_sub(1)).unwrap_or(usize::MAX);
-    BACKOFF[i.min(BACKOFF.len() - 1)]
+/// Default [`ClientConfig::backoff_cap`]: low enough that lookups resume within about 5 s of
+/// the server's return, high enough that a dead server sees one attempt per pooled connection
+/// every ~5 s from each host.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// A connection that breaks sooner than this after it came up counts as a failure.
+pub const STABLE: Duration = Duration::from_secs(1);
+
+/// The wait before reconnect attempt number `failures` (1-based): nominally [`BACKOFF_BASE`]
+/// doubled per failure and capped at `cap` (1, 2, 4, 5, 5 … s with the default cap), then
+/// scaled by a jitter factor in [0.75, 1.25) taken from `sample` (uniform over `u32`), so hosts
+/// that lost the server together do not come back in step.
+pub fn backoff(failures: u32, cap: Duration, sample: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    let nominal = BACKOFF_BASE.saturating_mul(1 << doublings).min(cap);
+    let nanos = u64::try_from(nominal.as_nanos()).unwrap_or(u64::MAX);
+    let spread = u64::try_from((u128::from(nanos / 2) * u128::from(sample)) >> 32).unwrap_or(0);
+    Duration::from_nanos((nanos - nanos / 4).saturating_add(spread))
+}
+
+/// A uniform random `u32` for [`backoff`]'s jitter (mid-range if the OS has no randomness).
+fn jitter_sample() -> u32 {
+    let mut b = [0u8; 4];
+    match getrandom::getrandom(&mut b) {
+        Ok(()) => u32::from_ne_bytes(b),
+        Err(_) => 1 << 31,
+    }
 }
 
 /// Client settings.
@@ -68,8 +90,11 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Largest reply payload accepted.
     pub max_payload: u32,
-    /// Timeout for one `connect` attempt.
+    /// Timeout for one `connect` attempt, and again for the server's answer to the PING sent
+    /// on the new connection.
     pub connect_timeout: Duration,
+    /// Longest wait between reconnect attempts, before jitter (see [`backoff`]).
+    pub backoff_cap: Duration,
 }
 
 impl ClientConfig {
@@ -81,6 +106,7 @@ impl ClientConfig {
             timeout: Duration::from_secs(5),
             max_payload: svp::DEFAULT_MAX_PAYLOAD,
             connect_timeout: Duration::from_secs(5),
+            backoff_cap: BACKOFF_CAP,
         }
     }
 }
@@ -452,7 +478,7 @@ fn set_phase(slot: &Slot, changed: &watch::Sender<u64>, phase: Phase, conn: Opti
     changed.send_modify(|g| *g = g.wrapping_add(1));
 }
 
-/// Connect / run / reconnect loop of one pool slot.
+/// Connect / hello / run / reconnect loop of one pool slot.
 async fn drive_slot(
     slot: Arc<Slot>,
     config: ClientConfig,
@@ -460,47 +486,70 @@ async fn drive_slot(
     mut stop: watch::Receiver<bool>,
 ) {
     let server = config.server;
+    // Consecutive failures: connects or hellos that failed, and connections that broke
+    // before they were STABLE.
     let mut failures = 0u32;
+    // Set when the next attempt must first wait out the backoff.
+    let mut wait = false;
     loop {
         if *stop.borrow() {
             return;
         }
+        if wait {
+            set_phase(&slot, &changed, Phase::Backoff, None);
+            let pause = backoff(failures, config.backoff_cap, jitter_sample());
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => return,
+            }
+        }
         set_phase(&slot, &changed, Phase::Connecting, None);
-        let attempt = tokio::time::timeout(config.connect_timeout, TcpStream::connect(server));
+        let attempt = async {
+            let mut sock = match tokio::time::timeout(
+                config.connect_timeout,
+                TcpStream::connect(server),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(format!("connect failed: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "connect timed out after {:?}",
+                        config.connect_timeout
+                    ))
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            match tokio::time::timeout(config.connect_timeout, hello(&mut sock, &config)).await {
+                Ok(Ok(())) => Ok(sock),
+                Ok(Err(reason)) => Err(format!("connected, but {reason}")),
+                Err(_) => Err(format!(
+                    "connected, but no PONG within {:?}",
+                    config.connect_timeout
+                )),
+            }
+        };
         let sock = tokio::select! {
             r = attempt => r,
             _ = stop.changed() => return,
         };
         let sock = match sock {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                failures += 1;
-                lock(&slot.state).last_error = format!("connect failed: {e}");
-                set_phase(&slot, &changed, Phase::Backoff, None);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff(failures)) => continue,
-                    _ = stop.changed() => return,
-                }
-            }
-            Err(_) => {
-                failures += 1;
-                lock(&slot.state).last_error =
-                    format!("connect timed out after {:?}", config.connect_timeout);
-                set_phase(&slot, &changed, Phase::Backoff, None);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff(failures)) => continue,
-                    _ = stop.changed() => return,
-                }
+            Ok(s) => s,
+            Err(reason) => {
+                failures = failures.saturating_add(1);
+                wait = true;
+                lock(&slot.state).last_error = reason;
+                continue;
             }
         };
-        failures = 0;
-        let _ = sock.set_nodelay(true);
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
             tx,
             pending: Arc::new(Mutex::new(HashMap::new())),
             reset: Arc::new(Notify::new()),
         });
+        let up_since = Instant::now();
         set_phase(&slot, &changed, Phase::Active, Some(conn.clone()));
         let reason = tokio::select! {
             r = run_connection(sock, rx, conn.pending.clone(), &config) => r,
@@ -517,6 +566,49 @@ async fn drive_slot(
             }));
         }
         lock(&slot.state).last_error = reason;
+        if up_since.elapsed() >= STABLE {
+            // It worked for a while: reconnect at once, as varpd does.
+            failures = 0;
+            wait = false;
+        } else {
+            // Up and straight down again: one immediate retry, then the backoff.
+            wait = failures > 0;
+            failures = failures.saturating_add(1);
+        }
+    }
+}
+
+/// The first exchange on a new connection: PING, and a PONG with the same id back. Returns why
+/// not, otherwise.
+async fn hello(sock: &mut TcpStream, config: &ClientConfig) -> Result<(), String> {
+    let id = RequestId::from_u32(0);
+    sock.write_all(&Frame::new(id, Message::Ping).to_bytes())
+        .await
+        .map_err(|e| format!("the PING failed: {e}"))?;
+    let mut buf = BytesMut::with_capacity(64);
+    loop {
+        match decode_frame(&buf, config.max_payload) {
+            Ok(Decoded::Complete { frame, len }) => {
+                return if frame.message != Message::Pong || frame.id != id {
+                    Err(format!(
+                        "the server answered PING with {} (id {:?}), expected PONG (id {id:?})",
+                        frame.message.op(),
+                        frame.id
+                    ))
+                } else if len != buf.len() {
+                    Err("the server sent more than a PONG to a PING".to_string())
+                } else {
+                    Ok(())
+                };
+            }
+            Ok(Decoded::Incomplete { .. }) => {}
+            Err(e) => return Err(format!("the answer to PING was invalid: {e}")),
+        }
+        match sock.read_buf(&mut buf).await {
+            Ok(0) => return Err("the server closed the connection before answering".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read failed before the first answer: {e}")),
+        }
     }
 }
 
@@ -596,14 +688,48 @@ mod tests {
 
     #[test]
     fn backoff_table() {
-        let secs: Vec<u64> = (1..=8).map(|f| backoff(f).as_secs()).collect();
-        assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 32, 32]);
-        assert_eq!(backoff(0).as_secs(), 1);
-        assert_eq!(backoff(u32::MAX).as_secs(), 32);
+        // Mid-range jitter sample: factor exactly 1.
+        let mid = 1u32 << 31;
+        let ms: Vec<u128> = (1..=8)
+            .map(|f| backoff(f, BACKOFF_CAP, mid).as_millis())
+            .collect();
+        assert_eq!(ms, vec![1000, 2000, 4000, 5000, 5000, 5000, 5000, 5000]);
+        assert_eq!(backoff(0, BACKOFF_CAP, mid), Duration::from_secs(1));
+        assert_eq!(backoff(u32::MAX, BACKOFF_CAP, mid), BACKOFF_CAP);
+        // Another cap bounds the whole schedule.
+        let cap = Duration::from_millis(300);
+        assert!((1..=10).all(|f| backoff(f, cap, mid) == cap));
+        assert_eq!(
+            ClientConfig::new("127.0.0.1:1".parse().unwrap()).backoff_cap,
+            BACKOFF_CAP
+        );
     }
 
-    /// A fake server: the first connection is dropped after one request; later ones answer
-    /// PINGs, in reverse order of arrival within each read (out-of-order replies).
+    #[test]
+    fn backoff_jitter_stays_within_a_quarter() {
+        for f in [1u32, 2, 3, 4, 9, u32::MAX] {
+            let nominal = backoff(f, BACKOFF_CAP, 1 << 31);
+            let lo = backoff(f, BACKOFF_CAP, 0);
+            let hi = backoff(f, BACKOFF_CAP, u32::MAX);
+            assert_eq!(lo, nominal * 3 / 4, "failures {f}");
+            assert!(hi < nominal * 5 / 4 && hi > nominal * 5 / 4 - Duration::from_millis(1));
+            for s in [1u32, 1 << 20, 0x7fff_ffff, 0xdead_beef] {
+                let d = backoff(f, BACKOFF_CAP, s);
+                assert!(d >= lo && d <= hi, "failures {f} sample {s}: {d:?}");
+            }
+        }
+        // Real samples spread: 64 draws are not all equal.
+        let draws: std::collections::HashSet<_> = (0..64)
+            .map(|_| backoff(1, BACKOFF_CAP, jitter_sample()))
+            .collect();
+        assert!(draws.len() > 1);
+        // Never longer than cap + 25 %, so recovery follows the server within ~6.25 s.
+        assert!(backoff(u32::MAX, BACKOFF_CAP, u32::MAX) < Duration::from_millis(6250));
+    }
+
+    /// A fake server: the first connection answers the client's hello, then is dropped on the
+    /// next request; later ones answer PINGs, in reverse order of arrival within each read
+    /// (out-of-order replies).
     async fn flaky_server() -> SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -616,6 +742,7 @@ mod tests {
                 let drop_it = std::mem::take(&mut first);
                 tokio::spawn(async move {
                     let mut buf = BytesMut::new();
+                    let mut hello = true;
                     loop {
                         if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
                             return;
@@ -627,7 +754,7 @@ mod tests {
                             let _ = buf.split_to(len);
                             ids.push(frame.id);
                         }
-                        if drop_it && !ids.is_empty() {
+                        if drop_it && !ids.is_empty() && !std::mem::take(&mut hello) {
                             return;
                         }
                         let mut out = Vec::new();

@@ -63,9 +63,24 @@ enum Command {
         /// Open connections allowed at once.
         #[arg(long, default_value_t = 4096)]
         max_connections: usize,
-        /// Close connections idle for this many seconds.
+        /// Close connections idle for this many seconds (a partial frame is not activity).
         #[arg(long, default_value_t = 300)]
         idle_timeout: u64,
+        /// Milliseconds a frame may take to arrive whole once its first byte is in, and a new
+        /// connection to send its first whole frame.
+        #[arg(long, default_value_t = 5000)]
+        frame_timeout_ms: u64,
+        /// Open connections allowed from one peer (an IPv4 address or an IPv6 /64).
+        #[arg(long, default_value_t = 64)]
+        max_connections_per_peer: usize,
+        /// Connection slots kept for peers holding fewer than 2 connections (at most a quarter
+        /// of --max-connections).
+        #[arg(long, default_value_t = 256)]
+        reserved_connections: usize,
+        /// Bytes of partial frames buffered across all connections; the connection that would
+        /// exceed this is closed.
+        #[arg(long, default_value_t = 64 << 20)]
+        max_buffered_bytes: usize,
         /// Store calls running at once.
         #[arg(long, default_value_t = 8)]
         store_workers: usize,
@@ -200,9 +215,19 @@ fn main() -> Result<()> {
             metrics,
             max_connections,
             idle_timeout,
+            frame_timeout_ms,
+            max_connections_per_peer,
+            reserved_connections,
+            max_buffered_bytes,
             store_workers,
             threads,
         } => {
+            if max_connections_per_peer == 0 || frame_timeout_ms == 0 {
+                bail!(
+                    "--max-connections-per-peer and --frame-timeout-ms must be at least 1 \
+                     (got {max_connections_per_peer} and {frame_timeout_ms})"
+                );
+            }
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(t) = threads {
                 rt.worker_threads(t.max(1));
@@ -213,6 +238,10 @@ fn main() -> Result<()> {
                 listen,
                 max_connections,
                 idle_timeout: Duration::from_secs(idle_timeout),
+                frame_timeout: Duration::from_millis(frame_timeout_ms),
+                max_connections_per_peer,
+                reserved_connections,
+                max_buffered_bytes,
                 store_workers,
                 ..ServerConfig::default()
             };

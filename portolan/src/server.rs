@@ -17,11 +17,12 @@
 //! [`Server::run`] returns when its shutdown future resolves: it stops accepting, lets each
 //! connection finish the requests it has read, and waits up to [`ServerConfig::shutdown_grace`].
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -29,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::store::{Found, Lookup, Store};
@@ -54,6 +56,23 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// How long shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
+    /// Once the first byte of a frame has arrived, the whole frame must arrive within this; a
+    /// new connection must also send its first complete frame within this. A partial frame
+    /// does not count as activity for [`idle_timeout`](Self::idle_timeout).
+    pub frame_timeout: Duration,
+    /// Open connections allowed from one peer (one IPv4 address, or one IPv6 /64); more are
+    /// accepted and closed at once.
+    pub max_connections_per_peer: usize,
+    /// The last this many connection slots (at most a quarter of
+    /// [`max_connections`](Self::max_connections)) go only to peers holding fewer than
+    /// [`reserve_peer_below`](Self::reserve_peer_below) connections, so a new host or CLI still
+    /// gets in while heavy peers fill the server.
+    pub reserved_connections: usize,
+    /// See [`reserved_connections`](Self::reserved_connections): the client's default pool size.
+    pub reserve_peer_below: usize,
+    /// Bytes of partial frames buffered across all connections; a connection whose partial
+    /// frame would take the total above this is closed.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +85,11 @@ impl Default for ServerConfig {
             store_workers: 8,
             max_in_flight: 1024,
             shutdown_grace: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(5),
+            max_connections_per_peer: 64,
+            reserved_connections: 256,
+            reserve_peer_below: 2,
+            max_buffered_bytes: 64 << 20,
         }
     }
 }
@@ -94,8 +118,21 @@ counters! {
     connections_rejected,
     /// Connections open now.
     connections_open,
+    /// Connections refused because their peer already had `max_connections_per_peer` open.
+    connections_rejected_peer,
+    /// Connections refused because only reserved slots were left and their peer already held
+    /// `reserve_peer_below` connections.
+    connections_rejected_reserve,
     /// Connections closed for being idle.
     connections_idle_closed,
+    /// Connections closed because a frame (or a new connection's first frame) did not arrive
+    /// whole within `frame_timeout`.
+    frame_timeouts,
+    /// Connections closed because their partial frame would take the bytes buffered across all
+    /// connections above `max_buffered_bytes`.
+    buffer_limit_closed,
+    /// Bytes of partial frames buffered now, across all connections.
+    buffered_bytes,
     /// PING requests.
     ping_requests,
     /// VL2_REQ requests.
@@ -164,7 +201,7 @@ impl Stats {
     pub fn prometheus(&self) -> String {
         let mut s = String::new();
         for (name, v) in self.snapshot() {
-            let kind = if name == "connections_open" {
+            let kind = if matches!(name, "connections_open" | "buffered_bytes") {
                 "gauge"
             } else {
                 "counter"
@@ -188,8 +225,130 @@ struct Shared {
     store: Arc<dyn Store>,
     stats: Arc<Stats>,
     workers: Semaphore,
-    connections: Arc<Semaphore>,
+    admission: Mutex<Admission>,
     config: ServerConfig,
+}
+
+/// Open connections, in total and per peer (see [`peer_key`]).
+#[derive(Default)]
+struct Admission {
+    open: usize,
+    peers: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `max_connections` are open.
+    Full,
+    /// The peer has `max_connections_per_peer` open.
+    PeerCap,
+    /// Only reserved slots are left and the peer holds `reserve_peer_below` or more.
+    Reserve,
+}
+
+/// One admitted connection's place in [`Admission`]; given back on drop.
+struct Admitted {
+    shared: Arc<Shared>,
+    key: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut a = lock(&self.shared.admission);
+        a.open = a.open.saturating_sub(1);
+        if let Some(n) = a.peers.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                a.peers.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain counters that every update leaves consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the per-peer cap counts by: an IPv4 address (IPv4-mapped IPv6 included), or an IPv6
+/// /64, which one host or one customer usually holds whole.
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+impl Shared {
+    /// Admits a connection from `peer`, or says why not: the global cap, then the per-peer
+    /// cap, then the reserve (the last slots go only to peers holding few connections).
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Refusal> {
+        let cfg = &self.config;
+        let key = peer_key(peer);
+        let mut a = lock(&self.admission);
+        let held = a.peers.get(&key).copied().unwrap_or(0);
+        let reserve = cfg.reserved_connections.min(cfg.max_connections / 4);
+        if a.open >= cfg.max_connections {
+            return Err(Refusal::Full);
+        }
+        if held >= cfg.max_connections_per_peer {
+            return Err(Refusal::PeerCap);
+        }
+        if a.open >= cfg.max_connections - reserve && held >= cfg.reserve_peer_below {
+            return Err(Refusal::Reserve);
+        }
+        a.open += 1;
+        *a.peers.entry(key).or_insert(0) += 1;
+        Ok(Admitted {
+            shared: self.clone(),
+            key,
+        })
+    }
+}
+
+/// This connection's share of [`Stats::buffered_bytes`], bounded by
+/// [`ServerConfig::max_buffered_bytes`] across all connections; given back on drop.
+struct Buffered<'a> {
+    stats: &'a Stats,
+    max: u64,
+    held: u64,
+}
+
+impl Buffered<'_> {
+    /// Sets this connection's share to `n` bytes; false (and unchanged) if that would take the
+    /// total above the bound.
+    fn set(&mut self, n: usize) -> bool {
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        let total = &self.stats.buffered_bytes;
+        if n > self.held {
+            let add = n - self.held;
+            let max = self.max;
+            if total
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                    cur.checked_add(add).filter(|t| *t <= max)
+                })
+                .is_err()
+            {
+                return false;
+            }
+        } else {
+            total.fetch_sub(self.held - n, Ordering::Relaxed);
+        }
+        self.held = n;
+        true
+    }
+}
+
+impl Drop for Buffered<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .buffered_bytes
+            .fetch_sub(self.held, Ordering::Relaxed);
+    }
 }
 
 impl Server {
@@ -200,7 +359,7 @@ impl Server {
             store,
             stats: Arc::new(Stats::default()),
             workers: Semaphore::new(config.store_workers.max(1)),
-            connections: Arc::new(Semaphore::new(config.max_connections)),
+            admission: Mutex::new(Admission::default()),
             config: config.clone(),
         });
         Ok(Server {
@@ -246,12 +405,20 @@ impl Server {
                             continue;
                         }
                     };
-                    Stats::inc(&self.shared.stats.connections_accepted);
-                    let Ok(permit) = self.shared.connections.clone().try_acquire_owned() else {
-                        Stats::inc(&self.shared.stats.connections_rejected);
-                        debug!(%peer, "connection cap reached; closing");
-                        drop(sock);
-                        continue;
+                    let stats = &self.shared.stats;
+                    Stats::inc(&stats.connections_accepted);
+                    let permit = match self.shared.admit(peer.ip()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            Stats::inc(match why {
+                                Refusal::Full => &stats.connections_rejected,
+                                Refusal::PeerCap => &stats.connections_rejected_peer,
+                                Refusal::Reserve => &stats.connections_rejected_reserve,
+                            });
+                            debug!(%peer, ?why, "connection refused; closing");
+                            drop(sock);
+                            continue;
+                        }
                     };
                     let shared = self.shared.clone();
                     let stop = stop_rx.clone();
@@ -280,6 +447,9 @@ impl Server {
         Ok(())
     }
 }
+
+/// Initial (and usual) size of a connection's read buffer.
+const READ_BUF: usize = 16 * 1024;
 
 /// How a connection's reader ended.
 enum End {
@@ -369,17 +539,30 @@ async fn read_requests(
     let stats = &shared.stats;
     let max_payload = shared.config.max_payload;
     let cap = shared.config.max_in_flight.max(1);
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let idle = shared.config.idle_timeout;
+    let frame_timeout = shared.config.frame_timeout;
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    let mut buffered = Buffered {
+        stats,
+        max: u64::try_from(shared.config.max_buffered_bytes).unwrap_or(u64::MAX),
+        held: 0,
+    };
     let mut batch: Vec<(RequestId, Lookup)> = Vec::new();
+    // A new connection owes its first whole frame within the frame timeout; after that, a
+    // frame's deadline starts with its first byte. Only whole frames count as activity.
+    let mut frame_deadline = Some(Instant::now() + frame_timeout);
+    let mut last_active = Instant::now();
     loop {
         // Decode everything complete in the buffer.
         let mut immediate = Vec::new();
         let mut immediate_count = 0u32;
         let mut failed = None;
+        let mut completed = false;
         loop {
             match decode_frame(&buf, max_payload) {
                 Ok(Decoded::Complete { frame, len }) => {
                     let _ = buf.split_to(len);
+                    completed = true;
                     match frame.message {
                         Message::Ping => {
                             Stats::inc(&stats.ping_requests);
@@ -470,49 +653,76 @@ async fn read_requests(
         if *stop.borrow() {
             return End::Clean;
         }
-        // Read more, with the idle timeout applying only when nothing is in flight. Keep room
-        // for a good batch of requests so one read can fill a whole lookup batch.
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
+        let now = Instant::now();
+        if completed {
+            last_active = now;
+            frame_deadline = None;
         }
-        let idle = shared.config.idle_timeout;
-        let read = async {
-            loop {
-                let nothing_in_flight = in_flight.available_permits() == cap;
-                if nothing_in_flight {
-                    return tokio::time::timeout(idle, rd.read_buf(&mut buf)).await;
-                }
-                // Replies still pending: wait for input without the idle clock, but look again
-                // now and then in case they complete.
-                match tokio::time::timeout(idle.min(Duration::from_secs(1)), rd.read_buf(&mut buf))
-                    .await
-                {
-                    Ok(r) => return Ok(r),
-                    Err(_) => continue,
-                }
+        if buf.is_empty() {
+            // Give back what a large frame made the buffer grow to.
+            if buf.capacity() > 4 * READ_BUF {
+                buf = BytesMut::with_capacity(READ_BUF);
             }
-        };
-        let res = tokio::select! {
-            r = read => r,
-            _ = stop.changed() => return End::Clean,
-            // The writer gave up (write error or timeout): stop reading too.
-            () = tx.closed() => return End::Closed,
-        };
-        match res {
-            Err(_) => {
+        } else if frame_deadline.is_none() {
+            frame_deadline = Some(now + frame_timeout);
+        }
+        if !buffered.set(buf.len()) {
+            Stats::inc(&stats.buffer_limit_closed);
+            debug!(%peer, bytes = buf.len(), "buffered-bytes bound reached; closing");
+            return End::Closed;
+        }
+        // Read more. Keep room for a good batch of requests so one read can fill a whole
+        // lookup batch.
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_BUF);
+        }
+        let res = loop {
+            // The idle clock runs only while nothing is in flight; with replies pending, wake
+            // now and then to look again.
+            let busy = in_flight.available_permits() != cap;
+            let now = Instant::now();
+            if busy {
+                last_active = now;
+            }
+            let mut wake = if busy {
+                now + idle.min(Duration::from_secs(1))
+            } else {
+                last_active + idle
+            };
+            if let Some(f) = frame_deadline {
+                wake = wake.min(f);
+            }
+            let r = tokio::select! {
+                r = tokio::time::timeout_at(wake, rd.read_buf(&mut buf)) => r,
+                _ = stop.changed() => return End::Clean,
+                // The writer gave up (write error or timeout): stop reading too.
+                () = tx.closed() => return End::Closed,
+            };
+            if let Ok(read) = r {
+                break read;
+            }
+            let now = Instant::now();
+            if frame_deadline.is_some_and(|f| now >= f) {
+                Stats::inc(&stats.frame_timeouts);
+                debug!(%peer, partial = buf.len(), "no whole frame within {frame_timeout:?}");
+                return End::Closed;
+            }
+            if !busy && now >= last_active + idle {
                 Stats::inc(&stats.connections_idle_closed);
                 debug!(%peer, "idle timeout");
                 return End::Closed;
             }
-            Ok(Ok(0)) => {
+        };
+        match res {
+            Ok(0) => {
                 if !buf.is_empty() {
                     Stats::inc(&stats.runt);
                     debug!(%peer, bytes = buf.len(), "peer closed mid-frame");
                 }
                 return End::Clean;
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Ok(_) => {}
+            Err(e) => {
                 Stats::inc(&stats.io_errors);
                 debug!(%peer, error = %e, "read failed");
                 return End::Closed;
