@@ -321,19 +321,24 @@ fn filter_state(vm_uuid: &Option<String>, filtered: bool) -> String {
     }
 }
 
-/// `up`, or `GONE since <time>: <reason>` for a vnic that needs `vnic rm`.
+/// `up`, or `GONE|ORPHANED <n> s ago: <reason>` for a vnic that needs `vnic rm`.
 fn state_text(v: &VnicInfo) -> String {
     match v.state {
         VnicState::Up => "up".to_string(),
-        VnicState::Gone => {
+        VnicState::Gone | VnicState::Orphaned => {
             let ago = v.state_since_unix_ms.map_or_else(String::new, |t| {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
                 format!(" {} s ago", now.saturating_sub(t) / 1000)
             });
+            let label = if v.state == VnicState::Gone {
+                "GONE"
+            } else {
+                "ORPHANED"
+            };
             format!(
-                "GONE{ago}: {} (run `fabric vnic rm`)",
+                "{label}{ago}: {} (run `fabric vnic rm`)",
                 v.state_reason.as_deref().unwrap_or("unknown reason")
             )
         }

@@ -415,8 +415,12 @@ pub enum VnicState {
     /// Attached and polled.
     #[default]
     Up,
-    /// Its namespace or TAP device disappeared (deleted without `vnic rm`): nothing can pass.
-    /// It stays listed until `vnic rm`, which cleans it up.
+    /// Its namespace's name was deleted (or now names another namespace) without `vnic rm`,
+    /// but the namespace and the device live on (something still holds them): frames may
+    /// still pass, but nothing can manage the vnic by its namespace name any more.
+    Orphaned,
+    /// Its TAP device disappeared (typically its namespace was deleted without `vnic rm`):
+    /// nothing can pass. It stays listed until `vnic rm`, which cleans it up.
     Gone,
 }
 

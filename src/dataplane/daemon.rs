@@ -842,8 +842,8 @@ struct VnicEntry {
     /// Identity (st_dev, st_ino) of the namespace the TAP was moved into, to notice when the
     /// name is deleted or reused for another namespace.
     ns_id: (u64, u64),
-    /// Why and since when (Unix ms) the vnic is gone; `None`: up.
-    gone: Option<(String, u64)>,
+    /// Not up: the state, why, and since when (Unix ms); `None`: up.
+    gone: Option<(VnicState, String, u64)>,
     _tap: Arc<Tap>,
 }
 
@@ -1171,9 +1171,13 @@ impl Daemon {
         self.worker.send(Cmd::Stats { reply: tx });
         let w = rx.await.context("dataplane worker thread gone")?;
         let mut vnics = self.vnics.lock().await;
-        for v in vnics.values_mut().filter(|v| v.gone.is_none()) {
+        for v in vnics.values_mut() {
+            if matches!(v.gone, Some((VnicState::Gone, ..))) {
+                continue;
+            }
             if let Some(f) = w.tap_failures.iter().find(|f| f.id == v.id) {
                 v.gone = Some((
+                    VnicState::Gone,
                     format!("TAP read failed ({}); no longer polled", f.error),
                     f.since_unix_ms,
                 ));
@@ -1196,13 +1200,9 @@ impl Daemon {
                     ip: v.spec.ip.clone(),
                     mtu: v.spec.mtu,
                     offloads: v.offloads.clone(),
-                    state: if v.gone.is_some() {
-                        VnicState::Gone
-                    } else {
-                        VnicState::Up
-                    },
-                    state_reason: v.gone.as_ref().map(|g| g.0.clone()),
-                    state_since_unix_ms: v.gone.as_ref().map(|g| g.1),
+                    state: v.gone.as_ref().map_or(VnicState::Up, |g| g.0),
+                    state_reason: v.gone.as_ref().map(|g| g.1.clone()),
+                    state_since_unix_ms: v.gone.as_ref().map(|g| g.2),
                     counters: c.snapshot(),
                 }
             })
@@ -1388,7 +1388,8 @@ fn refuse_conn(s: tokio::net::UnixStream, max: usize) {
     let _ = s.try_write(out.as_bytes());
 }
 
-/// Marks vnics whose namespace was deleted (or whose name now names another namespace) as gone.
+/// Marks vnics whose namespace name was deleted (or now names another namespace) as orphaned;
+/// if the namespace itself went away, the TAP fails too and the worker's report makes it gone.
 async fn watch_namespaces(d: Arc<Daemon>) {
     let mut tick = tokio::time::interval(NETNS_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1427,8 +1428,12 @@ async fn watch_namespaces(d: Arc<Daemon>) {
         let mut vnics = d.vnics.lock().await;
         for (k, why) in gone {
             if let Some(v) = vnics.get_mut(&k).filter(|v| v.gone.is_none()) {
-                tracing::warn!(netns = %k.0, vnic = %k.1, "vnic's network namespace {why}; listed as gone until `vnic rm`");
-                v.gone = Some((format!("network namespace {} {why}", k.0), now));
+                tracing::warn!(netns = %k.0, vnic = %k.1, "vnic's network namespace {why}; listed as orphaned until `vnic rm`");
+                v.gone = Some((
+                    VnicState::Orphaned,
+                    format!("network namespace {} {why}", k.0),
+                    now,
+                ));
             }
         }
     }
