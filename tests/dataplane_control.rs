@@ -259,6 +259,29 @@ fn oversized_request_line_is_refused_with_bounded_memory() {
     writeln!(s, "{{\"cmd\":\"vnic_ls\"{pad}}}").unwrap();
     let v = reply(&s).expect("answer to a large valid request");
     assert_eq!(v["ok"], Value::Bool(true), "{v}");
+    // Through the CLI: a firewall document over the limit gets the daemon's reason, not a
+    // broken pipe, and nothing is applied.
+    let vms: Vec<Value> = (0..25_000u32)
+        .map(|i| {
+            serde_json::json!({
+                "uuid": format!("00000000-0000-4000-8000-{i:012x}"),
+                "owner_uuid": "aaaaaaaa-0000-4000-8000-000000000000",
+                "tags": {"role": "web", "tier": "frontend"},
+                "firewall_enabled": true,
+                "ips": [{"vni": 4001, "ip": format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)}]
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({"vms": vms, "rules": []}).to_string();
+    assert!(doc.len() > CAP, "{} bytes", doc.len());
+    let file = d.dir.join("big-fw.json");
+    std::fs::write(&file, &doc).unwrap();
+    let e = d
+        .try_cli(&["fw", "apply", file.to_str().unwrap()])
+        .expect_err("an over-limit fw apply is refused");
+    assert!(e.contains("--control-max-request-bytes"), "{e}");
+    let st = d.stats();
+    assert_eq!(st["control"]["oversized_requests"], 2, "{st}");
 }
 
 #[test]

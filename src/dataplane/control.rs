@@ -32,8 +32,9 @@ use std::time::Duration;
 
 /// Longest request line the daemon reads (default of `--control-max-request-bytes`), newline
 /// excluded. The largest legitimate request is `fw_apply` with the whole firewall document:
-/// a VM entry (uuid, owner, a few tags, one address) is about 250 bytes of JSON and a rule
-/// about 200, so 4 MiB holds some 10,000 VMs plus 8,000 rules. The daemon buffers at most this
+/// a VM entry (uuid, owner, two tags, one address) is about 200 bytes of JSON and a rule about
+/// 150, so 4 MiB holds some 10,000 VMs plus 13,000 rules (20,000 such VMs alone are 4.07 MB).
+/// Larger deployments raise the flag. The daemon buffers at most this
 /// much per connection, so with [`MAX_CONNECTIONS`] the control socket's worst case is 64 MiB.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 

@@ -1301,7 +1301,7 @@ async fn serve_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, limits: ControlLi
         // Idle between requests: wait for the first byte, then the whole line must follow in
         // `read_timeout` (a stalled partial line cannot hold a connection slot).
         match tokio::time::timeout(limits.idle_timeout, r.fill_buf()).await {
-            Ok(Ok(b)) if b.is_empty() => return,
+            Ok(Ok([])) => return,
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return,
             Err(_) => {
