@@ -1,6 +1,8 @@
 //! `fabric vnic …` and `fabric stats`: clients of the dataplane's control socket.
 
-use super::control::{self, FwApplied, FwListing, Request, Stats, VnicAddSpec, VnicInfo};
+use super::control::{
+    self, FwApplied, FwListing, Request, Stats, VnicAddSpec, VnicInfo, VnicState,
+};
 use super::daemon::print_counters;
 use crate::firewall::compile::FirewallState;
 use std::path::PathBuf;
@@ -115,13 +117,19 @@ pub fn vnic(cmd: VnicCmd) -> anyhow::Result<()> {
             } else {
                 let list: Vec<VnicInfo> = serde_json::from_value(v)?;
                 println!(
-                    "{:<12} {:<10} {:<9} {:<18} {:<20} {:<6}",
+                    "{:<12} {:<10} {:<9} {:<18} {:<20} {:<6} STATE",
                     "NETNS", "NAME", "VNI", "MAC", "IP", "MTU"
                 );
                 for i in list {
                     println!(
-                        "{:<12} {:<10} {:<9} {:<18} {:<20} {:<6}",
-                        i.netns, i.name, i.vni, i.mac, i.ip, i.mtu
+                        "{:<12} {:<10} {:<9} {:<18} {:<20} {:<6} {}",
+                        i.netns,
+                        i.name,
+                        i.vni,
+                        i.mac,
+                        i.ip,
+                        i.mtu,
+                        state_text(&i)
                     );
                 }
             }
@@ -142,8 +150,18 @@ pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
     );
     println!("{}", print_counters("global", &s.global));
     println!(
-        "io: tap_malformed {}, underlay_send_errors {}, tap_write_errors {}, tap_read_errors {}",
-        s.tap_malformed, s.underlay_send_errors, s.tap_write_errors, s.tap_read_errors
+        "io: tap_malformed {}, underlay_send_errors {}, tap_write_errors {}, tap_read_errors {}, underlay_empty {}, underlay_truncated {}",
+        s.tap_malformed,
+        s.underlay_send_errors,
+        s.tap_write_errors,
+        s.tap_read_errors,
+        s.underlay_empty,
+        s.underlay_truncated
+    );
+    let c = &s.control;
+    println!(
+        "control: connections {}, refused_connections {}, requests {}, bad_requests {}, oversized_requests {}, read_timeouts {}, write_timeouts {}",
+        c.connections, c.refused_connections, c.requests, c.bad_requests, c.oversized_requests, c.read_timeouts, c.write_timeouts
     );
     let r = &s.resolver;
     println!(
@@ -154,7 +172,14 @@ pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
         println!(
             "{}",
             print_counters(
-                &format!("vnic {}/{} (vni {}, {})", v.netns, v.name, v.vni, v.ip),
+                &format!(
+                    "vnic {}/{} (vni {}, {}) {}",
+                    v.netns,
+                    v.name,
+                    v.vni,
+                    v.ip,
+                    state_text(v)
+                ),
                 &v.counters
             )
         );
@@ -293,5 +318,29 @@ fn filter_state(vm_uuid: &Option<String>, filtered: bool) -> String {
         (None, _) => "no VM claims its address: unfiltered".to_string(),
         (Some(vm), false) => format!("vm {vm}, firewall off: unfiltered"),
         (Some(vm), true) => format!("vm {vm}, filtered"),
+    }
+}
+
+/// `up`, or `GONE|ORPHANED <n> s ago: <reason>` for a vnic that needs `vnic rm`.
+fn state_text(v: &VnicInfo) -> String {
+    match v.state {
+        VnicState::Up => "up".to_string(),
+        VnicState::Gone | VnicState::Orphaned => {
+            let ago = v.state_since_unix_ms.map_or_else(String::new, |t| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                format!(" {} s ago", now.saturating_sub(t) / 1000)
+            });
+            let label = if v.state == VnicState::Gone {
+                "GONE"
+            } else {
+                "ORPHANED"
+            };
+            format!(
+                "{label}{ago}: {} (run `fabric vnic rm`)",
+                v.state_reason.as_deref().unwrap_or("unknown reason")
+            )
+        }
     }
 }

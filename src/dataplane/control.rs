@@ -3,14 +3,79 @@
 //! Each request is one JSON object on one line, with a `cmd` field; each response is one JSON
 //! object on one line: `{"ok": true, "result": …}` or `{"ok": false, "error": "…"}`. The
 //! `fabric vnic …` and `fabric stats` subcommands are thin clients of this API; so is the agent.
+//!
+//! # Limits
+//!
+//! The socket is local but its clients are not all trusted to be well-behaved (a stuck agent,
+//! a script piping the wrong file), so the daemon bounds what one connection can cost: a
+//! request line is at most [`MAX_REQUEST_BYTES`] (`--control-max-request-bytes`; longer lines
+//! are refused with an error naming the limit and the connection is closed, without buffering
+//! more than the limit), a started request must be complete within
+//! [`REQUEST_READ_TIMEOUT`] (`--control-read-timeout-ms`), an idle connection is closed after
+//! [`IDLE_TIMEOUT`], and at most [`MAX_CONNECTIONS`] connections are served at once
+//! (`--control-max-conns`; the next one gets an error reply and is closed). Each refusal is
+//! counted in [`ControlStats`].
+//!
+//! Parsing is [`parse_request`] (bytes → [`Request`]) and [`VnicAddSpec::validate`], both pure
+//! functions, which the `control_request` fuzz target drives.
 
 use crate::core::CountersSnapshot;
 use crate::firewall::compile::FirewallState;
+use crate::io::IfName;
+use crate::wire::{Mac, Vni};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+/// Longest request line the daemon reads (default of `--control-max-request-bytes`), newline
+/// excluded. The largest legitimate request is `fw_apply` with the whole firewall document:
+/// a VM entry (uuid, owner, two tags, one address) is about 200 bytes of JSON and a rule about
+/// 150, so 4 MiB holds some 10,000 VMs plus 13,000 rules (20,000 such VMs alone are 4.07 MB).
+/// Larger deployments raise the flag. The daemon buffers at most this
+/// much per connection, so with [`MAX_CONNECTIONS`] the control socket's worst case is 64 MiB.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// Most control connections served at once (default of `--control-max-conns`). The CLI uses one
+/// short connection per command and the agent one, so 16 leaves room for an operator's
+/// scripts while bounding buffers (see [`MAX_REQUEST_BYTES`]) and tasks.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Time a client has from the first byte of a request to its newline (default of
+/// `--control-read-timeout-ms`); also the time a reply may take to be written. A local client
+/// writes even a 4 MiB document in milliseconds; 10 s only cuts off a stalled one.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection may sit idle between requests before it is closed, so idle clients
+/// cannot hold the [`MAX_CONNECTIONS`] slots forever.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a request line was refused before any handling.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Longer than the daemon's limit.
+    #[error(
+        "request line longer than {limit} bytes, the control socket's limit \
+         (--control-max-request-bytes); connection closed"
+    )]
+    TooLong {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Not a JSON request object of a known kind.
+    #[error("bad request: {0} (expected one JSON object with a known \"cmd\" on one line)")]
+    Invalid(#[from] serde_json::Error),
+}
+
+/// Parses one request line (without its newline). Pure: the daemon and the fuzz target call it.
+pub fn parse_request(line: &[u8], limit: usize) -> Result<Request, RequestError> {
+    if line.len() > limit {
+        return Err(RequestError::TooLong { limit });
+    }
+    Ok(serde_json::from_slice(line)?)
+}
 
 /// A request to the daemon.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -148,6 +213,218 @@ pub struct VnicAddSpec {
     pub mtu: u32,
 }
 
+/// Why a `vnic_add` spec was refused (before anything was created).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VnicSpecError {
+    /// The VNI does not fit in 24 bits.
+    #[error("vni {0} does not fit in 24 bits (expected 0..=16777215)")]
+    Vni(u32),
+    /// The MAC does not parse.
+    #[error("{0:?} is not a MAC address (expected e.g. 02:00:00:00:00:01)")]
+    MacSyntax(String),
+    /// The MAC is not a unicast address a vnic can own.
+    #[error("MAC {mac} is {why}: a vnic needs a unicast MAC (first octet even, not all zero)")]
+    MacNotUnicast {
+        /// The MAC.
+        mac: Mac,
+        /// `multicast`, `broadcast` or `all zero`.
+        why: &'static str,
+    },
+    /// The address is not `IP/LEN`.
+    #[error("address {0:?} is not IP/LEN (expected e.g. 10.0.0.2/24 or fd00::2/64)")]
+    Cidr(String),
+    /// The prefix length is outside the family's range.
+    #[error("prefix length {len:?} is out of range: expected 1..={max}")]
+    PrefixLen {
+        /// What was given.
+        len: String,
+        /// 32 or 128.
+        max: u8,
+    },
+    /// The address cannot be a vnic's own address.
+    #[error("address {ip}/{prefix_len} is {why}: a vnic needs a unicast host address")]
+    Address {
+        /// The address.
+        ip: IpAddr,
+        /// Its prefix length.
+        prefix_len: u8,
+        /// What it is (e.g. `multicast`, `the network address of its prefix`).
+        why: &'static str,
+    },
+    /// The MTU is outside what the dataplane supports.
+    #[error("mtu {0} is out of range: expected 576..=9000")]
+    Mtu(u32),
+    /// The interface name is not a Linux interface name.
+    #[error("interface name {0:?} is invalid: expected 1-15 bytes without '/', ':' or spaces")]
+    Name(String),
+}
+
+/// A `vnic_add` spec after [`VnicAddSpec::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidVnic {
+    /// Segment.
+    pub vni: Vni,
+    /// A unicast MAC.
+    pub mac: Mac,
+    /// A unicast host address.
+    pub ip: IpAddr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// MTU (576..=9000).
+    pub mtu: u16,
+}
+
+impl VnicAddSpec {
+    /// Checks every field; nothing is created for a spec that fails. Refused: a VNI over 24
+    /// bits; a MAC that is multicast, broadcast or all zero; an address without a prefix
+    /// length or with one outside `1..=32` / `1..=128`; an address that is not a unicast host
+    /// address (see [`check_host_address`]); an MTU outside 576..=9000; a bad interface name.
+    pub fn validate(&self) -> Result<ValidVnic, VnicSpecError> {
+        let vni = Vni::new(self.vni).ok_or(VnicSpecError::Vni(self.vni))?;
+        let mac: Mac = self
+            .mac
+            .parse()
+            .map_err(|_| VnicSpecError::MacSyntax(self.mac.clone()))?;
+        let why = if mac.is_broadcast() {
+            Some("broadcast")
+        } else if mac.is_multicast() {
+            Some("multicast")
+        } else if mac == Mac::ZERO {
+            Some("all zero")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(VnicSpecError::MacNotUnicast { mac, why });
+        }
+        let (ip, prefix_len) = parse_cidr(&self.ip)?;
+        check_host_address(ip, prefix_len)?;
+        let mtu = u16::try_from(self.mtu)
+            .ok()
+            .filter(|m| (576..=9000).contains(m))
+            .ok_or(VnicSpecError::Mtu(self.mtu))?;
+        IfName::new(&self.name).map_err(|_| VnicSpecError::Name(self.name.clone()))?;
+        Ok(ValidVnic {
+            vni,
+            mac,
+            ip,
+            prefix_len,
+            mtu,
+        })
+    }
+}
+
+/// Parses `IP/LEN` with `LEN` in `1..=32` (IPv4) or `1..=128` (IPv6). A /0 would make every
+/// address on-link in the container.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), VnicSpecError> {
+    let (a, l) = s
+        .split_once('/')
+        .ok_or_else(|| VnicSpecError::Cidr(s.to_owned()))?;
+    let ip: IpAddr = a.parse().map_err(|_| VnicSpecError::Cidr(s.to_owned()))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = l
+        .parse::<u8>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| VnicSpecError::PrefixLen {
+            len: l.to_owned(),
+            max,
+        })?;
+    Ok((ip, len))
+}
+
+/// Checks that `ip/prefix_len` can be a vnic's own address.
+///
+/// IPv4 refuses 0.0.0.0/8 ("this network", with the unspecified address), 127/8 (loopback),
+/// 169.254/16 (link-local: the overlay routes it nowhere), 224/4 (multicast), 240/4 (reserved,
+/// with 255.255.255.255), and for prefixes shorter than /31 the prefix's network and broadcast
+/// addresses (a /31 has neither, RFC 3021; a /32 is the host alone).
+///
+/// IPv6 refuses `::`, `::1`, ff00::/8 (multicast), fe80::/10 (link-local: the container's
+/// kernel configures its own, and the overlay maps only routable addresses), ::ffff:0:0/96
+/// (IPv4-mapped: the dataplane treats those as the IPv4 address), and for prefixes shorter
+/// than /127 the all-zero host part (the subnet-router anycast address, RFC 4291; /127 links
+/// use both addresses, RFC 6164).
+pub fn check_host_address(ip: IpAddr, prefix_len: u8) -> Result<(), VnicSpecError> {
+    let refuse = |why| {
+        Err(VnicSpecError::Address {
+            ip,
+            prefix_len,
+            why,
+        })
+    };
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            if a == Ipv4Addr::BROADCAST {
+                return refuse("the broadcast address");
+            }
+            if o[0] == 0 {
+                return refuse("unspecified (0.0.0.0/8, \"this network\")");
+            }
+            if a.is_loopback() {
+                return refuse("loopback (127.0.0.0/8)");
+            }
+            if a.is_link_local() {
+                return refuse("link-local (169.254.0.0/16)");
+            }
+            if a.is_multicast() {
+                return refuse("multicast (224.0.0.0/4)");
+            }
+            if o[0] >= 240 {
+                return refuse("reserved (240.0.0.0/4)");
+            }
+            if prefix_len < 31 {
+                let host = u32::MAX >> prefix_len;
+                let bits = u32::from(a) & host;
+                if bits == 0 {
+                    return refuse("the network address of its prefix");
+                }
+                if bits == host {
+                    return refuse("the broadcast address of its prefix");
+                }
+            }
+        }
+        IpAddr::V6(a) => {
+            if a.is_unspecified() {
+                return refuse("unspecified (::)");
+            }
+            if a.is_loopback() {
+                return refuse("loopback (::1)");
+            }
+            if a.is_multicast() {
+                return refuse("multicast (ff00::/8)");
+            }
+            if a.segments()[0] & 0xffc0 == 0xfe80 {
+                return refuse("link-local (fe80::/10)");
+            }
+            if a.to_ipv4_mapped().is_some() {
+                return refuse("IPv4-mapped (::ffff:0:0/96)");
+            }
+            if prefix_len < 127 && u128::from(a) & (u128::MAX >> prefix_len) == 0 {
+                return refuse("the subnet-router anycast address (host part zero) of its prefix");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Health of a vnic.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VnicState {
+    /// Attached and polled.
+    #[default]
+    Up,
+    /// Its namespace's name was deleted (or now names another namespace) without `vnic rm`,
+    /// but the namespace and the device live on (something still holds them): frames may
+    /// still pass, but nothing can manage the vnic by its namespace name any more.
+    Orphaned,
+    /// Its TAP device disappeared (typically its namespace was deleted without `vnic rm`):
+    /// nothing can pass. It stays listed until `vnic rm`, which cleans it up.
+    Gone,
+}
+
 /// One vnic as listed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VnicInfo {
@@ -165,8 +442,36 @@ pub struct VnicInfo {
     pub mtu: u32,
     /// Offloads the TAP negotiated.
     pub offloads: String,
+    /// Whether it is usable.
+    #[serde(default)]
+    pub state: VnicState,
+    /// Why it is not `up` (e.g. "network namespace c1 was deleted").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// Since when it is not `up`, in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since_unix_ms: Option<u64>,
     /// Counters of frames from and to this vnic.
     pub counters: CountersSnapshot,
+}
+
+/// Counters of the control socket itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ControlStats {
+    /// Connections accepted and served.
+    pub connections: u64,
+    /// Connections refused because [`MAX_CONNECTIONS`] were open.
+    pub refused_connections: u64,
+    /// Requests answered (including refusals of bad requests).
+    pub requests: u64,
+    /// Request lines that were not a valid request.
+    pub bad_requests: u64,
+    /// Request lines over the length limit (connection closed).
+    pub oversized_requests: u64,
+    /// Connections closed because a request did not complete in time, or sat idle too long.
+    pub read_timeouts: u64,
+    /// Replies that could not be written in time (connection closed).
+    pub write_timeouts: u64,
 }
 
 /// The answer to `stats`.
@@ -193,6 +498,15 @@ pub struct Stats {
     /// TAP read errors (device gone); such a vnic is no longer polled.
     #[serde(default)]
     pub tap_read_errors: u64,
+    /// Zero-length datagrams received on the underlay (no VXLAN header: dropped).
+    #[serde(default)]
+    pub underlay_empty: u64,
+    /// Underlay datagrams cut by the kernel because they exceeded the receive slot (dropped).
+    #[serde(default)]
+    pub underlay_truncated: u64,
+    /// The control socket's own counters.
+    #[serde(default)]
+    pub control: ControlStats,
     /// Resolver counters.
     pub resolver: ResolverStats,
     /// Connection tracking (absent until a vnic is filtered).
@@ -249,12 +563,18 @@ pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ControlErro
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push('\n');
-    s.write_all(line.as_bytes())
-        .map_err(|e| ControlError::Protocol(e.to_string()))?;
+    // A daemon that refuses the request (too long) answers and closes before it has read it
+    // all: the write then fails, but its answer is waiting to be read and says why.
+    let written = s.write_all(line.as_bytes());
     let mut reply = String::new();
-    BufReader::new(&s)
-        .read_line(&mut reply)
-        .map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let read = BufReader::new(&s).read_line(&mut reply);
+    if reply.is_empty() {
+        let e = written.err().or(read.err()).map_or_else(
+            || "the daemon closed the connection without an answer".to_string(),
+            |e| e.to_string(),
+        );
+        return Err(ControlError::Protocol(e));
+    }
     let v: serde_json::Value = serde_json::from_str(&reply)
         .map_err(|e| ControlError::Protocol(format!("bad reply {reply:?}: {e}")))?;
     if v.get("ok") == Some(&serde_json::Value::Bool(true)) {
@@ -292,5 +612,133 @@ mod tests {
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"stats","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+
+    fn spec(ip: &str, mac: &str) -> VnicAddSpec {
+        VnicAddSpec {
+            netns: "c1".into(),
+            name: "eth0".into(),
+            vni: 4001,
+            mac: mac.into(),
+            ip: ip.into(),
+            mtu: 1450,
+        }
+    }
+
+    const MAC: &str = "02:00:00:00:00:01";
+
+    #[test]
+    fn vnic_spec_accepts_host_addresses() {
+        for ip in [
+            "10.0.0.2/24",
+            "10.0.0.254/24",
+            "192.168.1.1/32",
+            "10.0.0.0/31",
+            "10.0.0.1/31",
+            "100.64.0.1/10",
+            "fd00::2/64",
+            "2001:db8::1/128",
+            "fd00::/127",
+            "fd00::1/127",
+        ] {
+            let v = spec(ip, MAC)
+                .validate()
+                .unwrap_or_else(|e| panic!("{ip}: {e}"));
+            assert_eq!(format!("{}/{}", v.ip, v.prefix_len), ip);
+            assert_eq!(v.mtu, 1450);
+        }
+    }
+
+    #[test]
+    fn vnic_spec_refuses_non_host_addresses() {
+        for (ip, why) in [
+            ("0.0.0.0/24", "unspecified"),
+            ("0.1.2.3/8", "unspecified"),
+            ("224.0.0.1/24", "multicast"),
+            ("239.1.1.1/32", "multicast"),
+            ("255.255.255.255/32", "broadcast"),
+            ("240.0.0.1/8", "reserved"),
+            ("127.0.0.2/8", "loopback"),
+            ("169.254.1.1/16", "link-local"),
+            ("10.0.0.0/24", "network address"),
+            ("10.0.0.255/24", "broadcast address of its prefix"),
+            ("10.0.3.255/22", "broadcast address of its prefix"),
+            ("::/64", "unspecified"),
+            ("::1/128", "loopback"),
+            ("ff02::1/64", "multicast"),
+            ("fe80::1/64", "link-local"),
+            ("febf::1/64", "link-local"),
+            ("::ffff:10.0.0.1/96", "IPv4-mapped"),
+            ("fd00::/64", "subnet-router anycast"),
+        ] {
+            let e = spec(ip, MAC).validate().expect_err(ip);
+            assert!(matches!(e, VnicSpecError::Address { .. }), "{ip}: {e:?}");
+            let text = e.to_string();
+            assert!(text.contains(why) && text.contains(ip), "{ip}: {text}");
+        }
+    }
+
+    #[test]
+    fn vnic_spec_refuses_bad_prefixes_macs_and_fields() {
+        for ip in [
+            "10.0.0.5/33",
+            "10.0.0.5/0",
+            "fd00::5/129",
+            "fd00::5/0",
+            "10.0.0.5/-1",
+        ] {
+            assert!(
+                matches!(
+                    spec(ip, MAC).validate(),
+                    Err(VnicSpecError::PrefixLen { .. })
+                ),
+                "{ip}"
+            );
+        }
+        for ip in ["10.0.0.5", "10.0.0/24", "", "/24", "x/24"] {
+            assert!(
+                matches!(spec(ip, MAC).validate(), Err(VnicSpecError::Cidr(_))),
+                "{ip}"
+            );
+        }
+        for (mac, why) in [
+            ("ff:ff:ff:ff:ff:ff", "broadcast"),
+            ("01:00:5e:00:00:01", "multicast"),
+            ("33:33:00:00:00:01", "multicast"),
+            ("00:00:00:00:00:00", "all zero"),
+        ] {
+            let e = spec("10.0.0.2/24", mac).validate().expect_err(mac);
+            assert!(
+                matches!(e, VnicSpecError::MacNotUnicast { why: w, .. } if w == why),
+                "{mac}: {e:?}"
+            );
+        }
+        assert!(matches!(
+            spec("10.0.0.2/24", "02:00:00:00:00").validate(),
+            Err(VnicSpecError::MacSyntax(_))
+        ));
+        let mut s = spec("10.0.0.2/24", MAC);
+        s.vni = 1 << 24;
+        assert_eq!(s.validate(), Err(VnicSpecError::Vni(1 << 24)));
+        let mut s = spec("10.0.0.2/24", MAC);
+        s.mtu = 65_536 + 1450;
+        assert_eq!(s.validate(), Err(VnicSpecError::Mtu(65_536 + 1450)));
+        let mut s = spec("10.0.0.2/24", MAC);
+        s.name = "a/b".into();
+        assert!(matches!(s.validate(), Err(VnicSpecError::Name(_))));
+    }
+
+    #[test]
+    fn parse_request_limits_length_before_parsing() {
+        let line = br#"{"cmd":"stats"}"#;
+        assert_eq!(parse_request(line, line.len()).unwrap(), Request::Stats {});
+        assert!(matches!(
+            parse_request(line, line.len() - 1),
+            Err(RequestError::TooLong { limit }) if limit == line.len() - 1
+        ));
+        let e = parse_request(b"{\"cmd\":", 100).unwrap_err();
+        assert!(matches!(e, RequestError::Invalid(_)));
+        assert!(e.to_string().starts_with("bad request"), "{e}");
+        assert!(parse_request(&[0xff, 0xfe], 100).is_err());
     }
 }

@@ -25,8 +25,8 @@
 //! flow against the new set on its next packet.
 
 use super::control::{
-    self, ConntrackInfo, FwApplied, FwListing, FwRuleLine, FwVnicSummary, Request, ResolverStats,
-    Stats, VnicAddSpec, VnicInfo,
+    self, ConntrackInfo, ControlStats, FwApplied, FwListing, FwRuleLine, FwVnicSummary, Request,
+    RequestError, ResolverStats, Stats, VnicAddSpec, VnicInfo, VnicState,
 };
 use crate::core::{
     proxy, Config, Core, Counters, DropReason, FrameBuf, LookupAnswer, LookupError, LookupKey,
@@ -51,8 +51,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 
 /// Arguments of `fabric dataplane`.
@@ -91,6 +91,17 @@ pub struct DataplaneArgs {
     /// open until the state is sent again. A file that does not validate stops the start.
     #[arg(long, value_name = "PATH")]
     pub firewall_state: Option<PathBuf>,
+    /// Longest control request line, in bytes; a longer one is refused with an error and its
+    /// connection closed (the largest request is `fw apply` with the whole firewall document).
+    #[arg(long, value_name = "BYTES", default_value_t = control::MAX_REQUEST_BYTES)]
+    pub control_max_request_bytes: usize,
+    /// Time a control client has to send a whole request line once it started, in
+    /// milliseconds (also the time a reply may take to be written).
+    #[arg(long, value_name = "MS", default_value_t = control::REQUEST_READ_TIMEOUT.as_millis() as u64)]
+    pub control_read_timeout_ms: u64,
+    /// Most control connections served at once; further ones get an error and are closed.
+    #[arg(long, value_name = "N", default_value_t = control::MAX_CONNECTIONS)]
+    pub control_max_conns: usize,
 }
 
 /// What `--firewall-state` holds.
@@ -154,6 +165,23 @@ struct IoCounters {
     underlay_send_errors: u64,
     tap_write_errors: u64,
     garps: u64,
+    /// Zero-length datagrams on the underlay.
+    underlay_empty: u64,
+    /// Datagrams the kernel cut to the receive slot (`MSG_TRUNC`).
+    underlay_truncated: u64,
+}
+
+/// A TAP the worker stopped polling after a read error, and why.
+#[derive(Debug, Clone)]
+struct TapFailure {
+    id: VnicId,
+    since_unix_ms: u64,
+    error: String,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +190,7 @@ struct WorkerStats {
     vnics: Vec<(VnicId, Counters)>,
     io: IoCounters,
     conntrack: Option<(ConntrackStats, usize)>,
+    tap_failures: Vec<TapFailure>,
 }
 
 enum Cmd {
@@ -246,6 +275,8 @@ struct Worker {
     lookups: tokio::sync::mpsc::UnboundedSender<LookupKey>,
     garp_pending: FxHashSet<(Vni, IpAddr)>,
     io: IoCounters,
+    /// TAPs no longer polled after a read error (until `vnic rm`).
+    tap_failures: Vec<TapFailure>,
     peer_port: u16,
     /// TAP read buffer (virtio_net_hdr + up to a 64 KB super-frame).
     rd: Vec<u8>,
@@ -332,6 +363,7 @@ impl Worker {
                 if let Some(tap) = self.taps.get_mut(id.0 as usize).and_then(Option::take) {
                     let _ = self.poller.delete(tap.as_fd());
                 }
+                self.tap_failures.retain(|f| f.id != id);
                 let _ = self.core.remove_vnic(id);
                 let _ = reply.send(());
             }
@@ -394,6 +426,7 @@ impl Worker {
                         .collect(),
                     io: self.io.clone(),
                     conntrack: self.core.conntrack_stats(),
+                    tap_failures: self.tap_failures.clone(),
                 });
             }
             Cmd::Shutdown => return false,
@@ -431,9 +464,16 @@ impl Worker {
                 Err(e) => {
                     // The device is gone or broken (e.g. its namespace was deleted without
                     // `vnic rm`): stop polling it, or level-triggered epoll would spin on the
-                    // error. The vnic stays attached until `vnic rm`.
+                    // error. The vnic stays attached (listed as gone) until `vnic rm`.
                     self.io.tap_read_errors += 1;
                     let _ = self.poller.delete(tap.as_fd());
+                    if !self.tap_failures.iter().any(|f| f.id == id) {
+                        self.tap_failures.push(TapFailure {
+                            id,
+                            since_unix_ms: unix_ms(SystemTime::now()),
+                            error: e.to_string(),
+                        });
+                    }
                     tracing::warn!(vnic = id.0, error = %e, "TAP read failed; vnic no longer polled");
                     break;
                 }
@@ -557,7 +597,13 @@ impl Worker {
         let mut co = TcpCoalescer::new(&mut sup[..]);
         let mut pending_for: Option<VnicId> = None;
         for (s, m) in meta[..got].iter().enumerate() {
-            if m.truncated || m.len == 0 {
+            // Neither can hold a VXLAN frame; count them so a flood of them is visible.
+            if m.truncated {
+                io.underlay_truncated += 1;
+                continue;
+            }
+            if m.len == 0 {
+                io.underlay_empty += 1;
                 continue;
             }
             let slot = &mut big[s * RECV_SLOT..s * RECV_SLOT + m.len];
@@ -793,8 +839,25 @@ struct VnicEntry {
     /// The compiled rule set (also when unfiltered, for `fw ls`); its hit counters are shared
     /// with the worker's copy.
     rules: Option<Arc<VnicRuleSet>>,
+    /// Identity (st_dev, st_ino) of the namespace the TAP was moved into, to notice when the
+    /// name is deleted or reused for another namespace.
+    ns_id: (u64, u64),
+    /// Not up: the state, why, and since when (Unix ms); `None`: up.
+    gone: Option<(VnicState, String, u64)>,
     _tap: Arc<Tap>,
 }
+
+/// The identity of the namespace `/run/netns/NAME` names now (`None`: no such namespace).
+fn netns_id(name: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = Netns::open(name).ok()?;
+    let f = std::fs::File::from(ns.as_fd().try_clone_to_owned().ok()?);
+    let m = f.metadata().ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// How often the daemon checks that each vnic's namespace still exists.
+const NETNS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The firewall input as last accepted, compiled.
 #[derive(Default)]
@@ -837,22 +900,34 @@ struct Daemon {
     underlay: Arc<Underlay>,
     /// `--firewall-state`.
     fw_path: Option<PathBuf>,
+    control: ControlCounters,
 }
 
-fn parse_cidr(s: &str) -> anyhow::Result<(IpAddr, u8)> {
-    let (a, l) = s
-        .split_once('/')
-        .ok_or_else(|| anyhow!("address {s:?} needs a prefix length, e.g. 10.0.0.2/24"))?;
-    let ip: IpAddr = a
-        .parse()
-        .map_err(|_| anyhow!("{a:?} is not an IP address"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = l
-        .parse()
-        .ok()
-        .filter(|n| *n <= max)
-        .ok_or_else(|| anyhow!("prefix length {l:?} is not in 0..={max}"))?;
-    Ok((ip, len))
+/// Counters of the control socket (see [`ControlStats`]).
+#[derive(Debug, Default)]
+struct ControlCounters {
+    connections: AtomicU64,
+    refused_connections: AtomicU64,
+    requests: AtomicU64,
+    bad_requests: AtomicU64,
+    oversized_requests: AtomicU64,
+    read_timeouts: AtomicU64,
+    write_timeouts: AtomicU64,
+}
+
+impl ControlCounters {
+    fn snapshot(&self) -> ControlStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ControlStats {
+            connections: g(&self.connections),
+            refused_connections: g(&self.refused_connections),
+            requests: g(&self.requests),
+            bad_requests: g(&self.bad_requests),
+            oversized_requests: g(&self.oversized_requests),
+            read_timeouts: g(&self.read_timeouts),
+            write_timeouts: g(&self.write_timeouts),
+        }
+    }
 }
 
 impl Daemon {
@@ -884,22 +959,27 @@ impl Daemon {
     }
 
     async fn vnic_add(&self, spec: VnicAddSpec) -> anyhow::Result<VnicInfo> {
-        let vni = Vni::new(spec.vni)
-            .ok_or_else(|| anyhow!("vni {} does not fit in 24 bits", spec.vni))?;
-        let mac: Mac = spec.mac.parse()?;
-        let (ip, prefix_len) = parse_cidr(&spec.ip)?;
-        if !(576..=9000).contains(&spec.mtu) {
-            bail!("mtu {} is out of range: expected 576..=9000", spec.mtu);
-        }
+        let control::ValidVnic {
+            vni,
+            mac,
+            ip,
+            prefix_len,
+            mtu,
+        } = spec.validate()?;
         let key = (spec.netns.clone(), spec.name.clone());
         let mut vnics = self.vnics.lock().await;
         if vnics.contains_key(&key) {
             bail!("vnic {} already exists in netns {}", spec.name, spec.netns);
         }
-        let (ns_name, if_name, mtu) = (spec.netns.clone(), spec.name.clone(), spec.mtu);
-        let tap = tokio::task::spawn_blocking(move || -> anyhow::Result<Tap> {
+        let (ns_name, if_name) = (spec.netns.clone(), spec.name.clone());
+        let (tap, ns_id) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let ns =
                 Netns::open(&ns_name).with_context(|| format!("network namespace {ns_name:?}"))?;
+            let ns_id = {
+                use std::os::unix::fs::MetadataExt as _;
+                let m = std::fs::File::from(ns.as_fd().try_clone_to_owned()?).metadata()?;
+                (m.dev(), m.ino())
+            };
             let tap = netlink::setup_vnic(
                 &ns,
                 &VnicSpec {
@@ -907,12 +987,12 @@ impl Daemon {
                     mac: mac.0,
                     addr: ip,
                     prefix_len,
-                    mtu,
+                    mtu: u32::from(mtu),
                     gateway: None,
                     txqueuelen: 5000,
                 },
             )?;
-            Ok(tap)
+            Ok((tap, ns_id))
         })
         .await??;
         let offloads = format!("{:?}", tap.offloads());
@@ -928,7 +1008,7 @@ impl Daemon {
                 IpAddr::V6(a) => vec![a],
                 IpAddr::V4(_) => vec![],
             },
-            mtu: mtu as u16,
+            mtu,
         };
         // Hold the firewall state across the add so a concurrent `fw apply` cannot miss it.
         let fw = self.fw.lock().await;
@@ -951,6 +1031,8 @@ impl Daemon {
                 ip,
                 offloads: offloads.clone(),
                 rules,
+                ns_id,
+                gone: None,
                 _tap: tap,
             },
         );
@@ -962,6 +1044,9 @@ impl Daemon {
             ip: spec.ip,
             mtu: spec.mtu,
             offloads,
+            state: VnicState::Up,
+            state_reason: None,
+            state_since_unix_ms: None,
             counters: Counters::default().snapshot(),
         })
     }
@@ -1085,7 +1170,19 @@ impl Daemon {
         let (tx, rx) = oneshot::channel();
         self.worker.send(Cmd::Stats { reply: tx });
         let w = rx.await.context("dataplane worker thread gone")?;
-        let vnics = self.vnics.lock().await;
+        let mut vnics = self.vnics.lock().await;
+        for v in vnics.values_mut() {
+            if matches!(v.gone, Some((VnicState::Gone, ..))) {
+                continue;
+            }
+            if let Some(f) = w.tap_failures.iter().find(|f| f.id == v.id) {
+                v.gone = Some((
+                    VnicState::Gone,
+                    format!("TAP read failed ({}); no longer polled", f.error),
+                    f.since_unix_ms,
+                ));
+            }
+        }
         let list = vnics
             .values()
             .map(|v| {
@@ -1103,6 +1200,9 @@ impl Daemon {
                     ip: v.spec.ip.clone(),
                     mtu: v.spec.mtu,
                     offloads: v.offloads.clone(),
+                    state: v.gone.as_ref().map_or(VnicState::Up, |g| g.0),
+                    state_reason: v.gone.as_ref().map(|g| g.1.clone()),
+                    state_since_unix_ms: v.gone.as_ref().map(|g| g.2),
                     counters: c.snapshot(),
                 }
             })
@@ -1119,6 +1219,9 @@ impl Daemon {
             underlay_send_errors: w.io.underlay_send_errors,
             tap_write_errors: w.io.tap_write_errors,
             tap_read_errors: w.io.tap_read_errors,
+            underlay_empty: w.io.underlay_empty,
+            underlay_truncated: w.io.underlay_truncated,
+            control: self.control.snapshot(),
             resolver: ResolverStats {
                 lookups: r.lookups.load(Ordering::Relaxed),
                 not_found: r.not_found.load(Ordering::Relaxed),
@@ -1137,21 +1240,201 @@ impl Daemon {
     }
 }
 
-async fn serve_conn(d: Arc<Daemon>, s: tokio::net::UnixStream) {
-    let (r, mut w) = s.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match d.handle(req).await {
-                Ok(v) => serde_json::json!({"ok": true, "result": v}),
-                Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
-            },
-            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+/// Limits of the control socket (from the command line).
+#[derive(Debug, Clone, Copy)]
+struct ControlLimits {
+    max_request_bytes: usize,
+    read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// What [`read_request_line`] got.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line (without its newline) is in the buffer; also a last line without a newline.
+    Line,
+    /// The client closed the connection between requests.
+    Eof,
+    /// The line exceeds the limit; the buffer holds at most the limit.
+    TooLong,
+}
+
+/// Reads one line into `buf` (cleared first), never holding more than `max` bytes of it.
+async fn read_request_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    buf.clear();
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok(if buf.is_empty() {
+                LineRead::Eof
+            } else {
+                LineRead::Line
+            });
+        }
+        let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (avail.len(), false),
         };
-        let mut out = reply.to_string();
-        out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() {
+        if buf.len() + take > max {
+            return Ok(LineRead::TooLong);
+        }
+        buf.extend_from_slice(&avail[..take]);
+        r.consume(take + usize::from(done));
+        if done {
+            return Ok(LineRead::Line);
+        }
+    }
+}
+
+/// Serves one control connection: one request line, one reply line, until the client closes
+/// or breaks a limit (see [`ControlLimits`]).
+async fn serve_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, limits: ControlLimits) {
+    let c = &d.control;
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        // Idle between requests: wait for the first byte, then the whole line must follow in
+        // `read_timeout` (a stalled partial line cannot hold a connection slot).
+        match tokio::time::timeout(limits.idle_timeout, r.fill_buf()).await {
+            Ok(Ok([])) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                c.read_timeouts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let got = tokio::time::timeout(
+            limits.read_timeout,
+            read_request_line(&mut r, &mut line, limits.max_request_bytes),
+        )
+        .await;
+        let parsed = match got {
+            Err(_) => {
+                c.read_timeouts.fetch_add(1, Ordering::Relaxed);
+                let e = format!(
+                    "request not complete within {} ms (--control-read-timeout-ms); connection closed",
+                    limits.read_timeout.as_millis()
+                );
+                let _ = write_reply(c, &mut w, &error_reply(&e), limits.read_timeout).await;
+                return;
+            }
+            Ok(Err(_)) | Ok(Ok(LineRead::Eof)) => return,
+            Ok(Ok(LineRead::TooLong)) => Err(RequestError::TooLong {
+                limit: limits.max_request_bytes,
+            }),
+            Ok(Ok(LineRead::Line)) => control::parse_request(&line, limits.max_request_bytes),
+        };
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        let (reply, close) = match parsed {
+            Ok(req) => match d.handle(req).await {
+                Ok(v) => (serde_json::json!({"ok": true, "result": v}), false),
+                Err(e) => (error_reply(&format!("{e:#}")), false),
+            },
+            Err(e @ RequestError::TooLong { .. }) => {
+                c.oversized_requests.fetch_add(1, Ordering::Relaxed);
+                (error_reply(&e.to_string()), true)
+            }
+            Err(e @ RequestError::Invalid(_)) => {
+                c.bad_requests.fetch_add(1, Ordering::Relaxed);
+                (error_reply(&e.to_string()), false)
+            }
+        };
+        // Do not keep a large request's buffer for the connection's lifetime.
+        if line.capacity() > 64 * 1024 {
+            line = Vec::new();
+        }
+        if !write_reply(c, &mut w, &reply, limits.read_timeout).await || close {
             return;
+        }
+    }
+}
+
+fn error_reply(e: &str) -> serde_json::Value {
+    serde_json::json!({"ok": false, "error": e})
+}
+
+/// Writes one reply line; false when the connection is unusable (error or timeout).
+async fn write_reply(
+    c: &ControlCounters,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &serde_json::Value,
+    timeout: Duration,
+) -> bool {
+    let mut out = reply.to_string();
+    out.push('\n');
+    match tokio::time::timeout(timeout, w.write_all(out.as_bytes())).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            c.write_timeouts.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// Refuses a connection over the cap: an error line if the socket takes it at once, then close.
+fn refuse_conn(s: tokio::net::UnixStream, max: usize) {
+    let mut out = error_reply(&format!(
+        "too many control connections: {max} are open (--control-max-conns); try again"
+    ))
+    .to_string();
+    out.push('\n');
+    let _ = s.try_write(out.as_bytes());
+}
+
+/// Marks vnics whose namespace name was deleted (or now names another namespace) as orphaned;
+/// if the namespace itself went away, the TAP fails too and the worker's report makes it gone.
+async fn watch_namespaces(d: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(NETNS_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let names: Vec<((String, String), (u64, u64))> = {
+            let vnics = d.vnics.lock().await;
+            vnics
+                .iter()
+                .filter(|(_, v)| v.gone.is_none())
+                .map(|(k, v)| (k.clone(), v.ns_id))
+                .collect()
+        };
+        if names.is_empty() {
+            continue;
+        }
+        let checked = tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .filter_map(|(k, id)| {
+                    let why = match netns_id(&k.0) {
+                        None => "was deleted",
+                        Some(now) if now != id => "now names another namespace",
+                        Some(_) => return None,
+                    };
+                    Some((k, why))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let Ok(gone) = checked else { continue };
+        if gone.is_empty() {
+            continue;
+        }
+        let now = unix_ms(SystemTime::now());
+        let mut vnics = d.vnics.lock().await;
+        for (k, why) in gone {
+            if let Some(v) = vnics.get_mut(&k).filter(|v| v.gone.is_none()) {
+                tracing::warn!(netns = %k.0, vnic = %k.1, "vnic's network namespace {why}; listed as orphaned until `vnic rm`");
+                v.gone = Some((
+                    VnicState::Orphaned,
+                    format!("network namespace {} {why}", k.0),
+                    now,
+                ));
+            }
         }
     }
 }
@@ -1226,6 +1509,7 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         lookups: lookup_tx,
         garp_pending: FxHashSet::default(),
         io: IoCounters::default(),
+        tap_failures: Vec::new(),
         peer_port: args.peer_port,
         rd: vec![0u8; VIRTIO_NET_HDR_LEN + 65_550],
         seg: vec![0u8; 128 * 1024 + 64 * 64],
@@ -1246,7 +1530,17 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         cn_uuid: args.cn_uuid.clone(),
         underlay: underlay.clone(),
         fw_path: args.firewall_state.clone(),
+        control: ControlCounters::default(),
     });
+    if args.control_max_request_bytes == 0 || args.control_max_conns == 0 {
+        bail!("--control-max-request-bytes and --control-max-conns must be at least 1");
+    }
+    let limits = ControlLimits {
+        max_request_bytes: args.control_max_request_bytes,
+        read_timeout: Duration::from_millis(args.control_read_timeout_ms.max(1)),
+        idle_timeout: control::IDLE_TIMEOUT,
+    };
+    let conns = Arc::new(tokio::sync::Semaphore::new(args.control_max_conns));
     let control_path = args.control.clone();
     let result = rt.block_on(async {
         let mut cc = portolan::client::ClientConfig::new(portolan);
@@ -1293,11 +1587,25 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             control_path.display()
         );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(watch_namespaces(daemon.clone()));
         loop {
             tokio::select! {
                 a = listener.accept() => {
                     if let Ok((s, _)) = a {
-                        tokio::spawn(serve_conn(daemon.clone(), s));
+                        match conns.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                daemon.control.connections.fetch_add(1, Ordering::Relaxed);
+                                let d = daemon.clone();
+                                tokio::spawn(async move {
+                                    serve_conn(d, s, limits).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => {
+                                daemon.control.refused_connections.fetch_add(1, Ordering::Relaxed);
+                                refuse_conn(s, args.control_max_conns);
+                            }
+                        }
                     }
                 }
                 _ = term.recv() => break,
