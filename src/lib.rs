@@ -9,6 +9,7 @@ pub mod control;
 pub mod core;
 pub mod dataplane;
 pub mod firewall;
+pub mod http;
 pub mod io;
 pub mod resolver;
 pub mod wire;

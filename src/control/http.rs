@@ -302,7 +302,8 @@ pub fn router(app: Arc<App>) -> Router {
     r.fallback(fallback).with_state(app)
 }
 
-/// Serves until `shutdown` completes.
+/// Serves until `shutdown` completes, through the shared HTTP layer ([`crate::http`]) with
+/// `cfg.http`'s limits; its connection counters show on `/metrics`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Store>,
@@ -310,14 +311,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let sqlite = store.describe().starts_with("sqlite:");
+    let limits = cfg.http.clone();
     let app = Arc::new(App {
         store,
         cfg,
         metrics: Metrics::default(),
         sqlite_writers: sqlite.then(|| std::sync::Mutex::new(())),
     });
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
+    let stats = app.metrics.http.clone();
+    crate::http::Server::new(limits)
+        .with_stats(stats)
+        .serve(listener, router(app), shutdown)
         .await
 }
 

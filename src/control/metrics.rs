@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the store latency histogram.
@@ -22,6 +22,8 @@ struct Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     store: Mutex<BTreeMap<&'static str, Histogram>>,
+    /// Connection counters of the HTTP serving layer.
+    pub http: Arc<crate::http::Stats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -94,6 +96,7 @@ impl Metrics {
                 h.count
             );
         }
+        self.http.render("fabric_control_http", &mut out);
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");
@@ -126,5 +129,8 @@ mod tests {
         assert!(t.contains("fabric_control_store_seconds_bucket{kind=\"write\",le=\"0.005\"} 1"));
         assert!(t.contains("fabric_control_store_seconds_bucket{kind=\"write\",le=\"0.001\"} 0"));
         assert!(t.contains("fabric_control_nics 7"));
+        assert!(
+            t.contains("fabric_control_http_connections_closed_total{reason=\"header_timeout\"} 0")
+        );
     }
 }

@@ -61,6 +61,8 @@ pub struct Config {
     pub admin_uuid: String,
     /// OUI (24 bits) of generated MACs.
     pub mac_oui: u32,
+    /// Limits of the HTTP serving layer (timeouts, connection and body caps).
+    pub http: crate::http::Limits,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             fabrics_enabled: true,
             admin_uuid: "aaaaaaaa-aaaa-aaaa-aaaa-000000000000".into(),
             mac_oui: 0x90b8d0,
+            http: crate::http::Limits::default(),
         }
     }
 }
@@ -106,6 +109,25 @@ pub struct ControlArgs {
     /// OUI of generated MAC addresses, 6 hex digits (must be unicast).
     #[arg(long, default_value = "90b8d0")]
     pub mac_oui: String,
+    /// Seconds a client has to send a request head (from connect, and from the first byte of
+    /// each later head); slower connections are closed.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub http_header_timeout: f64,
+    /// Seconds a keep-alive connection may sit idle between requests before it is closed
+    /// (never while a response is produced or streamed).
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub http_idle_timeout: f64,
+    /// Open HTTP connections at most, all clients together (lowered to fit RLIMIT_NOFILE);
+    /// at the cap, a new client takes the slot of the oldest idle connection of the client
+    /// holding the most.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub http_max_connections: usize,
+    /// Open HTTP connections at most from one client address (IPv4 address or IPv6 /64).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub http_max_connections_per_source: usize,
+    /// Largest request body in bytes; larger ones are answered 413.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    pub http_max_body: usize,
     /// Measure NIC provisions per second instead of serving.
     #[command(subcommand)]
     pub cmd: Option<ControlCmd>,
@@ -136,6 +158,21 @@ impl ControlArgs {
         if !(576..=9000).contains(&self.overlay_mtu) {
             anyhow::bail!("--overlay-mtu {}: expected 576..=9000", self.overlay_mtu);
         }
+        let secs = |flag: &str, v: f64| -> anyhow::Result<std::time::Duration> {
+            std::time::Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("{flag} {v}: expected a positive number of seconds"))
+        };
+        let http = crate::http::Limits {
+            header_read_timeout: secs("--http-header-timeout", self.http_header_timeout)?,
+            idle_timeout: secs("--http-idle-timeout", self.http_idle_timeout)?,
+            max_connections: self.http_max_connections,
+            max_connections_per_source: self.http_max_connections_per_source,
+            max_body_bytes: self.http_max_body,
+            ..crate::http::Limits::default()
+        };
+        http.validate().context("HTTP limits")?;
         Ok(Config {
             overlay_nic_tag: self.overlay_nic_tag.clone(),
             underlay_nic_tag: self.underlay_nic_tag.clone(),
@@ -143,6 +180,7 @@ impl ControlArgs {
             fabrics_enabled: !self.no_fabrics,
             admin_uuid: admin,
             mac_oui: oui,
+            http,
         })
     }
 }
@@ -159,6 +197,11 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         return rt.block_on(bench::run(b.clone(), cfg));
     }
     let cfg = args.config()?;
+    // A daemon: as many descriptors as allowed (the HTTP layer sizes its cap from them).
+    match crate::io::rlimit::raise_nofile() {
+        Ok(n) => tracing::debug!(nofile = n, "RLIMIT_NOFILE raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     rt.block_on(async move {
         let store = open_store(&args.store, &cfg).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
