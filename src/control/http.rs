@@ -41,8 +41,10 @@ enum Reply {
     Text(String),
 }
 
-type ReadOp = Box<dyn FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Reply, OpError> + Send>;
-type WriteOp = Box<dyn FnOnce(&mut dyn Txn, &App, &mut Params) -> Result<Reply, OpError> + Send>;
+type ReadOp = Box<dyn Fn(&mut Db<'_>, &App, &mut Params) -> Result<Reply, OpError> + Send>;
+/// A write runs again (on fresh parameters) when PostgreSQL aborts it for a deadlock or a
+/// serialization failure, so it is `Fn`.
+type WriteOp = Box<dyn Fn(&mut dyn Txn, &App, &mut Params) -> Result<Reply, OpError> + Send>;
 
 enum Op {
     Read(ReadOp),
@@ -54,21 +56,21 @@ enum Op {
 
 fn read<F>(f: F) -> Op
 where
-    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+    F: Fn(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
 {
     Op::Read(Box::new(move |d, a, p| f(d, a, p).map(Reply::Json)))
 }
 
 fn write<F>(f: F) -> Op
 where
-    F: FnOnce(&mut dyn Txn, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+    F: Fn(&mut dyn Txn, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
 {
     Op::Write(Box::new(move |t, a, p| f(t, a, p).map(Reply::Json)))
 }
 
 fn write_db<F>(f: F) -> Op
 where
-    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+    F: Fn(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
 {
     Op::Write(Box::new(move |t, a, p| {
         f(&mut Db::from(t.raw()), a, p).map(Reply::Json)
@@ -77,7 +79,7 @@ where
 
 fn delete_db<F>(f: F) -> Op
 where
-    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<(), OpError> + Send + 'static,
+    F: Fn(&mut Db<'_>, &App, &mut Params) -> Result<(), OpError> + Send + 'static,
 {
     Op::Write(Box::new(move |t, a, p| {
         f(&mut Db::from(t.raw()), a, p).map(|()| Reply::NoContent)
@@ -420,7 +422,7 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                     .sqlite_writers
                     .as_ref()
                     .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
-                store::with_txn(&*a.store, |tx| f(tx, &a, &mut params))
+                run_write(&a, &f, &params)
             }
             Op::Metrics => {
                 let counts =
@@ -455,6 +457,33 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
         Err(e) => {
             tracing::error!(error = %e, "control plane operation panicked");
             Err(ApiError::internal())
+        }
+    }
+}
+
+/// Attempts of one write transaction when PostgreSQL aborts it for a deadlock or a
+/// serialization failure (the locks of every write path are taken in one order, so this is
+/// rare: two pool provisions or two primary-NIC changes meeting in opposite orders).
+pub const WRITE_ATTEMPTS: u32 = 5;
+
+/// Runs a write in one store transaction, again (from the same parameters) while the database
+/// aborts it with a retryable error; counts the retries.
+fn run_write(a: &App, f: &WriteOp, params: &Params) -> Result<Reply, OpError> {
+    let mut attempt = 1;
+    loop {
+        let mut p = params.clone();
+        match store::with_txn(&*a.store, |tx| f(tx, a, &mut p)) {
+            Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {
+                a.metrics.txn_retry();
+                tracing::debug!(attempt, error = %e, "write transaction aborted; retrying");
+                // 1, 2, 4, 8 ms plus jitter: the other transaction is usually done by then.
+                let jitter = u64::from(super::now_us().unsigned_abs() as u32 % 1000);
+                std::thread::sleep(std::time::Duration::from_micros(
+                    (1000 << (attempt - 1)) + jitter,
+                ));
+                attempt += 1;
+            }
+            r => return r,
         }
     }
 }

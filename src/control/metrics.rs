@@ -22,6 +22,7 @@ struct Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     store: Mutex<BTreeMap<&'static str, Histogram>>,
+    txn_retries: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -49,6 +50,12 @@ impl Metrics {
         }
         h.count += 1;
         h.sum += s;
+    }
+
+    /// Counts one write transaction run again after a deadlock or serialization failure.
+    pub fn txn_retry(&self) {
+        self.txn_retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Prometheus text; `gauges` are (name, help, value) read from the store at scrape time.
@@ -94,6 +101,16 @@ impl Metrics {
                 h.count
             );
         }
+        out.push_str(
+            "# HELP fabric_control_txn_retries_total Write transactions run again after a \
+             deadlock or serialization failure.\n",
+        );
+        out.push_str("# TYPE fabric_control_txn_retries_total counter\n");
+        let _ = writeln!(
+            out,
+            "fabric_control_txn_retries_total {}",
+            self.txn_retries.load(std::sync::atomic::Ordering::Relaxed)
+        );
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");
