@@ -1626,20 +1626,23 @@ async fn create_network_reports_per_field_checks_first() {
     assert_eq!(ok(&mut c, "GET", "/networks", None).await, json!([]));
 }
 
-/// Hardening of inputs: bounded list filters, host addresses only, fabric prefixes, names.
+/// The (field, message) of the first entry of a 422 InvalidParameters answer.
+fn field_of(r: &HttpResponse) -> (String, String) {
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let b = r.json();
+    assert_eq!(b["code"], "InvalidParameters", "{b}");
+    (
+        b["errors"][0]["field"].as_str().unwrap_or("").to_string(),
+        b["errors"][0]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// A list filter with thousands of values is 422 naming the field (40 000 `owner_uuid`s made
+/// SQLite fail with 500 "too many SQL variables" and logged the whole statement).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_inputs_are_refused() {
+async fn list_filters_are_bounded() {
     let s = Svc::start().await;
     let mut c = s.client();
-    let field_of = |r: &HttpResponse| {
-        assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
-        let b = r.json();
-        assert_eq!(b["code"], "InvalidParameters", "{b}");
-        (
-            b["errors"][0]["field"].as_str().unwrap_or("").to_string(),
-            b["errors"][0]["message"].as_str().unwrap_or("").to_string(),
-        )
-    };
 
     // A list filter of 2 000 values: 422 naming the field (not a statement with 2 000 bound
     // values; 40 000 made SQLite fail with 500 "too many SQL variables").
@@ -1667,8 +1670,13 @@ async fn hostile_inputs_are_refused() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
 
-    // Fabric networks of one or two addresses are refused; a /30 is fine.
+/// Fabric networks of one or two addresses are refused; a /30 is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fabric_networks_need_room_for_hosts() {
+    let s = Svc::start().await;
+    let mut c = s.client();
     ok(
         &mut c,
         "POST",
@@ -1688,11 +1696,16 @@ async fn hostile_inputs_are_refused() {
         assert_eq!(f, "subnet");
         assert!(m.contains("at most 30"), "{m}");
     }
+    fabric_net(&mut c, OWNER, 5, "10.9.2.0/30", json!({})).await;
+}
+
+/// No NIC, reservation or provision range on a network's own address (nor its broadcast).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_host_on_the_network_address() {
+    let s = Svc::start().await;
+    let mut c = s.client();
     let net = fabric_net(&mut c, OWNER, 5, "10.9.1.0/24", json!({})).await;
     let nu = net["uuid"].as_str().unwrap().to_string();
-    fabric_net(&mut c, OWNER, 5, "10.9.2.0/30", json!({})).await;
-
-    // No NIC on the network's own address (nor its broadcast).
     for (ip, what) in [("10.9.1.0", "network"), ("10.9.1.255", "broadcast")] {
         let mut body = zone(VM1, CN1);
         body["ip"] = json!(ip);
@@ -1746,7 +1759,31 @@ async fn hostile_inputs_are_refused() {
     .await;
     assert_eq!(field_of(&r).0, "provision_start_ip");
 
-    // Names with NUL, other control characters or bidi overrides.
+    assert_eq!(
+        ok(&mut c, "GET", "/nics", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// Names with NUL, other control characters or bidi overrides are refused per field, and NUL
+/// in any other string is a 422, never a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_without_control_or_bidi_characters() {
+    let s = Svc::start().await;
+    let mut c = s.client();
+    ok(
+        &mut c,
+        "POST",
+        "/nic_tags",
+        Some(json!({"name": "external"})),
+    )
+    .await;
+    let net = fabric_net(&mut c, OWNER, 5, "10.9.1.0/24", json!({})).await;
+    let nu = net["uuid"].as_str().unwrap().to_string();
     for bad in [
         "a\u{0}b",
         "evil\u{202e}gpj.exe",
@@ -1796,21 +1833,16 @@ async fn hostile_inputs_are_refused() {
     body["model"] = json!("vir\u{0}tio");
     let r = call(&mut c, "POST", &format!("/networks/{nu}/nics"), Some(body)).await;
     assert_eq!(field_of(&r).0, "model");
-    // Nothing above changed state: one NIC, the three networks.
-    assert_eq!(
-        ok(&mut c, "GET", "/nics", None)
-            .await
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
-    assert_eq!(
-        ok(&mut c, "GET", "/networks", None)
-            .await
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    // Nothing above changed state: no NIC, no VLAN 6, one network.
+    assert_eq!(ok(&mut c, "GET", "/nics", None).await, json!([]));
+    expect_status(
+        &mut c,
+        "GET",
+        &format!("/fabrics/{OWNER}/vlans/6"),
+        None,
+        404,
+    )
+    .await;
+    let nets = ok(&mut c, "GET", "/networks", None).await;
+    assert_eq!(nets.as_array().unwrap().len(), 1);
 }
