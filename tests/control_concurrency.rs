@@ -1,7 +1,8 @@
 //! The control plane's write transactions under concurrency on a real PostgreSQL: two
 //! `fabric control` services over one database, and rounds of racing requests:
 //! (a) 8 concurrent `PUT /nics/:mac {ip}` then `DELETE`, (b) a `PUT {ip}` racing a `DELETE`,
-//! (c) a NIC provision racing the delete of its network. After every round the invariants are
+//! (c) a NIC provision racing the delete of its network, (d) 4 `PUT`s with one `If-Match`
+//! etag (exactly one may apply). After every round the invariants are
 //! checked directly in the database: one IP record per held address and it is the NIC's, no IP
 //! held by a missing NIC, no NIC on a missing network, no IP records of a missing network,
 //! Portolan's live overlay mappings exactly the live fabric NICs, and DELETE 204 ⇒ GET 404 (for
@@ -411,6 +412,56 @@ async fn run_rounds(a: SocketAddr, b: SocketAddr, url: String) -> BTreeMap<Strin
             }
             let _ = req(a, "DELETE", &format!("/networks/{n2u}"), None).await;
         }
+        // (d) conditional updates racing: 4 PUTs with the same If-Match etag; exactly one
+        // may apply, the others see the changed NIC (412).
+        let nic = ok(
+            a,
+            "POST",
+            &format!("/networks/{nu}/nics"),
+            Some(new_nic(300 + round)),
+        )
+        .await;
+        let mac = nic["mac"].as_str().unwrap().to_string();
+        let g = req(b, "GET", &format!("/nics/{mac}"), None).await;
+        let etag = g.header("etag").unwrap().to_string();
+        let mut tasks = Vec::new();
+        for k in 0..4usize {
+            let (addr, path, etag) = (addrs[k % 2], format!("/nics/{mac}"), etag.clone());
+            let body = json!({"ip": format!("10.77.0.{}", 150 + k)}).to_string();
+            tasks.push(tokio::spawn(async move {
+                let mut c = HttpClient::new(addr);
+                let headers = [("content-type", "application/json"), ("if-match", &etag)];
+                c.request_with("PUT", &path, &headers, body.as_bytes())
+                    .await
+                    .unwrap()
+                    .status
+            }));
+        }
+        let mut applied = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                200 => applied += 1,
+                412 => {}
+                other => panic!("(d) round {round}: conditional PUT answered {other}"),
+            }
+        }
+        if applied != 1 {
+            eprintln!("(d) round {round}: {applied} of 4 PUTs with one If-Match applied");
+            *found
+                .entry("conditional PUTs applied on one etag (should be 1)".into())
+                .or_default() += applied;
+        }
+        let r = req(b, "DELETE", &format!("/nics/{mac}"), None).await;
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        deleted_macs.insert(mac_of(&nic));
+        check(
+            &url,
+            &deleted_macs,
+            &mut found,
+            format!("(d) round {round}"),
+        )
+        .await;
+
         // DELETE 204 ⇒ GET 404, for every MAC ever deleted.
         for m in &deleted_macs {
             let hex = format!("{m:012x}");

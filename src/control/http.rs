@@ -356,7 +356,8 @@ async fn handle(
             let mut op = route(&method, &pattern, path.clone());
             if let (Some(im), true) = (if_match, method == Method::PUT || method == Method::DELETE)
             {
-                op = conditional(op, route(&Method::GET, &pattern, path), im);
+                let get = route(&Method::GET, &pattern, path.clone());
+                op = conditional(op, get, im, pattern.clone(), path);
             }
             run(&app, op, params).await
         }
@@ -373,9 +374,12 @@ async fn handle(
 /// `If-Match` on a per-object PUT or DELETE (restify's `conditionalRequest`): inside the write
 /// transaction, the object's current representation must have one of the given etags (or the
 /// header is `*`), else 412 and nothing changes.
-fn conditional(op: Op, get: Op, if_match: String) -> Op {
+/// The object's current representation is read under the locks the write takes first (see
+/// [`lock_object`]), so two writers with one etag cannot both match.
+fn conditional(op: Op, get: Op, if_match: String, pattern: String, path: Vec<String>) -> Op {
     match (op, get) {
         (Op::Write(w), Op::Read(g)) => Op::Write(Box::new(move |tx, a, p| {
+            lock_object(&mut Db::from(tx.raw()), &pattern, &path)?;
             let cur = g(&mut Db::from(tx.raw()), a, &mut Params::default())?;
             if let Reply::Json(v) = cur {
                 let etag = etag_of(&serde_json::to_vec(&v)?);
@@ -459,6 +463,50 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
             Err(ApiError::internal())
         }
     }
+}
+
+/// Takes the locks a per-object write on `pattern` starts with, in the order of db.rs (the
+/// write takes them again, which is free), so what is read before the write stays true.
+fn lock_object(d: &mut Db<'_>, pattern: &str, path: &[String]) -> Result<(), OpError> {
+    use super::db::{lock_key, lock_nic, LOCK_GLOBAL, LOCK_OWNER, LOCK_RULE};
+    let arg = |i: usize| path.get(i).map(String::as_str).unwrap_or("");
+    match pattern {
+        "/nics/{mac}" => {
+            if let Some(m) = nics::parse_mac(arg(0)) {
+                lock_nic(d, m)?;
+            }
+        }
+        "/networks/{uuid}" | "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}" => {
+            d.lock(lock_key(LOCK_GLOBAL, "networks"))?;
+            let u = if pattern.starts_with("/fabrics") {
+                arg(2)
+            } else {
+                arg(0)
+            };
+            if let Some(u) = super::params::parse_uuid(u) {
+                networks::lock_network(d, &u)?;
+            }
+        }
+        "/networks/{uuid}/ips/{ip}" => {
+            if let Some(u) = super::params::parse_uuid(arg(0)) {
+                networks::lock_network(d, &u)?;
+            }
+        }
+        "/nic_tags/{name}" => d.lock(lock_key(LOCK_GLOBAL, "nic_tags"))?,
+        "/network_pools/{uuid}" => d.lock(lock_key(LOCK_GLOBAL, "networks"))?,
+        "/rules/{uuid}" => {
+            if let Some(u) = super::params::parse_uuid(arg(0)) {
+                d.lock(lock_key(LOCK_RULE, &u))?;
+            }
+        }
+        "/fabrics/{owner_uuid}/vlans/{vlan_id}" => {
+            if let Some(o) = super::params::parse_uuid(arg(0)) {
+                d.lock(lock_key(LOCK_OWNER, &o))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Attempts of one write transaction when PostgreSQL aborts it for a deadlock or a
