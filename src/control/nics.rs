@@ -495,14 +495,14 @@ fn network_for(
     }
 }
 
-/// Claims `ip` (explicit) or allocates one on `net` for `nic`; writes the IP record.
+/// Claims `ip` (explicit) or allocates one on `net` for `nic`; writes the IP record. The
+/// caller holds the network's lock and read `net` under it.
 fn take_ip(
     db: &mut Db<'_>,
     net: &Network,
     nic: &Nic,
     explicit: Option<Ipv4Addr>,
 ) -> Result<Ipv4Addr, OpError> {
-    networks::lock_network(db, &net.uuid)?;
     let addr = match explicit {
         Some(ip) => {
             if !net.contains(ip) {
