@@ -80,7 +80,22 @@ impl HttpClient {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Result<HttpResponse, ClientError> {
-        match self.try_request(method, path, content_type, body).await {
+        let ct: Vec<(&str, &str)> = content_type
+            .map(|c| ("content-type", c))
+            .into_iter()
+            .collect();
+        self.request_with(method, path, &ct, body).await
+    }
+
+    /// Sends a request with extra headers (`content-type`, `if-match`, ...) and a raw body.
+    pub async fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<HttpResponse, ClientError> {
+        match self.try_request(method, path, headers, body).await {
             Ok(r) => Ok(r),
             Err(e) => {
                 self.conn = None;
@@ -93,7 +108,7 @@ impl HttpClient {
         &mut self,
         method: &str,
         path: &str,
-        content_type: Option<&str>,
+        headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<HttpResponse, ClientError> {
         if self.conn.is_none() {
@@ -106,8 +121,8 @@ impl HttpClient {
             .as_mut()
             .ok_or_else(|| ClientError::Protocol("no connection".into()))?;
         let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n", self.addr);
-        if let Some(ct) = content_type {
-            req.push_str(&format!("content-type: {ct}\r\n"));
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
         let mut out = req.into_bytes();

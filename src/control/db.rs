@@ -4,6 +4,28 @@
 //! SQL is written once for both backends: column types are only `TEXT` and `BIGINT`, booleans
 //! are 0/1, and parameters are `$1, $2, ...` numbered in order of first appearance (SQLite binds
 //! `$N` names by first appearance, PostgreSQL by number, so both see the same positions).
+//!
+//! # Concurrency
+//! Write transactions run at PostgreSQL's READ COMMITTED (each statement sees what committed
+//! before it started) and serialise on transaction-scoped advisory locks ([`Db::lock`]) keyed by
+//! the object a decision depends on. The discipline, everywhere:
+//! - **lock, then read**: a transaction takes the lock of an object *before* it reads anything
+//!   it will decide on (existence, holder of an IP, a document it rewrites), and re-reads what
+//!   an earlier, unlocked read (a URL lookup) returned; so a row that a concurrent transaction
+//!   deleted is seen as gone (404), never written back;
+//! - **every writer of a row holds its lock**: NIC rows under [`LOCK_NIC`], a network's row and
+//!   IP records under [`LOCK_NETWORK`], network creation/deletion, names and pools under
+//!   `LOCK_GLOBAL "networks"`, NIC tags under `LOCK_GLOBAL "nic_tags"`, VLANs and vnet_ids under
+//!   [`LOCK_OWNER`];
+//! - **one order**: `"networks"` → `"nic_tags"` → owner → NIC (by MAC) → networks (ascending
+//!   UUID) → Portolan's per-VNI lock (inside the store's mapping operations). The only paths
+//!   that can meet in opposite orders (a pool provision walking its members, a primary NIC
+//!   clearing its siblings) are resolved by PostgreSQL's deadlock detector, and the HTTP layer
+//!   runs an aborted write again ([`super::error::OpError::is_retryable`]).
+//!
+//! Updates of existing rows are `UPDATE`s, never upserts, so even a missed lock cannot
+//! re-create a deleted row. SQLite serialises writers itself (`BEGIN IMMEDIATE`); the locks are
+//! no-ops there.
 
 use portolan::store::RawTxn;
 
@@ -242,6 +264,15 @@ pub const LOCK_NETWORK: u8 = 1;
 pub const LOCK_OWNER: u8 = 2;
 /// Global: network names, overlaps, nic tags, MACs.
 pub const LOCK_GLOBAL: u8 = 3;
+/// Per NIC (MAC): every writer of a NIC row.
+pub const LOCK_NIC: u8 = 4;
+/// Per firewall rule (UUID): every writer of a rule row.
+pub const LOCK_RULE: u8 = 5;
+
+/// Takes the lock of the NIC with `mac` (see the module docs for the order).
+pub fn lock_nic(db: &mut Db<'_>, mac: u64) -> Result<(), OpError> {
+    db.lock(lock_key(LOCK_NIC, &format!("{mac:012x}")))
+}
 
 /// The control plane's schema (both backends).
 pub const SCHEMA: &[&str] = &[

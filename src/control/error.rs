@@ -285,6 +285,21 @@ impl OpError {
         }
     }
 
+    /// Whether PostgreSQL aborted the transaction for a deadlock (40P01) or a serialization
+    /// failure (40001): running it again from the start is safe and usually succeeds.
+    pub fn is_retryable(&self) -> bool {
+        use postgres::error::SqlState;
+        let pg = match self {
+            OpError::Postgres(e) | OpError::Store(portolan::store::StoreError::Postgres(e)) => e,
+            _ => return false,
+        };
+        matches!(
+            pg.code(),
+            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        )
+    }
+
     /// Whether the database was busy (another process held SQLite's write lock too long).
     pub fn is_busy(&self) -> bool {
         let busy = |e: &rusqlite::Error| {
@@ -307,11 +322,27 @@ impl OpError {
                 ApiError::unavailable("the store is busy; retry the request")
             }
             other => {
-                tracing::error!(error = %other, "control plane operation failed");
+                // Database errors may quote the statement: never log kilobytes of SQL.
+                tracing::error!(error = %clip(&other.to_string(), LOG_MAX), "control plane operation failed");
                 ApiError::internal()
             }
         }
     }
+}
+
+/// The longest error text logged (bytes).
+pub const LOG_MAX: usize = 512;
+
+/// `s` cut to at most `max` bytes (on a character boundary), saying how much was cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} more bytes)", &s[..end], s.len() - end)
 }
 
 impl From<serde_json::Error> for OpError {
@@ -324,6 +355,15 @@ impl From<serde_json::Error> for OpError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn clipped() {
+        assert_eq!(clip("abc", 5), "abc");
+        let long = "é".repeat(600);
+        let c = clip(&long, LOG_MAX);
+        assert!(c.len() < LOG_MAX + 40, "{}", c.len());
+        assert!(c.ends_with("(688 more bytes)"), "{c}");
+    }
 
     #[test]
     fn bodies() {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::db::{lock_key, Db, Val, LOCK_OWNER};
+use super::db::{lock_key, Db, Val, LOCK_GLOBAL, LOCK_OWNER};
 use super::error::{ApiError, FieldError, OpError};
 use super::networks::{self, Network, View};
 use super::params::{page, parse_uuid, select_fields, Params};
@@ -130,18 +130,34 @@ pub fn find_vlan(db: &mut Db<'_>, owner: &str, vlan: &str) -> Result<Vlan, OpErr
     get_vlan(db, owner, v)?.ok_or_else(|| ApiError::not_found("vlan not found").into())
 }
 
-fn save_vlan(db: &mut Db<'_>, v: &Vlan) -> Result<(), OpError> {
-    db.exec(
-        "INSERT INTO napi_fabric_vlans (owner_uuid, vlan_id, name, description) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (owner_uuid, vlan_id) DO UPDATE SET \
-         name = excluded.name, description = excluded.description",
+/// Writes a VLAN: a new row (`creating`), or the existing one (404 if it is gone, never
+/// re-created). The caller holds the owner's lock.
+fn save_vlan(db: &mut Db<'_>, v: &Vlan, creating: bool) -> Result<(), OpError> {
+    let params = [
+        Val::text(&v.owner_uuid),
+        Val::int(v.vlan_id),
+        Val::opt_text(v.name.as_deref()),
+        Val::opt_text(v.description.as_deref()),
+    ];
+    if creating {
+        db.exec(
+            "INSERT INTO napi_fabric_vlans (owner_uuid, vlan_id, name, description) \
+             VALUES ($1, $2, $3, $4)",
+            &params,
+        )?;
+    } else if db.exec(
+        "UPDATE napi_fabric_vlans SET name = $1, description = $2 \
+         WHERE owner_uuid = $3 AND vlan_id = $4",
         &[
-            Val::text(&v.owner_uuid),
-            Val::int(v.vlan_id),
-            Val::opt_text(v.name.as_deref()),
-            Val::opt_text(v.description.as_deref()),
+            params[2].clone(),
+            params[3].clone(),
+            params[0].clone(),
+            params[1].clone(),
         ],
-    )?;
+    )? == 0
+    {
+        return Err(ApiError::not_found("vlan not found").into());
+    }
     Ok(())
 }
 
@@ -150,7 +166,7 @@ pub fn create_vlan(db: &mut Db<'_>, owner: &str, p: &mut Params) -> Result<Value
     p.allow_only(&["vlan_id", "name", "description", "fields", "owner_uuid"]);
     let vlan = p.int_in("vlan_id", 0, 4094, VLAN_MSG);
     let vlan = p.require("vlan_id", vlan);
-    let name = p.text("name", 255);
+    let name = p.name("name", 255);
     let description = p.text("description", 255);
     let fields = if p.has("fields") {
         p.fields(VLAN_FIELDS)
@@ -179,7 +195,7 @@ pub fn create_vlan(db: &mut Db<'_>, owner: &str, p: &mut Params) -> Result<Value
         name,
         description,
     };
-    save_vlan(db, &v)?;
+    save_vlan(db, &v, true)?;
     Ok(select_fields(v.to_json(), fields.as_deref()))
 }
 
@@ -241,13 +257,14 @@ pub fn update_vlan(
         "vlan_id",
         "vnet_id",
     ]);
-    let name = p.text("name", 255);
+    let name = p.name("name", 255);
     let description = p.text("description", 255);
     let fields = if p.has("fields") {
         p.fields(VLAN_FIELDS)
     } else {
         None
     };
+    db.lock(lock_key(LOCK_OWNER, owner))?;
     let mut v = find_vlan(db, owner, vlan)?;
     if let Some(x) = p.raw("vlan_id").cloned() {
         if super::params::as_int(&x) != Some(i64::from(v.vlan_id)) {
@@ -269,7 +286,7 @@ pub fn update_vlan(
     if let Some(x) = description {
         v.description = Some(x);
     }
-    save_vlan(db, &v)?;
+    save_vlan(db, &v, false)?;
     Ok(select_fields(v.to_json(), fields.as_deref()))
 }
 
@@ -317,6 +334,11 @@ pub fn create_network(
     vlan: &str,
     p: &mut Params,
 ) -> Result<Value, OpError> {
+    // The locks networks::create takes, in its order, before the VLAN is read: a concurrent
+    // DeleteFabricVLAN (owner lock) either sees this network or has removed the VLAN (404).
+    db.lock(lock_key(LOCK_GLOBAL, "networks"))?;
+    db.lock(lock_key(LOCK_GLOBAL, "nic_tags"))?;
+    db.lock(lock_key(LOCK_OWNER, owner))?;
     let v = find_vlan(db, owner, vlan)?;
     let req = networks::validate_create(p, cfg, Some((owner, v.vlan_id, v.vnet_id)))?;
     networks::create(db, cfg, req, View::Fabric)

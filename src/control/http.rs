@@ -41,8 +41,10 @@ enum Reply {
     Text(String),
 }
 
-type ReadOp = Box<dyn FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Reply, OpError> + Send>;
-type WriteOp = Box<dyn FnOnce(&mut dyn Txn, &App, &mut Params) -> Result<Reply, OpError> + Send>;
+type ReadOp = Box<dyn Fn(&mut Db<'_>, &App, &mut Params) -> Result<Reply, OpError> + Send>;
+/// A write runs again (on fresh parameters) when PostgreSQL aborts it for a deadlock or a
+/// serialization failure, so it is `Fn`.
+type WriteOp = Box<dyn Fn(&mut dyn Txn, &App, &mut Params) -> Result<Reply, OpError> + Send>;
 
 enum Op {
     Read(ReadOp),
@@ -54,21 +56,21 @@ enum Op {
 
 fn read<F>(f: F) -> Op
 where
-    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+    F: Fn(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
 {
     Op::Read(Box::new(move |d, a, p| f(d, a, p).map(Reply::Json)))
 }
 
 fn write<F>(f: F) -> Op
 where
-    F: FnOnce(&mut dyn Txn, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+    F: Fn(&mut dyn Txn, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
 {
     Op::Write(Box::new(move |t, a, p| f(t, a, p).map(Reply::Json)))
 }
 
 fn write_db<F>(f: F) -> Op
 where
-    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
+    F: Fn(&mut Db<'_>, &App, &mut Params) -> Result<Value, OpError> + Send + 'static,
 {
     Op::Write(Box::new(move |t, a, p| {
         f(&mut Db::from(t.raw()), a, p).map(Reply::Json)
@@ -77,7 +79,7 @@ where
 
 fn delete_db<F>(f: F) -> Op
 where
-    F: FnOnce(&mut Db<'_>, &App, &mut Params) -> Result<(), OpError> + Send + 'static,
+    F: Fn(&mut Db<'_>, &App, &mut Params) -> Result<(), OpError> + Send + 'static,
 {
     Op::Write(Box::new(move |t, a, p| {
         f(&mut Db::from(t.raw()), a, p).map(|()| Reply::NoContent)
@@ -358,7 +360,8 @@ async fn handle(
             let mut op = route(&method, &pattern, path.clone());
             if let (Some(im), true) = (if_match, method == Method::PUT || method == Method::DELETE)
             {
-                op = conditional(op, route(&Method::GET, &pattern, path), im);
+                let get = route(&Method::GET, &pattern, path.clone());
+                op = conditional(op, get, im, pattern.clone(), path);
             }
             run(&app, op, params).await
         }
@@ -375,9 +378,12 @@ async fn handle(
 /// `If-Match` on a per-object PUT or DELETE (restify's `conditionalRequest`): inside the write
 /// transaction, the object's current representation must have one of the given etags (or the
 /// header is `*`), else 412 and nothing changes.
-fn conditional(op: Op, get: Op, if_match: String) -> Op {
+/// The object's current representation is read under the locks the write takes first (see
+/// [`lock_object`]), so two writers with one etag cannot both match.
+fn conditional(op: Op, get: Op, if_match: String, pattern: String, path: Vec<String>) -> Op {
     match (op, get) {
         (Op::Write(w), Op::Read(g)) => Op::Write(Box::new(move |tx, a, p| {
+            lock_object(&mut Db::from(tx.raw()), &pattern, &path)?;
             let cur = g(&mut Db::from(tx.raw()), a, &mut Params::default())?;
             if let Reply::Json(v) = cur {
                 let etag = etag_of(&serde_json::to_vec(&v)?);
@@ -424,7 +430,7 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                     .sqlite_writers
                     .as_ref()
                     .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
-                store::with_txn(&*a.store, |tx| f(tx, &a, &mut params))
+                run_write(&a, &f, &params)
             }
             Op::Metrics => {
                 let counts =
@@ -459,6 +465,77 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
         Err(e) => {
             tracing::error!(error = %e, "control plane operation panicked");
             Err(ApiError::internal())
+        }
+    }
+}
+
+/// Takes the locks a per-object write on `pattern` starts with, in the order of db.rs (the
+/// write takes them again, which is free), so what is read before the write stays true.
+fn lock_object(d: &mut Db<'_>, pattern: &str, path: &[String]) -> Result<(), OpError> {
+    use super::db::{lock_key, lock_nic, LOCK_GLOBAL, LOCK_OWNER, LOCK_RULE};
+    let arg = |i: usize| path.get(i).map(String::as_str).unwrap_or("");
+    match pattern {
+        "/nics/{mac}" => {
+            if let Some(m) = nics::parse_mac(arg(0)) {
+                lock_nic(d, m)?;
+            }
+        }
+        "/networks/{uuid}" | "/fabrics/{owner_uuid}/vlans/{vlan_id}/networks/{uuid}" => {
+            d.lock(lock_key(LOCK_GLOBAL, "networks"))?;
+            let u = if pattern.starts_with("/fabrics") {
+                arg(2)
+            } else {
+                arg(0)
+            };
+            if let Some(u) = super::params::parse_uuid(u) {
+                networks::lock_network(d, &u)?;
+            }
+        }
+        "/networks/{uuid}/ips/{ip}" => {
+            if let Some(u) = super::params::parse_uuid(arg(0)) {
+                networks::lock_network(d, &u)?;
+            }
+        }
+        "/nic_tags/{name}" => d.lock(lock_key(LOCK_GLOBAL, "nic_tags"))?,
+        "/network_pools/{uuid}" => d.lock(lock_key(LOCK_GLOBAL, "networks"))?,
+        "/rules/{uuid}" => {
+            if let Some(u) = super::params::parse_uuid(arg(0)) {
+                d.lock(lock_key(LOCK_RULE, &u))?;
+            }
+        }
+        "/fabrics/{owner_uuid}/vlans/{vlan_id}" => {
+            if let Some(o) = super::params::parse_uuid(arg(0)) {
+                d.lock(lock_key(LOCK_OWNER, &o))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Attempts of one write transaction when PostgreSQL aborts it for a deadlock or a
+/// serialization failure (the locks of every write path are taken in one order, so this is
+/// rare: two pool provisions or two primary-NIC changes meeting in opposite orders).
+pub const WRITE_ATTEMPTS: u32 = 5;
+
+/// Runs a write in one store transaction, again (from the same parameters) while the database
+/// aborts it with a retryable error; counts the retries.
+fn run_write(a: &App, f: &WriteOp, params: &Params) -> Result<Reply, OpError> {
+    let mut attempt = 1;
+    loop {
+        let mut p = params.clone();
+        match store::with_txn(&*a.store, |tx| f(tx, a, &mut p)) {
+            Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {
+                a.metrics.txn_retry();
+                tracing::debug!(attempt, error = %e, "write transaction aborted; retrying");
+                // 1, 2, 4, 8 ms plus jitter: the other transaction is usually done by then.
+                let jitter = u64::from(super::now_us().unsigned_abs() as u32 % 1000);
+                std::thread::sleep(std::time::Duration::from_micros(
+                    (1000 << (attempt - 1)) + jitter,
+                ));
+                attempt += 1;
+            }
+            r => return r,
         }
     }
 }

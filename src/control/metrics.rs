@@ -24,6 +24,7 @@ pub struct Metrics {
     store: Mutex<BTreeMap<&'static str, Histogram>>,
     /// Connection counters of the HTTP serving layer.
     pub http: Arc<crate::http::Stats>,
+    txn_retries: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -51,6 +52,12 @@ impl Metrics {
         }
         h.count += 1;
         h.sum += s;
+    }
+
+    /// Counts one write transaction run again after a deadlock or serialization failure.
+    pub fn txn_retry(&self) {
+        self.txn_retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Prometheus text; `gauges` are (name, help, value) read from the store at scrape time.
@@ -97,6 +104,16 @@ impl Metrics {
             );
         }
         self.http.render("fabric_control_http", &mut out);
+        out.push_str(
+            "# HELP fabric_control_txn_retries_total Write transactions run again after a \
+             deadlock or serialization failure.\n",
+        );
+        out.push_str("# TYPE fabric_control_txn_retries_total counter\n");
+        let _ = writeln!(
+            out,
+            "fabric_control_txn_retries_total {}",
+            self.txn_retries.load(std::sync::atomic::Ordering::Relaxed)
+        );
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");

@@ -73,6 +73,19 @@ impl Network {
         self.bounds().1
     }
 
+    /// Whether `ip` is the subnet's own (network) address, which no host may have: subnets of
+    /// four or more addresses (a /31 or /32 has none).
+    pub fn is_network_address(&self, ip: Ipv4Addr) -> bool {
+        let (lo, hi) = self.bounds();
+        hi - lo >= 2 && u32::from(ip) == lo
+    }
+
+    /// Whether `ip` is the subnet's broadcast address: subnets of four or more addresses.
+    pub fn is_broadcast_address(&self, ip: Ipv4Addr) -> bool {
+        let (lo, hi) = self.bounds();
+        hi - lo >= 2 && u32::from(ip) == hi
+    }
+
     /// Whether `ip` is in the subnet.
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         let (lo, hi) = self.bounds();
@@ -271,8 +284,9 @@ fn name_key(n: &Network) -> String {
     }
 }
 
-/// Writes a network row (insert or replace).
-pub fn save(db: &mut Db<'_>, n: &Network, gap_hint: i64) -> Result<(), OpError> {
+/// Writes a new network row (the caller holds `LOCK_GLOBAL "networks"` and saw no row with its
+/// UUID).
+pub fn insert(db: &mut Db<'_>, n: &Network, gap_hint: i64) -> Result<(), OpError> {
     let (lo, hi) = n.bounds();
     let params = [
         Val::text(&n.uuid),
@@ -291,11 +305,30 @@ pub fn save(db: &mut Db<'_>, n: &Network, gap_hint: i64) -> Result<(), OpError> 
     db.exec(
         "INSERT INTO napi_networks (uuid, name_key, name, fabric, vnet_id, owner_uuid, vlan_id, \
            nic_tag, subnet_lo, subnet_hi, gap_hint, doc) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-         ON CONFLICT (uuid) DO UPDATE SET name_key = excluded.name_key, name = excluded.name, \
-           owner_uuid = excluded.owner_uuid, gap_hint = excluded.gap_hint, doc = excluded.doc",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         &params,
     )?;
+    Ok(())
+}
+
+/// Rewrites an existing network row (name, owner, hint, document; the rest is immutable); a
+/// network that is gone is 404, never re-created.
+fn update_row(db: &mut Db<'_>, n: &Network, gap_hint: i64) -> Result<(), OpError> {
+    let changed = db.exec(
+        "UPDATE napi_networks SET name_key = $1, name = $2, owner_uuid = $3, gap_hint = $4, \
+           doc = $5 WHERE uuid = $6",
+        &[
+            Val::text(name_key(n)),
+            Val::text(&n.name),
+            Val::opt_text(n.owner_uuids.first().map(String::as_str)),
+            Val::int(gap_hint),
+            Val::text(serde_json::to_string(n)?),
+            Val::text(&n.uuid),
+        ],
+    )?;
+    if changed == 0 {
+        return Err(ApiError::not_found("network not found").into());
+    }
     Ok(())
 }
 
@@ -534,6 +567,9 @@ pub const FIELDS: &[&str] = &[
     "gateway_provisioned",
 ];
 
+/// Longest prefix of a fabric network: a /31 or /32 has no room for a gateway and hosts.
+pub const MAX_FABRIC_PREFIX: u8 = 30;
+
 /// A validated create request, before the store is consulted.
 pub struct NewNetwork {
     net: Network,
@@ -610,7 +646,7 @@ pub fn validate_create(
     } else {
         p.allow_only(CREATE_PARAMS);
     }
-    let name = p.text("name", 255);
+    let name = p.name("name", 255);
     let name = p.require("name", name);
     let (nic_tag, vlan_id) = match fabric {
         Some((_, vlan, _)) => (Some(cfg.overlay_nic_tag.clone()), Some(i64::from(vlan))),
@@ -626,8 +662,9 @@ pub fn validate_create(
             (t, p.require("vlan_id", v))
         }
     };
+    // `subnet` is required only once the per-field checks pass (NAPI's "after" validators):
+    // `POST /networks {}` reports name, nic_tag and vlan_id.
     let subnet_raw = p.string("subnet");
-    let subnet_raw = p.require("subnet", subnet_raw);
     let subnet = match subnet_raw {
         Some(s) => match parse_subnet(&s) {
             Ok(x) => Some(x),
@@ -682,6 +719,22 @@ pub fn validate_create(
     };
     p.finish()?;
     // Cross-field checks run only when every field is individually valid (as warden does).
+    if !p.has("subnet") {
+        p.error(FieldError::missing("subnet"));
+        p.finish()?;
+    }
+    if let (Some(_), Some((_, len))) = (fabric, subnet) {
+        if len > MAX_FABRIC_PREFIX {
+            p.invalid(
+                "subnet",
+                format!(
+                    "fabric subnets must have a prefix length of at most {MAX_FABRIC_PREFIX} \
+                     (a /{len} leaves no address for hosts besides the gateway)"
+                ),
+            );
+            p.finish()?;
+        }
+    }
     let (subnet_ip, prefix) = subnet.unwrap_or((Ipv4Addr::UNSPECIFIED, 32));
     let (lo, hi) = subnet_bounds(subnet_ip, prefix);
     let first_usable = if hi - lo >= 2 { lo + 1 } else { lo };
@@ -698,6 +751,11 @@ pub fn validate_create(
         p.invalid(
             "provision_start_ip",
             "provision_start_ip cannot be the broadcast address",
+        );
+    } else if u32::from(start) == lo && hi - lo >= 2 {
+        p.invalid(
+            "provision_start_ip",
+            "provision_start_ip cannot be the network address",
         );
     }
     if !inside(end) {
@@ -800,6 +858,8 @@ pub fn create(
 ) -> Result<Value, OpError> {
     let n = req.net;
     db.lock(lock_key(LOCK_GLOBAL, "networks"))?;
+    // The tag must still exist when this commits (a tag delete checks for networks under it).
+    db.lock(lock_key(LOCK_GLOBAL, "nic_tags"))?;
     if n.fabric {
         db.lock(lock_key(
             LOCK_OWNER,
@@ -841,7 +901,7 @@ pub fn create(
         .into());
     }
     let start = u32::from(n.provision_start);
-    save(db, &n, i64::from(start) - 1)?;
+    insert(db, &n, i64::from(start) - 1)?;
     let (lo, hi) = n.bounds();
     let admin = |ip: u32| IpRec {
         ip,
@@ -1052,7 +1112,7 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
             }
         }
     }
-    let name = p.text("name", 255);
+    let name = p.name("name", 255);
     let description = p.text("description", 255);
     let mtu = p.int_in(
         "mtu",
@@ -1077,7 +1137,11 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
     };
     p.finish()?;
     db.lock(lock_key(LOCK_GLOBAL, "networks"))?;
+    db.lock(lock_key(LOCK_GLOBAL, "nic_tags"))?;
     lock_network(db, &n.uuid)?;
+    // Read again under the lock: `n` came from an unlocked lookup (gateway_provisioned may have
+    // changed since, or the network may be gone).
+    let n = get(db, &n.uuid)?.ok_or_else(|| ApiError::not_found("network not found"))?;
     let mut m = n.clone();
     if let Some(x) = name {
         m.name = x;
@@ -1122,6 +1186,11 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
             "provision_start_ip",
             "provision_start_ip cannot be outside subnet",
         );
+    } else if m.is_network_address(m.provision_start) {
+        p.invalid(
+            "provision_start_ip",
+            "provision_start_ip cannot be the network address",
+        );
     }
     if !inside(m.provision_end) {
         p.invalid(
@@ -1151,7 +1220,7 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
     }
     // A new range start restarts the gap search there (records below it stay).
     let hint = i64::from(u32::from(m.provision_start)) - 1;
-    save(db, &m, hint)?;
+    update_row(db, &m, hint)?;
     if let Some(g) = gateway {
         if get_ip(db, &m.uuid, u32::from(g))?.is_none() {
             put_ip(
@@ -1172,7 +1241,12 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
 
 /// DeleteNetwork: refused while NICs are on it; drops its IP records.
 pub fn delete(db: &mut Db<'_>, n: &Network) -> Result<(), OpError> {
+    // Pools name networks under this lock; NIC writers hold the network's.
+    db.lock(lock_key(LOCK_GLOBAL, "networks"))?;
     lock_network(db, &n.uuid)?;
+    if get(db, &n.uuid)?.is_none() {
+        return Err(ApiError::not_found("network not found").into());
+    }
     let nics = first_nic(db, &n.uuid)?;
     if !nics.is_empty() {
         return Err(ApiError::in_use(
@@ -1293,6 +1367,16 @@ pub fn update_ip(db: &mut Db<'_>, n: &Network, ip: &str, p: &mut Params) -> Resu
     }
     p.finish()?;
     lock_network(db, &n.uuid)?;
+    // Read again under the lock: the network may have been deleted since the URL lookup.
+    let n = &get(db, &n.uuid)?.ok_or_else(|| ApiError::not_found("network not found"))?;
+    if n.is_network_address(Ipv4Addr::from(a)) || n.is_broadcast_address(Ipv4Addr::from(a)) {
+        let what = if n.is_broadcast_address(Ipv4Addr::from(a)) {
+            "the broadcast address"
+        } else {
+            "the network address"
+        };
+        return Err(ApiError::invalid("ip", format!("ip cannot be {what}")).into());
+    }
     // An address a NIC holds changes only through that NIC.
     let holder = db.query_opt(
         "SELECT mac FROM napi_nics WHERE network_uuid = $1 AND ip = $2",

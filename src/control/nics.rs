@@ -9,7 +9,7 @@ use portolan::store::{CnUuid, OverlayMapping, Txn, UnderlayMapping};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::db::{lock_key, Db, Val, LOCK_GLOBAL};
+use super::db::{lock_nic, Db, Val};
 use super::error::{ApiError, FieldError, OpError};
 use super::networks::{self, IpRec, Network};
 use super::params::{page, parse_uuid, Params};
@@ -251,28 +251,46 @@ pub fn find(db: &mut Db<'_>, mac: &str) -> Result<Nic, OpError> {
     get(db, m)?.ok_or_else(|| ApiError::not_found("nic not found").into())
 }
 
-fn save(db: &mut Db<'_>, n: &Nic) -> Result<(), OpError> {
+fn row_params(n: &Nic) -> Result<[Val; 10], OpError> {
+    Ok([
+        Val::int(n.mac as i64),
+        Val::text(&n.owner_uuid),
+        Val::text(&n.belongs_to_uuid),
+        Val::text(&n.belongs_to_type),
+        Val::opt_text(n.cn_uuid.as_deref()),
+        Val::opt_text(n.network_uuid.as_deref()),
+        Val::Int(n.ip.map(|i| i64::from(u32::from(i)))),
+        Val::boolean(n.primary),
+        Val::text(&n.state),
+        Val::text(serde_json::to_string(n)?),
+    ])
+}
+
+/// Writes a new NIC row (the caller holds the NIC's lock and saw no row with its MAC).
+fn insert(db: &mut Db<'_>, n: &Nic) -> Result<(), OpError> {
     db.exec(
         "INSERT INTO napi_nics (mac, owner_uuid, belongs_to_uuid, belongs_to_type, cn_uuid, \
            network_uuid, ip, is_primary, state, doc) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (mac) DO UPDATE SET owner_uuid = excluded.owner_uuid, \
-           belongs_to_uuid = excluded.belongs_to_uuid, belongs_to_type = excluded.belongs_to_type, \
-           cn_uuid = excluded.cn_uuid, network_uuid = excluded.network_uuid, ip = excluded.ip, \
-           is_primary = excluded.is_primary, state = excluded.state, doc = excluded.doc",
-        &[
-            Val::int(n.mac as i64),
-            Val::text(&n.owner_uuid),
-            Val::text(&n.belongs_to_uuid),
-            Val::text(&n.belongs_to_type),
-            Val::opt_text(n.cn_uuid.as_deref()),
-            Val::opt_text(n.network_uuid.as_deref()),
-            Val::Int(n.ip.map(|i| i64::from(u32::from(i)))),
-            Val::boolean(n.primary),
-            Val::text(&n.state),
-            Val::text(serde_json::to_string(n)?),
-        ],
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &row_params(n)?,
     )?;
+    Ok(())
+}
+
+/// Rewrites an existing NIC row; a NIC that is gone is 404, never re-created.
+fn update_row(db: &mut Db<'_>, n: &Nic) -> Result<(), OpError> {
+    // Parameters are numbered in order of first appearance (db.rs): the key comes last.
+    let mut params = row_params(n)?;
+    params.rotate_left(1);
+    let changed = db.exec(
+        "UPDATE napi_nics SET owner_uuid = $1, belongs_to_uuid = $2, belongs_to_type = $3, \
+           cn_uuid = $4, network_uuid = $5, ip = $6, is_primary = $7, state = $8, doc = $9 \
+         WHERE mac = $10",
+        &params,
+    )?;
+    if changed == 0 {
+        return Err(ApiError::not_found("nic not found").into());
+    }
     Ok(())
 }
 
@@ -469,20 +487,22 @@ fn network_for(
         Some(r) => {
             let u = r.into_iter().next().map(|v| v.into_string("uuid"));
             let u = u.unwrap_or_else(|| Err(OpError::Corrupt("uuid".into())))?;
+            // Lock, then read again: the network may have been deleted since the search.
+            networks::lock_network(db, &u)?;
             networks::get(db, &u)
         }
         None => Ok(None),
     }
 }
 
-/// Claims `ip` (explicit) or allocates one on `net` for `nic`; writes the IP record.
+/// Claims `ip` (explicit) or allocates one on `net` for `nic`; writes the IP record. The
+/// caller holds the network's lock and read `net` under it.
 fn take_ip(
     db: &mut Db<'_>,
     net: &Network,
     nic: &Nic,
     explicit: Option<Ipv4Addr>,
 ) -> Result<Ipv4Addr, OpError> {
-    networks::lock_network(db, &net.uuid)?;
     let addr = match explicit {
         Some(ip) => {
             if !net.contains(ip) {
@@ -490,6 +510,9 @@ fn take_ip(
             }
             if u32::from(ip) == net.broadcast() {
                 return Err(ApiError::invalid("ip", "ip cannot be the broadcast address").into());
+            }
+            if net.is_network_address(ip) {
+                return Err(ApiError::invalid("ip", "ip cannot be the network address").into());
             }
             if let Some(r) = networks::get_ip(db, &net.uuid, u32::from(ip))? {
                 // Gateway and resolvers (held by `other`) may be requested explicitly.
@@ -591,17 +614,22 @@ fn clear_other_primaries(db: &mut Db<'_>, nic: &Nic) -> Result<(), OpError> {
     if !nic.primary {
         return Ok(());
     }
-    let others: Vec<Nic> = db
+    let others = db
         .query(
-            "SELECT doc FROM napi_nics WHERE belongs_to_uuid = $1 AND is_primary = 1 AND mac <> $2",
+            "SELECT mac FROM napi_nics WHERE belongs_to_uuid = $1 AND is_primary = 1 AND mac <> $2 \
+             ORDER BY mac",
             &[Val::text(&nic.belongs_to_uuid), Val::int(nic.mac as i64)],
         )?
         .into_iter()
-        .map(nic_from_row)
-        .collect::<Result<_, _>>()?;
-    for mut o in others {
-        o.primary = false;
-        save(db, &o)?;
+        .map(|r| r[0].as_i64("mac").map(|m| m as u64))
+        .collect::<Result<Vec<_>, _>>()?;
+    for mac in others {
+        // Lock, then read again: rewrite the sibling as it is now, not as it was.
+        lock_nic(db, mac)?;
+        if let Some(mut o) = get(db, mac)?.filter(|o| o.primary) {
+            o.primary = false;
+            update_row(db, &o)?;
+        }
     }
     Ok(())
 }
@@ -609,16 +637,19 @@ fn clear_other_primaries(db: &mut Db<'_>, nic: &Nic) -> Result<(), OpError> {
 /// Creates a NIC (with its IP and Portolan records) in the caller's transaction.
 pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, OpError> {
     let mut d = Db::from(tx.raw());
-    // Lock order everywhere: MACs, then a network, then Portolan's VNI.
-    d.lock(lock_key(LOCK_GLOBAL, "macs"))?;
-    // The network, if any.
+    // Lock order (db.rs): the NIC, then its network, then Portolan's VNI.
+    if req.mac_given {
+        lock_nic(&mut d, req.nic.mac)?;
+    }
+    // The network, if any: locked before it is read, so a concurrent delete either sees this
+    // NIC or has already removed the network (404 here).
     let net = match (
         &req.network_uuid,
         req.nic.ip,
         &req.nic.nic_tag,
         req.nic.vlan_id,
     ) {
-        (Some(u), _, _, _) => match networks::get(&mut d, u)? {
+        (Some(u), _, _, _) => match lock_then_get(&mut d, u)? {
             Some(n) => Some(n),
             None if req.url_network => match super::pools::get(&mut d, u)? {
                 Some(pool) => Some(pick_from_pool(&mut d, &mut req, &pool)?),
@@ -654,6 +685,7 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
         let mut found = None;
         for _ in 0..50 {
             let m = random_mac(cfg.mac_oui)?;
+            lock_nic(&mut d, m)?;
             if get(&mut d, m)?.is_none() {
                 found = Some(m);
                 break;
@@ -675,7 +707,7 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
         nic.ip = None;
     }
     clear_other_primaries(&mut d, &nic)?;
-    save(&mut d, &nic)?;
+    insert(&mut d, &nic)?;
     if let Some(m) = nic.overlay(net.as_ref()) {
         tx.create_mapping(&m)?;
     }
@@ -698,14 +730,13 @@ fn pick_from_pool(
     }
     let mut refusal = None;
     for u in &pool.networks {
-        let Some(n) = networks::get(d, u)? else {
+        let Some(n) = lock_then_get(d, u)? else {
             continue;
         };
         if let Err(e) = check_network(req, &n) {
             refusal = Some(e);
             continue;
         }
-        networks::lock_network(d, &n.uuid)?;
         if let Some(a) = networks::allocate(d, &n.uuid)? {
             req.nic.ip = Some(Ipv4Addr::from(a));
             return Ok(n);
@@ -713,6 +744,12 @@ fn pick_from_pool(
         refusal = None;
     }
     Err(refusal.unwrap_or_else(|| ApiError::subnet_full(&pool.uuid).into()))
+}
+
+/// Takes a network's lock, then reads it (`None`: it does not exist, or no longer).
+fn lock_then_get(d: &mut Db<'_>, uuid: &str) -> Result<Option<Network>, OpError> {
+    networks::lock_network(d, uuid)?;
+    networks::get(d, uuid)
 }
 
 fn refreshed(tx: &mut dyn Txn, net: Option<Network>) -> Result<Option<Network>, OpError> {
@@ -773,6 +810,11 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
         "VLAN ID must be a number between 0 and 4094, and not 1",
     );
     let mut d = Db::from(tx.raw());
+    // Lock, then read: concurrent updates of one NIC apply one after the other, each to what
+    // the previous one left, and an update after a delete finds nothing (404).
+    if let Some(m) = parse_mac(mac) {
+        lock_nic(&mut d, m)?;
+    }
     let old = find(&mut d, mac)?;
     if let Some(m) = p.raw("mac").cloned() {
         if m.as_str().and_then(parse_mac) != Some(old.mac) {
@@ -795,6 +837,13 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
         return Err(ApiError::invalid("underlay", "Only server NICs can be underlay NICs").into());
     }
     nic.modified_timestamp = iso_now();
+    // The networks this update may touch, locked in UUID order before they are read.
+    let mut touched: Vec<&String> = old.network_uuid.iter().chain(&network_uuid).collect();
+    touched.sort();
+    touched.dedup();
+    for u in touched {
+        networks::lock_network(&mut d, u)?;
+    }
     let old_net = match &old.network_uuid {
         Some(u) => networks::get(&mut d, u)?,
         None => None,
@@ -856,7 +905,7 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
         }
     }
     clear_other_primaries(&mut d, &nic)?;
-    save(&mut d, &nic)?;
+    update_row(&mut d, &nic)?;
     // Portolan.
     let before = old.overlay(old_net.as_ref());
     let after = nic.overlay(target_net.as_ref());
@@ -898,20 +947,25 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
 /// removes an underlay mapping.
 pub fn delete(tx: &mut dyn Txn, cfg: &Config, mac: &str) -> Result<(), OpError> {
     let mut d = Db::from(tx.raw());
+    if let Some(m) = parse_mac(mac) {
+        lock_nic(&mut d, m)?;
+    }
     let nic = find(&mut d, mac)?;
     let net = match &nic.network_uuid {
-        Some(u) => networks::get(&mut d, u)?,
+        Some(u) => lock_then_get(&mut d, u)?,
         None => None,
     };
     if let (Some(n), Some(ip)) = (&net, nic.ip) {
-        networks::lock_network(&mut d, &n.uuid)?;
         release_ip(&mut d, &n.uuid, ip)?;
         mark_gateway(&mut d, n, ip, false)?;
     }
-    d.exec(
+    let gone = d.exec(
         "DELETE FROM napi_nics WHERE mac = $1",
         &[Val::int(nic.mac as i64)],
     )?;
+    if gone == 0 {
+        return Err(ApiError::not_found("nic not found").into());
+    }
     if let Some(m) = nic.overlay(net.as_ref()) {
         tx.delete_mapping(m.vnet_id, m.ip)?;
     }

@@ -12,6 +12,20 @@ use super::error::{ApiError, FieldError};
 /// Largest `limit` (and the default).
 pub const MAX_LIMIT: u64 = 1000;
 
+/// Most values a list parameter (`owner_uuid=a,b,...`, a JSON array) may carry: filters and
+/// member lists are bounded like pages, so no request turns into a statement with tens of
+/// thousands of bound values.
+pub const MAX_LIST: usize = 1000;
+
+/// Whether `c` may not appear in a name: control characters (C0, DEL, C1) and the bidi
+/// embedding/override/isolate controls (U+202A..U+202E, U+2066..U+2069) that make a name
+/// display as something it is not.
+pub fn forbidden_in_name(c: char) -> bool {
+    c.is_control()
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
 /// The merged parameters of one request.
 #[derive(Debug, Clone, Default)]
 pub struct Params {
@@ -152,9 +166,13 @@ impl Params {
         v
     }
 
-    /// A string (numbers are not strings).
+    /// A string (numbers are not strings) without NUL characters (which no store keeps).
     pub fn string(&mut self, name: &str) -> Option<String> {
         match self.raw(name)? {
+            Value::String(s) if s.contains('\0') => {
+                self.invalid(name, "must not contain NUL characters");
+                None
+            }
             Value::String(s) => Some(s.clone()),
             _ => {
                 self.invalid(name, "must be a string");
@@ -168,6 +186,23 @@ impl Params {
         let s = self.string(name)?;
         if s.chars().count() > max {
             self.invalid(name, format!("must be at most {max} characters long"));
+            return None;
+        }
+        Some(s)
+    }
+
+    /// A name: [`Params::text`] without control characters or bidi controls
+    /// ([`forbidden_in_name`]).
+    pub fn name(&mut self, name: &str, max: usize) -> Option<String> {
+        let s = self.text(name, max)?;
+        if let Some(c) = s.chars().find(|c| forbidden_in_name(*c)) {
+            self.invalid(
+                name,
+                format!(
+                    "must not contain control or bidirectional-override characters (found U+{:04X})",
+                    u32::from(c)
+                ),
+            );
             return None;
         }
         Some(s)
@@ -202,8 +237,25 @@ impl Params {
         Some(items.iter().filter_map(|s| parse_uuid(s)).collect())
     }
 
-    /// An array of strings (JSON array, repeated parameter, or comma-separated string).
+    /// An array of at most [`MAX_LIST`] strings without NUL characters (JSON array, repeated
+    /// parameter, or comma-separated string).
     pub fn string_array(&mut self, name: &str) -> Option<Vec<String>> {
+        let v = self.string_array_unbounded(name)?;
+        if v.len() > MAX_LIST {
+            self.invalid(
+                name,
+                format!("must have at most {MAX_LIST} values (found {})", v.len()),
+            );
+            return None;
+        }
+        if v.iter().any(|s| s.contains('\0')) {
+            self.invalid(name, "must not contain NUL characters");
+            return None;
+        }
+        Some(v)
+    }
+
+    fn string_array_unbounded(&mut self, name: &str) -> Option<Vec<String>> {
         match self.raw(name)? {
             Value::String(s) => Some(
                 s.split(',')
@@ -461,6 +513,37 @@ mod tests {
         let e = p.finish().unwrap_err();
         assert_eq!(e.errors.len(), 3);
         assert_eq!(e.errors[2].code, "UnknownParameters");
+    }
+
+    #[test]
+    fn bounded_lists_and_names() {
+        let many = vec!["x"; MAX_LIST + 1].join(",");
+        let mut p = Params::from_map(Map::from_iter([("a".into(), Value::String(many))]));
+        assert_eq!(p.string_array("a"), None);
+        let e = p.finish().unwrap_err();
+        assert_eq!(e.errors[0].field, "a");
+        assert!(
+            e.errors[0].message.contains("at most 1000"),
+            "{:?}",
+            e.errors
+        );
+        let ok = vec!["x"; MAX_LIST].join(",");
+        let mut p = Params::from_map(Map::from_iter([("a".into(), Value::String(ok))]));
+        assert_eq!(p.string_array("a").map(|v| v.len()), Some(MAX_LIST));
+        for bad in [
+            "a\0b",
+            "a\u{202e}b",
+            "a\u{2066}b",
+            "a\nb",
+            "a\u{85}b",
+            "a\u{7f}",
+        ] {
+            let mut p = Params::from_map(Map::from_iter([("n".into(), json!(bad))]));
+            assert_eq!(p.name("n", 255), None, "{bad:?}");
+            assert_eq!(p.finish().unwrap_err().errors[0].field, "n");
+        }
+        let mut p = Params::from_map(Map::from_iter([("n".into(), json!("réseau-1 ok"))]));
+        assert_eq!(p.name("n", 255).as_deref(), Some("réseau-1 ok"));
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn check_members(db: &mut Db<'_>, members: &[String]) -> Result<String, OpError>
 
 fn validate(p: &mut Params, creating: bool) -> (Option<String>, Option<Vec<String>>) {
     p.allow_only(&["name", "networks", "description", "owner_uuids", "uuid"]);
-    let name = p.text("name", 255);
+    let name = p.name("name", 255);
     let networks = p.uuid_array("networks");
     if creating {
         p.require("name", name.as_ref());
@@ -231,6 +231,7 @@ pub fn update(db: &mut Db<'_>, uuid: &str, p: &mut Params) -> Result<Value, OpEr
 
 /// DeleteNetworkPool.
 pub fn delete(db: &mut Db<'_>, uuid: &str) -> Result<(), OpError> {
+    db.lock(lock_key(LOCK_GLOBAL, "networks"))?;
     let pool = find(db, uuid)?;
     db.exec(
         "DELETE FROM napi_network_pools WHERE uuid = $1",

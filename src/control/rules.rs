@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::firewall::rule::{FwRule, ParseOptions};
 
-use super::db::{Db, Val};
+use super::db::{lock_key, Db, Val, LOCK_RULE};
 use super::error::{ApiError, FieldError, OpError};
 use super::params::{page, parse_uuid, random_uuid, Params};
 
@@ -94,17 +94,35 @@ fn from_row(r: super::db::Row) -> Result<Rule, OpError> {
     Ok(serde_json::from_str(&doc)?)
 }
 
-fn save(db: &mut Db<'_>, r: &Rule) -> Result<(), OpError> {
-    db.exec(
-        "INSERT INTO napi_rules (uuid, owner_uuid, doc) VALUES ($1, $2, $3) \
-         ON CONFLICT (uuid) DO UPDATE SET owner_uuid = excluded.owner_uuid, doc = excluded.doc",
-        &[
-            Val::text(&r.uuid),
-            Val::opt_text(r.owner_uuid.as_deref()),
-            Val::text(serde_json::to_string(r)?),
-        ],
-    )?;
+/// Writes a rule: a new row (`creating`), or the existing one (404 if it is gone, never
+/// re-created).
+fn save(db: &mut Db<'_>, r: &Rule, creating: bool) -> Result<(), OpError> {
+    let params = [
+        Val::text(&r.uuid),
+        Val::opt_text(r.owner_uuid.as_deref()),
+        Val::text(serde_json::to_string(r)?),
+    ];
+    if creating {
+        db.exec(
+            "INSERT INTO napi_rules (uuid, owner_uuid, doc) VALUES ($1, $2, $3)",
+            &params,
+        )?;
+    } else if db.exec(
+        "UPDATE napi_rules SET owner_uuid = $1, doc = $2 WHERE uuid = $3",
+        &[params[1].clone(), params[2].clone(), params[0].clone()],
+    )? == 0
+    {
+        return Err(ApiError::not_found("rule not found").into());
+    }
     Ok(())
+}
+
+/// Takes the lock of the rule named in a URL (before reading it; see db.rs).
+fn lock_rule(db: &mut Db<'_>, uuid: &str) -> Result<(), OpError> {
+    match parse_uuid(uuid) {
+        Some(u) => db.lock(lock_key(LOCK_RULE, &u)),
+        None => Ok(()),
+    }
 }
 
 /// The rule named in a URL, or 404.
@@ -220,6 +238,7 @@ pub fn create(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
         Some(u) => u,
         None => random_uuid().map_err(|e| OpError::Corrupt(format!("random: {e}")))?,
     };
+    db.lock(lock_key(LOCK_RULE, &r.uuid))?;
     if db
         .query_opt(
             "SELECT uuid FROM napi_rules WHERE uuid = $1",
@@ -233,20 +252,22 @@ pub fn create(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
         )])
         .into());
     }
-    save(db, &r)?;
+    save(db, &r, true)?;
     Ok(r.to_json())
 }
 
 /// UpdateRule.
 pub fn update(db: &mut Db<'_>, uuid: &str, p: &mut Params) -> Result<Value, OpError> {
+    lock_rule(db, uuid)?;
     let mut r = find(db, uuid)?;
     apply(p, &mut r, false)?;
-    save(db, &r)?;
+    save(db, &r, false)?;
     Ok(r.to_json())
 }
 
 /// DeleteRule.
 pub fn delete(db: &mut Db<'_>, uuid: &str) -> Result<(), OpError> {
+    lock_rule(db, uuid)?;
     let r = find(db, uuid)?;
     db.exec(
         "DELETE FROM napi_rules WHERE uuid = $1",
