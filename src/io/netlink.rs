@@ -59,7 +59,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-use self::exchange::{Exchange, Failure, Progress};
+use self::exchange::{Exchange, Failure, OnReply, Progress};
 pub use self::netns::{Netns, NetnsGuard};
 use super::sys::IfName;
 use super::tap::{Tap, TapConfig, TapError};
@@ -504,7 +504,7 @@ impl Netlink {
         target: &dyn Fn() -> String,
         msg: RouteNetlinkMessage,
         flags: u16,
-        reply: &mut dyn FnMut(u16, &[u8]) -> Result<(), String>,
+        reply: &mut OnReply<'_>,
     ) -> Result<(), Retry> {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);

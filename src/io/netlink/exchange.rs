@@ -18,6 +18,10 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 /// `struct nlmsghdr`.
 const NLMSG_HDRLEN: usize = 16;
 
+/// Receives each data message answering the request: `(message_type, payload)`; an `Err`
+/// (what was wrong) ends the exchange as malformed.
+pub(super) type OnReply<'a> = dyn FnMut(u16, &[u8]) -> Result<(), String> + 'a;
+
 /// Where an exchange stands after a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Progress {
@@ -61,7 +65,7 @@ impl Exchange {
     pub(super) fn feed(
         &mut self,
         datagram: &[u8],
-        reply: &mut dyn FnMut(u16, &[u8]) -> Result<(), String>,
+        reply: &mut OnReply<'_>,
     ) -> Result<Progress, Failure> {
         let mut rest = datagram;
         while !rest.is_empty() {
