@@ -13,6 +13,12 @@
 //! Replies are decoded leniently: an `RTM_NEWLINK` attribute the crate cannot decode (a newer
 //! kernel's) is skipped, since [`Link`] only needs the name, MTU, address and flags.
 //!
+//! Measured against the hand-written encoder this replaced: creating and deleting 200 veth
+//! pairs takes the same time (kernel-bound, ~4-5 s, mostly `RTM_DELLINK`); a link lookup costs
+//! ~10 µs instead of ~4.5 µs of CPU (every attribute is decoded, one more `recv` to size the
+//! datagram), invisible beside the kernel's work; the crates add ~16 s of CPU to a clean debug
+//! build. No operation was kept hand-written.
+//!
 //! # Namespaces
 //!
 //! [`Netns::create`] does what `ip netns add NAME` does: make `/run/netns` a shared mount point,
