@@ -6,9 +6,10 @@
 //! Requests and replies are the message types of `netlink-packet-route` (the crates Podman's
 //! netavark uses), sent over the synchronous `netlink-sys` socket: no tokio runtime is needed
 //! by the agent's provisioning path. Every request carries a fresh sequence number and asks for
-//! an ACK; the `exchange` submodule matches the answers (ACK, kernel error, multi-part dump, interrupted
-//! dump) without I/O. A kernel error comes back as [`NetlinkError::Kernel`] naming the message,
-//! its target and the errno, plus the kernel's extended-ACK reason when it gives one.
+//! an ACK; the `exchange` submodule matches the answers (ACK, kernel error, multi-part dump,
+//! interrupted dump) without I/O. A kernel error comes back as [`NetlinkError::Kernel`] naming
+//! the message, its target and the errno, plus the kernel's extended-ACK reason when it gives
+//! one.
 //!
 //! Replies are decoded leniently: an `RTM_NEWLINK` attribute the crate cannot decode (a newer
 //! kernel's) is skipped, since [`Link`] only needs the name, MTU, address and flags.
