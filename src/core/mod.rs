@@ -1101,7 +1101,10 @@ impl Core {
     /// A UDP datagram from the underlay host `src`. On [`Verdict::ToVnic`] the buffer holds the
     /// inner frame (the VXLAN header was stripped by moving the start; nothing copied). On
     /// [`Verdict::ToUnderlay`] the buffer holds an ARP answer for a remote host that asked
-    /// about a local vnic (interop with peers that flood ARP, like Linux vxlan).
+    /// about a local vnic (interop with peers that flood ARP, like Linux vxlan): only a known
+    /// peer is answered (see [`Core::is_known_peer`]), within per-source and overall rate
+    /// limits; others are dropped as [`DropReason::UnderlayArpUnknownPeer`] or
+    /// [`DropReason::UnderlayArpRateLimited`].
     pub fn from_underlay(
         &mut self,
         src: SocketAddr,
