@@ -71,6 +71,23 @@ drop_reasons! {
     FirewallRule = "firewall_rule",
     /// The vnic's firewall denied it by the inbound default (no rule allowed the new flow).
     FirewallDefault = "firewall_default",
+    /// A new flow the rules allow, refused because the connection table is full and every
+    /// flow that could make room belongs to another vnic within its fair share (counted on
+    /// the vnic the flow would have been charged to).
+    ConntrackFull = "conntrack_full",
+    /// The vnic already has its quota of destinations waiting for a lookup: its new lookup is
+    /// refused (the per-core table stays open to other vnics).
+    PendingQuota = "pending_quota",
+    /// A held frame dropped to make room for another vnic's lookup, because the pending table
+    /// was full and its vnic held the most destinations.
+    PendingEvicted = "pending_evicted",
+    /// An ARP request over VXLAN from an outer source that is not a known peer (neither an
+    /// underlay address this host has a mapping for on that VNI, nor an operator-listed
+    /// peer): not answered, so spoofed sources cannot make this host reflect.
+    UnderlayArpUnknownPeer = "underlay_arp_unknown_peer",
+    /// An ARP request over VXLAN from a known peer, over the answer rate limit (per source or
+    /// overall).
+    UnderlayArpRateLimited = "underlay_arp_rate_limited",
 }
 
 /// Counters for one vnic or for the whole core. Plain integers: one core is owned by one

@@ -37,13 +37,15 @@ pub mod buf;
 pub mod counters;
 pub mod lookup;
 pub mod proxy;
+pub mod ratelimit;
 
 pub use buf::{FrameBuf, HEADROOM};
 pub use counters::{Counters, CountersSnapshot, DropReason};
 pub use lookup::{LookupAnswer, LookupError, LookupKey, Vl3Mapping};
+pub use ratelimit::RateLimit;
 
 use crate::firewall::compile::{Direction, VnicRuleSet};
-use crate::firewall::conntrack::{self, Conntrack, ConntrackConfig, ConntrackStats};
+use crate::firewall::conntrack::{self, Conntrack, ConntrackConfig, ConntrackStats, Owner};
 use crate::firewall::packet::{self as fwpacket, SummaryError};
 use crate::wire::{self, arp, ethernet, ipv6, ndp, vxlan, EtherType, Mac, Vni};
 use rustc_hash::FxHashMap;
@@ -124,13 +126,30 @@ pub struct Config {
     pub lookup_timeout: Duration,
     /// Bytes held per destination while its lookup is in flight.
     pub pending_bytes_per_dest: usize,
-    /// Destinations that may have frames held at once.
+    /// Destinations that may have frames held at once (the whole core).
     pub pending_max_dests: usize,
+    /// Destinations one vnic may have waiting for a lookup at once (its new lookups beyond
+    /// this are dropped as [`DropReason::PendingQuota`]). Well below `pending_max_dests`, so
+    /// one container flooding ARP or SYNs to unresolved addresses cannot fill the core's
+    /// table, nor the resolver's queue, for the others.
+    pub pending_dests_per_vnic: usize,
     /// Cache entries stale for longer than this are removed by the sweep.
     pub stale_grace: Duration,
     /// Connection tracking (size, timeouts, hash seed); the table is allocated when the first
     /// filter is set.
     pub conntrack: ConntrackConfig,
+    /// Underlay addresses whose ARP requests over VXLAN are answered on any VNI (foreign VXLAN
+    /// peers listed by the operator, `fabric dataplane --peer`). Besides these, only sources
+    /// this core has a mapping for on the request's VNI are answered (see
+    /// [`Core::from_underlay`]).
+    pub underlay_peers: Vec<IpAddr>,
+    /// ARP answers to one underlay source (sources whose keyed hash collides share a bucket).
+    pub underlay_arp_per_peer: RateLimit,
+    /// ARP answers to the underlay, all sources together.
+    pub underlay_arp_total: RateLimit,
+    /// Lookups started by ARP requests from unknown underlay sources (to learn whether the
+    /// sender lives there).
+    pub underlay_arp_learn: RateLimit,
 }
 
 impl Default for Config {
@@ -141,10 +160,26 @@ impl Default for Config {
             lookup_timeout: Duration::from_secs(3),
             pending_bytes_per_dest: 64 * 1024,
             pending_max_dests: 4096,
+            pending_dests_per_vnic: 256,
             stale_grace: Duration::from_secs(300),
             conntrack: ConntrackConfig {
                 seed: random_seed(),
                 ..ConntrackConfig::default()
+            },
+            underlay_peers: Vec::new(),
+            // A Linux vxlan peer ARPs once a second per neighbour it resolves (three tries):
+            // 50/s per peer host covers dozens of its containers resolving ours at once.
+            underlay_arp_per_peer: RateLimit {
+                per_sec: 50,
+                burst: 100,
+            },
+            underlay_arp_total: RateLimit {
+                per_sec: 1000,
+                burst: 1000,
+            },
+            underlay_arp_learn: RateLimit {
+                per_sec: 100,
+                burst: 100,
             },
         }
     }
@@ -199,6 +234,8 @@ struct Vnic {
     counters: Counters,
     /// The firewall (`None`: unfiltered).
     rules: Option<Arc<VnicRuleSet>>,
+    /// Pending destinations (and so lookups in flight) this vnic started.
+    pending_dests: usize,
 }
 
 impl Vnic {
@@ -240,8 +277,10 @@ struct Held {
     frame: Vec<u8>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PendingQueue {
+    /// The vnic whose frame started the lookup: the destination counts against its quota.
+    owner: VnicId,
     frames: VecDeque<Held>,
     bytes: usize,
 }
@@ -264,8 +303,16 @@ pub struct Core {
     last_sweep: Option<Instant>,
     scratch: Vec<u8>,
     conntrack: Option<Tracker>,
-    /// Time zero of the connection-tracking clock.
+    /// Time zero of the connection-tracking and rate-limit clocks.
     epoch: Instant,
+    /// Remote VL2 entries per (VNI, underlay IP): the underlay hosts this core knows, per
+    /// segment, whose ARP requests it answers.
+    underlays: FxHashMap<(Vni, IpAddr), u32>,
+    /// Operator-listed underlay peers (answered on every VNI).
+    peers: rustc_hash::FxHashSet<IpAddr>,
+    arp_per_peer: ratelimit::PerSource,
+    arp_total: ratelimit::TokenBucket,
+    arp_learn: ratelimit::TokenBucket,
 }
 
 /// The connection-tracking table (allocated on first use).
@@ -294,6 +341,8 @@ impl Default for Core {
 impl Core {
     /// An empty core.
     pub fn new(cfg: Config) -> Core {
+        let peers = cfg.underlay_peers.iter().copied().collect();
+        let seed = cfg.conntrack.seed;
         Core {
             cfg,
             vnics: Vec::new(),
@@ -311,7 +360,23 @@ impl Core {
             scratch: vec![0u8; HEADROOM + 65_536],
             conntrack: None,
             epoch: Instant::now(),
+            underlays: FxHashMap::default(),
+            peers,
+            arp_per_peer: ratelimit::PerSource::new(seed),
+            arp_total: ratelimit::TokenBucket::default(),
+            arp_learn: ratelimit::TokenBucket::default(),
         }
+    }
+
+    /// Replace the operator-listed underlay peers (see [`Config::underlay_peers`]).
+    pub fn set_underlay_peers(&mut self, peers: impl IntoIterator<Item = IpAddr>) {
+        self.peers = peers.into_iter().collect();
+    }
+
+    /// Whether ARP requests over VXLAN from `src` on `vni` are answered: an operator-listed
+    /// peer, or an underlay host this core has a mapping for on `vni`.
+    pub fn is_known_peer(&self, vni: Vni, src: IpAddr) -> bool {
+        self.peers.contains(&src) || self.underlays.contains_key(&(vni, src))
     }
 
     /// The configuration.
@@ -360,7 +425,9 @@ impl Core {
                 self.vnics.len() - 1
             });
         let id = VnicId(slot as u32);
-        self.l2.insert((cfg.vni, cfg.mac), L2Dest::Local(id));
+        if let Some(L2Dest::Remote(old)) = self.l2.insert((cfg.vni, cfg.mac), L2Dest::Local(id)) {
+            unindex_underlay(&mut self.underlays, cfg.vni, old.underlay);
+        }
         for ip in ips {
             self.local_ip.insert((cfg.vni, ip), id);
         }
@@ -370,6 +437,7 @@ impl Core {
             cfg,
             counters: Counters::default(),
             rules: None,
+            pending_dests: 0,
         });
         Ok(id)
     }
@@ -437,10 +505,12 @@ impl Core {
             return Ok(());
         };
         let t = now.saturating_duration_since(self.epoch);
-        let reason = match ct.0.classify(rules, dir, &pkt, t) {
+        // A new flow is charged to the vnic whose rules admit it: its fair share of the table.
+        let reason = match ct.0.classify_for(Owner(id.0), rules, dir, &pkt, t) {
             conntrack::Verdict::Allow { .. } => return Ok(()),
             conntrack::Verdict::Deny { rule: Some(_) } => DropReason::FirewallRule,
             conntrack::Verdict::Deny { rule: None } => DropReason::FirewallDefault,
+            conntrack::Verdict::TableFull => DropReason::ConntrackFull,
         };
         if dir == Direction::Ingress {
             // The frame's own accounting counts the drop globally (and on the sending vnic for
@@ -471,6 +541,24 @@ impl Core {
             if *n == 0 {
                 self.vni_vnics.remove(&v.cfg.vni);
             }
+        }
+        // Its pending destinations go too (their frames would be dropped on release anyway),
+        // so a vnic attached later in the same slot starts with its whole quota.
+        let gone: Vec<LookupKey> = self
+            .pending
+            .iter()
+            .filter(|(_, q)| q.owner == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            if let Some(q) = self.pending.remove(&k) {
+                self.release_pending(q, DropReason::UnknownVnic);
+            }
+        }
+        // Its flows go with it, so a vnic attached later in the same slot starts with its
+        // whole fair share of the connection table.
+        if let Some(ct) = self.conntrack.as_mut() {
+            ct.0.forget_owner(Owner(id.0));
         }
         Ok(v.cfg)
     }
@@ -513,12 +601,15 @@ impl Core {
         });
         match self.l2.entry((vni, mac)) {
             std::collections::hash_map::Entry::Occupied(mut o) => {
-                if !matches!(o.get(), L2Dest::Local(_)) {
+                if let L2Dest::Remote(old) = *o.get() {
                     o.insert(e);
+                    unindex_underlay(&mut self.underlays, vni, old.underlay);
+                    *self.underlays.entry((vni, underlay.ip())).or_default() += 1;
                 }
             }
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(e);
+                *self.underlays.entry((vni, underlay.ip())).or_default() += 1;
             }
         }
         self.negative.remove(&LookupKey::Vl2 { vni, mac });
@@ -526,7 +617,8 @@ impl Core {
 
     /// Remove a remote (cached) VL2 entry; a local vnic's entry stays.
     fn forget_vl2(&mut self, vni: Vni, mac: Mac) -> bool {
-        if let Some(L2Dest::Remote(_)) = self.l2.get(&(vni, mac)) {
+        if let Some(L2Dest::Remote(e)) = self.l2.get(&(vni, mac)) {
+            unindex_underlay(&mut self.underlays, vni, e.underlay);
             self.l2.remove(&(vni, mac));
             true
         } else {
@@ -899,11 +991,30 @@ impl Core {
     }
 
     fn hold(&mut self, key: LookupKey, vnic: VnicId, frame: &[u8], now: Instant) -> Verdict {
-        if !self.pending.contains_key(&key) && self.pending.len() >= self.cfg.pending_max_dests {
-            return Verdict::Drop(DropReason::PendingTableFull);
+        if !self.pending.contains_key(&key) {
+            let Some(mine) = self.vnic_ref(vnic).map(|v| v.pending_dests) else {
+                return Verdict::Drop(DropReason::UnknownVnic);
+            };
+            if mine >= self.cfg.pending_dests_per_vnic {
+                return Verdict::Drop(DropReason::PendingQuota);
+            }
+            if self.pending.len() >= self.cfg.pending_max_dests && !self.evict_pending(vnic) {
+                return Verdict::Drop(DropReason::PendingTableFull);
+            }
+            self.pending.insert(
+                key,
+                PendingQueue {
+                    owner: vnic,
+                    frames: VecDeque::new(),
+                    bytes: 0,
+                },
+            );
+            if let Some(v) = self.vnics[vnic.0 as usize].as_mut() {
+                v.pending_dests += 1;
+            }
         }
         let cap = self.cfg.pending_bytes_per_dest;
-        let q = self.pending.entry(key).or_default();
+        let q = self.pending.get_mut(&key).expect("inserted above");
         q.frames.push_back(Held {
             vnic,
             at: now,
@@ -911,7 +1022,14 @@ impl Core {
         });
         q.bytes += frame.len();
         while q.bytes > cap && q.frames.len() > 1 {
-            let old = q.frames.pop_front().expect("len > 1");
+            // The sender's own oldest frame goes first: another vnic waiting on the same
+            // destination does not lose its frames to this one's burst.
+            let last = q.frames.len() - 1;
+            let at = q.frames.iter().take(last).position(|h| h.vnic == vnic);
+            let old = q
+                .frames
+                .remove(at.unwrap_or(0))
+                .expect("index within the queue");
             q.bytes -= old.frame.len();
             Self::count_drop(
                 &mut self.counters,
@@ -922,6 +1040,53 @@ impl Core {
         }
         self.request(key, now);
         Verdict::Held
+    }
+
+    /// The pending table is full and `for_vnic` (within its quota) needs a destination: take
+    /// the oldest destination of the vnic holding the most, if it holds more than `for_vnic`.
+    /// Its frames are dropped as [`DropReason::PendingEvicted`]. Walks the vnics and the
+    /// pending table: reached only when the whole table is full.
+    fn evict_pending(&mut self, for_vnic: VnicId) -> bool {
+        let mine = self.vnic_ref(for_vnic).map_or(0, |v| v.pending_dests);
+        let Some((top, most)) = self
+            .vnics
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_ref().map(|v| (VnicId(i as u32), v.pending_dests)))
+            .max_by_key(|&(_, n)| n)
+        else {
+            return false;
+        };
+        if most <= mine {
+            return false;
+        }
+        let Some(key) = self
+            .pending
+            .iter()
+            .filter(|(_, q)| q.owner == top)
+            .min_by_key(|(_, q)| q.frames.front().map(|h| h.at))
+            .map(|(k, _)| *k)
+        else {
+            return false;
+        };
+        let q = self.pending.remove(&key).expect("found above");
+        self.release_pending(q, DropReason::PendingEvicted);
+        true
+    }
+
+    /// A pending destination is gone: its owner's quota gets it back; its frames (if any are
+    /// left) are dropped for `reason`.
+    fn release_pending(&mut self, q: PendingQueue, reason: DropReason) {
+        Self::uncount_pending(&mut self.vnics, q.owner);
+        for h in q.frames {
+            Self::count_drop(&mut self.counters, &mut self.vnics, h.vnic, reason);
+        }
+    }
+
+    fn uncount_pending(vnics: &mut [Option<Vnic>], owner: VnicId) {
+        if let Some(Some(v)) = vnics.get_mut(owner.0 as usize) {
+            v.pending_dests = v.pending_dests.saturating_sub(1);
+        }
     }
 
     fn count_drop(global: &mut Counters, vnics: &mut [Option<Vnic>], vnic: VnicId, r: DropReason) {
@@ -936,7 +1101,10 @@ impl Core {
     /// A UDP datagram from the underlay host `src`. On [`Verdict::ToVnic`] the buffer holds the
     /// inner frame (the VXLAN header was stripped by moving the start; nothing copied). On
     /// [`Verdict::ToUnderlay`] the buffer holds an ARP answer for a remote host that asked
-    /// about a local vnic (interop with peers that flood ARP, like Linux vxlan).
+    /// about a local vnic (interop with peers that flood ARP, like Linux vxlan): only a known
+    /// peer is answered (see [`Core::is_known_peer`]), within per-source and overall rate
+    /// limits; others are dropped as [`DropReason::UnderlayArpUnknownPeer`] or
+    /// [`DropReason::UnderlayArpRateLimited`].
     pub fn from_underlay(
         &mut self,
         src: SocketAddr,
@@ -985,7 +1153,7 @@ impl Core {
         }
         if dst.is_multicast() {
             if ethertype == EtherType::ARP {
-                if let Some(v) = self.underlay_arp(vni, src, buf) {
+                if let Some(v) = self.underlay_arp(vni, src, buf, now) {
                     return v;
                 }
             }
@@ -1012,12 +1180,21 @@ impl Core {
     }
 
     /// A broadcast ARP request from a remote host: answer it if it asks for a local vnic's
-    /// address on that VNI (sent back encapsulated to the asking host).
+    /// address on that VNI (sent back encapsulated to the asking host), but only to a known
+    /// peer and within the rate limits: the outer source of a datagram is not authenticated,
+    /// and answering every spoofed request would make this host reflect traffic at whatever
+    /// address the sender chose. `None`: not a request for a local address (the caller drops
+    /// it as broadcast).
+    ///
+    /// A request from an unknown source starts (rate-limited) a VL3 lookup of its sender's
+    /// IP: once the mapping service says that sender lives at that underlay address, the
+    /// source is known and its next request (a kernel retries every second) is answered.
     fn underlay_arp(
         &mut self,
         vni: Vni,
         src: SocketAddr,
         buf: &mut FrameBuf<'_>,
+        now: Instant,
     ) -> Option<Verdict> {
         let p = arp::Packet::new_checked(&buf.bytes()[ethernet::HEADER_LEN..]).ok()?;
         let req = arp::Repr::parse(&p).ok()?;
@@ -1026,6 +1203,29 @@ impl Core {
         }
         let id = *self.local_ip.get(&(vni, IpAddr::V4(req.tpa)))?;
         let mac = self.vnic_ref(id)?.cfg.mac;
+        let now_ns =
+            u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        if !self.is_known_peer(vni, src.ip()) {
+            let sender = IpAddr::V4(req.spa);
+            let key = LookupKey::Vl3 { vni, ip: sender };
+            if !req.spa.is_unspecified()
+                && !self.vl3.contains_key(&(vni, sender))
+                && !self.local_ip.contains_key(&(vni, sender))
+                && !self.in_flight.contains_key(&key)
+                && !self.is_negative(&key, now)
+                && self.arp_learn.take(self.cfg.underlay_arp_learn, now_ns)
+            {
+                self.request(key, now);
+            }
+            return Some(Verdict::Drop(DropReason::UnderlayArpUnknownPeer));
+        }
+        if !self
+            .arp_per_peer
+            .take(src.ip(), self.cfg.underlay_arp_per_peer, now_ns)
+            || !self.arp_total.take(self.cfg.underlay_arp_total, now_ns)
+        {
+            return Some(Verdict::Drop(DropReason::UnderlayArpRateLimited));
+        }
         if !proxy::write_arp_reply(buf, mac, req.tpa, req.sha, req.spa) {
             return None;
         }
@@ -1074,15 +1274,14 @@ impl Core {
                 self.negative.insert(key, now + self.cfg.negative_ttl);
             }
             if let Some(q) = self.pending.remove(&key) {
-                for h in q.frames {
-                    Self::count_drop(&mut self.counters, &mut self.vnics, h.vnic, reason);
-                }
+                self.release_pending(q, reason);
             }
             return;
         }
         let Some(q) = self.pending.remove(&key) else {
             return;
         };
+        Self::uncount_pending(&mut self.vnics, q.owner);
         let mut scratch = std::mem::take(&mut self.scratch);
         for h in q.frames {
             if self.vnic_ref(h.vnic).is_none() {
@@ -1152,7 +1351,11 @@ impl Core {
                 q.bytes -= h.frame.len();
                 Self::count_drop(counters, vnics, h.vnic, DropReason::LookupTimeout);
             }
-            !q.frames.is_empty()
+            if q.frames.is_empty() {
+                Self::uncount_pending(vnics, q.owner);
+                return false;
+            }
+            true
         });
         self.in_flight
             .retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
@@ -1167,11 +1370,29 @@ impl Core {
         {
             self.last_sweep = Some(now);
             let grace = self.cfg.stale_grace;
-            self.l2.retain(|_, d| match d {
+            let underlays = &mut self.underlays;
+            self.l2.retain(|&(vni, _), d| match d {
                 L2Dest::Local(_) => true,
-                L2Dest::Remote(e) => e.expires + grace > now,
+                L2Dest::Remote(e) => {
+                    let keep = e.expires + grace > now;
+                    if !keep {
+                        unindex_underlay(underlays, vni, e.underlay);
+                    }
+                    keep
+                }
             });
             self.vl3.retain(|_, e| e.expires + grace > now);
+        }
+    }
+}
+
+/// One remote VL2 entry for `underlay` on `vni` is gone.
+fn unindex_underlay(underlays: &mut FxHashMap<(Vni, IpAddr), u32>, vni: Vni, underlay: SocketAddr) {
+    let k = (vni, underlay.ip());
+    if let Some(n) = underlays.get_mut(&k) {
+        *n -= 1;
+        if *n == 0 {
+            underlays.remove(&k);
         }
     }
 }

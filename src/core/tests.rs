@@ -635,6 +635,30 @@ fn neighbour_solicitation_is_answered_by_the_proxy() {
 fn remote_arp_for_a_local_vnic_is_answered_over_the_underlay() {
     let (mut core, _id, now) = one_vnic();
     let req = arp_request(B, "10.0.0.2", "10.0.0.1");
+    // Unknown source: not answered; its sender is looked up instead.
+    let (v, _, _) = recv(&mut core, &vxlan_datagram(100, &req), now);
+    assert_eq!(v, Verdict::Drop(DropReason::UnderlayArpUnknownPeer));
+    assert_eq!(
+        core.poll_lookup(),
+        Some(LookupKey::Vl3 {
+            vni: vni(100),
+            ip: IpAddr::V4(ip("10.0.0.2"))
+        })
+    );
+    // The mapping service says the sender lives at under(2): that host is a known peer now.
+    core.handle_answer(
+        LookupAnswer::Vl3 {
+            vni: vni(100),
+            ip: IpAddr::V4(ip("10.0.0.2")),
+            result: Ok(Some(Vl3Mapping {
+                mac: B,
+                underlay: under(2),
+            })),
+        },
+        now,
+    );
+    assert!(core.is_known_peer(vni(100), under(2).ip()));
+    assert!(!core.is_known_peer(vni(101), under(2).ip()));
     let mut raw = vxlan_datagram(100, &req);
     raw.resize(raw.len() + 64, 0);
     let len = 8 + req.len();
@@ -657,6 +681,109 @@ fn remote_arp_for_a_local_vnic_is_answered_over_the_underlay() {
         recv(&mut core, &vxlan_datagram(100, &req), now).0,
         Verdict::Drop(DropReason::Broadcast)
     );
+}
+
+#[test]
+fn operator_listed_peers_are_answered_on_every_vni_within_the_limit() {
+    let mut core = Core::new(Config {
+        underlay_peers: vec![under(5).ip()],
+        underlay_arp_per_peer: RateLimit {
+            per_sec: 1,
+            burst: 3,
+        },
+        ..Config::default()
+    });
+    let now = Instant::now();
+    core.add_vnic(cfg(100, A, "10.0.0.1")).unwrap();
+    core.add_vnic(cfg(200, C, "10.0.0.1")).unwrap();
+    let req = arp_request(B, "10.0.0.2", "10.0.0.1");
+    let mut answered = 0;
+    for v in [100, 200, 100, 200, 100] {
+        let mut raw = vxlan_datagram(v, &req);
+        raw.resize(raw.len() + 64, 0);
+        let mut buf = FrameBuf::new(&mut raw, 0, 8 + req.len()).unwrap();
+        match core.from_underlay(under(5), &mut buf, now) {
+            Verdict::ToUnderlay { dst, .. } => {
+                assert_eq!(dst, under(5));
+                answered += 1;
+            }
+            v => assert_eq!(v, Verdict::Drop(DropReason::UnderlayArpRateLimited)),
+        }
+    }
+    assert_eq!(answered, 3, "the per-peer burst");
+    assert_eq!(
+        core.counters().drops_of(DropReason::UnderlayArpRateLimited),
+        2
+    );
+    // The list can change at run time.
+    core.set_underlay_peers([]);
+    assert!(!core.is_known_peer(vni(100), under(5).ip()));
+}
+
+#[test]
+fn pending_quota_per_vnic_and_eviction_from_the_largest_holder() {
+    let mut core = Core::new(Config {
+        pending_max_dests: 8,
+        pending_dests_per_vnic: 5,
+        ..Config::default()
+    });
+    let now = Instant::now();
+    let a = core.add_vnic(cfg(100, A, "10.0.0.1")).unwrap();
+    let b = core.add_vnic(cfg(100, B, "10.0.0.2")).unwrap();
+    let c = core.add_vnic(cfg(200, C, "10.0.0.3")).unwrap();
+    let arp = |who: Mac, me: &str, n: u8| arp_request(who, me, &format!("10.0.1.{n}"));
+    for n in 0..7 {
+        let (v, _) = send(&mut core, a, &arp(A, "10.0.0.1", n), now);
+        let want = if n < 5 {
+            Verdict::Held
+        } else {
+            Verdict::Drop(DropReason::PendingQuota)
+        };
+        assert_eq!(v, want, "a's lookup {n}");
+    }
+    for n in 10..13 {
+        assert_eq!(
+            send(&mut core, b, &arp(B, "10.0.0.2", n), now).0,
+            Verdict::Held
+        );
+    }
+    // Table full (5 + 3): c takes from a (5 held), then a and b are level (4, 3)...
+    assert_eq!(
+        send(&mut core, c, &arp(C, "10.0.0.3", 20), now).0,
+        Verdict::Held
+    );
+    assert_eq!(
+        core.vnic_counters(a)
+            .unwrap()
+            .drops_of(DropReason::PendingEvicted),
+        1
+    );
+    assert_eq!(core.held().0, 8);
+    // ... b (3) cannot take from a (4) unless a holds more than b: it does.
+    assert_eq!(
+        send(&mut core, b, &arp(B, "10.0.0.2", 13), now).0,
+        Verdict::Held
+    );
+    // Now a 3, b 4, c 1: c takes from b.
+    assert_eq!(
+        send(&mut core, c, &arp(C, "10.0.0.3", 21), now).0,
+        Verdict::Held
+    );
+    assert_eq!(
+        core.vnic_counters(b)
+            .unwrap()
+            .drops_of(DropReason::PendingEvicted),
+        1
+    );
+    // Answers and timeouts give the quota back.
+    core.handle_timeout(now + Duration::from_secs(10));
+    assert_eq!(core.held(), (0, 0));
+    for n in 30..35 {
+        assert_eq!(
+            send(&mut core, a, &arp(A, "10.0.0.1", n), now).0,
+            Verdict::Held
+        );
+    }
 }
 
 #[test]

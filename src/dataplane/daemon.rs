@@ -82,6 +82,11 @@ pub struct DataplaneArgs {
     /// to them.
     #[arg(long, value_name = "PORT", default_value_t = vxlan::PORT)]
     pub peer_port: u16,
+    /// A foreign VXLAN peer (e.g. a Linux vxlan host) whose ARP requests over VXLAN are
+    /// answered on every VNI; repeatable. Other sources are answered only once a mapping on
+    /// that VNI lives at their address. Answers are rate-limited per source either way.
+    #[arg(long = "peer", value_name = "IP")]
+    pub peers: Vec<std::net::IpAddr>,
     /// Timeout of one Portolan query, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub lookup_timeout_ms: u64,
@@ -1500,7 +1505,10 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         waker: waker.clone(),
     };
     let w = Worker {
-        core: Core::new(Config::default()),
+        core: Core::new(Config {
+            underlay_peers: args.peers.clone(),
+            ..Config::default()
+        }),
         taps: Vec::new(),
         underlay: underlay.clone(),
         poller,

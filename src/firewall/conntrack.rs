@@ -37,9 +37,22 @@
 //! no allocation per packet. A slot's key and per-packet state fill one cache line (a lookup
 //! reads one line); the flow's first packet, needed only after a rule change, lives in a
 //! parallel array. Time is a parameter (`now`, any monotonic epoch); nothing here
-//! reads a clock. When full, an insert evicts one entry chosen among a bounded sample
-//! (preferring expired, then closing or half-open, then the longest idle), each counted.
-//! Denied packets never create state (so a spoofing flood cannot evict real flows).
+//! reads a clock. Denied packets never create state (so a spoofing flood cannot evict real
+//! flows).
+//!
+//! **Fair shares.** Every entry is charged to an [`Owner`] (the firewalled vnic whose rules
+//! admitted it), and the table keeps a count per owner. An owner's share is the capacity
+//! divided among the owners that hold flows (never below [`ConntrackConfig::min_share`]).
+//! While the table has room any owner may insert; when it is full, an insert evicts one entry
+//! chosen by a bounded walk from a cursor that moves on by exactly the slots it looked at (so
+//! successive walks cover every slot): an expired entry of anyone; else, for an inserter at
+//! or over its share, its own flows first, then those of owners over their share; for an
+//! inserter under its share, flows of owners over their share first, then its own. Within a
+//! group closing or half-open flows go before live ones, then the longest idle. A live flow
+//! of another owner at or under its share is never evicted: when nothing else can go, the new
+//! flow is refused ([`Verdict::TableFull`], counted in `refused_full`). So one tenant opening
+//! flows without end churns only its own entries and cannot push another tenant's idle
+//! established connection out of the table.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -213,6 +226,9 @@ pub enum Verdict {
         /// The blocking rule.
         rule: Option<RuleId>,
     },
+    /// Drop: the rules allow this new flow, but the table is full and nothing its owner may
+    /// evict was found (every other flow belongs to an owner within its fair share).
+    TableFull,
 }
 
 impl Verdict {
@@ -264,6 +280,10 @@ pub struct ConntrackConfig {
     pub timeouts: Timeouts,
     /// Hash key (pick at random per process, so flows cannot be chosen to collide).
     pub seed: u64,
+    /// Smallest fair share of the table an owner is guaranteed (its live flows up to this
+    /// many are never evicted for another owner), however many owners hold flows. The share
+    /// is otherwise `max_flows / owners holding flows`.
+    pub min_share: usize,
 }
 
 impl Default for ConntrackConfig {
@@ -272,9 +292,19 @@ impl Default for ConntrackConfig {
             max_flows: 65536,
             timeouts: Timeouts::default(),
             seed: 0x9e37_79b9_7f4a_7c15,
+            // 256 live flows per vnic survive any neighbour; 256 vnics with flows reach it.
+            min_share: 256,
         }
     }
 }
+
+/// Who a tracked flow is charged to: a small dense index (the core uses its vnic slot).
+/// Indexes at or above [`MAX_OWNERS`] share one count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner(pub u32);
+
+/// Number of distinct owners counted apart.
+pub const MAX_OWNERS: usize = 1 << 16;
 
 /// Counters (monotonic).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -303,6 +333,8 @@ pub struct ConntrackStats {
     pub evicted_closing: u64,
     /// Evictions of live, idle flows to make room.
     pub evicted_idle: u64,
+    /// New flows refused because the table was full and no entry could be evicted for them.
+    pub refused_full: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -605,6 +637,7 @@ impl Hot {
 /// A packet's key, hash, and slot if tracked.
 #[derive(Debug, Clone, Copy)]
 struct Lookup {
+    owner: Owner,
     key: FlowKey,
     src_is_lo: bool,
     hash: u64,
@@ -616,10 +649,13 @@ struct Lookup {
 struct Cold {
     first_dir: Direction,
     first: RuleQuery,
+    /// Who the flow is charged to (read on insert, removal and eviction, never per packet).
+    owner: Owner,
 }
 
 impl Cold {
     const EMPTY: Cold = Cold {
+        owner: Owner(0),
         first_dir: Direction::Egress,
         first: RuleQuery {
             peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -630,10 +666,12 @@ impl Cold {
     };
 }
 
-/// Size of the eviction sample.
+/// Size of the eviction sample: candidates of the preferred group looked at before choosing.
 const EVICT_SAMPLE: usize = 16;
-/// How far the eviction cursor moves at least, so successive evictions sample new slots.
-const EVICT_SCAN: usize = 128;
+/// Most slots one eviction walk looks at (bounded work per insert). At the default size
+/// (131 072 slots) and the smallest share, an owner over its share holds at least 1/256 of
+/// the entries, so a walk this long finds one of its flows with near certainty.
+const EVICT_SCAN_LIMIT: usize = 8192;
 /// Upper bound on `max_flows` (2^26 flows; the table holds twice as many slots).
 pub const MAX_FLOWS_LIMIT: usize = 1 << 26;
 /// Longest timeout kept (≈ 292 years), so `now + timeout` never saturates for any `now`
@@ -650,7 +688,19 @@ pub struct Conntrack {
     mask: usize,
     len: usize,
     max_flows: usize,
+    min_share: usize,
+    /// Where the sweep goes on.
     cursor: usize,
+    /// Where the next eviction walk starts: it moves on by exactly the slots each walk looked
+    /// at (a full-cycle walk), so every slot is sampled in turn.
+    evict_cursor: usize,
+    /// Flows charged to each owner (index: `Owner`, capped at `MAX_OWNERS - 1`).
+    owner_flows: Vec<u32>,
+    /// Owners with at least one flow.
+    active_owners: usize,
+    /// Test-only: how often each slot was looked at by an eviction walk.
+    #[cfg(test)]
+    sampled: Vec<u32>,
     /// Idle timeouts in nanoseconds, by `[is ICMP][state]`.
     timeout_ns: [[u64; STATES]; 2],
     hash_keys: HashKeys,
@@ -731,7 +781,13 @@ impl Conntrack {
             mask: cap - 1,
             len: 0,
             max_flows: max,
+            min_share: config.min_share.clamp(1, max),
             cursor: 0,
+            evict_cursor: 0,
+            owner_flows: Vec::new(),
+            active_owners: 0,
+            #[cfg(test)]
+            sampled: vec![0; cap],
             timeout_ns: timeout_table(&config.timeouts),
             hash_keys: HashKeys::new(config.seed),
             stats: ConntrackStats::default(),
@@ -781,6 +837,7 @@ impl Conntrack {
     }
 
     fn remove_at(&mut self, idx: usize) {
+        self.uncharge(self.cold[idx].owner);
         let mask = self.mask;
         let mut i = idx;
         self.hot[i].bits = 0;
@@ -807,74 +864,177 @@ impl Conntrack {
         self.len -= 1;
     }
 
-    /// Makes room for one entry if the table is full.
-    fn make_room(&mut self, now: u64) {
-        if self.len < self.max_flows {
-            return;
+    #[inline]
+    fn owner_index(owner: Owner) -> usize {
+        (owner.0 as usize).min(MAX_OWNERS - 1)
+    }
+
+    /// Flows charged to `owner` now.
+    pub fn owner_flows(&self, owner: Owner) -> usize {
+        self.owner_flows
+            .get(Self::owner_index(owner))
+            .map_or(0, |&n| n as usize)
+    }
+
+    /// Owners holding at least one flow.
+    pub fn active_owners(&self) -> usize {
+        self.active_owners
+    }
+
+    fn charge(&mut self, owner: Owner) {
+        let i = Self::owner_index(owner);
+        if i >= self.owner_flows.len() {
+            // Grows once per new highest owner (a vnic slot), never per packet.
+            self.owner_flows.resize(i + 1, 0);
         }
-        // (rank, idle-since) — lower is a better victim.
-        let mut best: Option<(usize, u8, u64)> = None;
-        let mut seen = 0;
+        if self.owner_flows[i] == 0 {
+            self.active_owners += 1;
+        }
+        self.owner_flows[i] += 1;
+    }
+
+    fn uncharge(&mut self, owner: Owner) {
+        let i = Self::owner_index(owner);
+        if let Some(n) = self.owner_flows.get_mut(i) {
+            if *n > 0 {
+                *n -= 1;
+                if *n == 0 {
+                    self.active_owners -= 1;
+                }
+            }
+        }
+    }
+
+    /// The fair share of every owner when `owner` inserts: the capacity divided among the
+    /// owners holding flows (counting `owner` even if it holds none yet), at least
+    /// `min_share`.
+    pub fn fair_share(&self, owner: Owner) -> usize {
+        let n = self.active_owners + usize::from(self.owner_flows(owner) == 0);
+        (self.max_flows / n.max(1)).max(self.min_share)
+    }
+
+    /// Makes room for one entry of `owner` if the table is full (see the module docs, "Fair
+    /// shares"). `false`: the table is full and nothing `owner` may evict was found.
+    fn make_room(&mut self, owner: Owner, now: u64) -> bool {
+        if self.len < self.max_flows {
+            return true;
+        }
+        let share = self.fair_share(owner);
+        let over = self.owner_flows(owner) >= share;
+        // (slot, tier, rank, last seen): lower is a better victim. Tier 0: expired (anyone's);
+        // tier 1: the preferred group; tier 2: the other group. Rank 0: closing or half-open.
+        let mut best: Option<(usize, u8, u8, u64)> = None;
+        let mut preferred = 0;
         let mut scanned = 0;
-        for step in 0..=self.mask {
-            scanned = step + 1;
-            let i = (self.cursor + step) & self.mask;
+        let limit = EVICT_SCAN_LIMIT.min(self.mask + 1);
+        while scanned < limit {
+            let i = (self.evict_cursor + scanned) & self.mask;
+            scanned += 1;
+            #[cfg(test)]
+            {
+                self.sampled[i] += 1;
+            }
             let e = &self.hot[i];
             if !e.occupied() {
                 continue;
             }
-            let rank = if e.expires <= now {
-                0
-            } else if e.state.closing_or_half_open() {
-                1
+            if e.expires <= now {
+                best = Some((i, 0, 0, 0));
+                break;
+            }
+            let o = self.cold[i].owner;
+            let mine = o == owner;
+            let tier = if mine {
+                if over {
+                    1
+                } else {
+                    2
+                }
+            } else if self.owner_flows(o) > share {
+                if over {
+                    2
+                } else {
+                    1
+                }
             } else {
-                2
+                // Another owner within its share: its live flows are not ours to take.
+                continue;
             };
+            let rank = u8::from(!e.state.closing_or_half_open());
             // Every update sets `expires = now + timeout(state)` (never saturating, see
             // MAX_TIMEOUT_NS), so this is the time the flow was last seen.
             let last_seen = e.expires.saturating_sub(self.timeout(e.state, e.proto));
-            if best.is_none_or(|(_, r, t)| (rank, last_seen) < (r, t)) {
-                best = Some((i, rank, last_seen));
+            if best.is_none_or(|(_, t, r, l)| (tier, rank, last_seen) < (t, r, l)) {
+                best = Some((i, tier, rank, last_seen));
             }
-            seen += 1;
-            if rank == 0 || seen >= EVICT_SAMPLE {
-                break;
+            if tier == 1 {
+                preferred += 1;
+                if preferred >= EVICT_SAMPLE {
+                    break;
+                }
             }
         }
-        self.cursor = (self.cursor + scanned.max(EVICT_SCAN)) & self.mask;
-        if let Some((i, rank, _)) = best {
-            match rank {
-                0 => self.stats.evicted_expired += 1,
-                1 => self.stats.evicted_closing += 1,
-                _ => self.stats.evicted_idle += 1,
-            }
-            self.remove_at(i);
+        self.evict_cursor = (self.evict_cursor + scanned) & self.mask;
+        let Some((i, tier, rank, _)) = best else {
+            return false;
+        };
+        match (tier, rank) {
+            (0, _) => self.stats.evicted_expired += 1,
+            (_, 0) => self.stats.evicted_closing += 1,
+            _ => self.stats.evicted_idle += 1,
         }
+        self.remove_at(i);
+        true
     }
 
-    fn insert(&mut self, hot: Hot, cold: Cold, hash: u64, now: u64) {
-        self.make_room(now);
-        if self.len >= self.max_flows {
-            return;
+    /// Inserts a new entry charged to `cold.owner`; `false` if refused (table full).
+    fn insert(&mut self, hot: Hot, cold: Cold, hash: u64, now: u64) -> bool {
+        if !self.make_room(cold.owner, now) {
+            return false;
         }
         let mut i = hash as usize & self.mask;
         while self.hot[i].occupied() {
             i = (i + 1) & self.mask;
         }
+        self.charge(cold.owner);
         self.hot[i] = hot;
         self.cold[i] = cold;
         self.len += 1;
+        true
+    }
+
+    /// Removes every flow charged to `owner` (its vnic is gone: a later vnic in the same slot
+    /// starts with nothing charged to it). Returns how many. Walks the whole table: for the
+    /// control path only.
+    pub fn forget_owner(&mut self, owner: Owner) -> usize {
+        if self.owner_flows(owner) == 0 {
+            return 0;
+        }
+        let mut removed = 0;
+        let mut i = 0;
+        while i <= self.mask {
+            if self.hot[i].occupied() && self.cold[i].owner == owner {
+                self.remove_at(i);
+                removed += 1;
+                // Another entry may have shifted into slot i: look at it again.
+                continue;
+            }
+            i += 1;
+        }
+        removed
     }
 
     /// Test-only: every occupied slot is reachable from its home slot, and `len` is right.
     #[cfg(test)]
     fn check_invariants(&self) {
         let mut count = 0;
+        let mut owners = std::collections::HashMap::new();
         for i in 0..=self.mask {
             if !self.hot[i].occupied() {
                 continue;
             }
             count += 1;
+            *owners.entry(self.cold[i].owner).or_insert(0usize) += 1;
             let key = self.hot[i].key();
             assert_eq!(
                 self.find(&key, key.hash(&self.hash_keys)),
@@ -884,6 +1044,10 @@ impl Conntrack {
         }
         assert_eq!(count, self.len);
         assert!(self.len <= self.max_flows);
+        for (o, n) in &owners {
+            assert_eq!(self.owner_flows(*o), *n, "flows of {o:?}");
+        }
+        assert_eq!(self.active_owners, owners.len());
     }
 
     /// Removes up to `budget` expired entries, scanning from a rotating cursor; returns how
@@ -908,9 +1072,9 @@ impl Conntrack {
         removed
     }
 
-    /// Classifies one packet crossing the vnic of `rules` in direction `dir` at time `now`:
-    /// one hash lookup for a tracked flow; otherwise one rule evaluation, and state for an
-    /// allowed new flow. No allocation.
+    /// [`Conntrack::classify_for`] with every flow charged to `Owner(0)` (a table serving
+    /// one vnic).
+    #[inline]
     pub fn classify(
         &mut self,
         rules: &VnicRuleSet,
@@ -918,9 +1082,23 @@ impl Conntrack {
         pkt: &PacketSummary,
         now: Duration,
     ) -> Verdict {
+        self.classify_for(Owner(0), rules, dir, pkt, now)
+    }
+
+    /// Classifies one packet crossing the vnic of `rules` in direction `dir` at time `now`:
+    /// one hash lookup for a tracked flow; otherwise one rule evaluation, and state for an
+    /// allowed new flow, charged to `owner` (the vnic of `rules`). No allocation.
+    pub fn classify_for(
+        &mut self,
+        owner: Owner,
+        rules: &VnicRuleSet,
+        dir: Direction,
+        pkt: &PacketSummary,
+        now: Duration,
+    ) -> Verdict {
         let now_ns = nanos(now);
         if !rules.is_filtered() || is_icmp_proto(pkt.proto) {
-            return self.classify_other(rules, dir, pkt, now_ns);
+            return self.classify_other(owner, rules, dir, pkt, now_ns);
         }
         let (vni, local_is_src) = (rules.vni(), dir == Direction::Egress);
         // The same code twice, so the IPv4 copy is compiled for IPv4 keys.
@@ -933,7 +1111,7 @@ impl Conntrack {
                     (*dst, pkt.dst_port),
                     local_is_src,
                 );
-                self.classify_flow(rules, dir, pkt, key, src_is_lo, now_ns)
+                self.classify_flow(owner, rules, dir, pkt, key, src_is_lo, now_ns)
             }
             _ => {
                 let (key, src_is_lo) = FlowKey::new(
@@ -943,15 +1121,17 @@ impl Conntrack {
                     (pkt.dst, pkt.dst_port),
                     local_is_src,
                 );
-                self.classify_flow(rules, dir, pkt, key, src_is_lo, now_ns)
+                self.classify_flow(owner, rules, dir, pkt, key, src_is_lo, now_ns)
             }
         }
     }
 
     /// `classify` of a TCP, UDP or other non-ICMP packet, from its key.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn classify_flow(
         &mut self,
+        owner: Owner,
         rules: &VnicRuleSet,
         dir: Direction,
         pkt: &PacketSummary,
@@ -986,9 +1166,10 @@ impl Conntrack {
                 };
             }
         } else {
-            return self.new_flow(rules, dir, pkt, key, src_is_lo, hash, now_ns);
+            return self.new_flow(owner, rules, dir, pkt, key, src_is_lo, hash, now_ns);
         }
         let lookup = Lookup {
+            owner,
             key,
             src_is_lo,
             hash,
@@ -1001,6 +1182,7 @@ impl Conntrack {
     #[inline(never)]
     fn classify_other(
         &mut self,
+        owner: Owner,
         rules: &VnicRuleSet,
         dir: Direction,
         pkt: &PacketSummary,
@@ -1019,6 +1201,7 @@ impl Conntrack {
         };
         let hash = key.hash(&self.hash_keys);
         let lookup = Lookup {
+            owner,
             key,
             src_is_lo,
             hash,
@@ -1039,6 +1222,7 @@ impl Conntrack {
         now_ns: u64,
     ) -> Verdict {
         let Lookup {
+            owner,
             key,
             src_is_lo,
             hash,
@@ -1082,7 +1266,7 @@ impl Conntrack {
                 self.stats.expired += 1;
             }
         }
-        self.new_flow(rules, dir, pkt, key, src_is_lo, hash, now_ns)
+        self.new_flow(owner, rules, dir, pkt, key, src_is_lo, hash, now_ns)
     }
 
     /// The key of an ICMP echo, or the verdict of any other ICMP message (related to a
@@ -1120,7 +1304,9 @@ impl Conntrack {
     #[cold]
     #[inline(never)]
     fn recheck(&mut self, i: usize, rules: &VnicRuleSet, now_ns: u64) -> Result<(), Verdict> {
-        let Cold { first_dir, first } = self.cold[i];
+        let Cold {
+            first_dir, first, ..
+        } = self.cold[i];
         let rule = match rules.evaluate(first_dir, &first) {
             RuleVerdict::AllowedBy(id) => Some(id),
             RuleVerdict::DefaultAllow | RuleVerdict::Unfiltered => None,
@@ -1151,7 +1337,9 @@ impl Conntrack {
     #[inline(never)]
     fn revoked_packet(&mut self, i: usize, rules: &VnicRuleSet, proto: u8, now_ns: u64) -> Verdict {
         if self.hot[i].generation != rules.generation() {
-            let Cold { first_dir, first } = self.cold[i];
+            let Cold {
+                first_dir, first, ..
+            } = self.cold[i];
             let verdict = rules.evaluate(first_dir, &first);
             let e = &mut self.hot[i];
             e.generation = rules.generation();
@@ -1198,6 +1386,7 @@ impl Conntrack {
     #[inline(never)]
     fn new_flow(
         &mut self,
+        owner: Owner,
         rules: &VnicRuleSet,
         dir: Direction,
         pkt: &PacketSummary,
@@ -1259,8 +1448,12 @@ impl Conntrack {
         let cold = Cold {
             first_dir: dir,
             first: query,
+            owner,
         };
-        self.insert(hot, cold, hash, now_ns);
+        if !self.insert(hot, cold, hash, now_ns) {
+            self.stats.refused_full += 1;
+            return Verdict::TableFull;
+        }
         self.stats.new_flows += 1;
         Verdict::Allow {
             rule,
@@ -1776,6 +1969,115 @@ mod tests {
         // Sweep removes expired entries.
         assert_eq!(ct.sweep(secs(1_000_000), 100), 8);
         assert!(ct.is_empty());
+    }
+
+    /// `n` replied UDP flows of `owner` (to peers of its own), one a millisecond from `t0` ms.
+    fn udp_flood(ct: &mut Conntrack, rs: &VnicRuleSet, owner: Owner, n: u32, t0: u64) {
+        for i in 0..n {
+            let peer = IpAddr::V4((0xc000_0200 + (owner.0 << 16) + i).into());
+            let port = 1024 + (i % 60000) as u16;
+            let now = Duration::from_millis(t0 + u64::from(i));
+            let out = PacketSummary::udp(ip(ME), port, peer, 53);
+            let _ = ct.classify_for(owner, rs, Direction::Egress, &out, now);
+            let back = PacketSummary::udp(peer, 53, ip(ME), port);
+            let _ = ct.classify_for(owner, rs, Direction::Ingress, &back, now);
+        }
+    }
+
+    #[test]
+    fn eviction_walk_samples_every_slot() {
+        let rs = ruleset(&[], 1);
+        let mut ct = Conntrack::new(ConntrackConfig {
+            max_flows: 2048,
+            ..Default::default()
+        });
+        let slots = ct.mask + 1;
+        // Fill the table, then keep inserting: every insert evicts after a walk.
+        udp_flood(&mut ct, &rs, Owner(0), 2048 + 1024, 0);
+        ct.check_invariants();
+        let unsampled = ct.sampled.iter().filter(|&&n| n == 0).count();
+        assert_eq!(unsampled, 0, "{unsampled} of {slots} slots never sampled");
+        // And evenly: no slot looked at far more often than the average.
+        let total: u64 = ct.sampled.iter().map(|&n| u64::from(n)).sum();
+        let max = u64::from(*ct.sampled.iter().max().unwrap());
+        assert!(
+            max <= 2 * total.div_ceil(slots as u64) + 1,
+            "max {max}, total {total}"
+        );
+    }
+
+    #[test]
+    fn one_owner_cannot_evict_another_within_its_share() {
+        let rs = ruleset(&["FROM any TO all vms ALLOW tcp PORT 22"], 1);
+        let mut ct = Conntrack::new(ConntrackConfig {
+            max_flows: 64,
+            min_share: 4,
+            ..Default::default()
+        });
+        let (victim, flooder) = (Owner(1), Owner(0));
+        // The victim's inbound SSH session, then idle.
+        let syn = PacketSummary::tcp(ip(PEER), 40000, ip(ME), 22, TCP_SYN);
+        assert!(ct
+            .classify_for(victim, &rs, Direction::Ingress, &syn, secs(0))
+            .is_allow());
+        let sa = PacketSummary::tcp(ip(ME), 22, ip(PEER), 40000, TCP_SYN | TCP_ACK);
+        ct.classify_for(victim, &rs, Direction::Egress, &sa, secs(0));
+        let ack = PacketSummary::tcp(ip(PEER), 40000, ip(ME), 22, TCP_ACK);
+        ct.classify_for(victim, &rs, Direction::Ingress, &ack, secs(0));
+        // Ten times the table in replied UDP flows, all more recent than the SSH session.
+        udp_flood(&mut ct, &rs, flooder, 640, 1000);
+        ct.check_invariants();
+        assert_eq!(ct.len(), 64);
+        assert_eq!(ct.owner_flows(victim), 1);
+        assert_eq!(ct.owner_flows(flooder), 63);
+        assert_eq!(
+            ct.flow_state(7, Direction::Ingress, &ack),
+            Some(FlowState::Established)
+        );
+        // The victim may grow to its share (32) by taking the flooder's flows...
+        for p in 0..31u16 {
+            let syn = PacketSummary::tcp(ip(PEER), 41000 + p, ip(ME), 22, TCP_SYN);
+            assert!(ct
+                .classify_for(victim, &rs, Direction::Ingress, &syn, secs(10))
+                .is_allow());
+        }
+        assert_eq!(ct.owner_flows(victim), 32);
+        // ... and the flooder, now at its share, only churns its own.
+        udp_flood(&mut ct, &rs, flooder, 100, 20_000);
+        assert_eq!(ct.owner_flows(victim), 32);
+        assert_eq!(ct.owner_flows(flooder), 32);
+        ct.check_invariants();
+        // Removing an owner frees its share.
+        assert_eq!(ct.forget_owner(flooder), 32);
+        assert_eq!((ct.len(), ct.active_owners()), (32, 1));
+        ct.check_invariants();
+    }
+
+    #[test]
+    fn full_table_of_owners_within_their_share_refuses() {
+        let rs = ruleset(&[], 1);
+        let mut ct = Conntrack::new(ConntrackConfig {
+            max_flows: 8,
+            min_share: 4,
+            ..Default::default()
+        });
+        udp_flood(&mut ct, &rs, Owner(0), 4, 0);
+        udp_flood(&mut ct, &rs, Owner(1), 4, 100);
+        assert_eq!(ct.len(), 8);
+        // A third owner: every flow belongs to an owner within its share (4).
+        let p = PacketSummary::udp(ip(ME), 9, ip(PEER), 9);
+        assert_eq!(
+            ct.classify_for(Owner(2), &rs, Direction::Egress, &p, secs(1)),
+            Verdict::TableFull
+        );
+        assert_eq!(ct.stats().refused_full, 1);
+        assert_eq!(ct.flow_state(7, Direction::Egress, &p), None);
+        // Once a flow expires, its slot is anyone's.
+        assert!(ct
+            .classify_for(Owner(2), &rs, Direction::Egress, &p, secs(1000))
+            .is_allow());
+        assert_eq!(ct.stats().evicted_expired, 1);
+        ct.check_invariants();
     }
 
     #[test]
