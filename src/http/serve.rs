@@ -232,8 +232,16 @@ impl<A: Accept> Server<A> {
         builder
             .http1()
             .timer(TokioTimer::new())
-            // A backstop only: the connection task enforces both deadlines itself.
-            .header_read_timeout(limits.header_read_timeout.max(limits.idle_timeout))
+            // A backstop only: the connection task enforces both deadlines itself (and counts
+            // them). hyper starts this clock a little later or earlier than ours, so it must
+            // fire well after both, or it would close an idle connection uncounted.
+            .header_read_timeout(
+                limits
+                    .header_read_timeout
+                    .max(limits.idle_timeout)
+                    .saturating_mul(2)
+                    .saturating_add(Duration::from_secs(1)),
+            )
             .max_buf_size(limits.max_header_bytes)
             .keep_alive(true);
         builder
