@@ -13,13 +13,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Instant;
 
 use fabric::control::client::{HttpClient, HttpResponse};
-use fabric::control::{http, open_store, Config};
 use portolan::store::postgres::{test_admin_url, TestDatabase};
-use portolan::store::Store;
 use serde_json::{json, Value};
 
 const OWNER: &str = "930896af-bf8c-48d4-885c-6573a94b1853";
@@ -28,17 +25,9 @@ const CN2: &str = "564d1a4c-0000-4000-8000-000000000002";
 /// Rounds of each kind (bounded: the whole test takes seconds).
 const ROUNDS: usize = 10;
 
-async fn service(url: &str) -> (SocketAddr, Arc<dyn Store>, tokio::sync::oneshot::Sender<()>) {
-    let cfg = Config::default();
-    let store = open_store(url, &cfg).await.unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(http::serve(l, store.clone(), cfg, async move {
-        let _ = rx.await;
-    }));
-    (addr, store, tx)
-}
+#[path = "util/pg_service.rs"]
+mod pg_service;
+use pg_service::service;
 
 /// One request on a fresh connection (so concurrent requests really are concurrent).
 async fn req(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> HttpResponse {

@@ -5,30 +5,18 @@
 //! under CI=true where it fails.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::sync::Arc;
 
 use fabric::control::client::HttpClient;
-use fabric::control::{http, open_store, Config};
 use portolan::client::{Client, ClientConfig};
 use portolan::server::{Server, ServerConfig};
 use portolan::store::postgres::{test_admin_url, TestDatabase};
-use portolan::store::Store;
 use serde_json::{json, Value};
 
 const OWNER: &str = "930896af-bf8c-48d4-885c-6573a94b1853";
 
-async fn service(url: &str) -> (SocketAddr, Arc<dyn Store>, tokio::sync::oneshot::Sender<()>) {
-    let cfg = Config::default();
-    let store = open_store(url, &cfg).await.unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(http::serve(l, store.clone(), cfg, async move {
-        let _ = rx.await;
-    }));
-    (addr, store, tx)
-}
+#[path = "util/pg_service.rs"]
+mod pg_service;
+use pg_service::service;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_services_share_one_postgres_database() {
