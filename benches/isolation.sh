@@ -19,6 +19,18 @@
 #      UDP socket bound to R's port 4789 (fabric answers to the source IP on the VXLAN port,
 #      whatever the source port) for ARP_SECONDS, and counts the VXLAN ARP replies it gets;
 #      host A's underlay_arp_unknown_peer / underlay_arp_rate_limited drops are read too.
+#   3. Conntrack flood: the flooder and the victim get a firewall (`fabric fw apply`: both
+#      firewall_enabled, no rules, so outbound flows are allowed and tracked); the flooder
+#      sends UDP to ever-new ports of a "sink" container on host B (VNI 1) from 8 sockets as
+#      fast as python can, for FLOOD_SECONDS, and the sink echoes every datagram (a python
+#      AF_PACKET socket swapping the headers), so the flooder's flows are replied, not
+#      half-open ones that any table evicts first; meanwhile the victim pings its (already
+#      resolved) baseline destinations again, each ping a new flow whose reply needs the
+#      state, and 4 TCP connections it opened to host B before the flood sit idle; after
+#      the flood the server writes on each (inbound: it passes only if the victim's flow is
+#      still tracked). Reported: p50/max, failures, idle connections that got their data,
+#      the victim's conntrack_full and firewall_default drops, the flooder's
+#      conntrack_full, and the flows tracked at the end.
 #
 # A counter the binary does not know (an older build) prints as n/a. Output: one line per
 # measure, then
@@ -67,7 +79,7 @@ cleanup() {
   done
   NSS=()
 }
-trap 'cleanup; rm -rf "$TMP"' EXIT
+trap 'trap "" PIPE; cleanup; rm -rf "$TMP"' EXIT # PIPE: a closed stdout must not stop the cleanup
 trap 'exit 130' INT TERM
 
 if [ -z "${FABRIC_BIN:-}" ] || [ -z "${PORTOLAN_BIN:-}" ]; then
@@ -102,6 +114,7 @@ HIP=("" 192.168.79.1 192.168.79.2)
 RIP=192.168.79.66
 UUID=("" 564d1a4c-0000-4000-8000-00000000150a 564d1a4c-0000-4000-8000-00000000150b)
 FL="$PFX-fl" FLIP=10.16.0.1 FLPFX=12 FLMAC=02:00:0a:10:00:01 # VNI 1, host A
+SK="$PFX-sk" SKIP=10.16.0.2 SKMAC=02:00:0a:10:00:02            # VNI 1, host B
 VI="$PFX-vi" VIIP=10.2.0.1 VIMAC=02:00:0a:02:00:01            # VNI 2, host A
 DIP=() DMAC=() DNS=()                                         # VNI 2, host B
 for ((k = 1; k <= 2 * N; k++)); do
@@ -195,11 +208,101 @@ while time.time() < late:
 print(sent, replies, rbytes)
 PY
 
+cat >"$TMP/udpflood.py" <<'PY'
+# udpflood.py DST SECONDS OUT: UDP to ever-new (source socket, port) pairs: one new flow each
+import signal, socket, sys, time
+dst, secs, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+stop = False
+def on_term(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
+for s in socks:
+    s.setblocking(False)
+sent = errs = i = 0
+t0 = time.time()
+end = t0 + secs
+while not stop and time.time() < end:
+    for _ in range(256):
+        i += 1
+        try:
+            socks[i % 8].sendto(b"x", (dst, (i // 8) % 65535 + 1))
+            sent += 1
+        except OSError:
+            errs += 1
+with open(out, "w") as f:
+    f.write("%d %d %.3f\n" % (sent, errs, time.time() - t0))
+PY
+
+cat >"$TMP/echo.py" <<'PY'
+# echo.py IF SECONDS: answer every UDP/IPv4 datagram on IF by swapping MACs, addresses and
+# ports (the IP checksum stays right; the UDP checksum is set to 0, "none")
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        f, addr = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    if addr[2] == socket.PACKET_OUTGOING or len(f) < 42 or f[23] != 17:
+        continue
+    ihl = (f[14] & 15) * 4
+    u = 14 + ihl
+    try:
+        s.send(f[6:12] + f[0:6] + f[12:26] + f[30:34] + f[26:30] + f[34:u]
+               + f[u + 2:u + 4] + f[u:u + 2] + f[u + 4:u + 6] + b"\0\0" + f[u + 8:])
+    except OSError:
+        pass
+PY
+
+cat >"$TMP/idle.py" <<'PY'
+# idle.py server PORT K GOFILE | client IP PORT K READYFILE GOFILE: K idle TCP connections;
+# the server writes on each once GOFILE exists; the client prints how many got it within 3 s
+import os, socket, sys, time
+if sys.argv[1] == "server":
+    port, k, go = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", port))
+    l.listen(k)
+    l.settimeout(60)
+    conns = [l.accept()[0] for _ in range(k)]
+    while not os.path.exists(go):
+        time.sleep(0.05)
+    for c in conns:
+        c.sendall(b"late\n")
+    time.sleep(10)
+else:
+    ip, port, k, ready, go = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+    conns = [socket.create_connection((ip, port), timeout=5) for _ in range(k)]
+    open(ready, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.05)
+    got = 0
+    end = time.time() + 3
+    for c in conns:
+        c.settimeout(max(0.01, end - time.time()))
+        try:
+            if c.recv(16):
+                got += 1
+        except OSError:
+            pass
+    print(got)
+PY
+
 cat >"$TMP/stat.py" <<'PY'
 # stat.py WHO NAME < stats.json: WHO is "global" or a vnic's netns; NAME a counter or drop reason
 import json, sys
 s = json.load(sys.stdin)
 who, name = sys.argv[1], sys.argv[2]
+if who == "conntrack":
+    ct = s.get("conntrack") or {}
+    print(ct.get("flows", 0) if name == "flows" else (ct.get("counters") or {}).get(name, "n/a"))
+    sys.exit(0)
 c = s["global"] if who == "global" else next(v["counters"] for v in s["vnics"] if v["netns"] == who)
 print(c[name] if name in c else c.get("drops", {}).get(name, 0))
 PY
@@ -243,6 +346,7 @@ PIDS+=($!)
   echo "{\"underlay\":[{\"cn_uuid\":\"${UUID[1]}\",\"ip\":\"${HIP[1]}\",\"port\":4789},"
   echo "             {\"cn_uuid\":\"${UUID[2]}\",\"ip\":\"${HIP[2]}\",\"port\":4789}],"
   echo " \"overlay\":[{\"vnet_id\":1,\"ip\":\"$FLIP\",\"mac\":\"$FLMAC\",\"cn_uuid\":\"${UUID[1]}\"},"
+  echo "            {\"vnet_id\":1,\"ip\":\"$SKIP\",\"mac\":\"$SKMAC\",\"cn_uuid\":\"${UUID[2]}\"},"
   echo "            {\"vnet_id\":2,\"ip\":\"$VIIP\",\"mac\":\"$VIMAC\",\"cn_uuid\":\"${UUID[1]}\"}"
   for ((k = 1; k <= 2 * N; k++)); do
     echo "           ,{\"vnet_id\":2,\"ip\":\"${DIP[k]}\",\"mac\":\"${DMAC[k]}\",\"cn_uuid\":\"${UUID[2]}\"}"
@@ -265,6 +369,7 @@ vnic() { # vnic SOCK NS VNI MAC IP/LEN
 }
 vnic "$S1" "$FL" 1 "$FLMAC" "$FLIP/$FLPFX"
 vnic "$S1" "$VI" 2 "$VIMAC" "$VIIP/16"
+vnic "$S2" "$SK" 1 "$SKMAC" "$SKIP/$FLPFX"
 for ((k = 1; k <= 2 * N; k++)); do
   vnic "$S2" "${DNS[k]}" 2 "${DMAC[k]}" "${DIP[k]}/16"
 done
@@ -339,9 +444,60 @@ echo "arp-reflection: rogue $RIP sent $A_SENT VXLAN ARP requests in ${ARP_SECS}s
   "($A_BYTES bytes); host A underlay_arp_unknown_peer=$A_UNK underlay_arp_rate_limited=$A_RATE" \
   "arp_replied(all)=$A_ANS"
 
+# --- 3. conntrack flood ---------------------------------------------------------------------
+cat >"$TMP/fw.json" <<JSON
+{"vms":[{"uuid":"00000000-0000-4000-8000-0000000150f1","owner_uuid":"aaaaaaaa-0000-4000-8000-000000000001",
+         "tags":{},"firewall_enabled":true,"ips":[{"vni":1,"ip":"$FLIP"}]},
+        {"uuid":"00000000-0000-4000-8000-0000000150f2","owner_uuid":"aaaaaaaa-0000-4000-8000-000000000002",
+         "tags":{},"firewall_enabled":true,"ips":[{"vni":2,"ip":"$VIIP"}]}],
+ "rules":[]}
+JSON
+C_P50=n/a C_MAX=n/a C_FAIL=n/a C_PPS=n/a C_VFULL=n/a C_VDEF=n/a C_FFULL=n/a C_FLOWS=n/a C_IDLE=n/a
+if "$FABRIC_BIN" fw apply --control "$S1" "$TMP/fw.json" >/dev/null 2>"$TMP/fw.err"; then
+  wait_for 10 ip netns exec "$FL" ping -n -c1 -W1 "$SKIP" # resolves the sink before the flood
+  ip netns exec "$SK" python3 "$TMP/echo.py" eth0 $((FLOOD_CAP + 5)) >/dev/null 2>&1 &
+  PIDS+=($!)
+  ip netns exec "${DNS[1]}" python3 "$TMP/idle.py" server 7000 4 "$TMP/go" >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_for 5 ip netns exec "${DNS[1]}" bash -c 'ss -ltn | grep -q ":7000 "'
+  timeout $((FLOOD_CAP + 20)) ip netns exec "$VI" python3 "$TMP/idle.py" client "${DIP[1]}" 7000 4 \
+    "$TMP/ready" "$TMP/go" >"$TMP/idle.out" 2>"$TMP/idle.err" &
+  IPID=$!
+  PIDS+=("$IPID")
+  wait_for 10 test -e "$TMP/ready"
+  C_START="$(date +%s%N)"
+  ip netns exec "$FL" python3 "$TMP/udpflood.py" "$SKIP" "$FLOOD_CAP" "$TMP/udpflood.out" &
+  FPID=$!
+  PIDS+=("$FPID")
+  sleep "$WARMUP"
+  first_reply "${base[@]}"
+  REST="$(awk -v s="$C_START" -v n="$(date +%s%N)" -v d="$FLOOD_SECS" 'BEGIN { r = d - (n - s) / 1e9; printf "%.2f", (r > 0 ? r : 0) }')"
+  sleep "$REST"
+  kill -TERM "$FPID" 2>/dev/null || true
+  wait "$FPID" 2>/dev/null || true
+  touch "$TMP/go"
+  wait "$IPID" 2>/dev/null || true # at most 3 s more (TCP retransmits a few times in that)
+  C_IDLE="$(cat "$TMP/idle.out" 2>/dev/null)"
+  C_IDLE="${C_IDLE:-0}/4"
+  C_P50="$(pct 50 "${LAT[@]-}")" C_MAX="$(pct 100 "${LAT[@]-}")" C_FAIL="$FAILS/$M"
+  [ ${#LAT[@]} -gt 0 ] || { C_P50=n/a C_MAX=n/a; }
+  read -r C_SENT C_ERRS C_EL <"$TMP/udpflood.out" || { C_SENT=0 C_ERRS=0 C_EL=1; }
+  C_PPS="$(awk -v s="$C_SENT" -v e="$C_EL" 'BEGIN { printf "%.0f", s / e }')"
+  C_VFULL="$(counter "$S1" "$VI" conntrack_full)" C_VDEF="$(counter "$S1" "$VI" firewall_default)"
+  C_FFULL="$(counter "$S1" "$FL" conntrack_full)" C_FLOWS="$(counter "$S1" conntrack flows)"
+  echo "conntrack-flood: victim first reply (ms) p50=$C_P50 max=$C_MAX fail=$C_FAIL;" \
+    "flood $C_SENT UDP flows in ${C_EL}s ($C_PPS/s, $C_ERRS send errors); victim conntrack_full=$C_VFULL" \
+    "firewall_default=$C_VDEF, flooder conntrack_full=$C_FFULL; flows tracked at the end $C_FLOWS;" \
+    "idle connections that got data after the flood $C_IDLE"
+else
+  echo "conntrack-flood: n/a (fw apply failed: $(head -c 200 "$TMP/fw.err"))"
+fi
+
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "isolation base_p50_ms=$BASE_P50 base_max_ms=$BASE_MAX base_fail=$BASE_FAIL/$M" \
   "flood_p50_ms=$FLOOD_P50 flood_max_ms=$FLOOD_MAX flood_fail=$FLOOD_FAIL/$M flood_pps=$F_PPS" \
   "victim_pending_table_full=$V_FULL victim_pending_quota=$V_QUOTA" \
   "flooder_pending_table_full=$F_FULL flooder_pending_quota=$F_QUOTA" \
-  "arp_sent=$A_SENT arp_replies=$A_REPL arp_unknown_peer=$A_UNK arp_rate_limited=$A_RATE"
+  "arp_sent=$A_SENT arp_replies=$A_REPL arp_unknown_peer=$A_UNK arp_rate_limited=$A_RATE" \
+  "ct_p50_ms=$C_P50 ct_max_ms=$C_MAX ct_fail=$C_FAIL ct_flood_pps=$C_PPS ct_victim_conntrack_full=$C_VFULL" \
+  "ct_victim_firewall_default=$C_VDEF ct_flooder_conntrack_full=$C_FFULL ct_flows=$C_FLOWS ct_idle_ok=$C_IDLE"
