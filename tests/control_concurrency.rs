@@ -16,7 +16,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use fabric::control::client::{HttpClient, HttpResponse};
-use portolan::store::postgres::{test_admin_url, TestDatabase};
 use serde_json::{json, Value};
 
 const OWNER: &str = "930896af-bf8c-48d4-885c-6573a94b1853";
@@ -27,7 +26,7 @@ const ROUNDS: usize = 10;
 
 #[path = "util/pg_service.rs"]
 mod pg_service;
-use pg_service::service;
+use pg_service::TwoServices;
 
 /// One request on a fresh connection (so concurrent requests really are concurrent).
 async fn req(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> HttpResponse {
@@ -222,25 +221,14 @@ fn mac_of(nic: &Value) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_writes_keep_the_invariants_on_postgres() {
-    let Some(admin) = test_admin_url() else {
+    let Some(svcs) = TwoServices::start().await else {
         return;
     };
-    let db = tokio::task::spawn_blocking(move || TestDatabase::create(&admin).unwrap())
-        .await
-        .unwrap();
-    let (a, store_a, stop_a) = service(&db.url).await;
-    let (b, store_b, stop_b) = service(&db.url).await;
+    let (a, b) = (svcs.a, svcs.b);
     // The rounds run in their own task so that a panic still stops the services and drops the
     // database off the async runtime below.
-    let rounds = tokio::spawn(run_rounds(a, b, db.url.clone())).await;
-    let _ = stop_a.send(());
-    let _ = stop_b.send(());
-    tokio::task::spawn_blocking(move || {
-        drop((store_a, store_b));
-        drop(db);
-    })
-    .await
-    .unwrap();
+    let rounds = tokio::spawn(run_rounds(a, b, svcs.db.url.clone())).await;
+    svcs.stop().await;
     match rounds {
         Err(e) => std::panic::resume_unwind(e.into_panic()),
         Ok(found) => assert!(found.is_empty(), "invariants violated: {found:?}"),

@@ -9,25 +9,20 @@ use std::collections::BTreeSet;
 use fabric::control::client::HttpClient;
 use portolan::client::{Client, ClientConfig};
 use portolan::server::{Server, ServerConfig};
-use portolan::store::postgres::{test_admin_url, TestDatabase};
 use serde_json::{json, Value};
 
 const OWNER: &str = "930896af-bf8c-48d4-885c-6573a94b1853";
 
 #[path = "util/pg_service.rs"]
 mod pg_service;
-use pg_service::service;
+use pg_service::TwoServices;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_services_share_one_postgres_database() {
-    let Some(admin) = test_admin_url() else {
+    let Some(svcs) = TwoServices::start().await else {
         return;
     };
-    let db = tokio::task::spawn_blocking(move || TestDatabase::create(&admin).unwrap())
-        .await
-        .unwrap();
-    let (a, store_a, stop_a) = service(&db.url).await;
-    let (b, store_b, stop_b) = service(&db.url).await;
+    let (a, b) = (svcs.a, svcs.b);
     let mut c = HttpClient::new(a);
     // Underlay for two hosts, then a fabric network.
     let ok = |r: fabric::control::client::HttpResponse| {
@@ -127,7 +122,7 @@ async fn two_services_share_one_postgres_database() {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..ServerConfig::default()
         },
-        store_b.clone(),
+        svcs.stores[1].clone(),
     )
     .await
     .unwrap();
@@ -150,13 +145,5 @@ async fn two_services_share_one_postgres_database() {
     }
     let _ = stop_p.send(());
     let _ = task.await;
-    let _ = stop_a.send(());
-    let _ = stop_b.send(());
-    // The synchronous postgres client must be dropped off the async runtime.
-    tokio::task::spawn_blocking(move || {
-        drop((store_a, store_b));
-        drop(db);
-    })
-    .await
-    .unwrap();
+    svcs.stop().await;
 }
