@@ -23,51 +23,9 @@ cd "$(dirname "$0")/.."
 SECS="${E2E_SECONDS:-5}"
 PFX="fe2e$$"
 VNI=4242
-TMP="$(mktemp -d "/tmp/${PFX}.XXXXXX")"
-PIDS=()
-NSS=()
-
-if [ "$(id -u)" -ne 0 ]; then
-  echo "benches/e2e.sh: needs root (network namespaces)" >&2
-  exit 1
-fi
-for c in ip bridge ping iperf3; do
-  command -v "$c" >/dev/null || { echo "benches/e2e.sh: $c is missing (scripts/setup.d/10-packages.sh installs it)" >&2; exit 1; }
-done
-
-cleanup() {
-  local p n
-  for p in "${PIDS[@]-}"; do
-    [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true
-  done
-  for p in "${PIDS[@]-}"; do
-    [ -n "$p" ] && timeout 5 tail --pid="$p" -f /dev/null 2>/dev/null || true
-    [ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true
-  done
-  PIDS=()
-  for ((n = ${#NSS[@]} - 1; n >= 0; n--)); do
-    ip netns del "${NSS[n]}" 2>/dev/null || true
-  done
-  NSS=()
-}
-trap 'cleanup; rm -rf "$TMP"' EXIT
-trap 'exit 130' INT TERM
-
-if [ -z "${FABRIC_BIN:-}" ] || [ -z "${PORTOLAN_BIN:-}" ]; then
-  echo "== cargo build --release -p fabric -p portolan" >&2
-  cargo build --release -q -p fabric -p portolan
-  TD="${CARGO_TARGET_DIR:-target}"
-  FABRIC_BIN="${FABRIC_BIN:-$TD/release/fabric}"
-  PORTOLAN_BIN="${PORTOLAN_BIN:-$TD/release/portolan}"
-fi
-FABRIC_BIN="$(realpath "$FABRIC_BIN")"
-PORTOLAN_BIN="$(realpath "$PORTOLAN_BIN")"
-
-addns() {
-  ip netns add "$1"
-  NSS+=("$1")
-  ip -n "$1" link set lo up
-}
+# shellcheck source=benches/netns-lib.sh
+source benches/netns-lib.sh
+netns_bench_init e2e.sh ip bridge ping iperf3
 
 # The underlay: bridge namespace U (br0 192.168.78.254/24), hosts H1 and H2 (u0 .1 and .2).
 U="$PFX-u"
@@ -90,15 +48,6 @@ underlay() {
     ip -n "$U" link set "vh$i" master br0 up
     ip -n "${H[i]}" addr add "${HIP[i]}/24" dev u0
     ip -n "${H[i]}" link set u0 up
-  done
-}
-
-wait_for() { # wait_for SECONDS CMD...: retries CMD every 0.1 s
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "timed out waiting for: $*" >&2; return 1; }
-    sleep 0.1
   done
 }
 

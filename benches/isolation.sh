@@ -51,61 +51,9 @@ WARMUP="${FLOOD_WARMUP:-0.5}"
 FLOOD_SECS="${FLOOD_SECONDS:-3}"
 GAP="${ISO_GAP:-0.1}"
 ARP_SECS="${ARP_SECONDS:-2}"
-TMP="$(mktemp -d "/tmp/${PFX}.XXXXXX")"
-PIDS=()
-NSS=()
-
-if [ "$(id -u)" -ne 0 ]; then
-  echo "benches/isolation.sh: needs root (network namespaces)" >&2
-  exit 1
-fi
-for c in ip ping python3; do
-  command -v "$c" >/dev/null || { echo "benches/isolation.sh: $c is missing" >&2; exit 1; }
-done
-
-cleanup() {
-  local p n
-  for p in "${PIDS[@]-}"; do
-    if [ -n "$p" ]; then kill -TERM "$p" 2>/dev/null || true; fi
-  done
-  for p in "${PIDS[@]-}"; do
-    [ -n "$p" ] || continue
-    timeout 5 tail --pid="$p" -f /dev/null 2>/dev/null || true
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  PIDS=()
-  for ((n = ${#NSS[@]} - 1; n >= 0; n--)); do
-    ip netns del "${NSS[n]}" 2>/dev/null || true
-  done
-  NSS=()
-}
-trap 'trap "" PIPE; cleanup; rm -rf "$TMP"' EXIT # PIPE: a closed stdout must not stop the cleanup
-trap 'exit 130' INT TERM
-
-if [ -z "${FABRIC_BIN:-}" ] || [ -z "${PORTOLAN_BIN:-}" ]; then
-  echo "== cargo build --release -p fabric -p portolan" >&2
-  cargo build --release -q -p fabric -p portolan
-  TD="${CARGO_TARGET_DIR:-target}"
-  FABRIC_BIN="${FABRIC_BIN:-$TD/release/fabric}"
-  PORTOLAN_BIN="${PORTOLAN_BIN:-$TD/release/portolan}"
-fi
-FABRIC_BIN="$(realpath "$FABRIC_BIN")"
-PORTOLAN_BIN="$(realpath "$PORTOLAN_BIN")"
-
-addns() {
-  ip netns add "$1"
-  NSS+=("$1")
-  ip -n "$1" link set lo up
-}
-
-wait_for() { # wait_for SECONDS CMD...: retries CMD every 0.1 s
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "timed out waiting for: $*" >&2; return 1; }
-    sleep 0.1
-  done
-}
+# shellcheck source=benches/netns-lib.sh
+source benches/netns-lib.sh
+netns_bench_init isolation.sh ip ping python3
 
 U="$PFX-u"
 R="$PFX-r"
