@@ -337,6 +337,15 @@ pub const SCHEMA: &[&str] = &[
         name TEXT NOT NULL UNIQUE,
         doc  TEXT NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS fabric_changes (
+        seq        BIGINT PRIMARY KEY,
+        kind       TEXT NOT NULL,
+        uuid       TEXT NOT NULL,
+        action     TEXT NOT NULL,
+        owner_uuid TEXT,
+        servers    TEXT NOT NULL,
+        time_ms    BIGINT NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS napi_rules (
         uuid       TEXT PRIMARY KEY,
         owner_uuid TEXT,

@@ -21,6 +21,7 @@
 //! [`pools`], [`rules`], [`portolan_view`]; [`bench`] measures NIC provisions per second.
 
 pub mod bench;
+pub mod changes;
 pub mod client;
 pub mod db;
 pub mod error;
