@@ -524,7 +524,13 @@ fn run_write(a: &App, f: &WriteOp, params: &Params) -> Result<Reply, OpError> {
     let mut attempt = 1;
     loop {
         let mut p = params.clone();
-        match store::with_txn(&*a.store, |tx| f(tx, a, &mut p)) {
+        super::changes::discard();
+        let r: Result<Reply, OpError> = store::with_txn(&*a.store, |tx| {
+            let reply = f(tx, a, &mut p)?;
+            super::changes::flush(&mut Db::from(tx.raw()))?;
+            Ok(reply)
+        });
+        match r {
             Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {
                 a.metrics.txn_retry();
                 tracing::debug!(attempt, error = %e, "write transaction aborted; retrying");
