@@ -21,11 +21,12 @@ enum Cmd {
     /// unprivileged user; check ARP proxying, lookups, ping, TCP and isolation, and print a
     /// report. Exits non-zero if any expectation fails.
     Demo,
-    /// Run the per-host dataplane daemon: TAP vnics, VXLAN over a UDP underlay, lookups and
-    /// shootdowns through Portolan, and a local control socket for `fabric vnic`/`fabric stats`.
-    /// Needs root (TAP devices, network namespaces). SIGTERM drains and removes the TAPs.
+    /// Run the per-host dataplane daemon: forwards for TAP vnics that the agent (or `fabric vnic
+    /// add`) creates in container namespaces and attaches over the local control socket, VXLAN
+    /// over a UDP underlay, lookups and shootdowns through Portolan. Needs root. SIGTERM drains
+    /// and closes the TAPs (a TAP nobody else holds disappears).
     Dataplane(fabric::dataplane::daemon::DataplaneArgs),
-    /// Add, remove or list vnics of a running dataplane.
+    /// Add (create in a namespace and attach), remove or list vnics of a running dataplane.
     #[command(subcommand)]
     Vnic(fabric::dataplane::cli::VnicCmd),
     /// Counters of a running dataplane: global, per vnic, per drop reason, resolver.

@@ -1,10 +1,13 @@
 //! `fabric vnic …` and `fabric stats`: clients of the dataplane's control socket.
 
 use super::control::{
-    self, FwApplied, FwListing, Request, Stats, VnicAddSpec, VnicInfo, VnicState,
+    self, ControlError, FwApplied, FwListing, Request, Stats, VnicAddSpec, VnicInfo, VnicState,
 };
 use super::daemon::print_counters;
+use super::provision::{self, VnicProvision};
 use crate::firewall::compile::FirewallState;
+use crate::io::netlink::Netns;
+use anyhow::Context as _;
 use std::path::PathBuf;
 
 /// Where the daemon listens.
@@ -12,7 +15,8 @@ use std::path::PathBuf;
 pub struct ControlPath {
     /// The dataplane's control socket.
     #[arg(
-        long,
+        long = "dataplane",
+        visible_alias = "control",
         value_name = "PATH",
         default_value = "/run/fabric/dataplane.sock"
     )]
@@ -23,7 +27,8 @@ pub struct ControlPath {
 #[derive(Debug, clap::Subcommand)]
 pub enum VnicCmd {
     /// Create a TAP inside an existing network namespace, give it MAC, address, MTU and an
-    /// on-link route, bring it up, and attach it to the dataplane on segment VNI.
+    /// on-link route (and a default route with --gateway), bring it up, and attach it to the
+    /// dataplane on segment VNI (its queue fds go over the control socket).
     Add {
         #[command(flatten)]
         control: ControlPath,
@@ -45,8 +50,11 @@ pub enum VnicCmd {
         /// MTU (1450 leaves room for VXLAN on a 1500-byte underlay).
         #[arg(long, value_name = "M", default_value_t = 1450)]
         mtu: u32,
+        /// Default gateway of the container (a route via it, on-link).
+        #[arg(long, value_name = "IP")]
+        gateway: Option<std::net::IpAddr>,
     },
-    /// Detach a vnic and remove its TAP.
+    /// Detach a vnic from the dataplane and delete its TAP in the namespace.
     Rm {
         #[command(flatten)]
         control: ControlPath,
@@ -78,19 +86,24 @@ pub fn vnic(cmd: VnicCmd) -> anyhow::Result<()> {
             mac,
             ip,
             mtu,
+            gateway,
         } => {
-            let v = control::call(
-                &control.control,
-                &Request::VnicAdd(VnicAddSpec {
-                    netns,
-                    name,
-                    vni,
-                    mac,
-                    ip,
-                    mtu,
-                }),
-            )?;
-            let info: VnicInfo = serde_json::from_value(v)?;
+            let spec = VnicAddSpec {
+                netns,
+                name,
+                vni,
+                mac,
+                ip,
+                mtu,
+            };
+            // Checked before anything is created, as the dataplane will check it.
+            let prov = VnicProvision::from_spec(&spec, gateway)?;
+            let ns = Netns::open(&spec.netns)
+                .with_context(|| format!("network namespace {:?}", spec.netns))?;
+            let taps = provision::create_vnic(&ns, &prov)?;
+            // On failure the TAPs are dropped here, which removes the device again.
+            let info = control::attach(&control.control, &spec, &taps)?;
+            drop(taps);
             println!(
                 "added {} in netns {}: vni {} mac {} ip {} mtu {} (offloads {})",
                 info.name, info.netns, info.vni, info.mac, info.ip, info.mtu, info.offloads
@@ -101,14 +114,29 @@ pub fn vnic(cmd: VnicCmd) -> anyhow::Result<()> {
             netns,
             name,
         } => {
-            control::call(
+            let detached = control::call(
                 &control.control,
                 &Request::VnicRm {
                     netns: netns.clone(),
                     name: name.clone(),
                 },
-            )?;
-            println!("removed {name} from netns {netns}");
+            );
+            // The link goes with the dataplane's fds; delete it anyway (a TAP someone else
+            // still holds, or a dataplane that lost the vnic in a restart).
+            let removed = match Netns::open(&netns) {
+                Ok(ns) => provision::remove_vnic(&ns, &name)
+                    .with_context(|| format!("deleting {name} in netns {netns}"))?,
+                Err(_) => false,
+            };
+            match (detached, removed) {
+                (Ok(_), _) => println!("removed {name} from netns {netns}"),
+                (Err(ControlError::Refused(e)), true) => {
+                    println!(
+                        "deleted {name} in netns {netns} (the dataplane had no such vnic: {e})"
+                    )
+                }
+                (Err(e), _) => return Err(e.into()),
+            }
         }
         VnicCmd::Ls { control, json } => {
             let v = control::call(&control.control, &Request::VnicLs {})?;
@@ -222,7 +250,6 @@ pub struct FwLsArgs {
 
 /// Reads a firewall state document; unknown fields and bad values are errors with a position.
 pub fn read_fw_state(path: &std::path::Path) -> anyhow::Result<FirewallState> {
-    use anyhow::Context as _;
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading standard input")?
     } else {

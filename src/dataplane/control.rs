@@ -4,6 +4,17 @@
 //! object on one line: `{"ok": true, "result": …}` or `{"ok": false, "error": "…"}`. The
 //! `fabric vnic …` and `fabric stats` subcommands are thin clients of this API; so is the agent.
 //!
+//! # vnics: the client makes the TAP, the daemon forwards
+//!
+//! The daemon never creates namespaces or TAPs. A client (the agent, `fabric vnic add`)
+//! creates and configures the TAP inside the container's namespace
+//! ([`super::provision::create_vnic`]) and sends `vnic_attach` with the TAP's queue fds
+//! attached to the request line as `SCM_RIGHTS` ancillary data ([`attach`]). The daemon keeps
+//! the descriptors that arrived with the bytes of a line together with that line; a
+//! `vnic_attach` without fds, or with an fd that is not a `IFF_TAP | IFF_VNET_HDR` TAP of the
+//! name the request gives, is refused and changes nothing; fds sent with any other request are
+//! closed and counted. `vnic_rm` detaches (the daemon closes its fds).
+//!
 //! # Limits
 //!
 //! The socket is local but its clients are not all trusted to be well-behaved (a stuck agent,
@@ -21,11 +32,14 @@
 
 use crate::core::CountersSnapshot;
 use crate::firewall::compile::FirewallState;
+use crate::io::fdpass;
+use crate::io::tap::Tap;
 use crate::io::IfName;
 use crate::wire::{Mac, Vni};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -81,9 +95,15 @@ pub fn parse_request(line: &[u8], limit: usize) -> Result<Request, RequestError>
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// Create a TAP in an existing network namespace, configure it and attach it as a vnic.
+    /// Attach a TAP the client created and configured in the namespace (see
+    /// [`super::provision::create_vnic`]) as a vnic. The line must carry the TAP's queue fds as
+    /// `SCM_RIGHTS` ancillary data (see [`attach`]); without them it is refused.
+    VnicAttach(VnicAddSpec),
+    /// Obsolete: the daemon no longer creates TAPs. Refused with a message pointing at
+    /// `vnic_attach` (kept so an old client gets a clear answer, not "unknown variant").
     VnicAdd(VnicAddSpec),
-    /// Detach a vnic and remove its TAP.
+    /// Detach a vnic: the daemon closes its TAP queue fds (a TAP nobody else holds then
+    /// disappears from its namespace; `fabric vnic rm` also deletes the link).
     VnicRm {
         /// Namespace of the vnic.
         netns: String,
@@ -195,7 +215,8 @@ pub struct ConntrackInfo {
     pub counters: serde_json::Value,
 }
 
-/// What `vnic_add` needs.
+/// A vnic as the control socket names it (`vnic_attach`): where its TAP is, its segment and
+/// the addresses the dataplane lets it use.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VnicAddSpec {
@@ -213,7 +234,7 @@ pub struct VnicAddSpec {
     pub mtu: u32,
 }
 
-/// Why a `vnic_add` spec was refused (before anything was created).
+/// Why a vnic spec was refused (before anything was created or attached).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VnicSpecError {
     /// The VNI does not fit in 24 bits.
@@ -259,7 +280,7 @@ pub enum VnicSpecError {
     Name(String),
 }
 
-/// A `vnic_add` spec after [`VnicAddSpec::validate`].
+/// A vnic spec after [`VnicAddSpec::validate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ValidVnic {
     /// Segment.
@@ -472,6 +493,20 @@ pub struct ControlStats {
     pub read_timeouts: u64,
     /// Replies that could not be written in time (connection closed).
     pub write_timeouts: u64,
+    /// `vnic_attach` requests refused because no TAP fd came with them.
+    #[serde(default)]
+    pub attach_without_fds: u64,
+    /// `vnic_attach` requests refused because an fd was not a usable TAP (not a TAP, no
+    /// vnet header, another device than the request names).
+    #[serde(default)]
+    pub attach_bad_fds: u64,
+    /// Descriptors that came with other requests (closed and ignored).
+    #[serde(default)]
+    pub unexpected_fds: u64,
+    /// Connections closed because the ancillary data was unusable (more fds than
+    /// [`crate::io::fdpass::MAX_FDS`] with one line).
+    #[serde(default)]
+    pub fd_overflows: u64,
 }
 
 /// The answer to `stats`.
@@ -539,7 +574,7 @@ pub struct ResolverStats {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Could not talk to the daemon.
-    #[error("control socket {path}: {source} (is `fabric dataplane --control {path}` running?)")]
+    #[error("control socket {path}: {source} (is `fabric dataplane --dataplane {path}` running?)")]
     Connect {
         /// The socket path.
         path: String,
@@ -556,16 +591,49 @@ pub enum ControlError {
 
 /// Send one request and wait for its result (blocking; for the CLI).
 pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
+    call_with_fds(path, req, &[])
+}
+
+/// Attaches the TAP `taps` (the queues of one device, from
+/// [`super::provision::create_vnic`]) to the dataplane at `sock` as the vnic `spec`: sends
+/// `vnic_attach` with the queue fds as `SCM_RIGHTS` (blocking). The dataplane keeps its own
+/// copies of the fds: drop `taps` afterwards, so the device lives exactly as long as the
+/// dataplane holds it.
+pub fn attach(sock: &Path, spec: &VnicAddSpec, taps: &[Tap]) -> Result<VnicInfo, ControlError> {
+    if taps.is_empty() {
+        return Err(ControlError::Protocol(
+            "attach: no TAP queue to attach (expected the fds from create_vnic)".into(),
+        ));
+    }
+    let fds: Vec<BorrowedFd<'_>> = taps.iter().map(AsFd::as_fd).collect();
+    let v = call_with_fds(sock, &Request::VnicAttach(spec.clone()), &fds)?;
+    serde_json::from_value(v)
+        .map_err(|e| ControlError::Protocol(format!("bad vnic_attach reply: {e}")))
+}
+
+/// Sends one request line, with `fds` (if any) attached to its first bytes, and waits for the
+/// result (blocking).
+pub fn call_with_fds(
+    path: &Path,
+    req: &Request,
+    fds: &[BorrowedFd<'_>],
+) -> Result<serde_json::Value, ControlError> {
     let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.display().to_string(),
         source,
     })?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    s.set_write_timeout(Some(Duration::from_secs(30))).ok();
     let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push('\n');
     // A daemon that refuses the request (too long) answers and closes before it has read it
     // all: the write then fails, but its answer is waiting to be read and says why.
-    let written = s.write_all(line.as_bytes());
+    let written = if fds.is_empty() {
+        s.write_all(line.as_bytes())
+    } else {
+        fdpass::send_with_fds(s.as_fd(), line.as_bytes(), fds)
+            .and_then(|n| s.write_all(&line.as_bytes()[n..]))
+    };
     let mut reply = String::new();
     let read = BufReader::new(&s).read_line(&mut reply);
     if reply.is_empty() {
@@ -595,7 +663,7 @@ mod tests {
 
     #[test]
     fn request_wire_form() {
-        let r = Request::VnicAdd(VnicAddSpec {
+        let r = Request::VnicAttach(VnicAddSpec {
             netns: "c1".into(),
             name: "eth0".into(),
             vni: 4001,
@@ -604,7 +672,7 @@ mod tests {
             mtu: 1450,
         });
         let s = serde_json::to_string(&r).unwrap();
-        assert!(s.starts_with(r#"{"cmd":"vnic_add","netns":"c1""#), "{s}");
+        assert!(s.starts_with(r#"{"cmd":"vnic_attach","netns":"c1""#), "{s}");
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"stats"}"#).unwrap(),

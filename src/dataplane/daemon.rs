@@ -34,25 +34,25 @@ use crate::core::{
 };
 use crate::firewall::compile::{Direction, Firewall, FirewallState, VnicRuleSet};
 use crate::firewall::conntrack::ConntrackStats;
-use crate::io::netlink::{self, Netns, VnicSpec};
+use crate::io::fdpass;
+use crate::io::netlink::Netns;
 use crate::io::offload::{self, TcpCoalescer, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
 use crate::io::poll::{Events, Interest, Poller, Waker};
-use crate::io::tap::Tap;
+use crate::io::tap::{Offloads, Tap};
 use crate::io::underlay::{RecvMeta, Transmit, Underlay, UnderlayConfig};
-use crate::io::IfName;
 use crate::wire::{vxlan, Mac, Vni};
 use anyhow::{anyhow, bail, Context as _};
 use rustc_hash::FxHashSet;
 use std::collections::BTreeMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
 /// Arguments of `fabric dataplane`.
@@ -65,12 +65,14 @@ pub struct DataplaneArgs {
     /// Portolan (SVP) server, `HOST:PORT`.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:1296")]
     pub portolan: String,
-    /// This host's compute-node UUID (its identity in Portolan).
-    #[arg(long, value_name = "UUID")]
+    /// This host's server (compute-node) UUID, its identity in Portolan.
+    #[arg(long = "server-uuid", visible_alias = "cn-uuid", value_name = "UUID")]
     pub cn_uuid: String,
-    /// Path of the local control socket (JSON lines) used by `fabric vnic` and `fabric stats`.
+    /// Path of the local control socket (JSON lines) used by the agent, `fabric vnic` and
+    /// `fabric stats`.
     #[arg(
-        long,
+        long = "dataplane",
+        visible_alias = "control",
         value_name = "PATH",
         default_value = "/run/fabric/dataplane.sock"
     )]
@@ -852,13 +854,70 @@ struct VnicEntry {
     _tap: Arc<Tap>,
 }
 
+/// Why attaching the received fds failed.
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    /// A received fd is not a TAP the vnic can use.
+    #[error("{0}")]
+    BadFd(String),
+    /// The namespace the request names is not visible to the daemon.
+    #[error(
+        "network namespace {name:?}: {source} (the dataplane must see the same /run/netns as \
+         its client, to notice when the namespace goes)"
+    )]
+    Netns {
+        /// The name.
+        name: String,
+        /// Why it could not be opened.
+        source: std::io::Error,
+    },
+}
+
+/// Rebuilds the TAP from the queue fds of a `vnic_attach` (checking each is an
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` TAP named `name`) and reads the identity of netns
+/// `ns` for the orphan watcher. The one worker polls the first queue; further queues are
+/// closed, which detaches them from the device (the kernel then steers every flow to the
+/// first).
+fn adopt_taps(fds: Vec<OwnedFd>, name: &str, ns: &str) -> Result<(Tap, (u64, u64)), AttachError> {
+    let n = fds.len();
+    let mut first = None;
+    for (i, fd) in fds.into_iter().enumerate() {
+        let tap = Tap::from_fd(fd, Offloads::ALL).map_err(|e| {
+            AttachError::BadFd(format!(
+                "vnic_attach fd {} of {n} is not a usable TAP queue: {e}",
+                i + 1
+            ))
+        })?;
+        if tap.name().as_str() != name {
+            return Err(AttachError::BadFd(format!(
+                "vnic_attach fd {} of {n} is the TAP {}, but the request names {name}",
+                i + 1,
+                tap.name()
+            )));
+        }
+        if first.is_none() {
+            first = Some(tap);
+        }
+    }
+    let tap = first.ok_or_else(|| AttachError::BadFd("vnic_attach: no fd".into()))?;
+    let ns_id = netns_identity(ns).map_err(|source| AttachError::Netns {
+        name: ns.to_owned(),
+        source,
+    })?;
+    Ok((tap, ns_id))
+}
+
+/// `(st_dev, st_ino)` of `/run/netns/NAME` (opened read-only, nothing entered).
+fn netns_identity(name: &str) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = Netns::open(name).map_err(std::io::Error::other)?;
+    let m = std::fs::File::from(ns.as_fd().try_clone_to_owned()?).metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
 /// The identity of the namespace `/run/netns/NAME` names now (`None`: no such namespace).
 fn netns_id(name: &str) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let ns = Netns::open(name).ok()?;
-    let f = std::fs::File::from(ns.as_fd().try_clone_to_owned().ok()?);
-    let m = f.metadata().ok()?;
-    Some((m.dev(), m.ino()))
+    netns_identity(name).ok()
 }
 
 /// How often the daemon checks that each vnic's namespace still exists.
@@ -918,6 +977,10 @@ struct ControlCounters {
     oversized_requests: AtomicU64,
     read_timeouts: AtomicU64,
     write_timeouts: AtomicU64,
+    attach_without_fds: AtomicU64,
+    attach_bad_fds: AtomicU64,
+    unexpected_fds: AtomicU64,
+    fd_overflows: AtomicU64,
 }
 
 impl ControlCounters {
@@ -931,14 +994,42 @@ impl ControlCounters {
             oversized_requests: g(&self.oversized_requests),
             read_timeouts: g(&self.read_timeouts),
             write_timeouts: g(&self.write_timeouts),
+            attach_without_fds: g(&self.attach_without_fds),
+            attach_bad_fds: g(&self.attach_bad_fds),
+            unexpected_fds: g(&self.unexpected_fds),
+            fd_overflows: g(&self.fd_overflows),
         }
     }
 }
 
 impl Daemon {
-    async fn handle(&self, req: Request) -> anyhow::Result<serde_json::Value> {
+    /// Handles one request; `fds` are the descriptors that came with its line.
+    async fn handle(&self, req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<serde_json::Value> {
+        let req = match req {
+            Request::VnicAttach(spec) => {
+                return Ok(serde_json::to_value(self.vnic_attach(spec, fds).await?)?)
+            }
+            other => other,
+        };
+        if !fds.is_empty() {
+            self.control
+                .unexpected_fds
+                .fetch_add(fds.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                fds = fds.len(),
+                "descriptors sent with a request other than vnic_attach: closed"
+            );
+            drop(fds);
+        }
         match req {
-            Request::VnicAdd(spec) => Ok(serde_json::to_value(self.vnic_add(spec).await?)?),
+            Request::VnicAttach(_) => unreachable!("handled above"),
+            Request::VnicAdd(spec) => bail!(
+                "vnic_add is no longer served: the dataplane does not create TAPs. Create the TAP \
+                 {} in netns {} and send vnic_attach with its queue fds (SCM_RIGHTS); \
+                 `fabric vnic add` does both",
+                spec.name,
+                spec.netns
+            ),
             Request::VnicRm { netns, name } => {
                 let e = self
                     .vnics
@@ -963,43 +1054,50 @@ impl Daemon {
         }
     }
 
-    async fn vnic_add(&self, spec: VnicAddSpec) -> anyhow::Result<VnicInfo> {
+    /// Attaches the TAP whose queue fds came with the request as the vnic `spec`. Refused,
+    /// with nothing changed, when the spec does not validate, no fd came, an fd is not a TAP
+    /// with a vnet header named `spec.name`, or the vnic exists.
+    async fn vnic_attach(&self, spec: VnicAddSpec, fds: Vec<OwnedFd>) -> anyhow::Result<VnicInfo> {
         let control::ValidVnic {
             vni,
             mac,
             ip,
-            prefix_len,
+            prefix_len: _,
             mtu,
         } = spec.validate()?;
+        if fds.is_empty() {
+            self.control
+                .attach_without_fds
+                .fetch_add(1, Ordering::Relaxed);
+            bail!(
+                "vnic_attach needs the TAP queue fds attached (SCM_RIGHTS); none came with the \
+                 request for {} in netns {}",
+                spec.name,
+                spec.netns
+            );
+        }
         let key = (spec.netns.clone(), spec.name.clone());
         let mut vnics = self.vnics.lock().await;
         if vnics.contains_key(&key) {
-            bail!("vnic {} already exists in netns {}", spec.name, spec.netns);
+            bail!(
+                "vnic {} already exists in netns {} (vnic_rm it first)",
+                spec.name,
+                spec.netns
+            );
         }
         let (ns_name, if_name) = (spec.netns.clone(), spec.name.clone());
-        let (tap, ns_id) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let ns =
-                Netns::open(&ns_name).with_context(|| format!("network namespace {ns_name:?}"))?;
-            let ns_id = {
-                use std::os::unix::fs::MetadataExt as _;
-                let m = std::fs::File::from(ns.as_fd().try_clone_to_owned()?).metadata()?;
-                (m.dev(), m.ino())
-            };
-            let tap = netlink::setup_vnic(
-                &ns,
-                &VnicSpec {
-                    name: IfName::new(&if_name)?,
-                    mac: mac.0,
-                    addr: ip,
-                    prefix_len,
-                    mtu: u32::from(mtu),
-                    gateway: None,
-                    txqueuelen: 5000,
-                },
-            )?;
-            Ok((tap, ns_id))
-        })
-        .await??;
+        let adopted = tokio::task::spawn_blocking(move || adopt_taps(fds, &if_name, &ns_name))
+            .await
+            .context("adopting the TAP fds")?;
+        let (tap, ns_id) = match adopted {
+            Ok(t) => t,
+            Err(e) => {
+                if matches!(e, AttachError::BadFd(_)) {
+                    self.control.attach_bad_fds.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(e.into());
+            }
+        };
         let offloads = format!("{:?}", tap.offloads());
         let tap = Arc::new(tap);
         let cfg = VnicConfig {
@@ -1253,7 +1351,7 @@ struct ControlLimits {
     idle_timeout: Duration,
 }
 
-/// What [`read_request_line`] got.
+/// What [`ConnReader::read_line`] got.
 #[derive(Debug, PartialEq, Eq)]
 enum LineRead {
     /// A line (without its newline) is in the buffer; also a last line without a newline.
@@ -1262,61 +1360,158 @@ enum LineRead {
     Eof,
     /// The line exceeds the limit; the buffer holds at most the limit.
     TooLong,
+    /// More descriptors came with one line than [`fdpass::MAX_FDS`] (the kernel may have
+    /// dropped some, and the bytes they came with): the connection is unusable.
+    FdOverflow,
 }
 
-/// Reads one line into `buf` (cleared first), never holding more than `max` bytes of it.
-async fn read_request_line<R: AsyncBufRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> std::io::Result<LineRead> {
-    buf.clear();
-    loop {
-        let avail = r.fill_buf().await?;
-        if avail.is_empty() {
-            return Ok(if buf.is_empty() {
-                LineRead::Eof
-            } else {
-                LineRead::Line
-            });
+/// Most bytes one `recvmsg` asks for.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads request lines from a control connection with `recvmsg`, keeping the descriptors
+/// (`SCM_RIGHTS`) that arrive with the bytes of a line together with that line.
+///
+/// The kernel ends a `recvmsg` right after the data that carries descriptors, so the fds of a
+/// read belong to its last byte; a client sends them with the first bytes of its line (see
+/// [`control::attach`]), hence they belong to the line that read's last byte is part of.
+/// Never holds more than the line limit plus one read's worth of a following line.
+#[derive(Default)]
+struct ConnReader {
+    /// Bytes received and not yet consumed.
+    buf: Vec<u8>,
+    /// Descriptors received, each with the index in `buf` of the last byte of its read.
+    fds: Vec<(usize, OwnedFd)>,
+    eof: bool,
+}
+
+impl ConnReader {
+    /// Waits until the socket is readable, then does one `recvmsg` of at most `want` bytes
+    /// (at least 1). Returns the bytes received (0 at end of stream).
+    async fn fill(&mut self, s: &tokio::net::UnixStream, want: usize) -> std::io::Result<usize> {
+        if self.eof {
+            return Ok(0);
         }
-        let (take, done) = match avail.iter().position(|&b| b == b'\n') {
-            Some(i) => (i, true),
-            None => (avail.len(), false),
+        let start = self.buf.len();
+        self.buf.resize(start + want.clamp(1, READ_CHUNK), 0);
+        let mut got = Vec::new();
+        let r = loop {
+            if let Err(e) = s.readable().await {
+                break Err(e);
+            }
+            match s.try_io(tokio::io::Interest::READABLE, || {
+                fdpass::recv_with_fds(s.as_fd(), &mut self.buf[start..], &mut got)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => break other,
+            }
         };
-        if buf.len() + take > max {
-            return Ok(LineRead::TooLong);
+        let n = *r.as_ref().unwrap_or(&0);
+        self.buf.truncate(start + n);
+        if n == 0 {
+            self.eof = true;
         }
-        buf.extend_from_slice(&avail[..take]);
-        r.consume(take + usize::from(done));
-        if done {
-            return Ok(LineRead::Line);
+        let last = (start + n).saturating_sub(1);
+        self.fds.extend(got.into_iter().map(|fd| (last, fd)));
+        r
+    }
+
+    /// Reads one line into `line` (cleared first) and its descriptors into `fds`, never
+    /// holding more than `max` bytes of a line.
+    async fn read_line(
+        &mut self,
+        s: &tokio::net::UnixStream,
+        line: &mut Vec<u8>,
+        fds: &mut Vec<OwnedFd>,
+        max: usize,
+    ) -> std::io::Result<LineRead> {
+        line.clear();
+        fds.clear();
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                if i > max {
+                    return Ok(LineRead::TooLong);
+                }
+                line.extend_from_slice(&self.buf[..i]);
+                self.buf.drain(..=i);
+                self.take_fds(i, fds);
+                return Ok(if fds.len() > fdpass::MAX_FDS {
+                    LineRead::FdOverflow
+                } else {
+                    LineRead::Line
+                });
+            }
+            if self.buf.len() > max {
+                return Ok(LineRead::TooLong);
+            }
+            if self.fds.len() > fdpass::MAX_FDS {
+                return Ok(LineRead::FdOverflow);
+            }
+            let n = match self.fill(s, max + 1 - self.buf.len()).await {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Ok(LineRead::FdOverflow)
+                }
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(LineRead::Eof);
+                }
+                // A last line without its newline.
+                line.append(&mut self.buf);
+                let end = line.len();
+                self.take_fds(end, fds);
+                return Ok(LineRead::Line);
+            }
         }
+    }
+
+    /// Moves the descriptors of the bytes up to index `end` (the line and its newline) into
+    /// `fds` and shifts the rest to the consumed buffer.
+    fn take_fds(&mut self, end: usize, fds: &mut Vec<OwnedFd>) {
+        let mut rest = Vec::new();
+        for (pos, fd) in self.fds.drain(..) {
+            if pos <= end {
+                fds.push(fd);
+            } else {
+                rest.push((pos - end - 1, fd));
+            }
+        }
+        self.fds = rest;
     }
 }
 
 /// Serves one control connection: one request line, one reply line, until the client closes
 /// or breaks a limit (see [`ControlLimits`]).
-async fn serve_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, limits: ControlLimits) {
+async fn serve_conn(d: Arc<Daemon>, mut s: tokio::net::UnixStream, limits: ControlLimits) {
     let c = &d.control;
-    let (r, mut w) = s.into_split();
-    let mut r = BufReader::new(r);
+    let mut r = ConnReader::default();
     let mut line = Vec::new();
+    let mut fds = Vec::new();
     loop {
         // Idle between requests: wait for the first byte, then the whole line must follow in
         // `read_timeout` (a stalled partial line cannot hold a connection slot).
-        match tokio::time::timeout(limits.idle_timeout, r.fill_buf()).await {
-            Ok(Ok([])) => return,
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                c.read_timeouts.fetch_add(1, Ordering::Relaxed);
-                return;
+        if r.buf.is_empty() {
+            let want = limits.max_request_bytes.saturating_add(1);
+            match tokio::time::timeout(limits.idle_timeout, r.fill(&s, want)).await {
+                Ok(Ok(0)) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    c.fd_overflows.fetch_add(1, Ordering::Relaxed);
+                    let e = format!("{e}; connection closed");
+                    let _ = write_reply(c, &mut s, &error_reply(&e), limits.read_timeout).await;
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    c.read_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             }
         }
         let got = tokio::time::timeout(
             limits.read_timeout,
-            read_request_line(&mut r, &mut line, limits.max_request_bytes),
+            r.read_line(&s, &mut line, &mut fds, limits.max_request_bytes),
         )
         .await;
         let parsed = match got {
@@ -1326,10 +1521,19 @@ async fn serve_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, limits: ControlLi
                     "request not complete within {} ms (--control-read-timeout-ms); connection closed",
                     limits.read_timeout.as_millis()
                 );
-                let _ = write_reply(c, &mut w, &error_reply(&e), limits.read_timeout).await;
+                let _ = write_reply(c, &mut s, &error_reply(&e), limits.read_timeout).await;
                 return;
             }
             Ok(Err(_)) | Ok(Ok(LineRead::Eof)) => return,
+            Ok(Ok(LineRead::FdOverflow)) => {
+                c.fd_overflows.fetch_add(1, Ordering::Relaxed);
+                let e = format!(
+                    "more than {} descriptors came with one request line; connection closed",
+                    fdpass::MAX_FDS
+                );
+                let _ = write_reply(c, &mut s, &error_reply(&e), limits.read_timeout).await;
+                return;
+            }
             Ok(Ok(LineRead::TooLong)) => Err(RequestError::TooLong {
                 limit: limits.max_request_bytes,
             }),
@@ -1337,7 +1541,7 @@ async fn serve_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, limits: ControlLi
         };
         c.requests.fetch_add(1, Ordering::Relaxed);
         let (reply, close) = match parsed {
-            Ok(req) => match d.handle(req).await {
+            Ok(req) => match d.handle(req, std::mem::take(&mut fds)).await {
                 Ok(v) => (serde_json::json!({"ok": true, "result": v}), false),
                 Err(e) => (error_reply(&format!("{e:#}")), false),
             },
@@ -1350,11 +1554,20 @@ async fn serve_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, limits: ControlLi
                 (error_reply(&e.to_string()), false)
             }
         };
+        if !fds.is_empty() {
+            // Descriptors that came with a line that did not parse: closed.
+            c.unexpected_fds
+                .fetch_add(fds.len() as u64, Ordering::Relaxed);
+            fds.clear();
+        }
         // Do not keep a large request's buffer for the connection's lifetime.
         if line.capacity() > 64 * 1024 {
             line = Vec::new();
         }
-        if !write_reply(c, &mut w, &reply, limits.read_timeout).await || close {
+        if r.buf.capacity() > 2 * READ_CHUNK && r.buf.len() < READ_CHUNK {
+            r.buf.shrink_to(READ_CHUNK);
+        }
+        if !write_reply(c, &mut s, &reply, limits.read_timeout).await || close {
             return;
         }
     }
@@ -1367,7 +1580,7 @@ fn error_reply(e: &str) -> serde_json::Value {
 /// Writes one reply line; false when the connection is unusable (error or timeout).
 async fn write_reply(
     c: &ControlCounters,
-    w: &mut tokio::net::unix::OwnedWriteHalf,
+    w: &mut tokio::net::UnixStream,
     reply: &serde_json::Value,
     timeout: Duration,
 ) -> bool {
@@ -1466,7 +1679,7 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let _: portolan::store::CnUuid = args
         .cn_uuid
         .parse()
-        .map_err(|e| anyhow!("--cn-uuid {:?}: {e}", args.cn_uuid))?;
+        .map_err(|e| anyhow!("--server-uuid {:?}: {e}", args.cn_uuid))?;
     let saved_fw = match &args.firewall_state {
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

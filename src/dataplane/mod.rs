@@ -4,3 +4,4 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod inproc;
+pub mod provision;

@@ -8,8 +8,8 @@
 //!   it lives here because it interprets the TAP's GSO metadata.
 //! - [`underlay`]: the VXLAN UDP socket(s): `sendmmsg`/`recvmmsg` batches into caller buffers,
 //!   `UDP_SEGMENT`/`UDP_GRO`, outer source port picked from the inner flow hash.
-//! - [`netlink`]: named network namespaces, veth pairs, link moves, addresses, MTU, routes, and
-//!   [`netlink::setup_vnic`] for `fabric vnic add`.
+//! - [`netlink`]: named network namespaces, veth pairs, link moves, addresses, MTU, routes
+//!   (the vnic provisioning built from them is `crate::dataplane::provision`).
 //! - [`poll`]: epoll + eventfd, so hot-path threads can wait without `unsafe` of their own.
 //! - [`rlimit`]: `RLIMIT_NOFILE` read and raised (daemons at start, the HTTP layer's cap).
 //! - [`fdpass`]: `SCM_RIGHTS` over a Unix socket, so the agent can hand TAP fds to the
@@ -27,20 +27,13 @@
 //!
 //! ```no_run
 //! use std::io::{IoSlice, IoSliceMut};
-//! use fabric::io::{netlink, offload, tap, underlay, IfName};
+//! use fabric::io::{offload, tap, underlay};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // `fabric vnic add`: TAP in the container's namespace, configured, fd kept here.
-//! let ns = netlink::Netns::open("ctr1")?;
-//! let vnic = netlink::setup_vnic(&ns, &netlink::VnicSpec {
-//!     name: IfName::new("eth0")?,
-//!     mac: [0x02, 0x08, 0x20, 0, 0, 1],
-//!     addr: "10.0.0.2".parse()?,
-//!     prefix_len: 24,
-//!     mtu: 1450,
-//!     gateway: None,
-//!     txqueuelen: 5000,
-//! })?;
+//! // The agent made the TAP in the container's namespace and passed its queue fd over the
+//! // control socket (`fdpass`); the daemon adopts it.
+//! # let received: std::os::fd::OwnedFd = std::fs::File::open("/dev/null")?.into();
+//! let vnic = tap::Tap::from_fd(received, tap::Offloads::ALL)?;
 //! let udp = underlay::Underlay::bind(&underlay::UnderlayConfig::new("192.0.2.10:4789".parse()?))?;
 //!
 //! // Encap: TAP read -> segment -> one GSO transmit.

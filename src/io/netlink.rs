@@ -1,5 +1,5 @@
-//! Network namespaces and rtnetlink: links, veth pairs, bridges, addresses, MTU, routes, and
-//! [`setup_vnic`] for `fabric vnic add`.
+//! Network namespaces and rtnetlink: links, veth pairs, bridges, addresses, MTU, routes. The
+//! vnic provisioning built from these is `crate::dataplane::provision`.
 //!
 //! # Messages and socket
 //!
@@ -49,14 +49,15 @@ mod netns;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, ParseableParametrized, NLM_F_ACK,
-    NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, Parseable, ParseableParametrized,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressHeader, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkHeader, LinkInfo, LinkMessage,
 };
@@ -69,10 +70,13 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use self::exchange::{Exchange, Failure, OnReply, Progress};
 pub use self::netns::{Netns, NetnsGuard};
 use super::sys::IfName;
-use super::tap::{Tap, TapConfig, TapError};
 
-/// `RTM_NEWLINK`: the only message type read back (link lookups and dumps).
+/// `RTM_NEWLINK`: the message type of link lookups and dumps.
 const RTM_NEWLINK: u16 = 16;
+/// `RTM_NEWADDR`: the message type of address dumps.
+const RTM_NEWADDR: u16 = 20;
+/// `struct ifaddrmsg`, which precedes an address message's attributes.
+const IFADDRMSG_LEN: usize = 8;
 /// `struct ifinfomsg`, which precedes a link message's attributes.
 const IFINFOMSG_LEN: usize = 16;
 /// How often a dump interrupted by concurrent changes is asked again.
@@ -120,9 +124,6 @@ pub enum NetlinkError {
         /// What was wrong.
         what: String,
     },
-    /// A TAP operation failed during [`setup_vnic`].
-    #[error(transparent)]
-    Tap(#[from] TapError),
     /// Bad argument (name, prefix length ...).
     #[error("{0}")]
     Invalid(String),
@@ -146,6 +147,17 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
     /// Administratively up (`IFF_UP`).
     pub up: bool,
+}
+
+/// An address as reported by an `RTM_GETADDR` dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    /// Interface index the address is on.
+    pub index: u32,
+    /// The address (`IFA_LOCAL` for IPv4, `IFA_ADDRESS` for IPv6).
+    pub addr: IpAddr,
+    /// Its prefix length.
+    pub prefix_len: u8,
 }
 
 /// A route to add with [`Netlink::add_route`].
@@ -227,6 +239,43 @@ impl Netlink {
             });
             match r {
                 Ok(()) => return Ok(links),
+                Err(Retry::Interrupted) => continue,
+                Err(Retry::Fatal(e)) => return Err(e),
+            }
+        }
+        Err(NetlinkError::Protocol {
+            op,
+            target: target(),
+            what: format!("dump interrupted by concurrent changes {DUMP_ATTEMPTS} times"),
+        })
+    }
+
+    /// Lists the addresses of the socket's namespace (a multi-part `RTM_GETADDR` dump), IPv4
+    /// and IPv6, link-local ones included; `index` keeps only those of one link.
+    pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<Address>, NetlinkError> {
+        let op = "RTM_GETADDR(dump)";
+        let target = || {
+            index.map_or_else(
+                || "all addresses".to_owned(),
+                |i| format!("addresses of ifindex {i}"),
+            )
+        };
+        let mut addrs = Vec::new();
+        for _ in 0..DUMP_ATTEMPTS {
+            addrs.clear();
+            let msg = RouteNetlinkMessage::GetAddress(AddressMessage::default());
+            let r = self.execute(op, &target, msg, NLM_F_DUMP, &mut |ty, p| {
+                if ty == RTM_NEWADDR {
+                    if let Some(a) = parse_address(p)? {
+                        if index.is_none_or(|i| i == a.index) {
+                            addrs.push(a);
+                        }
+                    }
+                }
+                Ok(())
+            });
+            match r {
+                Ok(()) => return Ok(addrs),
                 Err(Retry::Interrupted) => continue,
                 Err(Retry::Fatal(e)) => return Err(e),
             }
@@ -669,6 +718,28 @@ fn parse_link(p: &[u8]) -> Result<Link, String> {
     Ok(link)
 }
 
+/// Decodes an `RTM_NEWADDR` payload leniently (undecodable attributes are skipped). `None`
+/// for an address message without an address attribute.
+fn parse_address(p: &[u8]) -> Result<Option<Address>, String> {
+    let header = AddressHeader::parse(p).map_err(|e| format!("RTM_NEWADDR header: {e}"))?;
+    let (mut local, mut address) = (None, None);
+    let attrs = p.get(IFADDRMSG_LEN..).unwrap_or_default();
+    for nla in NlasIterator::new(attrs) {
+        let nla = nla.map_err(|e| format!("RTM_NEWADDR attribute: {e}"))?;
+        match AddressAttribute::parse(&nla) {
+            Ok(AddressAttribute::Local(a)) => local = Some(a),
+            Ok(AddressAttribute::Address(a)) => address = Some(a),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(kind = nla.kind(), error = %e, "skipped address attribute"),
+        }
+    }
+    Ok(local.or(address).map(|addr| Address {
+        index: header.index,
+        addr,
+        prefix_len: header.prefix_len,
+    }))
+}
+
 fn family(a: &IpAddr) -> AddressFamily {
     if a.is_ipv6() {
         AddressFamily::Inet6
@@ -696,94 +767,6 @@ fn fmt_mac(m: &[u8; 6]) -> String {
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]
     )
-}
-
-/// What `fabric vnic add` asks for.
-#[derive(Debug, Clone)]
-pub struct VnicSpec {
-    /// Interface name inside the namespace (e.g. `eth0`).
-    pub name: IfName,
-    /// MAC address.
-    pub mac: [u8; 6],
-    /// Address assigned to the interface.
-    pub addr: IpAddr,
-    /// Its prefix length; an on-link route for the prefix is installed.
-    pub prefix_len: u8,
-    /// MTU (1450 leaves room for VXLAN over a 1500-byte underlay).
-    pub mtu: u32,
-    /// Default gateway (installed on-link), if any.
-    pub gateway: Option<IpAddr>,
-    /// TAP transmit queue length (the default 500 is short for 64 KB super-frames).
-    pub txqueuelen: u32,
-}
-
-static TMP_COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// Creates the TAP for a vnic and places it into `ns`: MAC, MTU, address, up, on-link route
-/// (and default route when a gateway is given). Returns the TAP fd, which keeps working in the
-/// host namespace; dropping it removes the device. On failure nothing is left behind.
-///
-/// The TAP is created under a temporary unique name in the caller's namespace (so that e.g.
-/// `eth0` does not clash with the host's own), moved, then renamed inside `ns`.
-pub fn setup_vnic(ns: &Netns, spec: &VnicSpec) -> Result<Tap, NetlinkError> {
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = format!("fv{:x}.{:x}", std::process::id() & 0xf_ffff, n & 0xf_ffff);
-    let tmp = ifname(&tmp)?;
-    let mut tap = Tap::open(&TapConfig::new(tmp))?;
-    tap.set_mac(spec.mac)?;
-    tap.set_mtu(spec.mtu)?;
-    tap.set_txqueuelen(spec.txqueuelen)?;
-    let index = tap.ifindex()?;
-    Netlink::open()?.move_link(index, ns)?;
-    let mut nl = Netlink::open_in(ns)?;
-    let link = nl.link_by_name(tmp.as_str())?;
-    nl.set_name(link.index, spec.name.as_str())?;
-    tap.rename_after_move(spec.name);
-    nl.add_address(link.index, spec.addr, spec.prefix_len)?;
-    nl.set_up(link.index, true)?;
-    let net = mask(spec.addr, spec.prefix_len);
-    nl.add_route(&Route {
-        dst: net,
-        prefix_len: spec.prefix_len,
-        gateway: None,
-        oif: link.index,
-    })?;
-    if let Some(gw) = spec.gateway {
-        let any = if gw.is_ipv6() {
-            IpAddr::from([0u16; 8])
-        } else {
-            IpAddr::from([0u8; 4])
-        };
-        nl.add_route(&Route {
-            dst: any,
-            prefix_len: 0,
-            gateway: Some(gw),
-            oif: link.index,
-        })?;
-    }
-    Ok(tap)
-}
-
-/// `addr` with the host bits cleared.
-fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - len.min(32) as u32)
-            };
-            IpAddr::from((u32::from(a) & m).to_be_bytes())
-        }
-        IpAddr::V6(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len.min(128) as u32)
-            };
-            IpAddr::from((u128::from(a) & m).to_be_bytes())
-        }
-    }
 }
 
 #[cfg(test)]
@@ -840,22 +823,6 @@ mod tests {
         let mut bad = buf[..16].to_vec();
         bad.extend_from_slice(&[200, 0, 3, 0]);
         assert!(parse_link(&bad).is_err());
-    }
-
-    #[test]
-    fn masks() {
-        assert_eq!(
-            mask("10.1.2.3".parse().unwrap(), 24),
-            "10.1.2.0".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            mask("10.1.2.3".parse().unwrap(), 0),
-            "0.0.0.0".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            mask("fd00::1:2".parse().unwrap(), 64),
-            "fd00::".parse::<IpAddr>().unwrap()
-        );
     }
 
     #[test]
