@@ -1,12 +1,12 @@
-//! Namespaces, veth, addresses, routes and vnic setup through netlink, verified with `ip`.
+//! Namespaces, veth, addresses and routes through netlink, verified with `ip` (vnic setup is
+//! in `dataplane_provision.rs`).
 //! Needs root; skips with a reason otherwise, except under CI=true. Every test creates its own
 //! uniquely named namespaces and removes them on drop, also when an assertion fails.
 
 use std::net::IpAddr;
 use std::process::Command;
 
-use fabric::io::netlink::{setup_vnic, Netlink, Netns, NetnsGuard, Route, VnicSpec};
-use fabric::io::IfName;
+use fabric::io::netlink::{Netlink, Netns, NetnsGuard, Route};
 
 #[path = "util/root.rs"]
 mod root;
@@ -165,103 +165,6 @@ fn veth_between_namespaces_carries_traffic() {
         nlb.link_by_name("vb0").is_err(),
         "deleting one veth end removes the peer"
     );
-}
-
-#[test]
-fn vnic_setup_in_existing_namespace() {
-    if !root_or_skip("vnic_setup_in_existing_namespace") {
-        return;
-    }
-    let ns = NetnsGuard::create(&ns_name("vn")).unwrap();
-    let spec = VnicSpec {
-        name: IfName::new("eth0").unwrap(),
-        mac: [0x02, 0x08, 0x20, 0x11, 0x22, 0x33],
-        addr: "10.251.0.2".parse().unwrap(),
-        prefix_len: 24,
-        mtu: 1450,
-        gateway: Some("10.251.0.1".parse().unwrap()),
-        txqueuelen: 5000,
-    };
-    let tap = setup_vnic(&ns, &spec).unwrap();
-    assert_eq!(tap.name().as_str(), "eth0");
-    let link = ip(&["-n", ns.name(), "link", "show", "eth0"]);
-    assert!(link.contains("mtu 1450"), "{link}");
-    assert!(link.contains("link/ether 02:08:20:11:22:33"), "{link}");
-    assert!(link.contains(",UP") || link.contains("<UP"), "{link}");
-    assert!(link.contains("qlen 5000"), "{link}");
-    let addr = ip(&["-n", ns.name(), "addr", "show", "eth0"]);
-    assert!(addr.contains("inet 10.251.0.2/24"), "{addr}");
-    let routes = ip(&["-n", ns.name(), "route"]);
-    assert!(routes.contains("10.251.0.0/24 dev eth0"), "{routes}");
-    assert!(
-        routes.contains("default via 10.251.0.1 dev eth0"),
-        "{routes}"
-    );
-    // The host namespace has no trace of the temporary name.
-    let host = ip(&["-o", "link"]);
-    assert!(!host.contains("fv"), "{host}");
-
-    // The TAP fd still works after the move: a packet sent inside the namespace makes the
-    // kernel ARP for the gateway out of the TAP, and we read that frame here.
-    ns.run(|| {
-        let s = std::net::UdpSocket::bind("10.251.0.2:0").unwrap();
-        s.send_to(b"hello", "10.251.0.77:9").unwrap();
-    })
-    .unwrap();
-    // Scatter read: vnet header and frame land in separate buffers.
-    let mut vhdr = [0xffu8; 12];
-    let mut buf = vec![0u8; fabric::io::tap::MAX_FRAME];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    let arp = loop {
-        let mut iov = [
-            std::io::IoSliceMut::new(&mut vhdr),
-            std::io::IoSliceMut::new(&mut buf),
-        ];
-        if let Some(n) = tap.read_vectored(&mut iov).unwrap() {
-            let f = &buf[..n - 12];
-            if f.len() >= 42 && f[12..14] == [0x08, 0x06] {
-                assert_eq!(vhdr, [0u8; 12], "an ARP frame carries no offload metadata");
-                break f.to_vec();
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no ARP request on the TAP"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    assert_eq!(&arp[6..12], &spec.mac, "ARP from the vnic's MAC");
-    assert_eq!(
-        &arp[38..42],
-        &[10, 251, 0, 77],
-        "ARP for the on-link destination"
-    );
-
-    // Dropping the TAP removes the device from the namespace.
-    drop(tap);
-    let links = ip(&["-n", ns.name(), "-o", "link"]);
-    assert!(!links.contains("eth0"), "{links}");
-}
-
-#[test]
-fn vnic_setup_failure_leaves_nothing_behind() {
-    if !root_or_skip("vnic_setup_failure_leaves_nothing_behind") {
-        return;
-    }
-    let ns = NetnsGuard::create(&ns_name("vf")).unwrap();
-    let spec = VnicSpec {
-        name: IfName::new("lo").unwrap(), // clashes with the namespace's loopback
-        mac: [0x02, 0, 0, 0, 0, 9],
-        addr: "10.252.0.2".parse::<IpAddr>().unwrap(),
-        prefix_len: 24,
-        mtu: 1450,
-        gateway: None,
-        txqueuelen: 1000,
-    };
-    let err = setup_vnic(&ns, &spec).unwrap_err().to_string();
-    assert!(err.contains("RTM_NEWLINK(IFLA_IFNAME)"), "{err}");
-    let links = ip(&["-n", ns.name(), "-o", "link"]);
-    assert_eq!(links.lines().count(), 1, "only lo may remain: {links}");
 }
 
 /// The multi-host test topology: "hosts" as namespaces joined by veth to a bridge namespace.

@@ -11,7 +11,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fabric::io::netlink::{setup_vnic, NetnsGuard, VnicSpec};
+use fabric::dataplane::provision::{create_vnic, VnicProvision};
+use fabric::io::netlink::NetnsGuard;
 use fabric::io::offload::{self, Push, TcpCoalescer, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
 use fabric::io::poll::{Events, Interest, Poller, Waker};
 use fabric::io::tap::{Tap, MAX_FRAME};
@@ -175,7 +176,7 @@ fn tcp_between_two_containers_over_a_vxlan_wire() {
     let pid = std::process::id();
     let ns_a = NetnsGuard::create(&format!("fabio-{pid}-pa")).unwrap();
     let ns_b = NetnsGuard::create(&format!("fabio-{pid}-pb")).unwrap();
-    let vnic = |i: u8| VnicSpec {
+    let vnic = |i: u8| VnicProvision {
         name: IfName::new("eth0").unwrap(),
         mac: [0x02, 0x77, 0, 0, 0, i],
         addr: Ipv4Addr::new(10, 77, 0, i).into(),
@@ -183,9 +184,10 @@ fn tcp_between_two_containers_over_a_vxlan_wire() {
         mtu: 1450,
         gateway: None,
         txqueuelen: 5000,
+        queues: 1,
     };
-    let tap_a = setup_vnic(&ns_a, &vnic(1)).unwrap();
-    let tap_b = setup_vnic(&ns_b, &vnic(2)).unwrap();
+    let tap_a = create_vnic(&ns_a, &vnic(1)).unwrap().remove(0);
+    let tap_b = create_vnic(&ns_b, &vnic(2)).unwrap().remove(0);
     let ucfg = UnderlayConfig {
         source_ports: SourcePorts::Ephemeral(4),
         read_timeout: Some(Duration::from_millis(50)),

@@ -14,7 +14,8 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TcpOptionElement, TransportSlice};
-use fabric::io::netlink::{setup_vnic, NetnsGuard, VnicSpec};
+use fabric::dataplane::provision::{create_vnic, VnicProvision};
+use fabric::io::netlink::NetnsGuard;
 use fabric::io::offload::{
     complete_checksum, segment, segmented_len, Push, TcpCoalescer, VirtioNetHdr, GSO_NONE,
     GSO_TCPV4, VIRTIO_NET_HDR_LEN,
@@ -111,7 +112,7 @@ fn tcp_through_tap_with_tso_segmentation_and_gro_coalescing() {
         return;
     }
     let ns = NetnsGuard::create(&format!("fabio-{}-tso", std::process::id())).unwrap();
-    let spec = VnicSpec {
+    let spec = VnicProvision {
         name: IfName::new("eth0").unwrap(),
         mac: CONTAINER_MAC,
         addr: Ipv4Addr::from(CONTAINER_IP).into(),
@@ -119,8 +120,9 @@ fn tcp_through_tap_with_tso_segmentation_and_gro_coalescing() {
         mtu: 1500,
         gateway: None,
         txqueuelen: 1000,
+        queues: 1,
     };
-    let tap = setup_vnic(&ns, &spec).unwrap();
+    let tap = create_vnic(&ns, &spec).unwrap().remove(0);
     assert!(
         tap.offloads().contains(Offloads::TSO4 | Offloads::CSUM),
         "{:?}",
@@ -343,7 +345,7 @@ fn udp_through_tap_with_uso_segmentation() {
         return;
     }
     let ns = NetnsGuard::create(&format!("fabio-{}-uso", std::process::id())).unwrap();
-    let spec = VnicSpec {
+    let spec = VnicProvision {
         name: IfName::new("eth0").unwrap(),
         mac: CONTAINER_MAC,
         addr: Ipv4Addr::from(CONTAINER_IP).into(),
@@ -351,8 +353,9 @@ fn udp_through_tap_with_uso_segmentation() {
         mtu: 1500,
         gateway: None,
         txqueuelen: 1000,
+        queues: 1,
     };
-    let tap = setup_vnic(&ns, &spec).unwrap();
+    let tap = create_vnic(&ns, &spec).unwrap().remove(0);
     let uso = tap.offloads().contains(Offloads::USO4);
     const SEG: usize = 1000;
     const UP: usize = 20 * SEG + 77;
