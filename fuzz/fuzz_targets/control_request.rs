@@ -1,7 +1,7 @@
 //! Fuzz the dataplane control socket's request parser: arbitrary bytes as one request line.
 //! `parse_request` must never panic; a line over the limit must be refused as too long, whatever
 //! it holds; a parsed request must survive a serialize/parse round trip unchanged; and a
-//! `vnic_add` spec that validates must hold only what a vnic may own (unicast MAC, 24-bit VNI,
+//! `vnic_attach` spec that validates must hold only what a vnic may own (unicast MAC, 24-bit VNI,
 //! MTU in range, an address that passes the host-address check), so the daemon can never be
 //! handed state the validator promised to keep out.
 #![no_main]
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let again = serde_json::to_vec(&req).expect("a parsed request serializes");
     let back = parse_request(&again, usize::MAX).expect("a serialized request parses");
     assert_eq!(back, req);
-    if let Request::VnicAdd(spec) = &req {
+    if let Request::VnicAttach(spec) | Request::VnicAdd(spec) = &req {
         if let Ok(v) = spec.validate() {
             assert!(v.mac.is_unicast(), "{spec:?}");
             assert!(v.vni.get() <= 0x00ff_ffff);
