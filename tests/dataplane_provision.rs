@@ -82,7 +82,7 @@ fn vnic_is_created_inside_the_namespace_configured_and_usable() {
         routes.contains("default via 10.251.0.1 dev net0"),
         "{routes}"
     );
-    // Born inside the namespace: the host's namespace never saw a link for it.
+    // The temporary name it was created under in the host's namespace is gone with the move.
     assert_eq!(ip(&["-o", "link"]), host_links);
 
     // What the agent reads back to decide whether the vnic is as wanted.

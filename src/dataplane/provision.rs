@@ -3,18 +3,23 @@
 //! dataplane with [`super::control::attach`]; the dataplane itself never creates namespaces or
 //! TAPs (DESIGN "vnic kinds").
 //!
-//! [`create_vnic`] opens the TAP *inside* the namespace (on a thread that entered it), so the
-//! device is born there under its final name: no temporary name in the host's namespace, no
-//! move, no rename. It is `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE` with one fd per
-//! queue, not persistent: it lives while any queue fd is open. After a successful attach the
-//! caller drops its [`Tap`]s, so the device's lifetime is the dataplane's (a dataplane that
-//! exits takes its vnics with it, and the agent creates them again).
+//! [`create_vnic`] opens the TAP in the *caller's* namespace under a temporary unique name,
+//! configures it, moves it into the container's namespace and renames it there. That matters
+//! for lifetimes: a TAP fd pins the namespace it was opened in, so opened in the host's
+//! namespace (where the agent and the dataplane run) it lets the container's namespace die
+//! when it is deleted, taking the device with it (the dataplane then lists the vnic `gone`);
+//! opened inside, the dataplane's fd would keep a deleted VM's namespace alive. The TAP is
+//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE` with one fd per queue, not
+//! persistent: it lives while any queue fd is open. After a successful attach the caller drops
+//! its [`Tap`]s, so the device's lifetime is the dataplane's (a dataplane that exits takes its
+//! vnics with it, and the agent creates them again).
 //!
 //! Every function is blocking (netlink and ioctls on a short-lived thread inside the
 //! namespace); call them from `spawn_blocking` in async code.
 
 use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::control::{ValidVnic, VnicAddSpec, VnicSpecError};
 use crate::io::netlink::{Netlink, NetlinkError, Netns, Route};
@@ -132,22 +137,32 @@ pub fn create_vnic(ns: &Netns, spec: &VnicProvision) -> Result<Vec<Tap>, Provisi
         }
     }
     let label = ns_label(ns);
-    ns.run(|| -> Result<Vec<Tap>, ProvisionError> {
+    let exists = ns.run(|| -> Result<bool, ProvisionError> {
+        Ok(find_link(&mut Netlink::open()?, spec.name.as_str())?.is_some())
+    })??;
+    if exists {
+        return Err(ProvisionError::Exists {
+            ns: label,
+            name: spec.name.to_string(),
+        });
+    }
+    // Created here (see the module docs), under a name that cannot clash with the host's own
+    // links; any error below drops `taps`, which removes the device wherever it is.
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = format!("fv{:x}.{:x}", std::process::id() & 0xf_ffff, n & 0xf_ffff);
+    let tmp = IfName::new(&tmp).map_err(|e| ProvisionError::Invalid(e.to_string()))?;
+    let mut taps = Tap::open_multi_queue(&TapConfig::new(tmp), spec.queues)?;
+    // SIOC* ioctls act by name in the calling thread's namespace: before the move.
+    taps[0].set_mac(spec.mac)?;
+    taps[0].set_mtu(spec.mtu)?;
+    taps[0].set_txqueuelen(spec.txqueuelen)?;
+    let index = taps[0].ifindex()?;
+    Netlink::open()?.move_link(index, ns)?;
+    ns.run(|| -> Result<(), ProvisionError> {
         let mut nl = Netlink::open()?;
-        if find_link(&mut nl, spec.name.as_str())?.is_some() {
-            return Err(ProvisionError::Exists {
-                ns: label.clone(),
-                name: spec.name.to_string(),
-            });
-        }
-        // Opened on this thread, which is inside `ns`: the kernel creates the device there.
-        let taps = Tap::open_multi_queue(&TapConfig::new(spec.name), spec.queues)?;
-        let tap = &taps[0];
-        // SIOC* ioctls act in the calling thread's namespace: this one.
-        tap.set_mac(spec.mac)?;
-        tap.set_mtu(spec.mtu)?;
-        tap.set_txqueuelen(spec.txqueuelen)?;
-        let index = nl.link_by_name(spec.name.as_str())?.index;
+        // The index may differ on this side of the move.
+        let index = nl.link_by_name(tmp.as_str())?.index;
+        nl.set_name(index, spec.name.as_str())?;
         nl.add_address(index, spec.addr, spec.prefix_len)?;
         nl.set_up(index, true)?;
         nl.add_route(&Route {
@@ -169,9 +184,16 @@ pub fn create_vnic(ns: &Netns, spec: &VnicProvision) -> Result<Vec<Tap>, Provisi
                 oif: index,
             })?;
         }
-        Ok(taps)
-    })?
+        Ok(())
+    })??;
+    for t in &mut taps {
+        t.rename_after_move(spec.name);
+    }
+    Ok(taps)
 }
+
+/// Makes temporary TAP names unique within the process.
+static TMP_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Deletes the link `name` in `ns` if it exists. Returns whether there was one. A TAP whose
 /// queues a dataplane still holds goes from the namespace at once (the dataplane's reads then

@@ -291,6 +291,11 @@ impl Tap {
         self.name
     }
 
+    /// Records the name the link got after a move and rename in another namespace.
+    pub(crate) fn rename_after_move(&mut self, name: IfName) {
+        self.name = name;
+    }
+
     /// The offloads the kernel accepted (a subset of what was asked for).
     pub fn offloads(&self) -> Offloads {
         self.offloads
