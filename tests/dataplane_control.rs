@@ -1,6 +1,8 @@
 //! The dataplane daemon's control socket and underlay edges under hostile or broken input:
 //! oversized and stalled requests, too many connections, `vnic add` with addresses and MACs a
-//! vnic cannot own, vnics whose namespace vanished, zero-length underlay datagrams.
+//! vnic cannot own, vnics whose namespace vanished, zero-length underlay datagrams;
+//! `vnic_attach` without a usable TAP fd, and a dataplane restart (the vnics go, fresh TAPs
+//! attach in the same namespaces).
 //!
 //! Each test runs one `fabric dataplane` in a network namespace it creates (underlay on that
 //! namespace's 127.0.0.1, Portolan pointed at a closed port there), with its control socket in
@@ -19,9 +21,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use fabric::dataplane::control::{self, Request, VnicAddSpec};
+use fabric::dataplane::provision::{self, VnicProvision};
+use fabric::io::fdpass;
 use fabric::io::netlink::Netns;
 use netns::{fabric_bin, root_or_skip, rss_kib, run};
 use serde_json::Value;
+use std::os::fd::{AsFd, BorrowedFd};
 
 static N: AtomicU32 = AtomicU32::new(0);
 
@@ -59,26 +65,41 @@ impl Daemon {
             containers: 0,
         };
         d.create_ns(&host_ns);
-        let log = std::fs::File::create(&d.log).expect("log");
+        d.spawn(extra);
+        d
+    }
+
+    /// Starts the daemon (again) and waits until it answers.
+    fn spawn(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "dataplane already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let child = Command::new("ip")
-            .args(["netns", "exec", &host_ns])
+            .args(["netns", "exec", &self.host_ns])
             .arg(fabric_bin())
             .args(["dataplane", "--underlay", "127.0.0.1:4789"])
             .args(["--portolan", "127.0.0.1:1"])
-            .args(["--cn-uuid", "564d1a4c-0000-4000-8000-0000000000c1"])
-            .arg("--control")
-            .arg(&d.control)
+            .args(["--server-uuid", "564d1a4c-0000-4000-8000-0000000000c1"])
+            .arg("--dataplane")
+            .arg(&self.control)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()
             .expect("spawn fabric dataplane");
-        d.child = Some(child);
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while d.try_cli(&["stats", "--json"]).is_err() {
-            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("dataplane exited ({st}) at start:\n{}", d.log_text());
+        while self.try_cli(&["stats", "--json"]).is_err() {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("dataplane exited ({st}) at start:\n{}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
@@ -86,7 +107,20 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        d
+    }
+
+    /// Stops the daemon: SIGTERM, then SIGKILL after 5 s.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn create_ns(&mut self, name: &str) {
@@ -111,11 +145,11 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `fabric ARGS --control SOCK`.
+    /// `fabric ARGS --dataplane SOCK`.
     fn try_cli(&self, args: &[&str]) -> Result<String, String> {
         run(Command::new(fabric_bin())
             .args(args)
-            .arg("--control")
+            .arg("--dataplane")
             .arg(&self.control))
     }
 
@@ -151,16 +185,7 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("--- dataplane log:\n{}", self.log_text());
         }
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop();
         for ns in self.namespaces.iter().rev() {
             if Netns::exists(ns) {
                 if let Err(e) = Netns::delete(ns) {
@@ -497,4 +522,175 @@ fn zero_length_underlay_datagrams_are_counted() {
     assert_eq!(st["underlay_empty"].as_u64(), Some(sent), "{st}");
     let text = d.try_cli(&["stats"]).unwrap();
     assert!(text.contains(&format!("underlay_empty {sent}")), "{text}");
+}
+
+/// Sends `line` (a newline is added) on a new control connection with `fds` attached
+/// (SCM_RIGHTS) and returns the reply.
+fn send_with_fds(d: &Daemon, line: &str, fds: &[BorrowedFd<'_>]) -> Value {
+    let mut s = d.connect();
+    let line = format!("{line}\n");
+    if fds.is_empty() {
+        s.write_all(line.as_bytes()).unwrap();
+    } else {
+        let n = fdpass::send_with_fds(s.as_fd(), line.as_bytes(), fds).unwrap();
+        s.write_all(&line.as_bytes()[n..]).unwrap();
+    }
+    reply(&s).expect("a reply")
+}
+
+fn attach_spec(ns: &str, name: &str) -> VnicAddSpec {
+    VnicAddSpec {
+        netns: ns.to_owned(),
+        name: name.to_owned(),
+        vni: 4001,
+        mac: "90:b8:d0:00:00:05".into(),
+        ip: "10.0.0.5/24".into(),
+        mtu: 1400,
+    }
+}
+
+fn control_counter(d: &Daemon, name: &str) -> u64 {
+    let s = d.stats();
+    s["control"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no control.{name} in {s}"))
+}
+
+#[test]
+fn vnic_attach_without_a_usable_tap_fd_is_refused_and_changes_nothing() {
+    if !root_or_skip("vnic_attach_without_a_usable_tap_fd_is_refused_and_changes_nothing") {
+        return;
+    }
+    let mut d = Daemon::start(&[]);
+    let ns = d.container();
+    let handle = Netns::open(&ns).unwrap();
+    let spec = attach_spec(&ns, "eth0");
+    let line = serde_json::to_string(&Request::VnicAttach(spec.clone())).unwrap();
+    let empty = Value::Array(vec![]);
+
+    // No fd at all.
+    let v = send_with_fds(&d, &line, &[]);
+    let e = error_of(&v);
+    assert!(
+        e.contains("vnic_attach needs the TAP queue fds attached (SCM_RIGHTS)"),
+        "{e}"
+    );
+    assert_eq!(control_counter(&d, "attach_without_fds"), 1);
+    assert_eq!(d.json(&["vnic", "ls", "--json"]), empty);
+
+    // An fd that is not a TAP.
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let v = send_with_fds(&d, &line, &[devnull.as_fd()]);
+    let e = error_of(&v);
+    assert!(
+        e.contains("not a usable TAP") && e.contains("TUNGETIFF"),
+        "{e}"
+    );
+    assert_eq!(control_counter(&d, "attach_bad_fds"), 1);
+    assert_eq!(d.json(&["vnic", "ls", "--json"]), empty);
+
+    // A TAP, but not the one the request names.
+    let mut other = VnicProvision::from_spec(&attach_spec(&ns, "net7"), None).unwrap();
+    other.queues = 1;
+    let taps = provision::create_vnic(&handle, &other).unwrap();
+    let e = control::attach(&d.control, &spec, &taps)
+        .expect_err("a TAP of another name")
+        .to_string();
+    assert!(
+        e.contains("is the TAP net7, but the request names eth0"),
+        "{e}"
+    );
+    assert_eq!(control_counter(&d, "attach_bad_fds"), 2);
+    assert_eq!(d.json(&["vnic", "ls", "--json"]), empty);
+    // The daemon kept no copy: dropping ours removes the device.
+    drop(taps);
+    assert_eq!(provision::vnic_state(&handle, "net7").unwrap(), None);
+
+    // The old in-daemon request points at the new one.
+    let old = line.replacen("vnic_attach", "vnic_add", 1);
+    let e = error_of(&send_with_fds(&d, &old, &[])).to_owned();
+    assert!(
+        e.contains("no longer served") && e.contains("vnic_attach"),
+        "{e}"
+    );
+
+    // Descriptors sent with another request are closed and counted; the request is served.
+    let v = send_with_fds(&d, r#"{"cmd":"vnic_ls"}"#, &[devnull.as_fd()]);
+    assert_eq!(v["ok"], Value::Bool(true), "{v}");
+    assert_eq!(control_counter(&d, "unexpected_fds"), 1);
+
+    // The real thing works, and the device then lives as long as the daemon holds it.
+    let prov = VnicProvision::from_spec(&spec, None).unwrap();
+    let taps = provision::create_vnic(&handle, &prov).unwrap();
+    let info = control::attach(&d.control, &spec, &taps).expect("attach with the TAP fd");
+    drop(taps);
+    assert_eq!((info.name.as_str(), info.vni), ("eth0", 4001));
+    assert_eq!(info.state, fabric::dataplane::control::VnicState::Up);
+    let st = provision::vnic_state(&handle, "eth0")
+        .unwrap()
+        .expect("eth0");
+    assert_eq!(st.mac, Some([0x90, 0xb8, 0xd0, 0, 0, 5]));
+    assert_eq!(st.addrs, vec![("10.0.0.5".parse().unwrap(), 24)]);
+    let ls = d.json(&["vnic", "ls", "--json"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+    assert_eq!(ls[0]["state"], "up", "{ls}");
+    // A second attach of the same vnic is refused.
+    let mut dup = spec.clone();
+    dup.name = "eth1".into();
+    dup.mac = "90:b8:d0:00:00:06".into();
+    dup.ip = "10.0.0.6/24".into();
+    let again =
+        provision::create_vnic(&handle, &VnicProvision::from_spec(&dup, None).unwrap()).unwrap();
+    control::attach(&d.control, &dup, &again).expect("eth1 is another vnic");
+    let e = control::attach(&d.control, &dup, &again)
+        .expect_err("eth1 attached twice")
+        .to_string();
+    assert!(e.contains("already exists"), "{e}");
+}
+
+#[test]
+fn dataplane_restart_loses_vnics_and_fresh_taps_attach_in_the_same_namespace() {
+    if !root_or_skip("dataplane_restart_loses_vnics_and_fresh_taps_attach_in_the_same_namespace") {
+        return;
+    }
+    let mut d = Daemon::start(&[]);
+    let ns = d.container();
+    let handle = Netns::open(&ns).unwrap();
+    let mac = "02:00:0a:00:00:09";
+    d.vnic_add(&ns, "10.0.0.9/24", mac).expect("vnic add");
+    assert!(provision::vnic_state(&handle, "eth0").unwrap().is_some());
+
+    // The dataplane held the only fds: its exit takes the TAP with it.
+    d.stop();
+    let t0 = Instant::now();
+    while provision::vnic_state(&handle, "eth0").unwrap().is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "eth0 still in {ns} 5 s after the dataplane stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("TAP gone {:?} after the dataplane stopped", t0.elapsed());
+
+    // A new dataplane knows nothing; the same namespace takes a freshly created TAP.
+    d.spawn(&[]);
+    assert_eq!(d.json(&["vnic", "ls", "--json"]), Value::Array(vec![]));
+    d.vnic_add(&ns, "10.0.0.9/24", mac)
+        .expect("vnic add after the restart");
+    let ls = d.json(&["vnic", "ls", "--json"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+    assert_eq!(
+        (ls[0]["netns"].as_str(), ls[0]["state"].as_str()),
+        (Some(ns.as_str()), Some("up"))
+    );
+    let st = provision::vnic_state(&handle, "eth0")
+        .unwrap()
+        .expect("eth0");
+    assert_eq!(st.mac, Some([2, 0, 0x0a, 0, 0, 9]));
+
+    // `vnic rm` detaches and deletes the link.
+    d.try_cli(&["vnic", "rm", "--netns", &ns, "--name", "eth0"])
+        .expect("vnic rm");
+    assert_eq!(d.json(&["vnic", "ls", "--json"]), Value::Array(vec![]));
+    assert_eq!(provision::vnic_state(&handle, "eth0").unwrap(), None);
 }
