@@ -1864,6 +1864,84 @@ pub use control::call;
 mod tests {
     use super::*;
 
+    /// Runs `f` on a current-thread runtime.
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn pair() -> (std::os::unix::net::UnixStream, tokio::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, tokio::net::UnixStream::from_std(b).unwrap())
+    }
+
+    #[test]
+    fn descriptors_stay_with_the_line_they_came_with() {
+        block_on(async {
+            let (a, b) = pair();
+            let f = std::fs::File::open("/dev/null").unwrap();
+            // Line 1 without fds, line 2 with one fd on its first bytes, its end later.
+            fdpass::send_with_fds(a.as_fd(), b"one\n", &[]).unwrap();
+            fdpass::send_with_fds(a.as_fd(), b"tw", &[f.as_fd()]).unwrap();
+            fdpass::send_with_fds(a.as_fd(), b"o\nthree\n", &[]).unwrap();
+            // A last line with two fds and no newline, then EOF.
+            fdpass::send_with_fds(a.as_fd(), b"four", &[f.as_fd(), f.as_fd()]).unwrap();
+            drop(a);
+            let mut r = ConnReader::default();
+            let (mut line, mut fds) = (Vec::new(), Vec::new());
+            let mut got = Vec::new();
+            loop {
+                match r.read_line(&b, &mut line, &mut fds, 100).await.unwrap() {
+                    LineRead::Eof => break,
+                    LineRead::Line => {
+                        got.push((String::from_utf8(line.clone()).unwrap(), fds.len()))
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(
+                got,
+                [
+                    ("one".into(), 0),
+                    ("two".into(), 1),
+                    ("three".into(), 0),
+                    ("four".into(), 2)
+                ]
+            );
+        });
+    }
+
+    #[test]
+    fn too_many_descriptors_or_bytes_end_the_connection() {
+        block_on(async {
+            let (a, b) = pair();
+            let f = std::fs::File::open("/dev/null").unwrap();
+            let many: Vec<_> = (0..fdpass::MAX_FDS).map(|_| f.as_fd()).collect();
+            // Two messages of MAX_FDS each within one line: more than one line may carry.
+            fdpass::send_with_fds(a.as_fd(), b"x", &many).unwrap();
+            fdpass::send_with_fds(a.as_fd(), b"y", &many).unwrap();
+            let mut r = ConnReader::default();
+            let (mut line, mut fds) = (Vec::new(), Vec::new());
+            let got = r.read_line(&b, &mut line, &mut fds, 100).await.unwrap();
+            assert_eq!(got, LineRead::FdOverflow);
+
+            let (a, b) = pair();
+            fdpass::send_with_fds(a.as_fd(), &[b'z'; 64], &[]).unwrap();
+            let mut r = ConnReader::default();
+            let got = r.read_line(&b, &mut line, &mut fds, 10).await.unwrap();
+            assert_eq!(got, LineRead::TooLong);
+            assert!(
+                r.buf.len() <= 11,
+                "held {} bytes for a 10-byte limit",
+                r.buf.len()
+            );
+        });
+    }
+
     #[test]
     fn saved_firewall_state_round_trips_and_bad_files_are_refused() {
         let dir = std::env::temp_dir().join(format!("fabric-fwstate-{}", std::process::id()));
