@@ -3,7 +3,6 @@
 //! frame from the TAP. Needs root; skips with a reason otherwise, except under CI=true. Every
 //! test creates its own uniquely named namespaces and removes them on drop.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fabric::dataplane::provision::{
@@ -13,26 +12,12 @@ use fabric::io::netlink::NetnsGuard;
 use fabric::io::tap::Offloads;
 use fabric::io::IfName;
 
-#[path = "util/root.rs"]
-mod root;
-use root::root_or_skip;
+#[path = "util/netns.rs"]
+mod netns;
+use netns::{ip, root_or_skip};
 
 fn ns_name(tag: &str) -> String {
     format!("fabpv-{}-{}", std::process::id(), tag)
-}
-
-/// Runs `ip ARGS` and returns stdout; panics with stderr on failure.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("run ip (iproute2 installed?)");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn spec(name: &str, queues: usize) -> VnicProvision {

@@ -225,57 +225,53 @@ impl Netlink {
     /// Lists every link of the socket's namespace (a multi-part `RTM_GETLINK` dump), in the
     /// kernel's order (by ifindex).
     pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
-        let op = "RTM_GETLINK(dump)";
-        let target = || "all links".to_owned();
-        let mut links = Vec::new();
-        for _ in 0..DUMP_ATTEMPTS {
-            links.clear();
-            let msg = RouteNetlinkMessage::GetLink(link_msg(0));
-            let r = self.execute(op, &target, msg, NLM_F_DUMP, &mut |ty, p| {
-                if ty == RTM_NEWLINK {
-                    links.push(parse_link(p)?);
-                }
-                Ok(())
-            });
-            match r {
-                Ok(()) => return Ok(links),
-                Err(Retry::Interrupted) => continue,
-                Err(Retry::Fatal(e)) => return Err(e),
-            }
-        }
-        Err(NetlinkError::Protocol {
-            op,
-            target: target(),
-            what: format!("dump interrupted by concurrent changes {DUMP_ATTEMPTS} times"),
-        })
+        self.dump(
+            "RTM_GETLINK(dump)",
+            &|| "all links".to_owned(),
+            &|| RouteNetlinkMessage::GetLink(link_msg(0)),
+            RTM_NEWLINK,
+            &mut |p| parse_link(p).map(Some),
+        )
     }
 
     /// Lists the addresses of the socket's namespace (a multi-part `RTM_GETADDR` dump), IPv4
     /// and IPv6, link-local ones included; `index` keeps only those of one link.
     pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<Address>, NetlinkError> {
-        let op = "RTM_GETADDR(dump)";
-        let target = || {
-            index.map_or_else(
-                || "all addresses".to_owned(),
-                |i| format!("addresses of ifindex {i}"),
-            )
-        };
-        let mut addrs = Vec::new();
+        self.dump(
+            "RTM_GETADDR(dump)",
+            &|| {
+                index.map_or_else(
+                    || "all addresses".to_owned(),
+                    |i| format!("addresses of ifindex {i}"),
+                )
+            },
+            &|| RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            RTM_NEWADDR,
+            &mut |p| Ok(parse_address(p)?.filter(|a| index.is_none_or(|i| i == a.index))),
+        )
+    }
+
+    /// Runs a dump (asked again when the kernel flags it interrupted) and collects what
+    /// `parse` makes of every message of type `ty`.
+    fn dump<T>(
+        &mut self,
+        op: &'static str,
+        target: &dyn Fn() -> String,
+        msg: &dyn Fn() -> RouteNetlinkMessage,
+        ty: u16,
+        parse: &mut ParseDumped<'_, T>,
+    ) -> Result<Vec<T>, NetlinkError> {
+        let mut out = Vec::new();
         for _ in 0..DUMP_ATTEMPTS {
-            addrs.clear();
-            let msg = RouteNetlinkMessage::GetAddress(AddressMessage::default());
-            let r = self.execute(op, &target, msg, NLM_F_DUMP, &mut |ty, p| {
-                if ty == RTM_NEWADDR {
-                    if let Some(a) = parse_address(p)? {
-                        if index.is_none_or(|i| i == a.index) {
-                            addrs.push(a);
-                        }
-                    }
+            out.clear();
+            let r = self.execute(op, target, msg(), NLM_F_DUMP, &mut |t, p| {
+                if t == ty {
+                    out.extend(parse(p)?);
                 }
                 Ok(())
             });
             match r {
-                Ok(()) => return Ok(addrs),
+                Ok(()) => return Ok(out),
                 Err(Retry::Interrupted) => continue,
                 Err(Retry::Fatal(e)) => return Err(e),
             }
@@ -632,6 +628,9 @@ impl Netlink {
         retry_eintr(|| self.sock.recv(&mut buf, 0))
     }
 }
+
+/// What [`Netlink::dump`] makes of one message: `Ok(None)` skips it.
+type ParseDumped<'a, T> = dyn FnMut(&[u8]) -> Result<Option<T>, String> + 'a;
 
 /// How an exchange ended when it did not succeed.
 enum Retry {
