@@ -188,8 +188,9 @@ pub fn stats(control: ControlPath, json: bool) -> anyhow::Result<()> {
     );
     let c = &s.control;
     println!(
-        "control: connections {}, refused_connections {}, requests {}, bad_requests {}, oversized_requests {}, read_timeouts {}, write_timeouts {}",
-        c.connections, c.refused_connections, c.requests, c.bad_requests, c.oversized_requests, c.read_timeouts, c.write_timeouts
+        "control: connections {}, refused_connections {}, requests {}, bad_requests {}, oversized_requests {}, read_timeouts {}, write_timeouts {}, attach_without_fds {}, attach_bad_fds {}, unexpected_fds {}, fd_overflows {}",
+        c.connections, c.refused_connections, c.requests, c.bad_requests, c.oversized_requests, c.read_timeouts, c.write_timeouts,
+        c.attach_without_fds, c.attach_bad_fds, c.unexpected_fds, c.fd_overflows
     );
     let r = &s.resolver;
     println!(
