@@ -240,11 +240,9 @@ mod tests {
             false,
             true
         )));
-        assert!(!global_names_vms(&rule(
-            "FROM ip 10.0.0.1 TO ip 10.0.0.2 ALLOW tcp PORT 80",
-            true,
-            true
-        )));
+        let literal = "FROM any TO ip 10.0.0.2 ALLOW tcp PORT 80";
+        FwRule::create(literal, &ParseOptions::default()).expect("a valid rule");
+        assert!(!global_names_vms(&rule(literal, true, true)));
     }
 
     #[test]
