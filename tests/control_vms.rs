@@ -729,6 +729,12 @@ async fn scenario(url: &str) {
         .iter()
         .all(|v| v["uuid"] != WEB));
 
+    // The store's counts on /metrics.
+    let m = c.request("GET", "/metrics", None, b"").await.unwrap();
+    let text = String::from_utf8_lossy(&m.body).to_string();
+    assert!(text.contains("\nfabric_control_vms 9\n"), "{text}");
+    assert!(text.contains("\nfabric_control_servers 3\n"), "{text}");
+
     // Every write recorded its change, with the servers concerned.
     let ch = svc.changes().await;
     let vm_actions: Vec<(&str, &str)> = ch

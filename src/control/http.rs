@@ -471,8 +471,9 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                 run_write(&a, &f, &params)
             }
             Op::Metrics => {
-                let counts =
-                    store::with_read(&*a.store, |raw| -> Result<(u64, u64, u64), OpError> {
+                let counts = store::with_read(
+                    &*a.store,
+                    |raw| -> Result<(u64, u64, u64, u64, u64), OpError> {
                         let mut d = Db::from(raw);
                         let mut count = |sql: &str| -> Result<u64, OpError> {
                             let r = d.query_opt(sql, &[])?;
@@ -483,13 +484,22 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                             count("SELECT COUNT(*) FROM napi_nics")?,
                             count("SELECT COUNT(*) FROM napi_networks")?,
                             count("SELECT COUNT(*) FROM napi_rules")?,
+                            count("SELECT COUNT(*) FROM fabric_vms WHERE state <> 'destroyed'")?,
+                            count("SELECT COUNT(*) FROM fabric_servers")?,
                         ))
-                    });
-                counts.map(|(n, w, r)| {
+                    },
+                );
+                counts.map(|(n, w, r, v, s)| {
                     Reply::Text(a.metrics.render(&[
                         ("fabric_control_nics", "NICs in the store.", n),
                         ("fabric_control_networks", "Networks in the store.", w),
                         ("fabric_control_rules", "Firewall rules in the store.", r),
+                        (
+                            "fabric_control_vms",
+                            "VMs in the store that are not destroyed.",
+                            v,
+                        ),
+                        ("fabric_control_servers", "Registered servers.", s),
                     ]))
                 })
             }

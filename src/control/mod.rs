@@ -106,7 +106,8 @@ impl Config {
     }
 }
 
-/// `fabric control`: serve the NAPI-compatible API (or, with `bench`, measure it).
+/// `fabric control`: serve the NAPI-compatible API with VMs (`/vms`), servers (`/servers`,
+/// heartbeats, each agent's desired state) and rules (or, with `bench`, measure it).
 #[derive(clap::Args, Debug, Clone)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ControlArgs {
