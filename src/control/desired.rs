@@ -107,32 +107,51 @@ pub fn firewall_closure(db: &mut Db<'_>, local: &[Vm]) -> Result<FirewallState, 
         out.sort_by(|a, b| a.uuid.cmp(&b.uuid));
         out
     };
+    // Their fabric addresses, in one query: (VM, network, IP) of every NIC that belongs to a
+    // VM of the closure (joined, so the filter is the same as the VMs').
+    let (filter, args): (String, Vec<Val>) = if everyone || owners.is_empty() {
+        (String::new(), Vec::new())
+    } else {
+        let marks: Vec<String> = (1..=owners.len()).map(|i| format!("${i}")).collect();
+        (
+            format!(" AND v.owner_uuid IN ({})", marks.join(", ")),
+            owners.iter().map(|o| Val::text(*o)).collect(),
+        )
+    };
+    let mut addrs: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    if !vms.is_empty() {
+        for r in db.query(
+            &format!(
+                "SELECT n.belongs_to_uuid, n.network_uuid, n.ip FROM napi_nics n \
+                 JOIN fabric_vms v ON v.uuid = n.belongs_to_uuid \
+                 WHERE v.state <> 'destroyed' AND n.network_uuid IS NOT NULL \
+                   AND n.ip IS NOT NULL{filter} ORDER BY n.mac"
+            ),
+            &args,
+        )? {
+            let mut it = r.into_iter();
+            let mut next = || it.next().ok_or_else(|| OpError::Corrupt("nic row".into()));
+            let vm = next()?.into_string("belongs_to_uuid")?;
+            let net = next()?.into_string("network_uuid")?;
+            let ip = next()?.as_i64("ip")?;
+            addrs.entry(vm).or_default().push((net, ip));
+        }
+    }
     let mut vnis: HashMap<String, Option<u32>> = HashMap::new();
     let mut records = Vec::with_capacity(vms.len());
     for vm in &vms {
         let mut ips = Vec::new();
-        for r in db.query(
-            "SELECT network_uuid, ip FROM napi_nics WHERE belongs_to_uuid = $1 \
-               AND network_uuid IS NOT NULL AND ip IS NOT NULL ORDER BY mac",
-            &[Val::text(&vm.uuid)],
-        )? {
-            let mut it = r.into_iter();
-            let net = it
-                .next()
-                .map(|v| v.into_string("network_uuid"))
-                .transpose()?
-                .unwrap_or_default();
-            let ip = it.next().map(|v| v.as_i64("ip")).transpose()?.unwrap_or(0);
+        for (net, ip) in addrs.remove(&vm.uuid).unwrap_or_default() {
             if !vnis.contains_key(&net) {
                 let v = super::networks::get(db, &net)?
                     .filter(|n| n.fabric)
                     .and_then(|n| n.vnet_id);
                 vnis.insert(net.clone(), v);
             }
-            if let Some(vni) = vnis.get(&net).copied().flatten() {
+            if let (Some(vni), Ok(ip)) = (vnis.get(&net).copied().flatten(), u32::try_from(ip)) {
                 ips.push(VmAddress {
                     vni,
-                    ip: IpAddr::V4(std::net::Ipv4Addr::from(ip as u32)),
+                    ip: IpAddr::V4(std::net::Ipv4Addr::from(ip)),
                 });
             }
         }
