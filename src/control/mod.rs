@@ -346,6 +346,41 @@ pub fn iso_from_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControlArgs,
+    }
+
+    fn config(argv: &[&str]) -> anyhow::Result<Config> {
+        let mut full = vec!["control"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full)?.args.config()
+    }
+
+    #[test]
+    fn advertise_and_heartbeat_flags() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.portolan_advertise, None);
+        assert_eq!(c.heartbeat_lifetime_ms(), 11_000);
+        let c = config(&[
+            "--portolan-advertise",
+            "192.168.77.1:1296",
+            "--heartbeat-lifetime",
+            "1.5",
+        ])
+        .unwrap();
+        assert_eq!(c.portolan_advertise.as_deref(), Some("192.168.77.1:1296"));
+        assert_eq!(c.heartbeat_lifetime_ms(), 1_500);
+        assert!(config(&["--portolan-advertise", "portolan.example:1296"]).is_ok());
+        for bad in ["192.168.77.1", ":1296", "h:99999"] {
+            let e = config(&["--portolan-advertise", bad]).unwrap_err();
+            assert!(e.to_string().contains("HOST:PORT"), "{bad}: {e}");
+        }
+        assert!(config(&["--heartbeat-lifetime", "0"]).is_err());
+    }
 
     #[test]
     fn iso() {
