@@ -41,7 +41,8 @@ enum Cmd {
     #[command(subcommand)]
     Fw(FwCmd),
     /// Run the control plane: a NAPI-compatible REST service (NIC tags, networks and IPAM,
-    /// NICs, fabric VLANs and networks, FWAPI-style /rules, /metrics) over the store Portolan
+    /// NICs, fabric VLANs and networks, VMAPI-shaped /vms with placement, /servers with
+    /// heartbeats and each host's desired state, FWAPI-style /rules, /metrics) over the store Portolan
     /// serves from; every NIC change writes its Portolan mappings and shootdown events in the
     /// same transaction. `fabric control bench` measures NIC provisions per second.
     Control(fabric::control::ControlArgs),

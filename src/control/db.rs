@@ -17,8 +17,11 @@
 //!   IP records under [`LOCK_NETWORK`], network creation/deletion, names and pools under
 //!   `LOCK_GLOBAL "networks"`, NIC tags under `LOCK_GLOBAL "nic_tags"`, VLANs and vnet_ids under
 //!   [`LOCK_OWNER`];
-//! - **one order**: `"networks"` → `"nic_tags"` → owner → NIC (by MAC) → networks (ascending
-//!   UUID) → Portolan's per-VNI lock (inside the store's mapping operations). The only paths
+//! - **one order**: `"networks"` → `"nic_tags"` → owner → VM → NIC (by MAC) → networks
+//!   (ascending UUID) → Portolan's per-VNI lock (inside the store's mapping operations). VM
+//!   rows are written under [`LOCK_OWNER`] (create, update, migrate, delete: placement and alias
+//!   uniqueness are per-owner decisions) and [`LOCK_VM`] (every writer, state reports too);
+//!   server rows under [`LOCK_SERVER`], which no path holds together with another of ours. The only paths
 //!   that can meet in opposite orders (a pool provision walking its members, a primary NIC
 //!   clearing its siblings) are resolved by PostgreSQL's deadlock detector, and the HTTP layer
 //!   runs an aborted write again ([`super::error::OpError::is_retryable`]).
@@ -268,6 +271,10 @@ pub const LOCK_GLOBAL: u8 = 3;
 pub const LOCK_NIC: u8 = 4;
 /// Per firewall rule (UUID): every writer of a rule row.
 pub const LOCK_RULE: u8 = 5;
+/// Per VM (UUID): every writer of a VM row (after the owner's lock, before its NICs').
+pub const LOCK_VM: u8 = 6;
+/// Per server (UUID): every writer of a server row.
+pub const LOCK_SERVER: u8 = 7;
 
 /// Takes the lock of the NIC with `mac` (see the module docs for the order).
 pub fn lock_nic(db: &mut Db<'_>, mac: u64) -> Result<(), OpError> {
@@ -346,6 +353,29 @@ pub const SCHEMA: &[&str] = &[
         servers    TEXT NOT NULL,
         time_ms    BIGINT NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS fabric_servers (
+        uuid              TEXT PRIMARY KEY,
+        hostname          TEXT NOT NULL,
+        underlay_ip       TEXT NOT NULL,
+        last_heartbeat_ms BIGINT,
+        created_ms        BIGINT NOT NULL,
+        doc               TEXT
+    )",
+    "CREATE TABLE IF NOT EXISTS fabric_vms (
+        uuid        TEXT PRIMARY KEY,
+        owner_uuid  TEXT NOT NULL,
+        server_uuid TEXT,
+        state       TEXT NOT NULL,
+        alias       TEXT,
+        created_ms  BIGINT NOT NULL,
+        doc         TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS fabric_vms_by_owner ON fabric_vms (owner_uuid)",
+    "CREATE INDEX IF NOT EXISTS fabric_vms_by_server ON fabric_vms (server_uuid)",
+    // An alias is unique per owner among VMs that are not destroyed (checked under the owner's
+    // lock first, for a proper error; this is the backstop).
+    "CREATE UNIQUE INDEX IF NOT EXISTS fabric_vms_alias ON fabric_vms (owner_uuid, alias)
+        WHERE state <> 'destroyed' AND alias IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS napi_rules (
         uuid       TEXT PRIMARY KEY,
         owner_uuid TEXT,

@@ -19,7 +19,9 @@ use super::db::{Db, Val};
 use super::error::{ApiError, OpError};
 use super::metrics::Metrics;
 use super::params::{random_uuid, Params};
-use super::{fabrics, networks, nic_tags, nics, pools, portolan_view, rules, Config};
+use super::{
+    desired, fabrics, networks, nic_tags, nics, pools, portolan_view, rules, servers, vms, Config,
+};
 
 /// Shared state of the service.
 pub struct App {
@@ -176,6 +178,8 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
         })),
         // Fabrics.
         (m, p) if p.starts_with("/fabrics/") => fabric_route(m, p, a0, a1, a2),
+        // Servers and VMs.
+        (m, p) if p.starts_with("/servers") || p.starts_with("/vms") => vm_route(m, p, a0),
         (Method::GET, "/network_pools") => read(|d, _, p| pools::list(d, p)),
         (Method::POST, "/network_pools") => write_db(|d, _, p| pools::create(d, p)),
         (Method::GET, "/network_pools/{uuid}") => read(move |d, _, p| {
@@ -207,6 +211,33 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
             portolan_view::underlay(d, &a0)
         }),
         (Method::GET, "/portolan/events") => read(|d, _, p| portolan_view::events(d, p)),
+        (m, p) => Op::Now(Err(ApiError::bad_method(m.as_str(), p))),
+    }
+}
+
+fn vm_route(m: Method, pattern: &str, a0: String) -> Op {
+    match (m, pattern) {
+        (Method::GET, "/servers") => read(|d, a, p| servers::list(d, &a.cfg, p)),
+        (Method::GET, "/servers/{uuid}") => {
+            read(move |d, a, p| servers::get_api(d, &a.cfg, &a0, p))
+        }
+        (Method::PUT, "/servers/{uuid}") => write(move |t, a, p| servers::put(t, &a.cfg, &a0, p)),
+        (Method::POST, "/servers/{uuid}/heartbeat") => {
+            delete_db(move |d, _, p| servers::heartbeat(d, &a0, p))
+        }
+        (Method::GET, "/servers/{uuid}/desired") => {
+            read(move |d, a, p| desired::snapshot(d, &a.cfg, &a0, p))
+        }
+        (Method::POST, "/servers/{uuid}/vm_states") => {
+            write(move |t, _, p| vms::report_states(t, &a0, p))
+        }
+        (Method::GET, "/vms") => read(|d, a, p| vms::list(d, &a.cfg, p)),
+        (Method::POST, "/vms") => write(|t, a, p| vms::create(t, &a.cfg, p)),
+        (Method::GET, "/vms/{uuid}") => read(move |d, a, p| vms::get_api(d, &a.cfg, &a0, p)),
+        (Method::POST, "/vms/{uuid}") => write(move |t, a, p| vms::action(t, &a.cfg, &a0, p)),
+        (Method::DELETE, "/vms/{uuid}") => Op::Write(Box::new(move |t, a, p| {
+            vms::delete(t, &a.cfg, &a0, p).map(|()| Reply::NoContent)
+        })),
         (m, p) => Op::Now(Err(ApiError::bad_method(m.as_str(), p))),
     }
 }
@@ -293,6 +324,13 @@ const ROUTES: &[&str] = &[
     "/portolan/mappings",
     "/portolan/underlay/{cn_uuid}",
     "/portolan/events",
+    "/servers",
+    "/servers/{uuid}",
+    "/servers/{uuid}/heartbeat",
+    "/servers/{uuid}/desired",
+    "/servers/{uuid}/vm_states",
+    "/vms",
+    "/vms/{uuid}",
 ];
 
 /// The router.
@@ -433,8 +471,9 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                 run_write(&a, &f, &params)
             }
             Op::Metrics => {
-                let counts =
-                    store::with_read(&*a.store, |raw| -> Result<(u64, u64, u64), OpError> {
+                let counts = store::with_read(
+                    &*a.store,
+                    |raw| -> Result<(u64, u64, u64, u64, u64), OpError> {
                         let mut d = Db::from(raw);
                         let mut count = |sql: &str| -> Result<u64, OpError> {
                             let r = d.query_opt(sql, &[])?;
@@ -445,13 +484,22 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                             count("SELECT COUNT(*) FROM napi_nics")?,
                             count("SELECT COUNT(*) FROM napi_networks")?,
                             count("SELECT COUNT(*) FROM napi_rules")?,
+                            count("SELECT COUNT(*) FROM fabric_vms WHERE state <> 'destroyed'")?,
+                            count("SELECT COUNT(*) FROM fabric_servers")?,
                         ))
-                    });
-                counts.map(|(n, w, r)| {
+                    },
+                );
+                counts.map(|(n, w, r, v, s)| {
                     Reply::Text(a.metrics.render(&[
                         ("fabric_control_nics", "NICs in the store.", n),
                         ("fabric_control_networks", "Networks in the store.", w),
                         ("fabric_control_rules", "Firewall rules in the store.", r),
+                        (
+                            "fabric_control_vms",
+                            "VMs in the store that are not destroyed.",
+                            v,
+                        ),
+                        ("fabric_control_servers", "Registered servers.", s),
                     ]))
                 })
             }
@@ -472,7 +520,7 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
 /// Takes the locks a per-object write on `pattern` starts with, in the order of db.rs (the
 /// write takes them again, which is free), so what is read before the write stays true.
 fn lock_object(d: &mut Db<'_>, pattern: &str, path: &[String]) -> Result<(), OpError> {
-    use super::db::{lock_key, lock_nic, LOCK_GLOBAL, LOCK_OWNER, LOCK_RULE};
+    use super::db::{lock_key, lock_nic, LOCK_GLOBAL, LOCK_OWNER, LOCK_RULE, LOCK_SERVER};
     let arg = |i: usize| path.get(i).map(String::as_str).unwrap_or("");
     match pattern {
         "/nics/{mac}" => {
@@ -497,6 +545,14 @@ fn lock_object(d: &mut Db<'_>, pattern: &str, path: &[String]) -> Result<(), OpE
             }
         }
         "/nic_tags/{name}" => d.lock(lock_key(LOCK_GLOBAL, "nic_tags"))?,
+        "/servers/{uuid}" => d.lock(lock_key(LOCK_SERVER, "servers"))?,
+        "/vms/{uuid}" => match vms::lock_and_find(d, arg(0)) {
+            // A missing VM is the write's own 404.
+            Err(OpError::Api(e)) if e.status == 404 => {}
+            r => {
+                r?;
+            }
+        },
         "/network_pools/{uuid}" => d.lock(lock_key(LOCK_GLOBAL, "networks"))?,
         "/rules/{uuid}" => {
             if let Some(u) = super::params::parse_uuid(arg(0)) {

@@ -15,15 +15,23 @@
 //! Admin views of Portolan's state (`/portolan/...`) and Prometheus metrics (`/metrics`) are
 //! served beside the API.
 //!
+//! VMAPI-shaped VMs (`/vms`) and CNAPI-shaped servers (`/servers`) are the registry the agents
+//! converge their hosts to: a VM's NICs are NAPI NICs (`belongs_to_uuid` = the VM, `cn_uuid` =
+//! its server) created in the VM's own transaction, placement picks a live server when none is
+//! given, and each agent reads `GET /servers/:uuid/desired` (its VMs and the firewall closure)
+//! and reports VM states back. Every write records a change in the feed ([`changes`]).
+//!
 //! Module map: [`http`] (routes, request/response plumbing), [`params`] (restify-style
 //! parameter validation), [`error`] (error bodies), [`db`] (dialect-neutral SQL), then one module
 //! per resource: [`nic_tags`], [`networks`] (with IPs and allocation), [`nics`], [`fabrics`],
-//! [`pools`], [`rules`], [`portolan_view`]; [`bench`] measures NIC provisions per second.
+//! [`pools`], [`rules`], [`portolan_view`], [`servers`], [`vms`] (with [`placement`]),
+//! [`desired`] (the agent's snapshot); [`bench`] measures NIC provisions per second.
 
 pub mod bench;
 pub mod changes;
 pub mod client;
 pub mod db;
+pub mod desired;
 pub mod error;
 pub mod fabrics;
 pub mod http;
@@ -32,9 +40,12 @@ pub mod networks;
 pub mod nic_tags;
 pub mod nics;
 pub mod params;
+pub mod placement;
 pub mod pools;
 pub mod portolan_view;
 pub mod rules;
+pub mod servers;
+pub mod vms;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -64,6 +75,12 @@ pub struct Config {
     pub mac_oui: u32,
     /// Limits of the HTTP serving layer (timeouts, connection and body caps).
     pub http: crate::http::Limits,
+    /// The SVP address agents and joining hosts are told (`--portolan-advertise`), shown in
+    /// each server's desired-state snapshot.
+    pub portolan_advertise: Option<String>,
+    /// A server whose last heartbeat is older than this is not `running`: placement skips it
+    /// and its VMs read `unknown` (CNAPI's 11 s: one missed 5 s beat plus 1 s).
+    pub heartbeat_lifetime: std::time::Duration,
 }
 
 impl Default for Config {
@@ -76,11 +93,21 @@ impl Default for Config {
             admin_uuid: "aaaaaaaa-aaaa-aaaa-aaaa-000000000000".into(),
             mac_oui: 0x90b8d0,
             http: crate::http::Limits::default(),
+            portolan_advertise: None,
+            heartbeat_lifetime: std::time::Duration::from_secs(11),
         }
     }
 }
 
-/// `fabric control`: serve the NAPI-compatible API (or, with `bench`, measure it).
+impl Config {
+    /// [`Config::heartbeat_lifetime`] in milliseconds.
+    pub fn heartbeat_lifetime_ms(&self) -> i64 {
+        i64::try_from(self.heartbeat_lifetime.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// `fabric control`: serve the NAPI-compatible API with VMs (`/vms`), servers (`/servers`,
+/// heartbeats, each agent's desired state) and rules (or, with `bench`, measure it).
 #[derive(clap::Args, Debug, Clone)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ControlArgs {
@@ -129,6 +156,14 @@ pub struct ControlArgs {
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     pub http_max_body: usize,
+    /// The Portolan (SVP) address agents and joining hosts are told, `HOST:PORT`
+    /// (`GET /servers/:uuid/desired` shows it as `portolan`).
+    #[arg(long, value_name = "ADDR")]
+    pub portolan_advertise: Option<String>,
+    /// Seconds after its last heartbeat (or registration) a server stops counting as running:
+    /// placement skips it and its VMs read `unknown`.
+    #[arg(long, default_value_t = 11.0, value_name = "SECS")]
+    pub heartbeat_lifetime: f64,
     /// Measure NIC provisions per second instead of serving.
     #[command(subcommand)]
     pub cmd: Option<ControlCmd>,
@@ -174,6 +209,17 @@ impl ControlArgs {
             ..crate::http::Limits::default()
         };
         http.validate().context("HTTP limits")?;
+        let heartbeat_lifetime = secs("--heartbeat-lifetime", self.heartbeat_lifetime)?;
+        if let Some(a) = &self.portolan_advertise {
+            if a.parse::<SocketAddr>().is_err()
+                && a.rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                anyhow::bail!(
+                    "--portolan-advertise {a:?}: expected HOST:PORT, e.g. 192.168.77.1:1296"
+                );
+            }
+        }
         Ok(Config {
             overlay_nic_tag: self.overlay_nic_tag.clone(),
             underlay_nic_tag: self.underlay_nic_tag.clone(),
@@ -182,6 +228,8 @@ impl ControlArgs {
             admin_uuid: admin,
             mac_oui: oui,
             http,
+            portolan_advertise: self.portolan_advertise.clone(),
+            heartbeat_lifetime,
         })
     }
 }
@@ -298,6 +346,41 @@ pub fn iso_from_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControlArgs,
+    }
+
+    fn config(argv: &[&str]) -> anyhow::Result<Config> {
+        let mut full = vec!["control"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full)?.args.config()
+    }
+
+    #[test]
+    fn advertise_and_heartbeat_flags() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.portolan_advertise, None);
+        assert_eq!(c.heartbeat_lifetime_ms(), 11_000);
+        let c = config(&[
+            "--portolan-advertise",
+            "192.168.77.1:1296",
+            "--heartbeat-lifetime",
+            "1.5",
+        ])
+        .unwrap();
+        assert_eq!(c.portolan_advertise.as_deref(), Some("192.168.77.1:1296"));
+        assert_eq!(c.heartbeat_lifetime_ms(), 1_500);
+        assert!(config(&["--portolan-advertise", "portolan.example:1296"]).is_ok());
+        for bad in ["192.168.77.1", ":1296", "h:99999"] {
+            let e = config(&["--portolan-advertise", bad]).unwrap_err();
+            assert!(e.to_string().contains("HOST:PORT"), "{bad}: {e}");
+        }
+        assert!(config(&["--heartbeat-lifetime", "0"]).is_err());
+    }
 
     #[test]
     fn iso() {

@@ -1,0 +1,1138 @@
+//! VMs (`fabric_vms`), VMAPI-shaped: the registry the agents converge their hosts to.
+//!
+//! A VM is created with its NICs in ONE transaction: placement (when no `server_uuid` is given),
+//! the VM row (`state: provisioning`), then one NAPI NIC per requested network through
+//! [`nics::create`] (`belongs_to_type: zone`, `belongs_to_uuid` = the VM, `cn_uuid` = its
+//! server), which writes the IP and the Portolan mapping too. A failure on any NIC rolls the
+//! whole create back. Migrate moves every NIC's `cn_uuid` through [`nics::update`] (Portolan
+//! moves the mapping and writes the shootdowns); delete removes the NICs through
+//! [`nics::delete`] (IPs freed, mappings tombstoned) and keeps the row as `destroyed`.
+//!
+//! The agent of the VM's server reports `running`/`failed`/`stopped`
+//! (`POST /servers/:uuid/vm_states`); a report from a server the VM is no longer on is ignored.
+//! When read, a VM whose server has not heartbeat within the configured lifetime reads
+//! `unknown` ([`effective_state`], the one place this rule lives).
+//!
+//! Locks (db.rs order): the owner (placement and alias uniqueness are per-owner decisions),
+//! then the VM, then its NICs (inside `nics`). Every write records a `vm` change.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use portolan::store::Txn;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::changes::{self, kind, Change};
+use super::db::{lock_key, Db, Row, Val, LOCK_OWNER, LOCK_VM};
+use super::error::{ApiError, FieldError, OpError};
+use super::networks::{self, Network};
+use super::nics::{self, mac_string, Nic};
+use super::params::{page, parse_uuid, random_uuid, Params};
+use super::servers::{self, now_ms, Server};
+use super::{iso_from_ms, placement, Config};
+
+/// Brands a VM may have (create only).
+pub const BRANDS: &[&str] = &["joyent", "joyent-minimal", "lx", "bhyve", "kvm"];
+/// States an agent may report.
+pub const REPORTED_STATES: &[&str] = &["running", "failed", "stopped"];
+/// Most networks (NICs) one VM may be created with.
+pub const MAX_NICS: usize = 32;
+/// Most VM states one report may carry.
+pub const MAX_REPORT: usize = 10_000;
+/// Longest alias (VMAPI's).
+pub const MAX_ALIAS: usize = 189;
+/// Most tags, longest tag name and longest string value.
+pub const MAX_TAGS: usize = 256;
+const MAX_TAG_KEY: usize = 128;
+const MAX_TAG_VALUE: usize = 1024;
+const MAX_REASON: usize = 1024;
+
+/// A NIC of a VM, by MAC, with the interface name it was given (`net0`, `net1`, ...).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicRef {
+    /// MAC as a 48-bit integer.
+    pub mac: u64,
+    /// Interface name in the VM.
+    pub interface: String,
+}
+
+/// A stored VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vm {
+    /// UUID (lower case).
+    pub uuid: String,
+    /// Alias, unique per owner among VMs that are not destroyed.
+    pub alias: Option<String>,
+    /// Owner.
+    pub owner_uuid: String,
+    /// Server it runs on.
+    pub server_uuid: Option<String>,
+    /// Brand (create only).
+    pub brand: String,
+    /// Stored state: provisioning, running, stopped, failed, destroyed.
+    pub state: String,
+    /// running or stopped.
+    pub desired_state: String,
+    /// Why the agent failed it, if it did.
+    pub state_reason: Option<String>,
+    /// Tags (string, number or boolean values).
+    pub tags: Map<String, Value>,
+    /// Whether its traffic is filtered.
+    pub firewall_enabled: bool,
+    /// Its NICs in interface order.
+    pub nics: Vec<NicRef>,
+    /// Creation, ms since the epoch.
+    pub created_ms: i64,
+    /// Last write, ms since the epoch.
+    pub modified_ms: i64,
+    /// Destruction, ms since the epoch.
+    pub destroyed_ms: Option<i64>,
+}
+
+/// The state a VM reads as: the stored state, except `unknown` when its server is gone or has
+/// not heartbeat within `lifetime_ms` (a stored `destroyed` or `failed` stays as it is).
+pub fn effective_state<'a>(
+    stored: &'a str,
+    server: Option<&Server>,
+    now_ms: i64,
+    lifetime_ms: i64,
+) -> &'a str {
+    match stored {
+        "destroyed" | "failed" => stored,
+        _ if server.is_some_and(|s| s.is_live(now_ms, lifetime_ms)) => stored,
+        _ => "unknown",
+    }
+}
+
+fn conflict(code: &'static str, message: String, errors: Vec<FieldError>) -> ApiError {
+    let mut e = ApiError::invalid_params(errors);
+    e.status = 409;
+    e.code = code;
+    e.message = message;
+    e
+}
+
+fn from_row(r: Row) -> Result<Vm, OpError> {
+    let doc = r
+        .into_iter()
+        .next()
+        .ok_or_else(|| OpError::Corrupt("vm row".into()))?
+        .into_string("vm doc")?;
+    Ok(serde_json::from_str(&doc)?)
+}
+
+/// One VM by (lower-case) UUID, destroyed ones too.
+pub fn get(db: &mut Db<'_>, uuid: &str) -> Result<Option<Vm>, OpError> {
+    db.query_opt(
+        "SELECT doc FROM fabric_vms WHERE uuid = $1",
+        &[Val::text(uuid)],
+    )?
+    .map(from_row)
+    .transpose()
+}
+
+/// The VM named in a URL, or 404.
+pub fn find(db: &mut Db<'_>, uuid: &str) -> Result<Vm, OpError> {
+    let u = parse_uuid(uuid).ok_or_else(|| ApiError::not_found("VM not found"))?;
+    get(db, &u)?.ok_or_else(|| ApiError::not_found("VM not found").into())
+}
+
+/// Takes the locks of the VM named in a URL (its owner's, then its own) and reads it under
+/// them (404 if it does not exist).
+pub fn lock_and_find(db: &mut Db<'_>, uuid: &str) -> Result<Vm, OpError> {
+    let first = find(db, uuid)?;
+    db.lock(lock_key(LOCK_OWNER, &first.owner_uuid))?;
+    db.lock(lock_key(LOCK_VM, &first.uuid))?;
+    find(db, &first.uuid)
+}
+
+/// Every VM of `server_uuid` that is not destroyed, by UUID.
+pub fn on_server(db: &mut Db<'_>, server_uuid: &str) -> Result<Vec<Vm>, OpError> {
+    db.query(
+        "SELECT doc FROM fabric_vms WHERE server_uuid = $1 AND state <> 'destroyed' ORDER BY uuid",
+        &[Val::text(server_uuid)],
+    )?
+    .into_iter()
+    .map(from_row)
+    .collect()
+}
+
+fn save(db: &mut Db<'_>, vm: &Vm, creating: bool) -> Result<(), OpError> {
+    let params = [
+        Val::text(&vm.owner_uuid),
+        Val::opt_text(vm.server_uuid.as_deref()),
+        Val::text(&vm.state),
+        Val::opt_text(vm.alias.as_deref()),
+        Val::int(vm.created_ms),
+        Val::text(serde_json::to_string(vm)?),
+        Val::text(&vm.uuid),
+    ];
+    if creating {
+        db.exec(
+            "INSERT INTO fabric_vms (owner_uuid, server_uuid, state, alias, created_ms, doc, uuid) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &params,
+        )?;
+    } else if db.exec(
+        "UPDATE fabric_vms SET owner_uuid = $1, server_uuid = $2, state = $3, alias = $4, \
+           created_ms = $5, doc = $6 WHERE uuid = $7",
+        &params,
+    )? == 0
+    {
+        return Err(ApiError::not_found("VM not found").into());
+    }
+    Ok(())
+}
+
+fn record(db: &mut Db<'_>, vm: &Vm, action: &str, servers: &[&str]) -> Result<(), OpError> {
+    changes::record(
+        db,
+        &Change {
+            kind: kind::VM,
+            uuid: &vm.uuid,
+            action,
+            owner_uuid: Some(&vm.owner_uuid),
+            servers,
+        },
+    )
+}
+
+/// A VM's NICs with their interface names and networks: those it was created with, in their
+/// order, then any other NIC that belongs to it (created through `/nics`), by MAC, named with
+/// the next free `netN`.
+pub fn vm_nics(db: &mut Db<'_>, vm: &Vm) -> Result<Vec<(String, Nic, Option<Network>)>, OpError> {
+    let mut rows: Vec<Nic> = db
+        .query(
+            "SELECT doc FROM napi_nics WHERE belongs_to_uuid = $1 ORDER BY mac",
+            &[Val::text(&vm.uuid)],
+        )?
+        .into_iter()
+        .map(|r| -> Result<Nic, OpError> {
+            let doc = r
+                .into_iter()
+                .next()
+                .ok_or_else(|| OpError::Corrupt("nic row".into()))?
+                .into_string("nic doc")?;
+            Ok(serde_json::from_str(&doc)?)
+        })
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &vm.nics {
+        if let Some(i) = rows.iter().position(|n| n.mac == r.mac) {
+            out.push((r.interface.clone(), rows.remove(i)));
+        }
+    }
+    let mut next = vm.nics.len();
+    for n in rows {
+        while out.iter().any(|(i, _)| *i == format!("net{next}"))
+            || vm.nics.iter().any(|r| r.interface == format!("net{next}"))
+        {
+            next += 1;
+        }
+        out.push((format!("net{next}"), n));
+        next += 1;
+    }
+    let mut nets: HashMap<String, Option<Network>> = HashMap::new();
+    let mut res = Vec::with_capacity(out.len());
+    for (iface, n) in out {
+        let net = match &n.network_uuid {
+            Some(u) => {
+                if !nets.contains_key(u) {
+                    let x = networks::get(db, u)?;
+                    nets.insert(u.clone(), x);
+                }
+                nets.get(u).cloned().flatten()
+            }
+            None => None,
+        };
+        res.push((iface, n, net));
+    }
+    Ok(res)
+}
+
+/// One entry of a VM's `nics`: NAPI's fields a host needs, the interface and the VNI.
+fn nic_json(iface: &str, nic: &Nic, net: Option<&Network>, cfg: &Config) -> Value {
+    let full = nic.to_json(net, cfg);
+    let mut m = Map::new();
+    m.insert("interface".into(), json!(iface));
+    for k in [
+        "mac",
+        "ip",
+        "netmask",
+        "gateway",
+        "mtu",
+        "vlan_id",
+        "nic_tag",
+        "network_uuid",
+        "primary",
+    ] {
+        if let Some(v) = full.get(k) {
+            m.insert(k.into(), v.clone());
+        }
+    }
+    if let Some(v) = net.filter(|n| n.fabric).and_then(|n| n.vnet_id) {
+        m.insert("vnet_id".into(), json!(v));
+    }
+    Value::Object(m)
+}
+
+/// The VM object, with `state` as read at `now_ms` given its server.
+pub fn to_json(
+    db: &mut Db<'_>,
+    cfg: &Config,
+    vm: &Vm,
+    server: Option<&Server>,
+    now_ms: i64,
+) -> Result<Value, OpError> {
+    let nics: Vec<Value> = vm_nics(db, vm)?
+        .iter()
+        .map(|(i, n, net)| nic_json(i, n, net.as_ref(), cfg))
+        .collect();
+    let mut m = Map::new();
+    m.insert("uuid".into(), json!(vm.uuid));
+    m.insert("alias".into(), json!(vm.alias));
+    m.insert("owner_uuid".into(), json!(vm.owner_uuid));
+    m.insert("server_uuid".into(), json!(vm.server_uuid));
+    m.insert("brand".into(), json!(vm.brand));
+    m.insert(
+        "state".into(),
+        json!(effective_state(
+            &vm.state,
+            server,
+            now_ms,
+            cfg.heartbeat_lifetime_ms()
+        )),
+    );
+    m.insert("desired_state".into(), json!(vm.desired_state));
+    m.insert("state_reason".into(), json!(vm.state_reason));
+    m.insert("tags".into(), Value::Object(vm.tags.clone()));
+    m.insert("firewall_enabled".into(), json!(vm.firewall_enabled));
+    m.insert("nics".into(), Value::Array(nics));
+    m.insert("create_timestamp".into(), json!(iso_from_ms(vm.created_ms)));
+    m.insert("last_modified".into(), json!(iso_from_ms(vm.modified_ms)));
+    if let Some(d) = vm.destroyed_ms {
+        m.insert("destroyed".into(), json!(iso_from_ms(d)));
+    }
+    Ok(Value::Object(m))
+}
+
+/// The VM object as read now (looks its server up).
+pub fn to_json_now(db: &mut Db<'_>, cfg: &Config, vm: &Vm) -> Result<Value, OpError> {
+    let server = match &vm.server_uuid {
+        Some(s) => servers::get(db, s)?,
+        None => None,
+    };
+    to_json(db, cfg, vm, server.as_ref(), now_ms())
+}
+
+fn valid_alias(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && s.chars().count() <= MAX_ALIAS
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+fn alias_param(p: &mut Params) -> Option<String> {
+    let a = p.string("alias")?;
+    if valid_alias(&a) {
+        Some(a)
+    } else {
+        p.invalid(
+            "alias",
+            format!(
+                "must be 1 to {MAX_ALIAS} characters: a letter or digit, then letters, digits, \
+                 '_', '.' or '-'"
+            ),
+        );
+        None
+    }
+}
+
+fn tags_param(p: &mut Params) -> Option<Map<String, Value>> {
+    let raw = p.raw("tags")?.clone();
+    let Value::Object(o) = raw else {
+        p.invalid(
+            "tags",
+            "must be an object of string, number or boolean values",
+        );
+        return None;
+    };
+    if o.len() > MAX_TAGS {
+        p.invalid("tags", format!("must have at most {MAX_TAGS} tags"));
+        return None;
+    }
+    for (k, v) in &o {
+        if k.is_empty() || k.chars().count() > MAX_TAG_KEY || k.contains('\0') {
+            p.invalid(
+                "tags",
+                format!("tag name {k:?}: expected 1 to {MAX_TAG_KEY} characters"),
+            );
+            return None;
+        }
+        let ok = match v {
+            Value::String(s) => s.chars().count() <= MAX_TAG_VALUE && !s.contains('\0'),
+            Value::Number(_) | Value::Bool(_) => true,
+            _ => false,
+        };
+        if !ok {
+            p.invalid(
+                "tags",
+                format!(
+                    "tag {k:?}: expected a string (at most {MAX_TAG_VALUE} characters), a number \
+                     or a boolean"
+                ),
+            );
+            return None;
+        }
+    }
+    Some(o)
+}
+
+/// One requested network of a create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetReq {
+    uuid: String,
+    ip: Option<Ipv4Addr>,
+    primary: bool,
+}
+
+/// `networks`: `[{uuid, ip?, primary?}]` (or bare UUID strings, VMAPI's legacy form); at least
+/// one, at most [`MAX_NICS`], at most one primary (the first when none is marked).
+fn networks_param(p: &mut Params) -> Option<Vec<NetReq>> {
+    let raw = p.raw("networks")?.clone();
+    let Value::Array(items) = raw else {
+        p.invalid(
+            "networks",
+            "must be an array of {\"uuid\": NETWORK, \"ip\"?, \"primary\"?}",
+        );
+        return None;
+    };
+    if items.is_empty() || items.len() > MAX_NICS {
+        p.invalid(
+            "networks",
+            format!("must have 1 to {MAX_NICS} networks (found {})", items.len()),
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let f = |x: &str| format!("networks[{i}].{x}");
+        let (uuid, ip, primary) = match item {
+            Value::String(s) => (Some(s.clone()), None, None),
+            Value::Object(o) => {
+                let unknown: Vec<&String> = o
+                    .keys()
+                    .filter(|k| !matches!(k.as_str(), "uuid" | "ip" | "primary"))
+                    .collect();
+                if !unknown.is_empty() {
+                    p.invalid(
+                        &format!("networks[{i}]"),
+                        format!("unknown keys {unknown:?}: expected uuid, ip, primary"),
+                    );
+                    ok = false;
+                    continue;
+                }
+                let uuid = match o.get("uuid") {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    None | Some(Value::Null) => {
+                        p.error(FieldError::missing(&f("uuid")));
+                        ok = false;
+                        continue;
+                    }
+                    Some(_) => None,
+                };
+                let ip = match o.get("ip") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => match s.parse::<Ipv4Addr>() {
+                        Ok(ip) => Some(ip),
+                        Err(_) => {
+                            p.invalid(&f("ip"), format!("{s:?} is not an IPv4 address"));
+                            ok = false;
+                            continue;
+                        }
+                    },
+                    Some(_) => {
+                        p.invalid(&f("ip"), "must be a string (an IPv4 address)");
+                        ok = false;
+                        continue;
+                    }
+                };
+                let primary = match o.get("primary") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Bool(b)) => Some(*b),
+                    Some(_) => {
+                        p.invalid(&f("primary"), "must be a boolean value");
+                        ok = false;
+                        continue;
+                    }
+                };
+                (uuid, ip, primary)
+            }
+            _ => {
+                p.invalid(
+                    &format!("networks[{i}]"),
+                    "must be an object {\"uuid\": NETWORK, \"ip\"?, \"primary\"?}",
+                );
+                ok = false;
+                continue;
+            }
+        };
+        match uuid.as_deref().and_then(parse_uuid) {
+            Some(u) => out.push(NetReq {
+                uuid: u,
+                ip,
+                primary: primary.unwrap_or(false),
+            }),
+            None => {
+                p.invalid(&f("uuid"), "invalid UUID");
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    match out.iter().filter(|n| n.primary).count() {
+        0 => out[0].primary = true,
+        1 => {}
+        _ => {
+            p.invalid("networks", "at most one network can be primary");
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Names `nics`' field errors after the network they came from (`networks[i].uuid`, ...).
+fn nic_error(e: OpError, i: usize) -> OpError {
+    match e {
+        OpError::Api(mut a) => {
+            for fe in &mut a.errors {
+                if let Value::String(s) = &fe.field {
+                    let name = if s == "network_uuid" {
+                        "uuid"
+                    } else {
+                        s.as_str()
+                    };
+                    fe.field = Value::String(format!("networks[{i}].{name}"));
+                }
+            }
+            OpError::Api(a)
+        }
+        other => other,
+    }
+}
+
+const CREATE_PARAMS: &[&str] = &[
+    "owner_uuid",
+    "uuid",
+    "alias",
+    "server_uuid",
+    "brand",
+    "tags",
+    "firewall_enabled",
+    "networks",
+];
+
+/// `POST /vms`.
+pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, OpError> {
+    p.allow_only(CREATE_PARAMS);
+    let owner = p.uuid("owner_uuid");
+    let owner = p.require("owner_uuid", owner);
+    let uuid = p.uuid("uuid");
+    let alias = alias_param(p);
+    let server = p.uuid("server_uuid");
+    let brand = p.one_of("brand", BRANDS);
+    let tags = tags_param(p);
+    let firewall_enabled = p.boolean("firewall_enabled");
+    let nets = networks_param(p);
+    let nets = p.require("networks", nets);
+    p.finish()?;
+    let (Some(owner), Some(nets)) = (owner, nets) else {
+        return Err(ApiError::invalid_params(vec![FieldError::missing("owner_uuid")]).into());
+    };
+    let now = now_ms();
+    let lifetime = cfg.heartbeat_lifetime_ms();
+    let uuid = match uuid {
+        Some(u) => u,
+        None => random_uuid().map_err(|e| OpError::Corrupt(format!("random: {e}")))?,
+    };
+    let server_uuid = {
+        let mut d = Db::from(tx.raw());
+        d.lock(lock_key(LOCK_OWNER, &owner))?;
+        d.lock(lock_key(LOCK_VM, &uuid))?;
+        if get(&mut d, &uuid)?.is_some() {
+            return Err(conflict(
+                "Duplicate",
+                format!("VM {uuid} already exists"),
+                vec![FieldError::duplicate("uuid", "Already exists")],
+            )
+            .into());
+        }
+        if let Some(a) = &alias {
+            if d.query_opt(
+                "SELECT uuid FROM fabric_vms WHERE owner_uuid = $1 AND alias = $2 \
+                   AND state <> 'destroyed'",
+                &[Val::text(&owner), Val::text(a)],
+            )?
+            .is_some()
+            {
+                return Err(conflict(
+                    "Duplicate",
+                    format!("alias {a:?} already exists for this owner_uuid"),
+                    vec![FieldError::duplicate(
+                        "alias",
+                        "Already exists for this owner_uuid",
+                    )],
+                )
+                .into());
+            }
+        }
+        // Networks first (an unlocked read, for one clear error naming every unknown network;
+        // `nics::create` reads each again under its lock).
+        let mut missing = Vec::new();
+        for (i, n) in nets.iter().enumerate() {
+            if networks::get(&mut d, &n.uuid)?.is_none() {
+                missing.push(FieldError::invalid(
+                    &format!("networks[{i}].uuid"),
+                    format!("network {} does not exist", n.uuid),
+                ));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ApiError::invalid_params(missing).into());
+        }
+        match server {
+            Some(s) => {
+                if servers::get(&mut d, &s)?.is_none() {
+                    return Err(ApiError::invalid(
+                        "server_uuid",
+                        format!("server {s} is not registered (PUT /servers/{s} first)"),
+                    )
+                    .into());
+                }
+                s
+            }
+            None => placement::place(&mut d, &owner, now, lifetime, &|_| true)?,
+        }
+    };
+    let mut refs = Vec::with_capacity(nets.len());
+    for (i, n) in nets.iter().enumerate() {
+        let mut m = Map::new();
+        m.insert("belongs_to_uuid".into(), json!(uuid));
+        m.insert("belongs_to_type".into(), json!("zone"));
+        m.insert("owner_uuid".into(), json!(owner));
+        m.insert("cn_uuid".into(), json!(server_uuid));
+        m.insert("network_uuid".into(), json!(n.uuid));
+        m.insert("primary".into(), json!(n.primary));
+        if let Some(ip) = n.ip {
+            m.insert("ip".into(), json!(ip.to_string()));
+        }
+        let req = nics::validate_create(&mut Params::from_map(m), None)
+            .map_err(|e| nic_error(e.into(), i))?;
+        let nic = nics::create(tx, cfg, req).map_err(|e| nic_error(e, i))?;
+        let mac = nic
+            .get("mac")
+            .and_then(Value::as_str)
+            .and_then(nics::parse_mac)
+            .ok_or_else(|| OpError::Corrupt("created NIC without a MAC".into()))?;
+        refs.push(NicRef {
+            mac,
+            interface: format!("net{i}"),
+        });
+    }
+    let vm = Vm {
+        uuid,
+        alias,
+        owner_uuid: owner,
+        server_uuid: Some(server_uuid.clone()),
+        brand: brand.unwrap_or_else(|| "joyent-minimal".into()),
+        state: "provisioning".into(),
+        desired_state: "running".into(),
+        state_reason: None,
+        tags: tags.unwrap_or_default(),
+        firewall_enabled: firewall_enabled.unwrap_or(false),
+        nics: refs,
+        created_ms: now,
+        modified_ms: now,
+        destroyed_ms: None,
+    };
+    let mut d = Db::from(tx.raw());
+    save(&mut d, &vm, true)?;
+    record(&mut d, &vm, "create", &[&server_uuid])?;
+    to_json_now(&mut d, cfg, &vm)
+}
+
+/// `GET /vms/:uuid` (destroyed VMs too).
+pub fn get_api(
+    db: &mut Db<'_>,
+    cfg: &Config,
+    uuid: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
+    p.allow_only(&[]);
+    p.finish()?;
+    let vm = find(db, uuid)?;
+    to_json_now(db, cfg, &vm)
+}
+
+/// States `GET /vms?state=` accepts.
+const LIST_STATES: &[&str] = &[
+    "active",
+    "provisioning",
+    "running",
+    "stopped",
+    "failed",
+    "unknown",
+    "destroyed",
+];
+
+/// `GET /vms`: filters `owner_uuid`, `server_uuid`, `alias`, `state` (as read: `active` is
+/// neither destroyed nor failed; without it destroyed VMs are left out), `limit`, `offset`;
+/// oldest first.
+pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpError> {
+    p.allow_only(&[
+        "owner_uuid",
+        "server_uuid",
+        "alias",
+        "state",
+        "limit",
+        "offset",
+    ]);
+    let owner = p.uuid("owner_uuid");
+    let server = p.uuid("server_uuid");
+    let alias = p.string("alias");
+    let state = p.one_of("state", LIST_STATES);
+    let (limit, offset) = p.pagination();
+    p.finish()?;
+    let mut conds = Vec::new();
+    let mut args = Vec::new();
+    for (col, v) in [
+        ("owner_uuid", owner),
+        ("server_uuid", server),
+        ("alias", alias),
+    ] {
+        if let Some(v) = v {
+            args.push(Val::text(v));
+            conds.push(format!("{col} = ${}", args.len()));
+        }
+    }
+    conds.push(if state.as_deref() == Some("destroyed") {
+        "state = 'destroyed'".into()
+    } else {
+        "state <> 'destroyed'".into()
+    });
+    let sql = format!(
+        "SELECT doc FROM fabric_vms WHERE {} ORDER BY created_ms, uuid",
+        conds.join(" AND ")
+    );
+    let vms: Vec<Vm> = db
+        .query(&sql, &args)?
+        .into_iter()
+        .map(from_row)
+        .collect::<Result<_, _>>()?;
+    let servers: HashMap<String, Server> = servers::all(db)?
+        .into_iter()
+        .map(|s| (s.uuid.clone(), s))
+        .collect();
+    let now = now_ms();
+    let lifetime = cfg.heartbeat_lifetime_ms();
+    let wanted: Vec<(&Vm, Option<&Server>)> = vms
+        .iter()
+        .map(|v| (v, v.server_uuid.as_ref().and_then(|s| servers.get(s))))
+        .filter(|(v, s)| {
+            let st = effective_state(&v.state, *s, now, lifetime);
+            match state.as_deref() {
+                None | Some("destroyed") => true,
+                Some("active") => st != "failed",
+                Some(w) => st == w,
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (v, s) in page(wanted, limit, offset) {
+        out.push(to_json(db, cfg, v, s, now)?);
+    }
+    Ok(Value::Array(out))
+}
+
+/// `POST /vms/:uuid?action=update|migrate|start|stop`.
+pub fn action(
+    tx: &mut dyn Txn,
+    cfg: &Config,
+    uuid: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
+    let act = p.string("action");
+    let act = p.require("action", act);
+    let act = act.unwrap_or_default();
+    if !matches!(act.as_str(), "update" | "migrate" | "start" | "stop") && !p.has_errors() {
+        p.invalid(
+            "action",
+            format!("unsupported action {act:?}: expected update, migrate, start or stop"),
+        );
+    }
+    match act.as_str() {
+        "update" => p.allow_only(&["action", "tags", "firewall_enabled", "alias"]),
+        "migrate" => p.allow_only(&["action", "server_uuid"]),
+        _ => p.allow_only(&["action"]),
+    }
+    let tags = tags_param(p);
+    let fw = p.boolean("firewall_enabled");
+    let alias = alias_param(p);
+    let target = p.uuid("server_uuid");
+    if act == "migrate" {
+        p.require("server_uuid", target.as_ref());
+    }
+    p.finish()?;
+    let mut vm = lock_and_find(&mut Db::from(tx.raw()), uuid)?;
+    if vm.state == "destroyed" {
+        return Err(conflict(
+            "VmDestroyed",
+            format!("VM {} is destroyed: nothing can change it", vm.uuid),
+            Vec::new(),
+        )
+        .into());
+    }
+    let before = vm.clone();
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    let now = now_ms();
+    match act.as_str() {
+        "update" => {
+            if let Some(a) = &alias {
+                let mut d = Db::from(tx.raw());
+                if d.query_opt(
+                    "SELECT uuid FROM fabric_vms WHERE owner_uuid = $1 AND alias = $2 \
+                       AND state <> 'destroyed' AND uuid <> $3",
+                    &[Val::text(&vm.owner_uuid), Val::text(a), Val::text(&vm.uuid)],
+                )?
+                .is_some()
+                {
+                    return Err(conflict(
+                        "Duplicate",
+                        format!("alias {a:?} already exists for this owner_uuid"),
+                        vec![FieldError::duplicate(
+                            "alias",
+                            "Already exists for this owner_uuid",
+                        )],
+                    )
+                    .into());
+                }
+                vm.alias = Some(a.clone());
+            }
+            if let Some(t) = tags {
+                vm.tags = t;
+            }
+            if let Some(f) = fw {
+                vm.firewall_enabled = f;
+            }
+        }
+        "start" => vm.desired_state = "running".into(),
+        "stop" => vm.desired_state = "stopped".into(),
+        _ => {
+            let target = target.unwrap_or_default();
+            let mut d = Db::from(tx.raw());
+            if servers::get(&mut d, &target)?.is_none() {
+                return Err(ApiError::invalid(
+                    "server_uuid",
+                    format!("server {target} is not registered"),
+                )
+                .into());
+            }
+            if target == server {
+                return Err(ApiError::invalid(
+                    "server_uuid",
+                    format!("the VM is already on server {target}"),
+                )
+                .into());
+            }
+            let macs: Vec<u64> = vm_nics(&mut d, &vm)?
+                .iter()
+                .map(|(_, n, _)| n.mac)
+                .collect();
+            for mac in macs {
+                let mut m = Map::new();
+                m.insert("cn_uuid".into(), json!(target));
+                nics::update(tx, cfg, &mac_string(mac), &mut Params::from_map(m))?;
+            }
+            vm.server_uuid = Some(target.clone());
+            vm.state = "provisioning".into();
+            vm.state_reason = None;
+            vm.modified_ms = now;
+            let mut d = Db::from(tx.raw());
+            save(&mut d, &vm, false)?;
+            record(&mut d, &vm, "migrate", &[&server, &target])?;
+            return to_json_now(&mut d, cfg, &vm);
+        }
+    }
+    let mut d = Db::from(tx.raw());
+    if vm != before {
+        vm.modified_ms = now;
+        save(&mut d, &vm, false)?;
+        record(&mut d, &vm, "update", &[&server])?;
+    }
+    to_json_now(&mut d, cfg, &vm)
+}
+
+/// `DELETE /vms/:uuid`: deletes its NICs (IPs freed, mappings tombstoned), keeps the VM as
+/// `destroyed`. A VM destroyed already is 404.
+pub fn delete(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Result<(), OpError> {
+    p.allow_only(&[]);
+    p.finish()?;
+    let mut d = Db::from(tx.raw());
+    let mut vm = lock_and_find(&mut d, uuid)?;
+    if vm.state == "destroyed" {
+        return Err(ApiError::not_found("VM not found (it is destroyed)").into());
+    }
+    let macs: Vec<u64> = vm_nics(&mut d, &vm)?
+        .iter()
+        .map(|(_, n, _)| n.mac)
+        .collect();
+    for mac in macs {
+        nics::delete(tx, cfg, &mac_string(mac))?;
+    }
+    let now = now_ms();
+    vm.state = "destroyed".into();
+    vm.state_reason = None;
+    vm.destroyed_ms = Some(now);
+    vm.modified_ms = now;
+    let mut d = Db::from(tx.raw());
+    save(&mut d, &vm, false)?;
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    record(&mut d, &vm, "delete", &[&server])?;
+    Ok(())
+}
+
+/// One entry of a state report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Report {
+    uuid: String,
+    state: String,
+    reason: Option<String>,
+}
+
+fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
+    let raw = p.raw("vms")?.clone();
+    let Value::Array(items) = raw else {
+        p.invalid(
+            "vms",
+            "must be an array of {\"uuid\", \"state\", \"reason\"?}",
+        );
+        return None;
+    };
+    if items.len() > MAX_REPORT {
+        p.invalid("vms", format!("must have at most {MAX_REPORT} entries"));
+        return None;
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, it) in items.iter().enumerate() {
+        let f = |x: &str| format!("vms[{i}].{x}");
+        let Value::Object(o) = it else {
+            p.invalid(
+                &format!("vms[{i}]"),
+                "must be an object {\"uuid\", \"state\", \"reason\"?}",
+            );
+            return None;
+        };
+        if let Some(k) = o
+            .keys()
+            .find(|k| !matches!(k.as_str(), "uuid" | "state" | "reason"))
+        {
+            p.invalid(
+                &format!("vms[{i}]"),
+                format!("unknown key {k:?}: expected uuid, state, reason"),
+            );
+            return None;
+        }
+        let Some(uuid) = o.get("uuid").and_then(Value::as_str).and_then(parse_uuid) else {
+            p.invalid(&f("uuid"), "expected a VM UUID");
+            return None;
+        };
+        let state = match o.get("state").and_then(Value::as_str) {
+            Some(s) if REPORTED_STATES.contains(&s) => s.to_string(),
+            _ => {
+                p.invalid(&f("state"), "expected running, failed or stopped");
+                return None;
+            }
+        };
+        let reason = match o.get("reason") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.chars().count() <= MAX_REASON && !s.contains('\0') => {
+                Some(s.clone())
+            }
+            Some(_) => {
+                p.invalid(
+                    &f("reason"),
+                    format!("expected a string of at most {MAX_REASON} characters"),
+                );
+                return None;
+            }
+        };
+        out.push(Report {
+            uuid,
+            state,
+            reason,
+        });
+    }
+    Some(out)
+}
+
+/// `POST /servers/:uuid/vm_states`: the agent's report. An entry is applied only when the VM
+/// is on this server and not destroyed (else it is listed in `ignored`); only an actual change
+/// of state or reason writes the VM and records a `vm` `state` change.
+pub fn report_states(
+    tx: &mut dyn Txn,
+    server_uuid: &str,
+    p: &mut Params,
+) -> Result<Value, OpError> {
+    p.allow_only(&["vms"]);
+    let reports = reports_param(p);
+    let reports = p.require("vms", reports);
+    p.finish()?;
+    let mut reports = reports.unwrap_or_default();
+    // VM locks in UUID order: two reports never wait on each other in a cycle.
+    reports.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+    reports.dedup_by(|a, b| a.uuid == b.uuid);
+    let mut d = Db::from(tx.raw());
+    let server = servers::find(&mut d, server_uuid)?;
+    let mut updated = 0;
+    let mut ignored = Vec::new();
+    for r in reports {
+        d.lock(lock_key(LOCK_VM, &r.uuid))?;
+        let Some(mut vm) = get(&mut d, &r.uuid)? else {
+            ignored.push(r.uuid);
+            continue;
+        };
+        if vm.server_uuid.as_deref() != Some(server.uuid.as_str()) || vm.state == "destroyed" {
+            ignored.push(r.uuid);
+            continue;
+        }
+        let reason = if r.state == "running" { None } else { r.reason };
+        if vm.state == r.state && vm.state_reason == reason {
+            continue;
+        }
+        vm.state = r.state;
+        vm.state_reason = reason;
+        vm.modified_ms = now_ms();
+        save(&mut d, &vm, false)?;
+        record(&mut d, &vm, "state", &[&server.uuid])?;
+        updated += 1;
+    }
+    Ok(json!({"updated": updated, "ignored": ignored}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(v: Value) -> Params {
+        Params::from_map(v.as_object().cloned().unwrap())
+    }
+
+    fn server(hb: i64) -> Server {
+        Server {
+            uuid: "564d1a4c-0000-4000-8000-000000000001".into(),
+            hostname: "h".into(),
+            underlay_ip: "192.168.77.1".parse().unwrap(),
+            last_heartbeat_ms: Some(hb),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn state_reads_unknown_when_the_server_is_silent_or_gone() {
+        let s = server(1_000);
+        assert_eq!(
+            effective_state("running", Some(&s), 5_000, 11_000),
+            "running"
+        );
+        assert_eq!(
+            effective_state("running", Some(&s), 13_000, 11_000),
+            "unknown"
+        );
+        assert_eq!(effective_state("provisioning", None, 0, 11_000), "unknown");
+        assert_eq!(effective_state("failed", None, 0, 11_000), "failed");
+        assert_eq!(
+            effective_state("destroyed", Some(&s), 99_000, 11_000),
+            "destroyed"
+        );
+    }
+
+    #[test]
+    fn aliases() {
+        assert!(valid_alias("web-1.a_b"));
+        assert!(!valid_alias("-web"));
+        assert!(!valid_alias(""));
+        assert!(!valid_alias("a b"));
+        assert!(!valid_alias(&"a".repeat(MAX_ALIAS + 1)));
+    }
+
+    #[test]
+    fn networks_forms_and_primary() {
+        let n = "6a3e1cf4-8fb5-4c4b-9a51-8f1e2d1c0b0a";
+        let mut p = params(json!({"networks": [n, {"uuid": n, "ip": "10.0.0.5"}]}));
+        let v = networks_param(&mut p).unwrap();
+        assert!(!p.has_errors());
+        assert!(v[0].primary && !v[1].primary);
+        assert_eq!(v[1].ip, Some("10.0.0.5".parse().unwrap()));
+        let mut p = params(json!({"networks": [{"uuid": n}, {"uuid": n, "primary": true}]}));
+        let v = networks_param(&mut p).unwrap();
+        assert!(!v[0].primary && v[1].primary);
+        for bad in [
+            json!({"networks": []}),
+            json!({"networks": [{"uuid": n, "primary": true}, {"uuid": n, "primary": true}]}),
+            json!({"networks": [{"uuid": "nope"}]}),
+            json!({"networks": [{"uuid": n, "ip": "10.0.0.300"}]}),
+            json!({"networks": [{"uuid": n, "vlan": 3}]}),
+            json!({"networks": [{}]}),
+            json!({"networks": "x"}),
+        ] {
+            let mut p = params(bad.clone());
+            assert_eq!(networks_param(&mut p), None, "{bad}");
+            assert!(p.has_errors(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tags_accept_scalars_only() {
+        let mut p = params(json!({"tags": {"role": "web", "n": 3, "on": true}}));
+        assert_eq!(tags_param(&mut p).unwrap().len(), 3);
+        for bad in [
+            json!({"tags": {"a": null}}),
+            json!({"tags": {"a": [1]}}),
+            json!({"tags": []}),
+        ] {
+            let mut p = params(bad.clone());
+            assert_eq!(tags_param(&mut p), None, "{bad}");
+            assert!(p.has_errors());
+        }
+    }
+
+    #[test]
+    fn reports_validate() {
+        let u = "11111111-0000-4000-8000-000000000001";
+        let mut p = params(json!({"vms": [{"uuid": u, "state": "failed", "reason": "x"}]}));
+        let r = reports_param(&mut p).unwrap();
+        assert_eq!(r[0].reason.as_deref(), Some("x"));
+        for bad in [
+            json!({"vms": [{"uuid": u, "state": "destroyed"}]}),
+            json!({"vms": [{"uuid": "x", "state": "running"}]}),
+            json!({"vms": [{"uuid": u, "state": "running", "extra": 1}]}),
+            json!({"vms": {}}),
+        ] {
+            let mut p = params(bad.clone());
+            assert_eq!(reports_param(&mut p), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn nic_errors_name_the_network() {
+        let e = nic_error(ApiError::invalid("network_uuid", "x").into(), 2);
+        let OpError::Api(a) = e else { panic!() };
+        assert_eq!(a.errors[0].field, json!("networks[2].uuid"));
+    }
+}
