@@ -351,6 +351,17 @@ pub const SCHEMA: &[&str] = &[
         owner_uuid TEXT,
         doc        TEXT NOT NULL
     )",
+    // The change feed's per-owner reads (`?server_uuid=` follows owners with a VM on a server).
+    "CREATE INDEX IF NOT EXISTS fabric_changes_by_owner ON fabric_changes (owner_uuid, seq)",
+    // VMs (the change feed's server filter reads owner_uuid, server_uuid and state; the VM
+    // resource owns the table and its other columns).
+    "CREATE TABLE IF NOT EXISTS fabric_vms (
+        uuid        TEXT PRIMARY KEY,
+        owner_uuid  TEXT NOT NULL,
+        server_uuid TEXT,
+        state       TEXT NOT NULL,
+        doc         TEXT NOT NULL
+    )",
 ];
 
 /// Creates the schema (idempotent; serialised across processes on PostgreSQL).

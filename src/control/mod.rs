@@ -64,6 +64,11 @@ pub struct Config {
     pub mac_oui: u32,
     /// Limits of the HTTP serving layer (timeouts, connection and body caps).
     pub http: crate::http::Limits,
+    /// How long the change feed keeps changes (`--changes-retention`, `--changes-keep`).
+    pub changes_retention: changes::Retention,
+    /// The store's URL when known: on PostgreSQL the change feed LISTENs on a connection of its
+    /// own, so other instances' writes wake long-polls at once (else within 1 s).
+    pub store_url: Option<changes::feed::StoreUrl>,
 }
 
 impl Default for Config {
@@ -76,6 +81,8 @@ impl Default for Config {
             admin_uuid: "aaaaaaaa-aaaa-aaaa-aaaa-000000000000".into(),
             mac_oui: 0x90b8d0,
             http: crate::http::Limits::default(),
+            changes_retention: changes::Retention::default(),
+            store_url: None,
         }
     }
 }
@@ -129,6 +136,13 @@ pub struct ControlArgs {
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     pub http_max_body: usize,
+    /// Seconds the change feed keeps a change (older ones are deleted, except the newest
+    /// `--changes-keep`); a reader further behind gets 410 Gone and lists again.
+    #[arg(long, default_value_t = 86_400, value_name = "SECS")]
+    pub changes_retention: u64,
+    /// Changes always kept, however old (at least 1).
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub changes_keep: u64,
     /// Measure NIC provisions per second instead of serving.
     #[command(subcommand)]
     pub cmd: Option<ControlCmd>,
@@ -174,6 +188,14 @@ impl ControlArgs {
             ..crate::http::Limits::default()
         };
         http.validate().context("HTTP limits")?;
+        if self.changes_retention == 0 {
+            anyhow::bail!("--changes-retention 0: expected a positive number of seconds");
+        }
+        if self.changes_keep == 0 {
+            anyhow::bail!(
+                "--changes-keep 0: expected at least 1 (the newest change is always kept)"
+            );
+        }
         Ok(Config {
             overlay_nic_tag: self.overlay_nic_tag.clone(),
             underlay_nic_tag: self.underlay_nic_tag.clone(),
@@ -182,6 +204,11 @@ impl ControlArgs {
             admin_uuid: admin,
             mac_oui: oui,
             http,
+            changes_retention: changes::Retention {
+                max_age: std::time::Duration::from_secs(self.changes_retention),
+                keep: self.changes_keep,
+            },
+            store_url: Some(changes::feed::StoreUrl(self.store.clone())),
         })
     }
 }
