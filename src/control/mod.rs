@@ -18,7 +18,8 @@
 //! Module map: [`http`] (routes, request/response plumbing), [`params`] (restify-style
 //! parameter validation), [`error`] (error bodies), [`db`] (dialect-neutral SQL), then one module
 //! per resource: [`nic_tags`], [`networks`] (with IPs and allocation), [`nics`], [`fabrics`],
-//! [`pools`], [`rules`], [`portolan_view`]; [`bench`] measures NIC provisions per second.
+//! [`pools`], [`rules`], [`portolan_view`]; [`changes`] is the change feed every writer records
+//! in (`GET /changes`, long-polled); [`bench`] measures NIC provisions per second.
 
 pub mod bench;
 pub mod changes;
