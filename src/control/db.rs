@@ -381,6 +381,8 @@ pub const SCHEMA: &[&str] = &[
         owner_uuid TEXT,
         doc        TEXT NOT NULL
     )",
+    // The change feed's per-owner reads (`?server_uuid=` follows owners with a VM on a server).
+    "CREATE INDEX IF NOT EXISTS fabric_changes_by_owner ON fabric_changes (owner_uuid, seq)",
 ];
 
 /// Creates the schema (idempotent; serialised across processes on PostgreSQL).

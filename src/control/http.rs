@@ -20,7 +20,8 @@ use super::error::{ApiError, OpError};
 use super::metrics::Metrics;
 use super::params::{random_uuid, Params};
 use super::{
-    desired, fabrics, networks, nic_tags, nics, pools, portolan_view, rules, servers, vms, Config,
+    changes, desired, fabrics, networks, nic_tags, nics, pools, portolan_view, rules, servers, vms,
+    Config,
 };
 
 /// Shared state of the service.
@@ -34,6 +35,8 @@ pub struct App {
     /// On SQLite, this process's writers queue here rather than in SQLite's busy handler,
     /// which sleeps up to 100 ms per retry and lets a writer starve under contention.
     pub sqlite_writers: Option<std::sync::Mutex<()>>,
+    /// The change feed's notifier (bumped after every commit that recorded changes).
+    pub feed: Arc<changes::feed::Feed>,
 }
 
 /// What an operation answers on success.
@@ -54,6 +57,8 @@ enum Op {
     /// Answered without the store.
     Now(Result<Reply, ApiError>),
     Metrics,
+    /// `GET /changes`: a long-poll, awaited outside the blocking pool.
+    Feed,
 }
 
 fn read<F>(f: F) -> Op
@@ -112,6 +117,7 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
             }))
         }),
         (Method::GET, "/metrics") => Op::Metrics,
+        (Method::GET, "/changes") => Op::Feed,
         // NIC tags.
         (Method::GET, "/nic_tags") => read(|d, _, p| nic_tags::list(d, p)),
         (Method::POST, "/nic_tags") => write_db(|d, _, p| nic_tags::create(d, p)),
@@ -331,6 +337,7 @@ const ROUTES: &[&str] = &[
     "/servers/{uuid}/vm_states",
     "/vms",
     "/vms/{uuid}",
+    "/changes",
 ];
 
 /// The router.
@@ -352,17 +359,27 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let sqlite = store.describe().starts_with("sqlite:");
     let limits = cfg.http.clone();
+    let feed = Arc::new(changes::feed::Feed::new(cfg.changes_retention));
     let app = Arc::new(App {
         store,
         cfg,
         metrics: Metrics::default(),
         sqlite_writers: sqlite.then(|| std::sync::Mutex::new(())),
+        feed: feed.clone(),
     });
     let stats = app.metrics.http.clone();
-    crate::http::Server::new(limits)
+    let background = changes::feed::start(&app);
+    // Long-polls answer at once when the service stops, so it does not wait for them.
+    let shutdown = async move {
+        shutdown.await;
+        feed.close();
+    };
+    let r = crate::http::Server::new(limits)
         .with_stats(stats)
         .serve(listener, router(app), shutdown)
-        .await
+        .await;
+    drop(background);
+    r
 }
 
 async fn fallback(State(app): State<Arc<App>>, method: Method, uri: Uri) -> Response<Body> {
@@ -446,6 +463,7 @@ fn conditional(op: Op, get: Op, if_match: String, pattern: String, path: Vec<Str
 
 async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiError> {
     let kind = match &op {
+        Op::Feed => return changes::feed::poll(app, params).await.map(Reply::Json),
         Op::Now(_) => {
             return match op {
                 Op::Now(r) => r,
@@ -490,7 +508,7 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                     },
                 );
                 counts.map(|(n, w, r, v, s)| {
-                    Reply::Text(a.metrics.render(&[
+                    let mut text = a.metrics.render(&[
                         ("fabric_control_nics", "NICs in the store.", n),
                         ("fabric_control_networks", "Networks in the store.", w),
                         ("fabric_control_rules", "Firewall rules in the store.", r),
@@ -500,10 +518,13 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                             v,
                         ),
                         ("fabric_control_servers", "Registered servers.", s),
-                    ]))
+                    ]);
+                    a.feed.render(&mut text);
+                    Reply::Text(text)
                 })
             }
             Op::Now(r) => r.map_err(OpError::from),
+            Op::Feed => Err(ApiError::internal().into()),
         };
         a.metrics.store(kind, t0.elapsed());
         r
@@ -581,11 +602,16 @@ fn run_write(a: &App, f: &WriteOp, params: &Params) -> Result<Reply, OpError> {
     loop {
         let mut p = params.clone();
         super::changes::discard();
+        let mut flushed = None;
         let r: Result<Reply, OpError> = store::with_txn(&*a.store, |tx| {
             let reply = f(tx, a, &mut p)?;
-            super::changes::flush(&mut Db::from(tx.raw()))?;
+            flushed = super::changes::flush(&mut Db::from(tx.raw()))?;
             Ok(reply)
         });
+        if let (Ok(_), Some(seq)) = (&r, flushed) {
+            // Committed: wake this process's long-polls.
+            a.feed.committed(seq);
+        }
         match r {
             Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {
                 a.metrics.txn_retry();

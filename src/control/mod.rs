@@ -25,7 +25,8 @@
 //! parameter validation), [`error`] (error bodies), [`db`] (dialect-neutral SQL), then one module
 //! per resource: [`nic_tags`], [`networks`] (with IPs and allocation), [`nics`], [`fabrics`],
 //! [`pools`], [`rules`], [`portolan_view`], [`servers`], [`vms`] (with [`placement`]),
-//! [`desired`] (the agent's snapshot); [`bench`] measures NIC provisions per second.
+//! [`desired`] (the agent's snapshot); [`changes`] is the change feed every writer records in
+//! (`GET /changes`, long-polled); [`bench`] measures NIC provisions per second.
 
 pub mod bench;
 pub mod changes;
@@ -81,6 +82,11 @@ pub struct Config {
     /// A server whose last heartbeat is older than this is not `running`: placement skips it
     /// and its VMs read `unknown` (CNAPI's 11 s: one missed 5 s beat plus 1 s).
     pub heartbeat_lifetime: std::time::Duration,
+    /// How long the change feed keeps changes (`--changes-retention`, `--changes-keep`).
+    pub changes_retention: changes::Retention,
+    /// The store's URL when known: on PostgreSQL the change feed LISTENs on a connection of its
+    /// own, so other instances' writes wake long-polls at once (else within 1 s).
+    pub store_url: Option<changes::feed::StoreUrl>,
 }
 
 impl Default for Config {
@@ -95,6 +101,8 @@ impl Default for Config {
             http: crate::http::Limits::default(),
             portolan_advertise: None,
             heartbeat_lifetime: std::time::Duration::from_secs(11),
+            changes_retention: changes::Retention::default(),
+            store_url: None,
         }
     }
 }
@@ -164,6 +172,13 @@ pub struct ControlArgs {
     /// placement skips it and its VMs read `unknown`.
     #[arg(long, default_value_t = 11.0, value_name = "SECS")]
     pub heartbeat_lifetime: f64,
+    /// Seconds the change feed keeps a change (older ones are deleted, except the newest
+    /// `--changes-keep`); a reader further behind gets 410 Gone and lists again.
+    #[arg(long, default_value_t = 86_400, value_name = "SECS")]
+    pub changes_retention: u64,
+    /// Changes always kept, however old (at least 1).
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub changes_keep: u64,
     /// Measure NIC provisions per second instead of serving.
     #[command(subcommand)]
     pub cmd: Option<ControlCmd>,
@@ -220,6 +235,14 @@ impl ControlArgs {
                 );
             }
         }
+        if self.changes_retention == 0 {
+            anyhow::bail!("--changes-retention 0: expected a positive number of seconds");
+        }
+        if self.changes_keep == 0 {
+            anyhow::bail!(
+                "--changes-keep 0: expected at least 1 (the newest change is always kept)"
+            );
+        }
         Ok(Config {
             overlay_nic_tag: self.overlay_nic_tag.clone(),
             underlay_nic_tag: self.underlay_nic_tag.clone(),
@@ -230,6 +253,11 @@ impl ControlArgs {
             http,
             portolan_advertise: self.portolan_advertise.clone(),
             heartbeat_lifetime,
+            changes_retention: changes::Retention {
+                max_age: std::time::Duration::from_secs(self.changes_retention),
+                keep: self.changes_keep,
+            },
+            store_url: Some(changes::feed::StoreUrl(self.store.clone())),
         })
     }
 }

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::changes::{self, Change};
 use super::db::{lock_key, Db, Val, LOCK_GLOBAL, LOCK_NETWORK, LOCK_OWNER};
 use super::error::{ApiError, FieldError, OpError};
 use super::params::{page, parse_uuid, random_uuid, select_fields, Params};
@@ -848,6 +849,21 @@ fn overlapping(db: &mut Db<'_>, n: &Network) -> Result<Vec<String>, OpError> {
         .collect()
 }
 
+/// Records a network change in the feed (every server reads network changes); the owner of a
+/// fabric network is its owner.
+fn record(db: &mut Db<'_>, n: &Network, action: &str) -> Result<(), OpError> {
+    changes::record(
+        db,
+        &Change {
+            kind: changes::kind::NETWORK,
+            uuid: &n.uuid,
+            action,
+            owner_uuid: n.owner_uuids.first().map(String::as_str),
+            servers: &[],
+        },
+    )
+}
+
 /// Creates a validated network: checks the tag, the name, overlaps; writes the network and its
 /// reserved IP records (gateway, in-subnet resolvers, broadcast) and range markers.
 pub fn create(
@@ -939,6 +955,7 @@ pub fn create(
     if hi - lo >= 2 {
         put_ip(db, &n.uuid, &admin(hi))?;
     }
+    record(db, &n, "create")?;
     Ok(select_fields(n.to_json(view), req.fields.as_deref()))
 }
 
@@ -1236,6 +1253,7 @@ pub fn update(db: &mut Db<'_>, n: Network, p: &mut Params, view: View) -> Result
             )?;
         }
     }
+    record(db, &m, "update")?;
     Ok(select_fields(m.to_json(view), fields.as_deref()))
 }
 
@@ -1285,7 +1303,7 @@ pub fn delete(db: &mut Db<'_>, n: &Network) -> Result<(), OpError> {
         "DELETE FROM napi_networks WHERE uuid = $1",
         &[Val::text(&n.uuid)],
     )?;
-    Ok(())
+    record(db, n, "delete")
 }
 
 /// ListIPs.

@@ -9,6 +9,7 @@ use portolan::store::{CnUuid, OverlayMapping, Txn, UnderlayMapping};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::changes::{self, Change};
 use super::db::{lock_nic, Db, Val};
 use super::error::{ApiError, FieldError, OpError};
 use super::networks::{self, IpRec, Network};
@@ -629,9 +630,30 @@ fn clear_other_primaries(db: &mut Db<'_>, nic: &Nic) -> Result<(), OpError> {
         if let Some(mut o) = get(db, mac)?.filter(|o| o.primary) {
             o.primary = false;
             update_row(db, &o)?;
+            record(db, &o, "update", None)?;
         }
     }
     Ok(())
+}
+
+/// Records a NIC change in the feed: uuid = the MAC as 12 hex digits, servers = the NIC's
+/// host(s) (`extra`: the old one after a move).
+fn record(db: &mut Db<'_>, nic: &Nic, action: &str, extra: Option<&str>) -> Result<(), OpError> {
+    let mac = format!("{:012x}", nic.mac);
+    let mut servers: Vec<&str> = nic.cn_uuid.iter().map(String::as_str).collect();
+    if let Some(x) = extra.filter(|x| !servers.contains(x)) {
+        servers.push(x);
+    }
+    changes::record(
+        db,
+        &Change {
+            kind: changes::kind::NIC,
+            uuid: &mac,
+            action,
+            owner_uuid: Some(&nic.owner_uuid),
+            servers: &servers,
+        },
+    )
 }
 
 /// Creates a NIC (with its IP and Portolan records) in the caller's transaction.
@@ -708,6 +730,7 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, mut req: NewNic) -> Result<Value, 
     }
     clear_other_primaries(&mut d, &nic)?;
     insert(&mut d, &nic)?;
+    record(&mut d, &nic, "create", None)?;
     if let Some(m) = nic.overlay(net.as_ref()) {
         tx.create_mapping(&m)?;
     }
@@ -906,6 +929,11 @@ pub fn update(tx: &mut dyn Txn, cfg: &Config, mac: &str, p: &mut Params) -> Resu
     }
     clear_other_primaries(&mut d, &nic)?;
     update_row(&mut d, &nic)?;
+    record(&mut d, &nic, "update", old.cn_uuid.as_deref())?;
+    if old.owner_uuid != nic.owner_uuid {
+        // The old owner's servers had this NIC in their firewall closure.
+        record(&mut d, &old, "update", None)?;
+    }
     // Portolan.
     let before = old.overlay(old_net.as_ref());
     let after = nic.overlay(target_net.as_ref());
@@ -966,6 +994,7 @@ pub fn delete(tx: &mut dyn Txn, cfg: &Config, mac: &str) -> Result<(), OpError> 
     if gone == 0 {
         return Err(ApiError::not_found("nic not found").into());
     }
+    record(&mut d, &nic, "delete", None)?;
     if let Some(m) = nic.overlay(net.as_ref()) {
         tx.delete_mapping(m.vnet_id, m.ip)?;
     }

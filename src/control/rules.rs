@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::firewall::rule::{FwRule, ParseOptions};
 
+use super::changes::{self, Change};
 use super::db::{lock_key, Db, Val, LOCK_RULE};
 use super::error::{ApiError, FieldError, OpError};
 use super::params::{page, parse_uuid, random_uuid, Params};
@@ -115,6 +116,20 @@ fn save(db: &mut Db<'_>, r: &Rule, creating: bool) -> Result<(), OpError> {
         return Err(ApiError::not_found("rule not found").into());
     }
     Ok(())
+}
+
+/// Records a rule change in the feed (every server reads rule changes).
+fn record(db: &mut Db<'_>, r: &Rule, action: &str) -> Result<(), OpError> {
+    changes::record(
+        db,
+        &Change {
+            kind: changes::kind::RULE,
+            uuid: &r.uuid,
+            action,
+            owner_uuid: r.owner_uuid.as_deref(),
+            servers: &[],
+        },
+    )
 }
 
 /// Takes the lock of the rule named in a URL (before reading it; see db.rs).
@@ -253,6 +268,7 @@ pub fn create(db: &mut Db<'_>, p: &mut Params) -> Result<Value, OpError> {
         .into());
     }
     save(db, &r, true)?;
+    record(db, &r, "create")?;
     Ok(r.to_json())
 }
 
@@ -262,6 +278,7 @@ pub fn update(db: &mut Db<'_>, uuid: &str, p: &mut Params) -> Result<Value, OpEr
     let mut r = find(db, uuid)?;
     apply(p, &mut r, false)?;
     save(db, &r, false)?;
+    record(db, &r, "update")?;
     Ok(r.to_json())
 }
 
@@ -273,7 +290,7 @@ pub fn delete(db: &mut Db<'_>, uuid: &str) -> Result<(), OpError> {
         "DELETE FROM napi_rules WHERE uuid = $1",
         &[Val::text(&r.uuid)],
     )?;
-    Ok(())
+    record(db, &r, "delete")
 }
 
 /// ListRules: `owner_uuid` (that owner's rules and global rules), `vm` (rules naming the VM),
