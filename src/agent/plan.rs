@@ -881,8 +881,8 @@ mod tests {
         f2.rules[0].enabled = false;
         assert_eq!(plan(&vms, &f2, &a), vec![Action::ApplyFirewall]);
         // Never applied since the dataplane (re)started: applied even when empty.
-        let mut a2 = Actual::default();
-        a2.firewall = None;
+        let a2 = Actual::default();
+        assert!(a2.firewall.is_none());
         assert_eq!(
             plan(&[], &FirewallState::default(), &a2),
             vec![Action::ApplyFirewall]
