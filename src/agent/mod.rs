@@ -217,18 +217,26 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
     let mut snapshot: Option<Snapshot> = None;
     let mut need_snapshot = true;
     let mut backoff = Backoff::default();
+    let mut snapshot_failures = 0u64;
     let mut next_resync = Instant::now() + resync;
     loop {
         if need_snapshot {
             let r = calls.lock().await.snapshot().await;
             note(&reachable, &r);
             match r {
-                Ok(s) => {
+                Ok(mut s) => {
+                    if snapshot_failures > 0 {
+                        tracing::info!(
+                            failures = snapshot_failures,
+                            "desired state readable again"
+                        );
+                        snapshot_failures = 0;
+                    }
                     backoff.reset();
                     need_snapshot = false;
                     let seq = s.seq;
                     state.lock().await.counters.snapshots += 1;
-                    reconcile(&state, &calls, &s).await;
+                    reconcile(&state, &calls, &mut s).await;
                     snapshot = Some(s);
                     // The feed continues from the snapshot's position (never backwards).
                     since_tx.send_if_modified(|cur| {
@@ -244,7 +252,8 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
                 Err(e) => {
                     state.lock().await.counters.control_errors += 1;
                     let d = backoff.next_delay();
-                    log_api_error(&e, "reading the desired state", d);
+                    snapshot_failures += 1;
+                    log_api_error(&e, "reading the desired state", d, snapshot_failures);
                     tokio::select! {
                         _ = tokio::time::sleep(d) => continue,
                         _ = sigterm.recv() => break,
@@ -260,7 +269,7 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
                 // only while the control plane answers: while it does not, nothing changes.
                 next_resync = Instant::now() + resync;
                 if reachable.load(Ordering::Relaxed) {
-                    if let Some(s) = &snapshot {
+                    if let Some(s) = &mut snapshot {
                         reconcile(&state, &calls, s).await;
                     }
                 }
@@ -282,7 +291,6 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
         dataplane_down = c.dataplane_down,
         "fabric agent stopping; namespaces and vnics are left as they are"
     );
-    drop(snapshot);
     Ok(())
 }
 
@@ -294,8 +302,12 @@ fn note<T>(reachable: &AtomicBool, r: &Result<T, ApiError>) {
     );
 }
 
-fn log_api_error(e: &ApiError, what: &str, retry_in: Duration) {
-    if e.is_unreachable() {
+/// Logs a failed call: the first of a run of failures and every tenth after it at `warn`, the
+/// others at `debug` (the backoff already spaces them to 5 s).
+fn log_api_error(e: &ApiError, what: &str, retry_in: Duration, run: u64) {
+    if run % 10 != 1 {
+        tracing::debug!(error = %e, ?retry_in, failures = run, "{what} failed");
+    } else if e.is_unreachable() {
         tracing::warn!(error = %e, ?retry_in, "{what}: control plane unreachable; changing nothing");
     } else {
         tracing::warn!(error = %e, ?retry_in, "{what} failed");
@@ -313,6 +325,7 @@ async fn follow_feed(
     reachable: Arc<AtomicBool>,
 ) {
     let mut backoff = Backoff::default();
+    let mut failures = 0u64;
     loop {
         let Some(pos) = *since.borrow_and_update() else {
             if since.changed().await.is_err() {
@@ -333,6 +346,10 @@ async fn follow_feed(
             note(&reachable, &r);
             match r {
                 Ok(c) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "change feed readable again");
+                        failures = 0;
+                    }
                     backoff.reset();
                     if !c.changes.is_empty() {
                         tracing::debug!(since = pos, next = c.next, n = c.changes.len(), "changes");
@@ -351,7 +368,8 @@ async fn follow_feed(
                 }
                 Err(e) => {
                     let d = backoff.next_delay();
-                    log_api_error(&e, "following the change feed", d);
+                    failures += 1;
+                    log_api_error(&e, "following the change feed", d, failures);
                     tokio::time::sleep(d).await;
                 }
             }
@@ -360,7 +378,13 @@ async fn follow_feed(
 }
 
 /// One reconcile against `snap`: observe, plan, execute (on a blocking thread), report.
-async fn reconcile(state: &Arc<Mutex<State<LinuxHost>>>, calls: &Arc<Mutex<Api>>, snap: &Snapshot) {
+/// Reports the control plane accepted are written into `snap` too, so that a re-check against
+/// the same snapshot does not report them again.
+async fn reconcile(
+    state: &Arc<Mutex<State<LinuxHost>>>,
+    calls: &Arc<Mutex<Api>>,
+    snap: &mut Snapshot,
+) {
     let vms = snap.vms.clone();
     let fw = snap.firewall.clone();
     let st = state.clone();
@@ -384,6 +408,9 @@ async fn reconcile(state: &Arc<Mutex<State<LinuxHost>>>, calls: &Arc<Mutex<Api>>
                 tracing::info!(vm = %rep.uuid, state = rep.state.as_str(), reason = rep.reason.as_deref().unwrap_or(""), "reported");
                 st.reported
                     .insert(rep.uuid.clone(), (rep.state, rep.reason.clone()));
+                if let Some(vm) = snap.vms.iter_mut().find(|v| v.uuid == rep.uuid) {
+                    vm.state = rep.state.as_str().to_owned();
+                }
             }
             st.counters.reports += reports.len() as u64;
             if !ans.ignored.is_empty() {
