@@ -215,6 +215,8 @@ impl Rig {
                 .arg(format!("sqlite:{}", self.dir.join("fabric.db").display())),
         );
         self.control = Some(c);
+        // A fresh connection: the old one died with the previous instance.
+        self.http = HttpClient::new(([127, 0, 0, 1], self.port).into());
         let up = wait_until(Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
         });
@@ -620,7 +622,10 @@ fn foreign_namespace_fails_the_vm_and_is_left_alone() {
     let taken = uuid();
     rig.vms.push(taken.clone());
     Netns::create(&taken).expect("foreign namespace");
-    sh(Command::new("ip").args(["-n", &taken, "link", "add", "net0", "type", "dummy"])).unwrap();
+    sh(Command::new("ip").args([
+        "-n", &taken, "link", "add", "net0", "type", "veth", "peer", "name", "vp0",
+    ]))
+    .unwrap();
     rig.create_vm(json!({"uuid": taken, "networks": [{"uuid": net}]}));
     let (_, reason) = rig.wait_state(&taken, "failed");
     let reason = reason.unwrap_or_default();
