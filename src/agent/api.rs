@@ -523,4 +523,126 @@ mod tests {
         let t = body_text(s.as_bytes());
         assert!(t.len() <= 515 && t.ends_with('…'), "{}", t.len());
     }
+
+    /// A loopback HTTP/1.1 server answering by path; counts the connections it accepted.
+    async fn canned() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = std::sync::Arc::new(AtomicUsize::new(0));
+        let c2 = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                c2.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut r = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).await.unwrap();
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        tokio::io::AsyncReadExt::read_exact(&mut r, &mut body)
+                            .await
+                            .unwrap();
+                        let (status, out) = if path.starts_with("/changes?since=1&") {
+                            (
+                                "410 Gone",
+                                r#"{"code":"Gone","message":"changes after 1 are no longer kept"}"#,
+                            )
+                        } else if path.starts_with("/changes") {
+                            (
+                                "200 OK",
+                                r#"{"changes":[{"seq":8,"kind":"vm","uuid":"v","action":"create","owner_uuid":"o","servers":["s"],"time":"t"}],"next":8,"oldest":1}"#,
+                            )
+                        } else if path == "/servers/s/desired" {
+                            ("200 OK", r#"{"seq": "not a number"}"#)
+                        } else if path == "/servers/s/heartbeat" {
+                            ("204 No Content", "")
+                        } else if path == "/servers/s/vm_states" {
+                            assert!(String::from_utf8_lossy(&body).contains(r#""state":"failed""#));
+                            ("200 OK", r#"{"updated":1,"ignored":[]}"#)
+                        } else {
+                            (
+                                "404 Not Found",
+                                r#"{"code":"ResourceNotFound","message":"server x not found"}"#,
+                            )
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n{out}",
+                            out.len()
+                        );
+                        r.get_mut().write_all(resp.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    #[tokio::test]
+    async fn calls_share_one_connection_and_errors_are_typed() {
+        let (addr, conns) = canned().await;
+        let mut api = Api::new(&addr, "s");
+        api.heartbeat().await.unwrap();
+        let c = api.changes(5, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(
+            (c.next, c.changes.len(), c.changes[0].kind.as_str()),
+            (8, 1, "vm")
+        );
+        match api.changes(1, Duration::from_secs(1)).await {
+            Err(ApiError::Gone(m)) => assert!(m.contains("no longer kept"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match api.snapshot().await {
+            Err(ApiError::BadJson { what, .. }) => assert!(what.contains("/desired"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        let rep = [StateReport {
+            uuid: "v".into(),
+            state: VmState::Failed,
+            reason: Some("no".into()),
+        }];
+        assert_eq!(api.report(&rep).await.unwrap().updated, 1);
+        let mut other = Api::new(&addr, "x");
+        match other.heartbeat().await {
+            Err(ApiError::Status {
+                status: 404, body, ..
+            }) => assert!(body.contains("not found")),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "one keep-alive connection per client"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_unreachable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut api = Api::new(&format!("127.0.0.1:{port}"), "s");
+        let e = api.heartbeat().await.unwrap_err();
+        assert!(e.is_unreachable(), "{e}");
+        assert!(e.to_string().contains("unreachable"), "{e}");
+    }
 }
