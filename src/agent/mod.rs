@@ -61,6 +61,8 @@ pub struct AgentArgs {
 
 /// First retry delay while the control plane is unreachable.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// How often the snapshot is read again even when the feed is quiet.
+pub const FULL_REREAD: Duration = Duration::from_secs(60);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -218,6 +220,7 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
     let mut need_snapshot = true;
     let mut backoff = Backoff::default();
     let mut snapshot_failures = 0u64;
+    let mut last_snapshot = Instant::now();
     let mut next_resync = Instant::now() + resync;
     loop {
         if need_snapshot {
@@ -248,6 +251,7 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
                         }
                     });
                     next_resync = Instant::now() + resync;
+                    last_snapshot = Instant::now();
                 }
                 Err(e) => {
                     state.lock().await.counters.control_errors += 1;
@@ -268,7 +272,11 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
                 // Local re-check against the last snapshot (the feed says when it is stale),
                 // only while the control plane answers: while it does not, nothing changes.
                 next_resync = Instant::now() + resync;
-                if reachable.load(Ordering::Relaxed) {
+                if last_snapshot.elapsed() >= FULL_REREAD {
+                    // Belt and braces: the feed is trusted, but a periodic full read bounds
+                    // how long anything it missed could stay wrong.
+                    need_snapshot = true;
+                } else if reachable.load(Ordering::Relaxed) {
                     if let Some(s) = &mut snapshot {
                         reconcile(&state, &calls, s).await;
                     }
