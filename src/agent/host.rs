@@ -462,6 +462,17 @@ impl Host for LinuxHost {
         }
     }
 
+    // Interim, until the dataplane's `vnic_attach` (contract §2) is merged: the daemon's
+    // `vnic_add` creates the TAP in the namespace, then the default route is added here. With
+    // `dataplane::provision` on main this body becomes (tested against that branch):
+    //     let spec = w.spec(vm);
+    //     let prov = VnicProvision::from_spec(&spec, w.gateway)?;       // gateway included
+    //     let ns = Netns::open(vm)?;
+    //     let taps = provision::create_vnic(&ns, &prov)?;
+    //     let r = control::attach(&self.dataplane, &spec, &taps);      // SCM_RIGHTS
+    //     drop(taps);                                                   // dataplane owns it
+    //     r.map(|_| ())
+    // and `default_route` goes.
     fn attach_vnic(&mut self, vm: &str, w: &VnicWant) -> Result<(), HostError> {
         let spec = w.spec(vm);
         self.call(

@@ -5,7 +5,8 @@
 //! feed (`GET /changes?since=seq&server_uuid=own`, long-polled) to know when to read it again:
 //! the snapshot is the truth, the feed only the wake-up. On `410 Gone` it reads the snapshot
 //! again. Every `--resync-secs` it also re-checks the host against the last snapshot (a
-//! restarted dataplane has lost its vnics; someone deleted a namespace by hand).
+//! restarted dataplane has lost its vnics; someone deleted a namespace by hand), and every
+//! [`FULL_REREAD`] it reads the snapshot again even when the feed is quiet.
 //!
 //! The agent never listens. While the control plane is unreachable it retries with backoff
 //! (0.2 s doubling to 5 s) and changes nothing locally. SIGTERM/SIGINT end it without tearing
