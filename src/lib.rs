@@ -5,6 +5,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod control;
 pub mod core;
 pub mod dataplane;

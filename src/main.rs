@@ -46,6 +46,15 @@ enum Cmd {
     /// serves from; every NIC change writes its Portolan mappings and shootdown events in the
     /// same transaction. `fabric control bench` measures NIC provisions per second.
     Control(fabric::control::ControlArgs),
+    /// Run the per-host agent: read this server's desired state from the control plane
+    /// (`GET /servers/:uuid/desired`), make the host match it — a network namespace named by
+    /// each VM's UUID, one TAP vnic per NIC (net0, net1, …) with its MAC, address, MTU and
+    /// default route, attached to the dataplane, and the firewall state — and follow the
+    /// change feed to stay in step. Reports each VM's state (running/failed) and heartbeats.
+    /// Never listens. Only touches namespaces it created (remembered in --state-dir). While
+    /// the control plane is unreachable it retries and changes nothing; SIGTERM leaves
+    /// everything running. Needs root.
+    Agent(fabric::agent::AgentArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +99,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Agent(args) => edge("fabric agent", fabric::agent::run(args)),
         Cmd::Dataplane(args) => edge("fabric dataplane", fabric::dataplane::daemon::run(args)),
         Cmd::Vnic(cmd) => edge("fabric vnic", fabric::dataplane::cli::vnic(cmd)),
         Cmd::Stats { control, json } => {
