@@ -10,16 +10,16 @@
 //! [`Host`] is the seam between the executor ([`execute`]) and the machine, so the executor's
 //! failure and report handling is unit tested with a fake host.
 
+use crate::dataplane::provision::{self, VnicProvision};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use super::api::{StateReport, VmState};
 use super::plan::{Action, Actual, NsLink, VnicWant};
 use crate::dataplane::control::{self, ControlError, Request, VnicInfo};
 use crate::firewall::compile::FirewallState;
-use crate::io::netlink::{Netlink, NetlinkError, Netns, Route};
+use crate::io::netlink::{Netlink, NetlinkError, Netns};
 
 /// The sysctls every VM namespace gets (DESIGN "Shared decisions").
 pub const NETNS_SYSCTLS: [(&str, &str); 2] = [
@@ -58,6 +58,23 @@ pub enum HostError {
         /// Why it failed.
         #[source]
         source: std::io::Error,
+    },
+    /// A vnic the snapshot asks for cannot be built (the dataplane would refuse it too).
+    #[error("{what}: {detail}")]
+    Invalid {
+        /// Which vnic.
+        what: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// Creating a vnic's TAP in the namespace failed.
+    #[error("{what}: {source}")]
+    Provision {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: crate::dataplane::provision::ProvisionError,
     },
     /// The state file is not what this agent writes.
     #[error("state file {path}: {detail} (expected {{\"namespaces\": [\"<vm uuid>\", …]}})")]
@@ -462,31 +479,33 @@ impl Host for LinuxHost {
         }
     }
 
-    // Interim, until the dataplane's `vnic_attach` (contract §2) is merged: the daemon's
-    // `vnic_add` creates the TAP in the namespace, then the default route is added here. With
-    // `dataplane::provision` on main this body becomes (tested against that branch):
-    //     let spec = w.spec(vm);
-    //     let prov = VnicProvision::from_spec(&spec, w.gateway)?;       // gateway included
-    //     let ns = Netns::open(vm)?;
-    //     let taps = provision::create_vnic(&ns, &prov)?;
-    //     let r = control::attach(&self.dataplane, &spec, &taps);      // SCM_RIGHTS
-    //     drop(taps);                                                   // dataplane owns it
-    //     r.map(|_| ())
-    // and `default_route` goes.
+    /// Creates the TAP in the VM's namespace (MAC, address, MTU, up, default route via the
+    /// gateway) and hands its queue fds to the dataplane (`vnic_attach`, SCM_RIGHTS); the
+    /// dataplane then owns the device. On a refused attach the link is removed again.
     fn attach_vnic(&mut self, vm: &str, w: &VnicWant) -> Result<(), HostError> {
         let spec = w.spec(vm);
-        self.call(
-            &format!("vnic_add {vm}/{}", w.name),
-            &Request::VnicAdd(spec),
-        )?;
-        if let Some(gw) = w.gateway {
-            let r = default_route(vm, &w.name, gw);
-            if let Err(e) = r {
-                let _ = self.detach_vnic(vm, &w.name);
-                return Err(e);
+        let prov = VnicProvision::from_spec(&spec, w.gateway).map_err(|e| HostError::Invalid {
+            what: format!("vnic {vm}/{}", w.name),
+            detail: e.to_string(),
+        })?;
+        let ns = Netns::open(vm).map_err(nl(format!("opening netns {vm}")))?;
+        let taps = provision::create_vnic(&ns, &prov).map_err(|source| HostError::Provision {
+            what: format!("creating vnic {vm}/{}", w.name),
+            source,
+        })?;
+        let r = control::attach(&self.dataplane, &spec, &taps);
+        // The dataplane holds its own copies of the queue fds now.
+        drop(taps);
+        match r {
+            Ok(_) => Ok(()),
+            Err(source) => {
+                let _ = provision::remove_vnic(&ns, &w.name);
+                Err(HostError::Dataplane {
+                    what: format!("vnic_attach {vm}/{}", w.name),
+                    source,
+                })
             }
         }
-        Ok(())
     }
 
     fn delete_netns(&mut self, vm: &str) -> Result<(), HostError> {
@@ -498,26 +517,6 @@ impl Host for LinuxHost {
         }
         Ok(())
     }
-}
-
-fn default_route(vm: &str, name: &str, gw: IpAddr) -> Result<(), HostError> {
-    let ns = Netns::open(vm).map_err(nl(format!("opening netns {vm}")))?;
-    let mut n = Netlink::open_in(&ns).map_err(nl(format!("netlink in netns {vm}")))?;
-    let link = n
-        .link_by_name(name)
-        .map_err(nl(format!("link {name} in netns {vm}")))?;
-    let any = if gw.is_ipv6() {
-        IpAddr::from([0u16; 8])
-    } else {
-        IpAddr::from([0u8; 4])
-    };
-    n.add_route(&Route {
-        dst: any,
-        prefix_len: 0,
-        gateway: Some(gw),
-        oif: link.index,
-    })
-    .map_err(nl(format!("default route via {gw} in netns {vm}")))
 }
 
 #[cfg(test)]
