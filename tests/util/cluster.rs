@@ -39,6 +39,7 @@ use fabric::io::netlink::Netns;
 #[path = "netns.rs"]
 pub mod netns;
 
+#[allow(unused_imports)]
 pub use netns::{fabric_bin, root_or_skip, Pattern};
 
 /// The underlay's first three octets (distinct from `netns.rs`'s 192.168.77).
