@@ -91,7 +91,8 @@ impl SimHost {
 /// A process started inside a host by [`Cluster::spawn`].
 #[derive(Debug)]
 struct Proc {
-    host: usize,
+    /// The host, or `None` for the bridge namespace.
+    host: Option<usize>,
     name: String,
     child: Option<Child>,
     log: PathBuf,
@@ -253,13 +254,40 @@ impl Cluster {
         env: &[(&str, &str)],
     ) -> ProcId {
         let h = &self.hosts[host];
-        let log = h.logs().join(format!("{name}.log"));
+        let (log, cmd) = (h.logs().join(format!("{name}.log")), h.nsenter());
+        self.spawn_cmd(Some(host), cmd, name, log, argv, env)
+    }
+
+    /// Starts `argv` in the bridge namespace (a service every host reaches at [`BRIDGE_IP`]),
+    /// logging to `DIR/bridge/logs/NAME.log`; stopped and swept on drop like host processes.
+    pub fn spawn_bridge(&mut self, name: &str, argv: &[&str], env: &[(&str, &str)]) -> ProcId {
+        let logs = self.bridge_logs();
+        std::fs::create_dir_all(&logs).expect("bridge log dir");
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.bridge_ns))
+            .arg("--");
+        self.spawn_cmd(None, cmd, name, logs.join(format!("{name}.log")), argv, env)
+    }
+
+    /// Log directory of the bridge namespace's processes.
+    pub fn bridge_logs(&self) -> PathBuf {
+        self.dir.join("bridge").join("logs")
+    }
+
+    fn spawn_cmd(
+        &mut self,
+        host: Option<usize>,
+        mut cmd: Command,
+        name: &str,
+        log: PathBuf,
+        argv: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProcId {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("open the process log");
-        let mut cmd = h.nsenter();
         cmd.args(argv)
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("log fd"))
@@ -270,7 +298,7 @@ impl Cluster {
         die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {argv:?} on {}: {e}", h.name));
+            .unwrap_or_else(|e| panic!("spawn {argv:?} ({name}): {e}"));
         self.procs.push(Proc {
             host,
             name: name.to_owned(),
@@ -452,23 +480,67 @@ impl Cluster {
 
     /// Prints the tail of every log of every host (for a failing test).
     pub fn dump_logs(&self) {
-        for h in &self.hosts {
-            let mut logs: Vec<PathBuf> = std::fs::read_dir(h.logs())
+        for (name, dir) in self.log_dirs() {
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
                 .unwrap_or_default();
             logs.sort();
             for l in logs {
-                eprintln!("--- {} {}:\n{}", h.name, l.display(), tail(&l, 60));
+                eprintln!("--- {name} {}:\n{}", l.display(), tail(&l, 60));
             }
         }
     }
 
-    /// Every pid (other than ours) that is in a host's network or mount namespace, or in a
-    /// VM namespace of a host.
+    /// (name, log dir) of the bridge and of every host.
+    fn log_dirs(&self) -> Vec<(String, PathBuf)> {
+        let mut v = vec![("bridge".to_string(), self.bridge_logs())];
+        v.extend(self.hosts.iter().map(|h| (h.name.clone(), h.logs())));
+        v
+    }
+
+    /// Forwards TCP connections made to `listen` inside host `host` to `to` as seen from the
+    /// machine (e.g. the PostgreSQL server on the machine's loopback), until the returned
+    /// guard is dropped.
+    pub fn forward(&self, host: usize, listen: SocketAddr, to: SocketAddr) -> Forward {
+        let l = self
+            .host_netns(host)
+            .run(|| TcpListener::bind(listen))
+            .expect("enter the host's namespace")
+            .unwrap_or_else(|e| panic!("bind {listen} in h{}: {e}", host + 1));
+        l.set_nonblocking(true).expect("nonblocking listener");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let (a, _) = match l.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                let _ = a.set_nonblocking(false);
+                let Ok(b) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
+                    continue;
+                };
+                for (mut r, mut w) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r, &mut w);
+                        let _ = w.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Forward { stop }
+    }
+
+    /// Every pid (other than ours) that is in the bridge's or a host's network namespace, a
+    /// host's mount namespace, or a VM namespace of a host.
     fn leftover_pids(&self) -> Vec<i32> {
         let mut nets: HashSet<(u64, u64)> = HashSet::new();
         let mut mnts: HashSet<(u64, u64)> = HashSet::new();
         let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        nets.extend(id(Path::new(&format!("/run/netns/{}", self.bridge_ns))));
         for (i, h) in self.hosts.iter().enumerate() {
             let hp = h.holder.id();
             nets.extend(id(Path::new(&format!("/run/netns/{}", h.ns))));
@@ -507,10 +579,10 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             self.dump_logs();
             let keep = std::env::temp_dir().join(format!("{}-failed-logs", self.prefix));
-            for h in &self.hosts {
-                let to = keep.join(&h.name);
+            for (name, dir) in self.log_dirs() {
+                let to = keep.join(&name);
                 if std::fs::create_dir_all(&to).is_ok() {
-                    for e in std::fs::read_dir(h.logs()).into_iter().flatten().flatten() {
+                    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                         let _ = std::fs::copy(e.path(), to.join(e.file_name()));
                     }
                 }
@@ -567,6 +639,17 @@ impl Drop for Cluster {
             eprintln!("cleanup: delete netns {}: {e}", self.bridge_ns);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops a [`Cluster::forward`] listener when dropped (open connections end with their peers).
+pub struct Forward {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
