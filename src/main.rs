@@ -80,6 +80,8 @@ fn main() -> ExitCode {
                 .from_env_lossy(),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in log files (`fabric up` sends its children's stderr to files).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.cmd {
         Cmd::Up(args) => edge("fabric up", fabric::up::run(args)),

@@ -730,3 +730,91 @@ fn control_plane_stopped() {
     assert!(f.c.alive(control));
     cluster::teardown(f.c);
 }
+
+/// `fabric up` alone on one host: the HTTP API and Portolan listen, the server registers and
+/// its dataplane and agent run; SIGTERM stops children and servers and exits 0; a second run
+/// on the same DIR is the same server.
+#[test]
+fn up_head_lifecycle() {
+    if !root_or_skip("up_head_lifecycle") {
+        return;
+    }
+    let c = Cluster::new(1);
+    let api = SocketAddr::from((c.hosts[0].ip, 8080));
+    let svp = SocketAddr::from((c.hosts[0].ip, 1296));
+    let mut f = Fab {
+        c,
+        api,
+        ups: Vec::new(),
+    };
+    let mut uuids = Vec::new();
+    for run in 0..2 {
+        let p = f.up(0, &[]);
+        f.c.wait_listening(api, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("run {run}: {e}"));
+        f.c.wait_listening(svp, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("run {run}: Portolan: {e}"));
+        let u = f.wait_server(0);
+        let v = f.ok("GET", &format!("/servers/{u}"), None);
+        assert_eq!(v["underlay_ip"], "192.168.78.1", "{v}");
+        let desired = f.ok("GET", &format!("/servers/{u}/desired"), None);
+        assert_eq!(desired["portolan"], "192.168.78.1:1296", "{desired}");
+        let (_, t) = wait_until(
+            "dataplane and agent running",
+            Duration::from_secs(10),
+            || match (f.child_pid(0, "dataplane"), f.child_pid(0, "agent")) {
+                (Some(d), Some(a)) => Ok((d, a)),
+                x => Err(format!("pids {x:?}")),
+            },
+        );
+        let (dp, agent) = (
+            f.child_pid(0, "dataplane").unwrap(),
+            f.child_pid(0, "agent").unwrap(),
+        );
+        eprintln!("run {run}: children up after {t:?}");
+        uuids.push(u);
+        let t0 = Instant::now();
+        let st = f.c.stop(p, Duration::from_secs(15)).expect("exit status");
+        assert!(st.success(), "run {run}: fabric up exited {st} on SIGTERM");
+        eprintln!("run {run}: SIGTERM to exit in {:?}", t0.elapsed());
+        assert!(
+            cluster::gone(dp) && cluster::gone(agent),
+            "children survived fabric up"
+        );
+        assert!(
+            f.c.http(api, "GET", "/ping", None).is_err(),
+            "HTTP still served"
+        );
+    }
+    assert_eq!(
+        uuids[0], uuids[1],
+        "a second run on the same DIR changed the server UUID"
+    );
+    cluster::teardown(f.c);
+}
+
+#[test]
+fn up_needs_root() {
+    use std::os::unix::process::CommandExt;
+    let dir = std::env::temp_dir().join(format!("fabric-up-nonroot-{}", std::process::id()));
+    let mut cmd = std::process::Command::new(fabric_bin());
+    cmd.args(["up", "--data"])
+        .arg(&dir)
+        .args(["--underlay", "127.0.0.1"]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().expect("run fabric up");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "fabric up: needs root (creates network namespaces and TAP devices); run it as root"
+    );
+    assert!(
+        !dir.exists(),
+        "fabric up made {} before its root check",
+        dir.display()
+    );
+}
