@@ -235,17 +235,30 @@ impl Fab {
 
     /// Whether a TCP connection from `from` to `to` at `ip:port` gets through (1 s wait).
     fn connects(&self, from: (usize, &str), to: (usize, &str), ip: Ipv4Addr, port: u16) -> bool {
+        self.connects_within(from, to, ip, port, Duration::from_secs(1))
+    }
+
+    fn connects_within(
+        &self,
+        from: (usize, &str),
+        to: (usize, &str),
+        ip: Ipv4Addr,
+        port: u16,
+        wait: Duration,
+    ) -> bool {
         cluster::tcp_connects(
             &self.vm_ns(from.0, from.1),
             &self.vm_ns(to.0, to.1),
             ip,
             port,
-            Duration::from_secs(1),
+            wait,
         )
         .unwrap_or_else(|e| panic!("tcp {ip}:{port}: {e}"))
     }
 
     /// Waits until connecting `from` → `to` at `ip:port` gives `want`; prints the latency.
+    /// Waiting for "allowed", each attempt waits 200 ms (a veth answers in well under that), so
+    /// the latency printed is within ~0.2 s; waiting for "refused", each attempt waits 1 s.
     fn wait_tcp(
         &self,
         from: (usize, &str),
@@ -256,7 +269,8 @@ impl Fab {
         what: &str,
     ) {
         let (_, t) = wait_until(what, GOAL * 10 + Duration::from_secs(2), || {
-            if self.connects(from, to, ip, port) == want {
+            let wait = Duration::from_millis(if want { 200 } else { 1000 });
+            if self.connects_within(from, to, ip, port, wait) == want {
                 Ok(())
             } else {
                 Err(format!("tcp {ip}:{port} connects = {}", !want))
