@@ -30,6 +30,8 @@ U="$PFX-u"
 H=("" "$PFX-h1" "$PFX-h2")
 HIP=("" 192.168.78.1 192.168.78.2)
 HOLDER=("" "" "")
+HOLDERS=() # killed after everything else (netns-lib's cleanup stops PIDS first)
+trap 'trap "" PIPE; cleanup; kill -KILL "${HOLDERS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
 API="http://192.168.78.1:8080"
 
 underlay() {
@@ -49,7 +51,8 @@ underlay() {
     nsenter --net="/run/netns/${H[i]}" -- unshare --mount --propagation private -- \
       sh -c "mount -t tmpfs -o mode=0755 fabric-host-run /run && mkdir -p /run/netns && touch $TMP/h$i/ready && exec sleep infinity" &
     HOLDER[i]=$!
-    PIDS+=($!)
+    HOLDERS+=($!)
+    disown "$!" # no "Killed" line at exit
     wait_for 10 test -e "$TMP/h$i/ready"
   done
 }
@@ -58,6 +61,14 @@ in_host() { # in_host I CMD...: CMD inside host I (network + mount namespace)
   local i=$1
   shift
   nsenter --target "${HOLDER[i]}" --net --mount -- "$@"
+}
+
+start_up() { # start_up I ARGS...: `fabric up ARGS` in host I, in the background, in PIDS
+  # nsenter execs (no fork), so $! is fabric up itself and the cleanup's SIGTERM reaches it.
+  local i=$1
+  shift
+  nsenter --target "${HOLDER[i]}" --net --mount -- "$FABRIC_BIN" up "$@" >"$TMP/h$i/up.log" 2>&1 &
+  PIDS+=($!)
 }
 
 api() { # api METHOD PATH [JSON]: the control plane's answer (fails on HTTP errors)
@@ -73,11 +84,9 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 underlay
 # Once the head is up, host 2 joins it.
-in_host 1 "$FABRIC_BIN" up --data "$TMP/h1" --underlay "${HIP[1]}" >"$TMP/h1/up.log" 2>&1 &
-PIDS+=($!)
+start_up 1 --data "$TMP/h1" --underlay "${HIP[1]}"
 wait_for 30 api GET /ping
-in_host 2 "$FABRIC_BIN" up --data "$TMP/h2" --underlay "${HIP[2]}" --join "$API" >"$TMP/h2/up.log" 2>&1 &
-PIDS+=($!)
+start_up 2 --data "$TMP/h2" --underlay "${HIP[2]}" --join "$API"
 SRV=("" "" "")
 for i in 1 2; do
   wait_for 10 test -s "$TMP/h$i/server-uuid"
