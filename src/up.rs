@@ -219,7 +219,10 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// The control plane's settings for the head.
+/// The control plane's settings for the head. Once `control::Config` has `portolan_advertise`
+/// and `store_url` (the VMs/servers and change-feed parts of issue 11), they are set here:
+/// `portolan_advertise: Some(head.portolan.to_string())` and
+/// `store_url: Some(changes::feed::StoreUrl(head.store.clone()))`.
 fn head_config(head: &HeadPlan) -> crate::control::Config {
     let _ = head; // portolan_advertise = head.portolan once control::Config has it
     crate::control::Config::default()
