@@ -13,4 +13,5 @@ pub mod firewall;
 pub mod http;
 pub mod io;
 pub mod resolver;
+pub mod up;
 pub mod wire;

@@ -17,6 +17,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Run this host of a fabric cluster: with --data DIR --underlay IP, the head (control
+    /// plane HTTP API, Portolan, dataplane and agent, SQLite in DIR); with --join URL, another
+    /// host (dataplane and agent) that registers with the head. Needs root. SIGTERM stops it
+    /// cleanly; running it again on the same DIR resumes as the same server.
+    Up(fabric::up::UpArgs),
     /// Run two in-process hosts and two tenants that reuse one subnet, on loopback, as an
     /// unprivileged user; check ARP proxying, lookups, ping, TCP and isolation, and print a
     /// report. Exits non-zero if any expectation fails.
@@ -72,12 +77,25 @@ enum FwCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // `fabric up` says where each part listens (info) unless RUST_LOG says otherwise.
+    let default = if matches!(cli.cmd, Cmd::Up(_)) {
+        tracing_subscriber::filter::LevelFilter::INFO
+    } else {
+        tracing_subscriber::filter::LevelFilter::ERROR
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(default.into())
+                .from_env_lossy(),
+        )
+        .with_writer(std::io::stderr)
+        // No colour codes in log files (`fabric up` sends its children's stderr to files).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     match cli.cmd {
+        Cmd::Up(args) => edge("fabric up", fabric::up::run(args)),
         Cmd::Demo => match fabric::dataplane::demo::run() {
             Ok(report) => {
                 print!("{}", report.render());

@@ -11,6 +11,7 @@
 //! - [`netlink`]: named network namespaces, veth pairs, link moves, addresses, MTU, routes
 //!   (the vnic provisioning built from them is `crate::dataplane::provision`).
 //! - [`poll`]: epoll + eventfd, so hot-path threads can wait without `unsafe` of their own.
+//! - [`process`]: signals, the effective UID, children that die with their supervisor.
 //! - [`rlimit`]: `RLIMIT_NOFILE` read and raised (daemons at start, the HTTP layer's cap).
 //! - [`fdpass`]: `SCM_RIGHTS` over a Unix socket, so the agent can hand TAP fds to the
 //!   dataplane ([`tap::Tap::into_fd`] / [`tap::Tap::from_fd`]).
@@ -94,6 +95,7 @@ pub mod fdpass;
 pub mod netlink;
 pub mod offload;
 pub mod poll;
+pub mod process;
 pub mod rlimit;
 pub mod tap;
 pub mod underlay;

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Provision-to-ping benchmark: VMs created through the control plane's `POST /vms` until they
+# answer ping from a VM on the other server (run as root).
+#
+# Two simulated hosts, like tests/util/cluster.rs: each a network namespace on a bridge
+# (192.168.78.0/24) plus a holder process with a private mount namespace and its own /run, so
+# each agent has its own /run/netns. Host 1 runs `fabric up` (head: control plane, Portolan,
+# dataplane, agent; SQLite), host 2 `fabric up --join`. One fabric network; one probe VM per
+# server; then N VMs (default 100), one at a time, alternating servers. For each VM the time is
+# taken from just before its `POST /vms` to the first ping reply it sends back to the probe on
+# the other server (ping every 10 ms, so the figure is within ~10 ms). It prints every sample's
+# summary and ends with one line
+#   provision-to-ping p50=…ms p99=…ms max=…ms n=…
+# (goal: p99 < 1000 ms).
+#
+# Environment: PROVISION_VMS (default 100), FABRIC_BIN / PORTOLAN_BIN (skip the cargo build),
+# CARGO_TARGET_DIR. Everything it creates (namespaces fpv<pid>-*, processes, a temp dir) is
+# removed on exit, also on failure or Ctrl-C.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+N="${PROVISION_VMS:-100}"
+PFX="fpv$$"
+OWNER=930896af-bf8c-48d4-885c-6573a94b1853
+# shellcheck source=benches/netns-lib.sh
+source benches/netns-lib.sh
+netns_bench_init provision.sh ip nsenter unshare ping curl jq
+
+U="$PFX-u"
+H=("" "$PFX-h1" "$PFX-h2")
+HIP=("" 192.168.78.1 192.168.78.2)
+HOLDER=("" "" "")
+HOLDERS=() # killed after everything else (netns-lib's cleanup stops PIDS first)
+trap 'trap "" PIPE; cleanup; kill -KILL "${HOLDERS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
+API="http://192.168.78.1:8080"
+
+underlay() {
+  addns "$U"
+  ip -n "$U" link add br0 address 02:00:c0:a8:4e:fe type bridge
+  ip -n "$U" addr add 192.168.78.254/24 dev br0
+  ip -n "$U" link set br0 up
+  local i
+  for i in 1 2; do
+    addns "${H[i]}"
+    ip -n "$U" link add "vh$i" type veth peer name u0 netns "${H[i]}"
+    ip -n "$U" link set "vh$i" master br0 up
+    ip -n "${H[i]}" addr add "${HIP[i]}/24" dev u0
+    ip -n "${H[i]}" link set u0 up
+    mkdir -p "$TMP/h$i"
+    # The holder: the host's network namespace, a private mount namespace, its own /run.
+    nsenter --net="/run/netns/${H[i]}" -- unshare --mount --propagation private -- \
+      sh -c "mount -t tmpfs -o mode=0755 fabric-host-run /run && mkdir -p /run/netns && touch $TMP/h$i/ready && exec sleep infinity" &
+    HOLDER[i]=$!
+    HOLDERS+=($!)
+    disown "$!" # no "Killed" line at exit
+    wait_for 10 test -e "$TMP/h$i/ready"
+  done
+}
+
+in_host() { # in_host I CMD...: CMD inside host I (network + mount namespace)
+  local i=$1
+  shift
+  nsenter --target "${HOLDER[i]}" --net --mount -- "$@"
+}
+
+start_up() { # start_up I ARGS...: `fabric up ARGS` in host I, in the background, in PIDS
+  # nsenter execs (no fork), so $! is fabric up itself and the cleanup's SIGTERM reaches it.
+  local i=$1
+  shift
+  nsenter --target "${HOLDER[i]}" --net --mount -- "$FABRIC_BIN" up "$@" >"$TMP/h$i/up.log" 2>&1 &
+  PIDS+=($!)
+}
+
+api() { # api METHOD PATH [JSON]: the control plane's answer (fails on HTTP errors)
+  local args=(-sS --fail-with-body -X "$1" "$API$2")
+  [ $# -ge 3 ] && args+=(-H 'Content-Type: application/json' -d "$3")
+  ip netns exec "$U" curl "${args[@]}"
+}
+
+server_running() { [ "$(api GET "/servers/$1" | jq -r .status)" = running ]; }
+vm_running() { [ "$(api GET "/vms/$1" | jq -r .state)" = running ]; }
+
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
+underlay
+# Once the head is up, host 2 joins it.
+start_up 1 --data "$TMP/h1" --underlay "${HIP[1]}"
+wait_for 30 api GET /ping
+start_up 2 --data "$TMP/h2" --underlay "${HIP[2]}" --join "$API"
+SRV=("" "" "")
+for i in 1 2; do
+  wait_for 10 test -s "$TMP/h$i/server-uuid"
+  SRV[i]="$(cat "$TMP/h$i/server-uuid")"
+  wait_for 30 server_running "${SRV[i]}"
+done
+echo "== servers ${SRV[1]} (head) and ${SRV[2]} running" >&2
+
+api POST "/fabrics/$OWNER/vlans" '{"vlan_id": 60}' >/dev/null
+NET="$(api POST "/fabrics/$OWNER/vlans/60/networks" \
+  '{"name":"bench","subnet":"10.60.0.0/22","gateway":"10.60.0.1","provision_start_ip":"10.60.0.2","provision_end_ip":"10.60.3.250"}' |
+  jq -r .uuid)"
+
+# The probes: one VM per server.
+PROBE=("" "" "")
+for i in 1 2; do
+  v="$(api POST /vms "{\"owner_uuid\":\"$OWNER\",\"server_uuid\":\"${SRV[i]}\",\"alias\":\"probe$i\",\"networks\":[{\"uuid\":\"$NET\"}]}")"
+  PROBE[i]="$(jq -r .uuid <<<"$v")"
+done
+for i in 1 2; do wait_for 30 vm_running "${PROBE[i]}"; done
+echo "== probes running; provisioning $N VMs" >&2
+
+SAMPLES=()
+for ((k = 0; k < N; k++)); do
+  on=$((k % 2 + 1))   # the VM's server
+  from=$((3 - on))    # the probe that pings it
+  t0="$(now_ms)"
+  v="$(api POST /vms "{\"owner_uuid\":\"$OWNER\",\"server_uuid\":\"${SRV[on]}\",\"alias\":\"vm$k\",\"networks\":[{\"uuid\":\"$NET\"}]}")"
+  ip="$(jq -r '.nics[0].ip' <<<"$v")"
+  # One process: a ping every 10 ms until the first reply (or 20 s).
+  if ! in_host "$from" ip netns exec "${PROBE[from]}" ping -n -q -c 1 -i 0.01 -w 20 "$ip" >/dev/null; then
+    echo "benches/provision.sh: VM $k ($ip on h$on) never answered" >&2
+    tail -30 "$TMP"/h*/logs/*.log >&2 || true
+    exit 1
+  fi
+  t1="$(now_ms)"
+  SAMPLES+=($((t1 - t0)))
+done
+
+read -r P50 P99 MAX < <(printf '%s\n' "${SAMPLES[@]}" | sort -n | awk '
+  { v[NR] = $1 }
+  END {
+    i50 = int(NR * 0.50 + 0.999999); if (i50 < 1) i50 = 1
+    i99 = int(NR * 0.99 + 0.999999); if (i99 < 1) i99 = 1
+    print v[i50], v[i99], v[NR]
+  }')
+echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)" >&2
+echo "provision-to-ping p50=${P50}ms p99=${P99}ms max=${MAX}ms n=$N"

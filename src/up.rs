@@ -1,0 +1,859 @@
+//! `fabric up`: one host of a fabric cluster in one command.
+//!
+//! Two shapes (DESIGN "Deployment shapes"):
+//! - **Head** (`fabric up --data DIR --underlay IP`): in this process, on one tokio runtime, the
+//!   control plane's HTTP API (on `--listen`, default `IP:8080`) and a Portolan SVP server (on
+//!   `IP:1296`) over the same store (`--store`, default `sqlite:DIR/fabric.db`); the head then
+//!   registers itself as a server through its own HTTP API.
+//! - **Join** (`fabric up --data DIR --underlay IP --join URL`): registers this host with the
+//!   control plane at URL and learns Portolan's address from its desired-state snapshot.
+//!
+//! Both then run `fabric dataplane` and `fabric agent` as child processes of the same executable
+//! (logs in `DIR/logs/{dataplane,agent}.log`, pids in `DIR/run/{dataplane,agent}.pid`) and keep
+//! them running: a child that exits is restarted after a backoff (0.2 s doubling to 5 s, back to
+//! 0.2 s after a minute of good health). Children get `PR_SET_PDEATHSIG`, so a `fabric up`
+//! killed with SIGKILL takes them along and a new `fabric up` on the same DIR starts clean.
+//! SIGTERM or SIGINT stop the agent, then the dataplane (SIGTERM, SIGKILL after 5 s), then the
+//! HTTP and SVP servers, and exit 0. The server UUID is generated once into `DIR/server-uuid`,
+//! so running again on the same DIR resumes as the same server.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::control::client::HttpClient;
+
+/// The Portolan (SVP) port of the head.
+pub const PORTOLAN_PORT: u16 = 1296;
+/// The VXLAN port of every host.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// The one line a non-root user gets.
+pub const NEEDS_ROOT: &str =
+    "needs root (creates network namespaces and TAP devices); run it as root";
+
+/// `fabric up` arguments.
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_long_help = "\
+Shapes:
+  Head (control plane + Portolan + dataplane + agent, SQLite in DIR):
+    fabric up --data /var/lib/fabric --underlay 192.168.77.1
+  Another host joining it (dataplane + agent):
+    fabric up --data /var/lib/fabric --underlay 192.168.77.2 --join http://192.168.77.1:8080
+
+Files in DIR: server-uuid (this host's identity, kept), fabric.db (head, SQLite store),
+dataplane.sock, firewall.json, agent/ (the agent's state), logs/{dataplane,agent}.log,
+run/{dataplane,agent}.pid.")]
+pub struct UpArgs {
+    /// Data directory of this host (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// This host's underlay address: VXLAN is received on IP:4789; on the head, Portolan
+    /// listens on IP:1296 and the HTTP API on IP:8080 by default.
+    #[arg(long, value_name = "IP")]
+    pub underlay: IpAddr,
+    /// Head only: the control plane's HTTP address (default IP:8080).
+    #[arg(long, value_name = "ADDR", conflicts_with = "join")]
+    pub listen: Option<SocketAddr>,
+    /// Head only: the store, `sqlite:PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// (default sqlite:DIR/fabric.db).
+    #[arg(long, value_name = "URL", conflicts_with = "join")]
+    pub store: Option<String>,
+    /// Join the cluster whose control plane is at URL (`http://IP:PORT`) instead of running
+    /// the control plane and Portolan here.
+    #[arg(long, value_name = "URL")]
+    pub join: Option<String>,
+    /// Host name this server registers with (default: the kernel's host name).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Dataplane worker threads (passed to `fabric dataplane --workers` when given).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Dataplane busy-poll budget in microseconds (passed to `fabric dataplane --poll-us` when
+    /// given; 0 = never busy-poll, what tests and shared machines want).
+    #[arg(long, value_name = "US")]
+    pub poll_us: Option<u64>,
+    /// Seconds between the agent's heartbeats.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub heartbeat_secs: u64,
+}
+
+/// Everything `fabric up` decided before starting anything (pure, unit tested).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// This host's server UUID.
+    pub server_uuid: String,
+    /// The control plane the agent talks to, `http://IP:PORT`.
+    pub control_url: String,
+    /// Head: where the HTTP API listens, the store, where Portolan listens.
+    pub head: Option<HeadPlan>,
+    /// The data directory.
+    pub data: PathBuf,
+}
+
+/// The head's parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadPlan {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Store URL.
+    pub store: String,
+    /// Portolan's listen address (also what agents and joiners are told).
+    pub portolan: SocketAddr,
+}
+
+impl UpArgs {
+    /// The plan for these arguments and this host's server UUID.
+    pub fn plan(&self, server_uuid: &str) -> anyhow::Result<Plan> {
+        if self.underlay.is_unspecified() {
+            bail!(
+                "--underlay {}: expected this host's own address on the underlay, not a wildcard",
+                self.underlay
+            );
+        }
+        let (control_url, head) = match &self.join {
+            Some(url) => {
+                parse_http_url(url)?;
+                (url.trim_end_matches('/').to_string(), None)
+            }
+            None => {
+                let listen = self.listen.unwrap_or(SocketAddr::new(self.underlay, 8080));
+                let store = self
+                    .store
+                    .clone()
+                    .unwrap_or_else(|| format!("sqlite:{}", self.data.join("fabric.db").display()));
+                let reach = if listen.ip().is_unspecified() {
+                    SocketAddr::new(self.underlay, listen.port())
+                } else {
+                    listen
+                };
+                (
+                    format!("http://{reach}"),
+                    Some(HeadPlan {
+                        listen,
+                        store,
+                        portolan: SocketAddr::new(self.underlay, PORTOLAN_PORT),
+                    }),
+                )
+            }
+        };
+        Ok(Plan {
+            server_uuid: server_uuid.to_string(),
+            control_url,
+            head,
+            data: self.data.clone(),
+        })
+    }
+}
+
+/// Parses `http://HOST:PORT[/]` into a socket address (TLS comes with cluster security).
+pub fn parse_http_url(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        anyhow!("control URL {url:?}: expected http://HOST:PORT (https is not supported yet)")
+    })?;
+    let hostport = rest.trim_end_matches('/');
+    if hostport.is_empty() || hostport.contains('/') {
+        bail!("control URL {url:?}: expected http://HOST:PORT without a path");
+    }
+    hostport
+        .to_socket_addrs()
+        .with_context(|| format!("control URL {url:?}: expected http://HOST:PORT"))?
+        .next()
+        .ok_or_else(|| anyhow!("control URL {url:?}: {hostport} resolves to no address"))
+}
+
+/// Reads `DIR/server-uuid`, or generates a random (v4) UUID and writes it there (atomically).
+pub fn server_uuid(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("server-uuid");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let u = s.trim().to_ascii_lowercase();
+            crate::control::params::parse_uuid(&u).ok_or_else(|| {
+                anyhow!(
+                    "{} holds {:?}: expected a UUID (remove the file to make a new identity)",
+                    path.display(),
+                    s.trim()
+                )
+            })?;
+            Ok(u)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let u = new_uuid()?;
+            let tmp = dir.join(".server-uuid.tmp");
+            std::fs::write(&tmp, format!("{u}\n"))
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+            Ok(u)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn new_uuid() -> anyhow::Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| anyhow!("no randomness for a server UUID: {e}"))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The control plane's settings for the head. Once `control::Config` has `portolan_advertise`
+/// and `store_url` (the VMs/servers and change-feed parts of issue 11), they are set here:
+/// `portolan_advertise: Some(head.portolan.to_string())` and
+/// `store_url: Some(changes::feed::StoreUrl(head.store.clone()))`.
+fn head_config(head: &HeadPlan) -> crate::control::Config {
+    let _ = head; // portolan_advertise = head.portolan once control::Config has it
+    crate::control::Config::default()
+}
+
+/// Entry point of `fabric up`.
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    if crate::io::process::effective_uid() != 0 {
+        bail!("{NEEDS_ROOT}");
+    }
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating the data directory {}", args.data.display()))?;
+    for sub in ["logs", "run", "agent"] {
+        let d = args.data.join(sub);
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let uuid = server_uuid(&args.data)?;
+    let plan = args.plan(&uuid)?;
+    match crate::io::rlimit::raise_nofile() {
+        Ok(n) => tracing::debug!(nofile = n, "RLIMIT_NOFILE raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("fabric-up")
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let hostname = args.hostname.clone().unwrap_or_else(hostname);
+    tracing::info!(server_uuid = %uuid, data = %args.data.display(), "fabric up");
+
+    // Head: control plane and Portolan on this runtime, over one store.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // A server task that ends by itself (an error) reports here and stops `fabric up`.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let mut servers = Vec::new();
+    if let Some(head) = &plan.head {
+        let cfg = head_config(head);
+        let store = rt.block_on(crate::control::open_store(&head.store, &cfg))?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(head.listen))
+            .with_context(|| format!("cannot listen on {} (HTTP)", head.listen))?;
+        let svp = rt
+            .block_on(portolan::server::Server::bind(
+                portolan::server::ServerConfig {
+                    listen: head.portolan,
+                    ..Default::default()
+                },
+                store.clone(),
+            ))
+            .with_context(|| format!("cannot listen on {} (Portolan SVP)", head.portolan))?;
+        tracing::info!(addr = %head.listen, store = %store.describe(), "control plane (HTTP) listening");
+        tracing::info!(addr = %head.portolan, "Portolan (SVP) listening");
+        let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
+        servers.push(rt.spawn(async move {
+            let r = crate::control::http::serve(listener, store, cfg, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .context("control plane HTTP server");
+            let _ = done.send(r);
+        }));
+        let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
+        servers.push(rt.spawn(async move {
+            let r = svp
+                .run(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+                .context("Portolan server");
+            let _ = done.send(r);
+        }));
+    }
+
+    // Register (head: over its own API), learn Portolan's address.
+    let registered = rt.block_on(async {
+        let control = parse_http_url(&plan.control_url)?;
+        let portolan = tokio::select! {
+            r = register(control, &uuid, args.underlay, &hostname) => r?,
+            _ = shutdown_signal() => return Ok(None),
+        };
+        Ok::<_, anyhow::Error>(Some(portolan))
+    });
+    let portolan = match registered {
+        Ok(Some(p)) => match (&plan.head, p) {
+            (Some(h), _) => h.portolan.to_string(),
+            (None, Some(p)) => p,
+            (None, None) => {
+                let c = parse_http_url(&plan.control_url)?;
+                let p = SocketAddr::new(c.ip(), PORTOLAN_PORT).to_string();
+                tracing::warn!(portolan = %p, "the control plane advertises no Portolan address; using its host");
+                p
+            }
+        },
+        Ok(None) => {
+            stop_servers(&rt, stop_tx, servers);
+            return Ok(());
+        }
+        Err(e) => {
+            stop_servers(&rt, stop_tx, servers);
+            return Err(e);
+        }
+    };
+    tracing::info!(server_uuid = %uuid, control = %plan.control_url, portolan = %portolan, "registered");
+
+    // The children.
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let d = &args.data;
+    let sock = d.join("dataplane.sock");
+    let mut dp = vec![
+        "dataplane".to_string(),
+        "--underlay".into(),
+        SocketAddr::new(args.underlay, VXLAN_PORT).to_string(),
+        "--portolan".into(),
+        portolan.clone(),
+        "--cn-uuid".into(),
+        uuid.clone(),
+        "--control".into(),
+        sock.display().to_string(),
+        "--firewall-state".into(),
+        d.join("firewall.json").display().to_string(),
+    ];
+    if let Some(w) = args.workers {
+        dp.extend(["--workers".into(), w.to_string()]);
+    }
+    if let Some(p) = args.poll_us {
+        dp.extend(["--poll-us".into(), p.to_string()]);
+    }
+    let agent = vec![
+        "agent".to_string(),
+        "--control".into(),
+        plan.control_url.clone(),
+        "--server-uuid".into(),
+        uuid.clone(),
+        "--dataplane".into(),
+        sock.display().to_string(),
+        "--state-dir".into(),
+        d.join("agent").display().to_string(),
+        "--heartbeat-secs".into(),
+        args.heartbeat_secs.to_string(),
+    ];
+    let dataplane = Supervisor::start(ChildSpec::new("dataplane", &exe, dp, d));
+    // The agent retries by itself, but starting it once the socket is there saves a round.
+    let t0 = Instant::now();
+    while !sock.exists() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent = Supervisor::start(ChildSpec::new("agent", &exe, agent, d));
+    tracing::info!(
+        dataplane_socket = %sock.display(),
+        logs = %d.join("logs").display(),
+        "dataplane and agent started"
+    );
+
+    // Until SIGTERM/SIGINT, or a server task failing.
+    let failed = rt.block_on(async {
+        tokio::select! {
+            _ = shutdown_signal() => None,
+            r = done_rx.recv() => r,
+        }
+    });
+    tracing::info!("stopping: agent, then dataplane, then the servers");
+    agent.stop();
+    dataplane.stop();
+    stop_servers(&rt, stop_tx, servers);
+    match failed {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => Err(anyhow!("a server stopped by itself")),
+        None => Ok(()),
+    }
+}
+
+fn stop_servers(
+    rt: &tokio::runtime::Runtime,
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+) {
+    let _ = stop.send(true);
+    rt.block_on(async {
+        for s in servers {
+            if tokio::time::timeout(Duration::from_secs(10), s)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a server did not stop within 10 s");
+            }
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot catch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}
+
+/// `PUT /servers/:uuid` until it succeeds (retrying with backoff while the control plane is
+/// unreachable or failing), then `GET /servers/:uuid/desired` for Portolan's address.
+async fn register(
+    control: SocketAddr,
+    uuid: &str,
+    underlay: IpAddr,
+    hostname: &str,
+) -> anyhow::Result<Option<String>> {
+    let body = serde_json::json!({"underlay_ip": underlay.to_string(), "hostname": hostname});
+    let mut backoff = Backoff::new();
+    let mut client = HttpClient::new(control);
+    loop {
+        let put = client
+            .json("PUT", &format!("/servers/{uuid}"), Some(&body))
+            .await;
+        match put {
+            Ok(r) if r.status == 200 => break,
+            // Bad input (e.g. an underlay address taken by another server): retrying will not
+            // help.
+            Ok(r) if (400..500).contains(&r.status) && r.status != 404 && r.status != 429 => {
+                bail!(
+                    "the control plane at {control} refused to register this server ({}): {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                )
+            }
+            Ok(r) => {
+                tracing::warn!(status = r.status, body = %String::from_utf8_lossy(&r.body), %control, "registering: retrying")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %control, "registering: control plane unreachable, retrying");
+                client = HttpClient::new(control);
+            }
+        }
+        tokio::time::sleep(backoff.next()).await;
+    }
+    let mut backoff = Backoff::new();
+    loop {
+        match client
+            .json("GET", &format!("/servers/{uuid}/desired"), None)
+            .await
+        {
+            Ok(r) if r.status == 200 => {
+                return Ok(r.json()["portolan"].as_str().map(String::from));
+            }
+            Ok(r) => {
+                tracing::warn!(status = r.status, %control, "reading the desired state: retrying")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %control, "reading the desired state: retrying");
+                client = HttpClient::new(control);
+            }
+        }
+        tokio::time::sleep(backoff.next()).await;
+    }
+}
+
+/// Restart delays: 0.2 s doubling to 5 s.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    /// The first delay is 0.2 s.
+    pub fn new() -> Backoff {
+        Backoff {
+            next: Duration::from_millis(200),
+        }
+    }
+
+    /// The delay to wait now; the following one doubles, up to 5 s.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        d
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}
+
+/// A child process to keep running.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    /// Name (log and pid file names).
+    pub name: String,
+    /// Executable.
+    pub exe: PathBuf,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Its log file (stdout and stderr, appended).
+    pub log: PathBuf,
+    /// Its pid file, rewritten at each start.
+    pub pid_file: PathBuf,
+}
+
+impl ChildSpec {
+    /// `exe args`, logging to `DIR/logs/NAME.log`, pid in `DIR/run/NAME.pid`.
+    pub fn new(name: &str, exe: &Path, args: Vec<String>, dir: &Path) -> ChildSpec {
+        ChildSpec {
+            name: name.to_string(),
+            exe: exe.to_path_buf(),
+            args,
+            log: dir.join("logs").join(format!("{name}.log")),
+            pid_file: dir.join("run").join(format!("{name}.pid")),
+        }
+    }
+
+    fn spawn(&self) -> std::io::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        crate::io::process::die_with_parent(&mut cmd);
+        let child = cmd.spawn()?;
+        let _ = std::fs::write(&self.pid_file, format!("{}\n", child.id()));
+        Ok(child)
+    }
+}
+
+/// Keeps one child running on a thread of its own (which is also the thread that spawns it,
+/// so `PR_SET_PDEATHSIG` ties the child to the supervisor's life).
+pub struct Supervisor {
+    name: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A child healthy for this long resets the restart backoff.
+const HEALTHY: Duration = Duration::from_secs(60);
+/// Time a child has to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Supervisor {
+    /// Starts the child and its supervising thread.
+    pub fn start(spec: ChildSpec) -> Supervisor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = spec.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("supervise-{name}"))
+            .spawn(move || supervise(&spec, &flag))
+            .expect("spawn a supervisor thread");
+        Supervisor {
+            name,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the child (SIGTERM, SIGKILL after 5 s) and waits for it.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        tracing::info!(child = %self.name, "stopped");
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn supervise(spec: &ChildSpec, stop: &AtomicBool) {
+    let mut backoff = Backoff::new();
+    let mut restarts = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        let mut child = match spec.spawn() {
+            Ok(c) => {
+                tracing::info!(child = %spec.name, pid = c.id(), restarts, log = %spec.log.display(), "started");
+                c
+            }
+            Err(e) => {
+                tracing::error!(child = %spec.name, error = %e, exe = %spec.exe.display(), "cannot start");
+                if sleep_unless(stop, backoff.next()) {
+                    break;
+                }
+                continue;
+            }
+        };
+        let status = loop {
+            if stop.load(Ordering::SeqCst) {
+                terminate(spec, &mut child);
+                let _ = std::fs::remove_file(&spec.pid_file);
+                return;
+            }
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    tracing::error!(child = %spec.name, error = %e, "cannot wait for the child");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        };
+        if started.elapsed() >= HEALTHY {
+            backoff = Backoff::new();
+        }
+        let delay = backoff.next();
+        restarts += 1;
+        tracing::warn!(
+            child = %spec.name, %status, ran_ms = started.elapsed().as_millis() as u64,
+            restart_in_ms = delay.as_millis() as u64, log = %spec.log.display(),
+            "exited; restarting"
+        );
+        if sleep_unless(stop, delay) {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&spec.pid_file);
+}
+
+/// Sleeps `d` in short steps; true if `stop` was set meanwhile.
+fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+    }
+    stop.load(Ordering::SeqCst)
+}
+
+fn terminate(spec: &ChildSpec, child: &mut Child) {
+    if let Err(e) = crate::io::process::signal(child.id(), libc::SIGTERM) {
+        tracing::warn!(child = %spec.name, error = %e, "SIGTERM failed");
+    }
+    let until = Instant::now() + STOP_GRACE;
+    while Instant::now() < until {
+        if let Ok(Some(st)) = child.try_wait() {
+            tracing::info!(child = %spec.name, %st, "exited after SIGTERM");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::warn!(child = %spec.name, "no exit within 5 s of SIGTERM: SIGKILL");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> UpArgs {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let mut v = vec!["up", "--data", "/d", "--underlay", "192.0.2.1"];
+        v.extend_from_slice(extra);
+        <P as clap::Parser>::try_parse_from(v).unwrap().up
+    }
+
+    const U: &str = "0b7e5c1a-8a3b-4c55-9d21-6f1a2b3c4d5e";
+
+    #[test]
+    fn head_defaults() {
+        let p = args(&[]).plan(U).unwrap();
+        let h = p.head.unwrap();
+        assert_eq!(h.listen, "192.0.2.1:8080".parse().unwrap());
+        assert_eq!(h.portolan, "192.0.2.1:1296".parse().unwrap());
+        assert_eq!(h.store, "sqlite:/d/fabric.db");
+        assert_eq!(p.control_url, "http://192.0.2.1:8080");
+        assert_eq!(p.server_uuid, U);
+    }
+
+    #[test]
+    fn head_wildcard_listen_is_reached_on_the_underlay() {
+        let p = args(&["--listen", "0.0.0.0:9000", "--store", "postgres://u:p@h/db"])
+            .plan(U)
+            .unwrap();
+        assert_eq!(p.control_url, "http://192.0.2.1:9000");
+        assert_eq!(p.head.unwrap().store, "postgres://u:p@h/db");
+    }
+
+    #[test]
+    fn join_has_no_head() {
+        let p = args(&["--join", "http://192.0.2.9:8080/"]).plan(U).unwrap();
+        assert!(p.head.is_none());
+        assert_eq!(p.control_url, "http://192.0.2.9:8080");
+    }
+
+    #[test]
+    fn join_conflicts_with_head_flags() {
+        #[derive(clap::Parser, Debug)]
+        struct P {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let r = <P as clap::Parser>::try_parse_from([
+            "up",
+            "--data",
+            "/d",
+            "--underlay",
+            "192.0.2.1",
+            "--join",
+            "http://192.0.2.9:8080",
+            "--listen",
+            "192.0.2.1:8080",
+        ]);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn bad_urls_and_underlay() {
+        for u in [
+            "https://192.0.2.9:8080",
+            "192.0.2.9:8080",
+            "http://",
+            "http://h:1/x",
+        ] {
+            let e = parse_http_url(u).unwrap_err().to_string();
+            assert!(e.contains("expected http://HOST:PORT"), "{u}: {e}");
+        }
+        assert_eq!(
+            parse_http_url("http://127.0.0.1:80").unwrap(),
+            "127.0.0.1:80".parse().unwrap()
+        );
+        let e = args(&[]).clone();
+        let e = UpArgs {
+            underlay: "0.0.0.0".parse().unwrap(),
+            ..e
+        }
+        .plan(U)
+        .unwrap_err();
+        assert!(e.to_string().contains("not a wildcard"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_to_five_seconds() {
+        let mut b = Backoff::new();
+        let v: Vec<u64> = (0..7).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(v, [200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    #[test]
+    fn server_uuid_is_generated_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("fabric-up-uuid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = server_uuid(&dir).unwrap();
+        assert!(crate::control::params::parse_uuid(&a).is_some(), "{a}");
+        assert_eq!(&a[14..15], "4", "v4: {a}");
+        assert_eq!(server_uuid(&dir).unwrap(), a);
+        std::fs::write(dir.join("server-uuid"), "not-a-uuid\n").unwrap();
+        let e = server_uuid(&dir).unwrap_err().to_string();
+        assert!(e.contains("expected a UUID"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn supervisor_restarts_a_child_that_exits_and_stops_it() {
+        let dir = std::env::temp_dir().join(format!("fabric-up-sup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        // Each run appends a line, then exits at once: the supervisor must start it again.
+        let spec = ChildSpec::new(
+            "flaky",
+            Path::new("/bin/sh"),
+            vec!["-c".into(), "echo run; exit 3".into()],
+            &dir,
+        );
+        let log = spec.log.clone();
+        let sup = Supervisor::start(spec);
+        let t0 = Instant::now();
+        while std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 3
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no third start within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sup.stop();
+        // A long-running child is stopped with SIGTERM and its pid file removed.
+        let spec = ChildSpec::new("long", Path::new("/bin/sleep"), vec!["30".into()], &dir);
+        let pid_file = spec.pid_file.clone();
+        let sup = Supervisor::start(spec);
+        let t0 = Instant::now();
+        let pid: u32 = loop {
+            if let Some(p) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break p;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let t1 = Instant::now();
+        sup.stop();
+        assert!(t1.elapsed() < STOP_GRACE, "sleep should exit on SIGTERM");
+        assert!(
+            crate::io::process::signal(pid, 0).is_err(),
+            "child {pid} still there"
+        );
+        assert!(!pid_file.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
