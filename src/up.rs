@@ -219,13 +219,15 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// The control plane's settings for the head. Once `control::Config` has `portolan_advertise`
-/// and `store_url` (the VMs/servers and change-feed parts of issue 11), they are set here:
-/// `portolan_advertise: Some(head.portolan.to_string())` and
-/// `store_url: Some(changes::feed::StoreUrl(head.store.clone()))`.
+/// The control plane's settings for the head: agents and joining hosts are told the head's
+/// Portolan address, and on PostgreSQL the change feed LISTENs so other instances' writes wake
+/// long-polls at once.
 fn head_config(head: &HeadPlan) -> crate::control::Config {
-    let _ = head; // portolan_advertise = head.portolan once control::Config has it
-    crate::control::Config::default()
+    crate::control::Config {
+        portolan_advertise: Some(head.portolan.to_string()),
+        store_url: Some(crate::control::changes::feed::StoreUrl(head.store.clone())),
+        ..crate::control::Config::default()
+    }
 }
 
 /// Entry point of `fabric up`.
