@@ -346,8 +346,8 @@ async fn writers_record_and_filter(url: &str) {
         portolan::store::with_txn(&*st, |tx| -> Result<(), fabric::control::error::OpError> {
             let mut d = fabric::control::db::Db::from(tx.raw());
             d.exec(
-                "INSERT INTO fabric_vms (uuid, owner_uuid, server_uuid, state, doc) \
-                 VALUES ($1, $2, $3, 'running', '{}')",
+                "INSERT INTO fabric_vms (uuid, owner_uuid, server_uuid, state, created_ms, doc) \
+                 VALUES ($1, $2, $3, 'running', 0, '{}')",
                 &[
                     fabric::control::db::Val::text("22222222-0000-4000-8000-000000000002"),
                     fabric::control::db::Val::text(OWNER),
