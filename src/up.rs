@@ -71,11 +71,12 @@ pub struct UpArgs {
     /// Host name this server registers with (default: the kernel's host name).
     #[arg(long)]
     pub hostname: Option<String>,
-    /// Dataplane worker threads (passed to `fabric dataplane --workers` when given).
+    /// Dataplane worker threads. The dataplane runs exactly one worker today (several workers
+    /// per host are a later issue), so only 1 is accepted.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
-    /// Dataplane busy-poll budget in microseconds (passed to `fabric dataplane --poll-us` when
-    /// given; 0 = never busy-poll, what tests and shared machines want).
+    /// Dataplane busy-poll budget in microseconds. The dataplane never busy-polls today, so
+    /// only 0 is accepted.
     #[arg(long, value_name = "US")]
     pub poll_us: Option<u64>,
     /// Seconds between the agent's heartbeats.
@@ -232,6 +233,12 @@ fn head_config(head: &HeadPlan) -> crate::control::Config {
 
 /// Entry point of `fabric up`.
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    if let Some(w) = args.workers.filter(|&w| w != 1) {
+        bail!("--workers {w}: the dataplane runs one worker per host today; expected 1");
+    }
+    if let Some(p) = args.poll_us.filter(|&p| p != 0) {
+        bail!("--poll-us {p}: the dataplane never busy-polls today; expected 0");
+    }
     if crate::io::process::effective_uid() != 0 {
         bail!("{NEEDS_ROOT}");
     }
@@ -334,7 +341,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let d = &args.data;
     let sock = d.join("dataplane.sock");
-    let mut dp = vec![
+    let dp = vec![
         "dataplane".to_string(),
         "--underlay".into(),
         SocketAddr::new(args.underlay, VXLAN_PORT).to_string(),
@@ -347,12 +354,6 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         "--firewall-state".into(),
         d.join("firewall.json").display().to_string(),
     ];
-    if let Some(w) = args.workers {
-        dp.extend(["--workers".into(), w.to_string()]);
-    }
-    if let Some(p) = args.poll_us {
-        dp.extend(["--poll-us".into(), p.to_string()]);
-    }
     let agent = vec![
         "agent".to_string(),
         "--control".into(),
