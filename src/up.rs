@@ -197,19 +197,8 @@ pub fn server_uuid(dir: &Path) -> anyhow::Result<String> {
 }
 
 fn new_uuid() -> anyhow::Result<String> {
-    let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b).map_err(|e| anyhow!("no randomness for a server UUID: {e}"))?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
+    crate::control::params::random_uuid()
+        .map_err(|e| anyhow!("no randomness for a server UUID: {e}"))
 }
 
 fn hostname() -> String {
