@@ -478,8 +478,8 @@ mod tests {
                 ("v3", O2, A, "destroyed"),
             ] {
                 d.exec(
-                    "INSERT INTO fabric_vms (uuid, owner_uuid, server_uuid, state, doc) \
-                     VALUES ($1, $2, $3, $4, '{}')",
+                    "INSERT INTO fabric_vms (uuid, owner_uuid, server_uuid, state, created_ms, doc) \
+                     VALUES ($1, $2, $3, $4, 0, '{}')",
                     &[
                         Val::text(vm),
                         Val::text(owner),
