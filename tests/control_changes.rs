@@ -493,10 +493,12 @@ async fn retention_prunes(url: &str) {
     let t0 = Instant::now();
     let e = loop {
         let (st, body) = changes(&mut c, "since=0&timeout=0").await;
-        if st == 410 {
+        // On a loaded machine the three writes can straddle a prune (which then keeps 2..3
+        // first): wait for the state where everything but the newest has aged out.
+        if st == 410 && body["message"].as_str().is_some_and(|m| m.contains("oldest is 3")) {
             break body;
         }
-        assert_eq!(st, 200, "{body}");
+        assert!(st == 200 || st == 410, "{st} {body}");
         assert!(
             t0.elapsed() < Duration::from_secs(15),
             "never pruned: {body}"
