@@ -495,7 +495,11 @@ async fn retention_prunes(url: &str) {
         let (st, body) = changes(&mut c, "since=0&timeout=0").await;
         // On a loaded machine the three writes can straddle a prune (which then keeps 2..3
         // first): wait for the state where everything but the newest has aged out.
-        if st == 410 && body["message"].as_str().is_some_and(|m| m.contains("oldest is 3")) {
+        if st == 410
+            && body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("oldest is 3"))
+        {
             break body;
         }
         assert!(st == 200 || st == 410, "{st} {body}");
