@@ -108,6 +108,17 @@ impl Val {
 /// A result row.
 pub type Row = Vec<Val>;
 
+/// Decodes the JSON document in a row's first column (`SELECT doc FROM …`); `what` names the
+/// object in the error ("nic", "rule", …).
+pub fn doc_from_row<T: serde::de::DeserializeOwned>(r: Row, what: &str) -> Result<T, OpError> {
+    let doc = r
+        .into_iter()
+        .next()
+        .ok_or_else(|| OpError::Corrupt(format!("{what} row")))?
+        .into_string(&format!("{what} doc"))?;
+    Ok(serde_json::from_str(&doc)?)
+}
+
 /// Our SQL on the connection of an open transaction.
 pub enum Db<'a> {
     /// SQLite.

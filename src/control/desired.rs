@@ -65,14 +65,7 @@ pub fn firewall_closure(db: &mut Db<'_>, local: &[Vm]) -> Result<FirewallState, 
     let rules: Vec<Rule> = db
         .query("SELECT doc FROM napi_rules ORDER BY uuid", &[])?
         .into_iter()
-        .map(|r| -> Result<Rule, OpError> {
-            let doc = r
-                .into_iter()
-                .next()
-                .ok_or_else(|| OpError::Corrupt("rule row".into()))?
-                .into_string("rule doc")?;
-            Ok(serde_json::from_str(&doc)?)
-        })
+        .map(|r| super::db::doc_from_row(r, "rule"))
         .collect::<Result<_, _>>()?;
     let rules: Vec<Rule> = rules
         .into_iter()
@@ -88,7 +81,7 @@ pub fn firewall_closure(db: &mut Db<'_>, local: &[Vm]) -> Result<FirewallState, 
             &[],
         )?
         .into_iter()
-        .map(vm_from_row)
+        .map(super::vms::from_row)
         .collect::<Result<_, _>>()?
     } else {
         let mut out = Vec::new();
@@ -100,7 +93,7 @@ pub fn firewall_closure(db: &mut Db<'_>, local: &[Vm]) -> Result<FirewallState, 
                     &[Val::text(*o)],
                 )?
                 .into_iter()
-                .map(vm_from_row)
+                .map(super::vms::from_row)
                 .collect::<Result<Vec<_>, _>>()?,
             );
         }
@@ -180,15 +173,6 @@ pub fn firewall_closure(db: &mut Db<'_>, local: &[Vm]) -> Result<FirewallState, 
             })
             .collect(),
     })
-}
-
-fn vm_from_row(r: super::db::Row) -> Result<Vm, OpError> {
-    let doc = r
-        .into_iter()
-        .next()
-        .ok_or_else(|| OpError::Corrupt("vm row".into()))?
-        .into_string("vm doc")?;
-    Ok(serde_json::from_str(&doc)?)
 }
 
 /// `GET /servers/:uuid/desired` (the caller runs it in one read transaction).

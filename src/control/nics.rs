@@ -226,12 +226,7 @@ pub fn parse_mac(s: &str) -> Option<u64> {
 }
 
 fn nic_from_row(r: db::Row) -> Result<Nic, OpError> {
-    let doc = r
-        .into_iter()
-        .next()
-        .ok_or_else(|| OpError::Corrupt("nic row".into()))?
-        .into_string("nic doc")?;
-    Ok(serde_json::from_str(&doc)?)
+    super::db::doc_from_row(r, "nic")
 }
 
 /// One NIC.

@@ -49,12 +49,7 @@ impl Pool {
 }
 
 fn from_row(r: super::db::Row) -> Result<Pool, OpError> {
-    let doc = r
-        .into_iter()
-        .next()
-        .ok_or_else(|| OpError::Corrupt("pool row".into()))?
-        .into_string("pool doc")?;
-    Ok(serde_json::from_str(&doc)?)
+    super::db::doc_from_row(r, "pool")
 }
 
 /// One pool.

@@ -87,12 +87,7 @@ fn parse_rule(text: &str) -> Result<(String, Vec<String>), String> {
 }
 
 fn from_row(r: super::db::Row) -> Result<Rule, OpError> {
-    let doc = r
-        .into_iter()
-        .next()
-        .ok_or_else(|| OpError::Corrupt("rule row".into()))?
-        .into_string("rule doc")?;
-    Ok(serde_json::from_str(&doc)?)
+    super::db::doc_from_row(r, "rule")
 }
 
 /// Writes a rule: a new row (`creating`), or the existing one (404 if it is gone, never

@@ -113,13 +113,9 @@ fn conflict(code: &'static str, message: String, errors: Vec<FieldError>) -> Api
     e
 }
 
-fn from_row(r: Row) -> Result<Vm, OpError> {
-    let doc = r
-        .into_iter()
-        .next()
-        .ok_or_else(|| OpError::Corrupt("vm row".into()))?
-        .into_string("vm doc")?;
-    Ok(serde_json::from_str(&doc)?)
+/// A VM from its `doc` column.
+pub(super) fn from_row(r: Row) -> Result<Vm, OpError> {
+    super::db::doc_from_row(r, "vm")
 }
 
 /// One VM by (lower-case) UUID, destroyed ones too.
@@ -208,14 +204,7 @@ pub fn vm_nics(db: &mut Db<'_>, vm: &Vm) -> Result<Vec<(String, Nic, Option<Netw
             &[Val::text(&vm.uuid)],
         )?
         .into_iter()
-        .map(|r| -> Result<Nic, OpError> {
-            let doc = r
-                .into_iter()
-                .next()
-                .ok_or_else(|| OpError::Corrupt("nic row".into()))?
-                .into_string("nic doc")?;
-            Ok(serde_json::from_str(&doc)?)
-        })
+        .map(|r| super::db::doc_from_row(r, "nic"))
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &vm.nics {
