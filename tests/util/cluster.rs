@@ -756,8 +756,7 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 }
 
 /// Sends `bytes` of [`Pattern`] over TCP from namespace `client` to a listener in `server` on
-/// `ip:port`, verifies every byte at the receiver, and returns the time it took. A stall longer
-/// than 10 s is an error.
+/// `ip:port` and verifies every byte (tests/util/netns.rs's transfer); returns the time taken.
 pub fn tcp_transfer(
     client: &Netns,
     server: &Netns,
@@ -765,89 +764,8 @@ pub fn tcp_transfer(
     port: u16,
     bytes: u64,
 ) -> Result<Duration, String> {
-    let addr = SocketAddr::from((ip, port));
-    let listener = server
-        .run(|| TcpListener::bind(addr))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("bind {addr}: {e}"))?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let seed = 0xc1u64 << 32 | u64::from(port);
-    let receiver = std::thread::spawn(move || -> Result<u64, String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut s = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err(format!("no connection to {addr} within 10 s"));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(format!("accept: {e}")),
-            }
-        };
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let pat = Pattern::new(seed);
-        let (mut buf, mut want) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
-        let mut off = 0u64;
-        loop {
-            let n = s
-                .read(&mut buf)
-                .map_err(|e| format!("receiver read at offset {off}: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            pat.fill(off, &mut want[..n]);
-            if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
-                return Err(format!("content mismatch at offset {}", off + i as u64));
-            }
-            off += n as u64;
-        }
-        s.write_all(&off.to_le_bytes())
-            .map_err(|e| format!("receiver ack: {e}"))?;
-        Ok(off)
-    });
-    let t0 = Instant::now();
-    let sent = (|| -> Result<(), String> {
-        let mut s = client
-            .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let pat = Pattern::new(seed);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut off = 0u64;
-        while off < bytes {
-            let n = (bytes - off).min(buf.len() as u64) as usize;
-            pat.fill(off, &mut buf[..n]);
-            s.write_all(&buf[..n])
-                .map_err(|e| format!("sender write at offset {off}: {e}"))?;
-            off += n as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-        let mut ack = [0u8; 8];
-        s.read_exact(&mut ack)
-            .map_err(|e| format!("sender waiting for the ack: {e}"))?;
-        Ok(())
-    })();
-    if let Err(e) = sent {
-        // Unblock the receiver if it is still waiting for a connection: it gives up by itself.
-        let _ = receiver.join();
-        return Err(e);
-    }
-    let got = receiver
-        .join()
-        .map_err(|_| "receiver thread panicked".to_string())??;
-    if got != bytes {
-        return Err(format!("receiver verified {got} bytes, expected {bytes}"));
-    }
-    Ok(t0.elapsed())
+    netns::tcp_transfer_in((client, "client"), (server, "server"), ip, port, bytes)
+        .map(|t| t.elapsed)
 }
 
 /// Whether a TCP connection from `client` to `ip:port` (a listener in `server`) is refused or

@@ -767,12 +767,29 @@ pub fn tcp_transfer(
     port: u16,
     bytes: u64,
 ) -> Result<Transfer, String> {
-    let addr = SocketAddr::from((server.ip, port));
-    let listener = server
-        .netns()
+    tcp_transfer_in(
+        (&client.netns(), &client.ns),
+        (&server.netns(), &server.ns),
+        server.ip,
+        port,
+        bytes,
+    )
+}
+
+/// [`tcp_transfer`] between two namespaces, each given with a name for error messages: the
+/// listener binds `ip:port` in `server`.
+pub fn tcp_transfer_in(
+    (client_ns, client_name): (&Netns, &str),
+    (server_ns, server_name): (&Netns, &str),
+    ip: Ipv4Addr,
+    port: u16,
+    bytes: u64,
+) -> Result<Transfer, String> {
+    let addr = SocketAddr::from((ip, port));
+    let listener = server_ns
         .run(|| TcpListener::bind(addr))
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("bind {addr} in {}: {e}", server.ns))?;
+        .map_err(|e| format!("bind {addr} in {server_name}: {e}"))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let seed = 0x5eed_0000 + u64::from(port);
     let receiver = std::thread::spawn(move || -> Result<u64, String> {
@@ -821,11 +838,10 @@ pub fn tcp_transfer(
     });
     let t0 = Instant::now();
     let sent = (|| -> Result<(), String> {
-        let mut s = client
-            .netns()
+        let mut s = client_ns
             .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("connect {addr} from {}: {e}", client.ns))?;
+            .map_err(|e| format!("connect {addr} from {client_name}: {e}"))?;
         s.set_write_timeout(Some(Duration::from_secs(20)))
             .map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(20)))
