@@ -3,7 +3,6 @@
 //! records written with NICs, and a Portolan server on the same store answering over SVP.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,29 +21,9 @@ const CN2: &str = "564d1a4c-0000-4000-8000-000000000002";
 const VM1: &str = "11111111-0000-4000-8000-000000000001";
 const VM2: &str = "11111111-0000-4000-8000-000000000002";
 
-struct TempDb(PathBuf);
-
-impl TempDb {
-    fn new() -> TempDb {
-        let mut b = [0u8; 8];
-        getrandom::getrandom(&mut b).unwrap();
-        let n: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        TempDb(std::env::temp_dir().join(format!("fabric-control-it-{n}.db")))
-    }
-    fn url(&self) -> String {
-        format!("sqlite:{}", self.0.display())
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for s in ["", "-wal", "-shm"] {
-            let mut p = self.0.clone().into_os_string();
-            p.push(s);
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
+#[path = "util/temp_db.rs"]
+mod temp_db;
+use temp_db::TempDb;
 
 struct Svc {
     addr: SocketAddr,
@@ -55,7 +34,7 @@ struct Svc {
 
 impl Svc {
     async fn start() -> Svc {
-        let db = TempDb::new();
+        let db = TempDb::new("control-it");
         let cfg = Config::default();
         let store = open_store(&db.url(), &cfg).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

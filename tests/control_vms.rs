@@ -8,7 +8,6 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,29 +27,9 @@ const S4: &str = "564d1a4c-0000-4000-8000-000000000004";
 const WEB: &str = "11111111-0000-4000-8000-000000000001";
 const ADVERTISE: &str = "192.168.78.1:1296";
 
-struct TempDb(PathBuf);
-
-impl TempDb {
-    fn new() -> TempDb {
-        let mut b = [0u8; 8];
-        getrandom::getrandom(&mut b).unwrap();
-        let n: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        TempDb(std::env::temp_dir().join(format!("fabric-vms-it-{n}.db")))
-    }
-    fn url(&self) -> String {
-        format!("sqlite:{}", self.0.display())
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for s in ["", "-wal", "-shm"] {
-            let mut p = self.0.clone().into_os_string();
-            p.push(s);
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
+#[path = "util/temp_db.rs"]
+mod temp_db;
+use temp_db::TempDb;
 
 struct Svc {
     addr: SocketAddr,
@@ -846,13 +825,13 @@ async fn silence(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_and_servers_on_sqlite() {
-    let db = TempDb::new();
+    let db = TempDb::new("vms-it");
     scenario(&db.url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_servers_on_sqlite() {
-    let db = TempDb::new();
+    let db = TempDb::new("vms-it");
     silence(&db.url()).await;
 }
 
