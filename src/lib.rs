@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod firewall;
 pub mod http;
 pub mod io;
+pub mod pki;
 pub mod resolver;
 pub mod up;
 pub mod wire;
