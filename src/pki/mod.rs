@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::watch;
 
+pub mod accept;
 pub mod ca;
 pub mod files;
 pub mod tls;
