@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 
 pub mod ca;
+pub mod cli;
 pub mod files;
 pub mod tls;
 pub mod token;
