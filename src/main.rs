@@ -60,6 +60,12 @@ enum Cmd {
     /// the control plane is unreachable it retries and changes nothing; SIGTERM leaves
     /// everything running. Needs root.
     Agent(fabric::agent::AgentArgs),
+    /// Print the join token of the cluster whose head runs on --data DIR (the CA digest and a
+    /// secret); --rotate replaces the secret. Run it on the head.
+    Token(fabric::pki::cli::TokenArgs),
+    /// Certificates of the cluster CA: `fabric cert admin` writes an operator certificate.
+    #[command(subcommand)]
+    Cert(fabric::pki::cli::CertCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -118,6 +124,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Agent(args) => edge("fabric agent", fabric::agent::run(args)),
+        Cmd::Token(args) => edge("fabric token", fabric::pki::cli::token(&args)),
+        Cmd::Cert(cmd) => edge("fabric cert", fabric::pki::cli::cert(&cmd)),
         Cmd::Dataplane(args) => edge("fabric dataplane", fabric::dataplane::daemon::run(args)),
         Cmd::Vnic(cmd) => edge("fabric vnic", fabric::dataplane::cli::vnic(cmd)),
         Cmd::Stats { control, json } => {

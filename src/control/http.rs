@@ -20,8 +20,8 @@ use super::error::{ApiError, OpError};
 use super::metrics::Metrics;
 use super::params::{random_uuid, Params};
 use super::{
-    changes, desired, fabrics, networks, nic_tags, nics, pools, portolan_view, rules, servers, vms,
-    Config,
+    changes, desired, fabrics, join, networks, nic_tags, nics, pools, portolan_view, rules,
+    servers, vms, Config,
 };
 
 /// Shared state of the service.
@@ -185,7 +185,9 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
         // Fabrics.
         (m, p) if p.starts_with("/fabrics/") => fabric_route(m, p, a0, a1, a2),
         // Servers and VMs.
-        (m, p) if p.starts_with("/servers") || p.starts_with("/vms") => vm_route(m, p, a0),
+        (m, p) if p.starts_with("/servers") || p.starts_with("/vms") || p == "/join" => {
+            vm_route(m, p, a0)
+        }
         (Method::GET, "/network_pools") => read(|d, _, p| pools::list(d, p)),
         (Method::POST, "/network_pools") => write_db(|d, _, p| pools::create(d, p)),
         (Method::GET, "/network_pools/{uuid}") => read(move |d, _, p| {
@@ -234,6 +236,10 @@ fn vm_route(m: Method, pattern: &str, a0: String) -> Op {
         (Method::GET, "/servers/{uuid}/desired") => {
             read(move |d, a, p| desired::snapshot(d, &a.cfg, &a0, p))
         }
+        (Method::POST, "/servers/{uuid}/certificate") => {
+            read(move |d, a, p| join::renew(d, &a.cfg, &a0, p))
+        }
+        (Method::POST, "/join") => write(|t, a, p| join::join(t, &a.cfg, p)),
         (Method::POST, "/servers/{uuid}/vm_states") => {
             write(move |t, _, p| vms::report_states(t, &a0, p))
         }
@@ -335,6 +341,8 @@ const ROUTES: &[&str] = &[
     "/servers/{uuid}/heartbeat",
     "/servers/{uuid}/desired",
     "/servers/{uuid}/vm_states",
+    "/servers/{uuid}/certificate",
+    "/join",
     "/vms",
     "/vms/{uuid}",
     "/changes",

@@ -36,6 +36,7 @@ pub mod desired;
 pub mod error;
 pub mod fabrics;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod networks;
 pub mod nic_tags;
@@ -87,6 +88,8 @@ pub struct Config {
     /// The store's URL when known: on PostgreSQL the change feed LISTENs on a connection of its
     /// own, so other instances' writes wake long-polls at once (else within 1 s).
     pub store_url: Option<changes::feed::StoreUrl>,
+    /// The head's cluster CA: `POST /join` and certificate renewals are served with it.
+    pub cluster: Option<join::ClusterPki>,
 }
 
 impl Default for Config {
@@ -103,6 +106,7 @@ impl Default for Config {
             heartbeat_lifetime: std::time::Duration::from_secs(11),
             changes_retention: changes::Retention::default(),
             store_url: None,
+            cluster: None,
         }
     }
 }
@@ -258,6 +262,7 @@ impl ControlArgs {
                 keep: self.changes_keep,
             },
             store_url: Some(changes::feed::StoreUrl(self.store.clone())),
+            cluster: None,
         })
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 pub mod accept;
 pub mod ca;
+pub mod cli;
 pub mod files;
 pub mod tls;
 pub mod token;
