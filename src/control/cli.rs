@@ -95,7 +95,26 @@ pub fn refusal(r: &HttpResponse) -> String {
     } else {
         msg.to_string()
     };
-    let first = msg.lines().next().unwrap_or("");
+    let mut first = msg.lines().next().unwrap_or("").to_string();
+    // Validation errors: the first field's complaint says what was wrong.
+    if let Some(errs) = body["errors"].as_array().filter(|e| !e.is_empty()) {
+        let e = &errs[0];
+        let field = match &e["field"] {
+            Value::String(f) => f.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        let m = e["message"].as_str().unwrap_or("");
+        let m = m.lines().next().unwrap_or("");
+        first = match (field.is_empty(), m.is_empty()) {
+            (_, true) => first,
+            (true, false) => format!("{first}: {m}"),
+            (false, false) => format!("{first}: {field}: {m}"),
+        };
+        if errs.len() > 1 {
+            first.push_str(&format!(" (and {} more)", errs.len() - 1));
+        }
+    }
     match (first.is_empty(), code.is_empty()) {
         (true, _) => format!("HTTP {}", r.status),
         (false, true) => format!("{first} ({})", r.status),
@@ -306,6 +325,13 @@ mod tests {
             "server x was already removed (410 Gone)"
         );
         assert_eq!(refusal(&resp(502, "bad\ngateway")), "bad (502)");
+        assert_eq!(
+            refusal(&resp(
+                422,
+                r#"{"code":"InvalidParameters","message":"Invalid parameters","errors":[{"field":"ip","code":"InvalidParameter","message":"not unicast"},{"field":"x","message":"y"}]}"#
+            )),
+            "Invalid parameters: ip: not unicast (and 1 more) (422 InvalidParameters)"
+        );
         assert_eq!(refusal(&resp(500, "")), "HTTP 500");
     }
 
