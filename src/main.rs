@@ -68,6 +68,12 @@ enum Cmd {
     /// through the control API: list, add, remove.
     #[command(subcommand)]
     Peer(fabric::control::cli::PeerCmd),
+    /// Print the join token of the cluster whose head runs on --data DIR (the CA digest and a
+    /// secret); --rotate replaces the secret. Run it on the head.
+    Token(fabric::pki::cli::TokenArgs),
+    /// Certificates of the cluster CA: `fabric cert admin` writes an operator certificate.
+    #[command(subcommand)]
+    Cert(fabric::pki::cli::CertCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,6 +134,8 @@ fn main() -> ExitCode {
         Cmd::Agent(args) => edge("fabric agent", fabric::agent::run(args)),
         Cmd::Server(cmd) => printed("fabric server", fabric::control::cli::server(cmd)),
         Cmd::Peer(cmd) => printed("fabric peer", fabric::control::cli::peer(cmd)),
+        Cmd::Token(args) => edge("fabric token", fabric::pki::cli::token(&args)),
+        Cmd::Cert(cmd) => edge("fabric cert", fabric::pki::cli::cert(&cmd)),
         Cmd::Dataplane(args) => edge("fabric dataplane", fabric::dataplane::daemon::run(args)),
         Cmd::Vnic(cmd) => edge("fabric vnic", fabric::dataplane::cli::vnic(cmd)),
         Cmd::Stats { control, json } => {

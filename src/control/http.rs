@@ -6,10 +6,10 @@
 //! Before an operation runs, the caller's [`Peer`] (from the request's extensions, put there by
 //! the listener: TLS with a client certificate, the head's unix socket; none = [`Peer::Open`],
 //! plain HTTP as before) must be allowed the route ([`super::auth::allowed`]). After a write
-//! that changes membership (`PUT`/`DELETE /servers/:uuid`, `PUT`/`DELETE /peers/:ip`) the
-//! in-process [`Trust`] is refreshed from the store before the reply (and a removed server is
-//! revoked at once); a background task refreshes it every second too ([`TRUST_REFRESH`]), so
-//! other instances' writes count within a second.
+//! that changes membership (`PUT`/`DELETE /servers/:uuid`, `POST /join`, `PUT`/`DELETE
+//! /peers/:ip`) the in-process [`Trust`] is refreshed from the store before the reply (and a
+//! removed server is revoked at once); a background task refreshes it every second too
+//! ([`TRUST_REFRESH`]), so other instances' writes count within a second.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ use super::error::{ApiError, OpError};
 use super::metrics::Metrics;
 use super::params::{parse_uuid, random_uuid, Params};
 use super::{
-    changes, desired, fabrics, networks, nic_tags, nics, peers, pools, portolan_view, rules,
+    changes, desired, fabrics, join, networks, nic_tags, nics, peers, pools, portolan_view, rules,
     servers, vms, Config,
 };
 use crate::pki::{Peer, Trust};
@@ -260,7 +260,9 @@ fn route(method: &Method, pattern: &str, path: Vec<String>, peer: &Peer) -> Op {
         // Fabrics.
         (m, p) if p.starts_with("/fabrics/") => fabric_route(m, p, a0, a1, a2),
         // Servers and VMs.
-        (m, p) if p.starts_with("/servers") || p.starts_with("/vms") => vm_route(m, p, a0, by_host),
+        (m, p) if p.starts_with("/servers") || p.starts_with("/vms") || p == "/join" => {
+            vm_route(m, p, a0, by_host)
+        }
         // Foreign VXLAN peers.
         (Method::GET, "/peers") => read(|d, _, p| peers::list(d, p)),
         (Method::PUT, "/peers/{ip}") => write_db(move |d, _, p| peers::put(d, &a0, p)),
@@ -318,6 +320,10 @@ fn vm_route(m: Method, pattern: &str, a0: String, by_host: bool) -> Op {
         (Method::GET, "/servers/{uuid}/desired") => {
             read(move |d, a, p| desired::snapshot(d, &a.cfg, &a0, p))
         }
+        (Method::POST, "/servers/{uuid}/certificate") => {
+            read(move |d, a, p| join::renew(d, &a.cfg, &a0, p))
+        }
+        (Method::POST, "/join") => write(|t, a, p| join::join(t, &a.cfg, p)),
         (Method::POST, "/servers/{uuid}/vm_states") => {
             write(move |t, _, p| vms::report_states(t, &a0, p, by_host))
         }
@@ -419,6 +425,8 @@ const ROUTES: &[&str] = &[
     "/servers/{uuid}/heartbeat",
     "/servers/{uuid}/desired",
     "/servers/{uuid}/vm_states",
+    "/servers/{uuid}/certificate",
+    "/join",
     "/vms",
     "/vms/{uuid}",
     "/changes",
@@ -538,11 +546,12 @@ async fn fallback(
     respond(&method, Err(e), started)
 }
 
-/// Whether a write on `pattern` changes who is a member (the [`Trust`] view).
+/// Whether a write on `pattern` changes who is a member (the [`Trust`] view): registering,
+/// removing, joining, foreign peers.
 fn changes_membership(method: &Method, pattern: &str) -> bool {
     matches!(
         (method.as_str(), pattern),
-        ("PUT" | "DELETE", "/servers/{uuid}" | "/peers/{ip}")
+        ("PUT" | "DELETE", "/servers/{uuid}" | "/peers/{ip}") | ("POST", "/join")
     )
 }
 

@@ -45,6 +45,7 @@ pub mod desired;
 pub mod error;
 pub mod fabrics;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod networks;
 pub mod nic_tags;
@@ -101,6 +102,8 @@ pub struct Config {
     /// service keeps in step with the store: at start, every second, and right after its own
     /// membership writes. `None` (standalone `fabric control`): nothing to keep.
     pub trust: Option<Arc<crate::pki::Trust>>,
+    /// The head's cluster CA: `POST /join` and certificate renewals are served with it.
+    pub cluster: Option<join::ClusterPki>,
 }
 
 impl Default for Config {
@@ -118,6 +121,7 @@ impl Default for Config {
             changes_retention: changes::Retention::default(),
             store_url: None,
             trust: None,
+            cluster: None,
         }
     }
 }
@@ -274,6 +278,7 @@ impl ControlArgs {
             },
             store_url: Some(changes::feed::StoreUrl(self.store.clone())),
             trust: None,
+            cluster: None,
         })
     }
 }
