@@ -66,10 +66,15 @@ struct Svc {
 
 impl Svc {
     async fn start(url: &str) -> Svc {
+        Svc::start_with(url, Config::default()).await
+    }
+
+    /// With `cfg` (its `trust` replaced by a fresh one).
+    async fn start_with(url: &str, cfg: Config) -> Svc {
         let trust = Trust::new();
         let cfg = Config {
             trust: Some(trust.clone()),
-            ..Config::default()
+            ..cfg
         };
         let store = open_store(url, &cfg).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -846,6 +851,99 @@ async fn older_store_gets_removed_ms() {
         "removed"
     );
     s.stop().await;
+}
+
+/// `POST /join` (the one route without a certificate) registers and refreshes the Trust at
+/// once; renewal is the host's own; a removed identity can neither renew nor join again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_renew_and_a_removed_identity() {
+    let db = TempDb::new("auth-join");
+    let dir = std::env::temp_dir().join(format!(
+        "fabric-auth-join-{}",
+        db.0.file_stem().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Arc::new(fabric::pki::ca::ClusterCa::create_or_load(&dir).unwrap());
+    let secret = fabric::pki::token::current(&dir, &ca).unwrap().render();
+    let secret = secret.rsplit('-').next().unwrap().to_string();
+    let cfg = Config {
+        cluster: Some(fabric::control::join::ClusterPki {
+            ca,
+            data: dir.clone(),
+            cert_lifetime: Duration::from_secs(3600),
+            portolan_tls: None,
+        }),
+        ..Config::default()
+    };
+    let s = Svc::start_with(&db.url(), cfg).await;
+    let anon = Some("anonymous");
+    let (csr, _key) = fabric::pki::ca::request(S1).unwrap();
+    let join = json!({"secret": secret, "csr": csr, "server_uuid": S1, "underlay_ip": IP1, "hostname": "h1"});
+    let j = s.ok(anon, "POST", "/join", Some(join.clone())).await;
+    assert!(
+        j["certificate"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"),
+        "{j}"
+    );
+    assert!(
+        s.trust.is_member(IP1.parse().unwrap()),
+        "the join refreshed the Trust"
+    );
+    assert_eq!(s.st(anon, "GET", "/servers", None).await.0, 401);
+    let h1 = host(S1);
+    let h1 = Some(h1.as_str());
+    assert_eq!(s.st(h1, "POST", "/join", Some(join.clone())).await.0, 403);
+    let renew = json!({"csr": csr});
+    s.ok(
+        h1,
+        "POST",
+        &format!("/servers/{S1}/certificate"),
+        Some(renew.clone()),
+    )
+    .await;
+    assert_eq!(
+        s.st(
+            h1,
+            "POST",
+            &format!("/servers/{S2}/certificate"),
+            Some(renew.clone())
+        )
+        .await
+        .0,
+        403
+    );
+    s.ok(OP, "DELETE", &format!("/servers/{S1}"), None).await;
+    // Its certificate is refused at once; the store refuses a renewal or a new join of it.
+    let (st, e) = s
+        .st(
+            h1,
+            "POST",
+            &format!("/servers/{S1}/certificate"),
+            Some(renew.clone()),
+        )
+        .await;
+    assert_eq!(st, 410, "{e}");
+    let (st, e) = s
+        .st(
+            OP,
+            "POST",
+            &format!("/servers/{S1}/certificate"),
+            Some(renew),
+        )
+        .await;
+    assert_eq!(st, 410, "{e}");
+    let (st, e) = s.st(anon, "POST", "/join", Some(join)).await;
+    assert_eq!(st, 410, "{e}");
+    one_line(&e);
+    assert_eq!(
+        s.ok(OP, "GET", &format!("/servers/{S1}"), None).await["status"],
+        "removed"
+    );
+    assert!(s.trust.is_revoked(S1));
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn fabric_cmd(args: &[&str]) -> (bool, String, String) {
