@@ -179,7 +179,8 @@ pub fn firewall_closure(db: &mut Db<'_>, local: &[Vm]) -> Result<FirewallState, 
     })
 }
 
-/// `GET /servers/:uuid/desired` (the caller runs it in one read transaction).
+/// `GET /servers/:uuid/desired` (the caller runs it in one read transaction); 404 for an unknown
+/// server, 410 Gone for a removed one.
 pub fn snapshot(
     db: &mut Db<'_>,
     cfg: &Config,
