@@ -108,7 +108,7 @@ pub fn join(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, OpE
             m.insert(k.into(), v.clone());
         }
     }
-    servers::put(tx, cfg, &uuid, &mut Params::from_map(m))?;
+    servers::put(tx, cfg, &uuid, &mut Params::from_map(m), false)?;
     let cert = issue(pki, &csr, &uuid)?;
     tracing::info!(server_uuid = %uuid, "a host joined");
     Ok(answer(cfg, pki, &uuid, cert))
@@ -122,7 +122,7 @@ pub fn renew(db: &mut Db<'_>, cfg: &Config, uuid: &str, p: &mut Params) -> Resul
     let csr = p.require("csr", csr);
     p.finish()?;
     let uuid = parse_uuid(uuid).ok_or_else(|| ApiError::not_found("server not found"))?;
-    servers::find(db, &uuid)?;
+    servers::find_member(db, &uuid, &format!("POST /servers/{uuid}/certificate"))?;
     let cert = issue(pki, &csr.unwrap_or_default(), &uuid)?;
     tracing::info!(server_uuid = %uuid, "host certificate renewed");
     Ok(answer(cfg, pki, &uuid, cert))
