@@ -82,6 +82,41 @@ impl Fab {
         p
     }
 
+    /// An operator certificate of the head whose data directory is `head_dir` (`fabric cert
+    /// admin`), from then on used by every API call; and the cluster's join token.
+    fn operator(&mut self, head_dir: &std::path::Path) -> String {
+        let out = self.c.dir.join("operator");
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new(fabric_bin())
+                .args(args)
+                .output()
+                .expect("run fabric");
+            assert!(
+                o.status.success(),
+                "fabric {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        let head = head_dir.display().to_string();
+        let ca = head_dir.join("pki/cluster-ca.crt");
+        wait_until("the head's cluster CA", Duration::from_secs(30), || {
+            ca.exists()
+                .then_some(())
+                .ok_or_else(|| "not yet".to_string())
+        });
+        run(&[
+            "cert",
+            "admin",
+            "--data",
+            &head,
+            "--out",
+            &out.display().to_string(),
+        ]);
+        self.c.tls = Some(fabric::pki::tls::client_config(&out).expect("operator credentials"));
+        run(&["token", "--data", &head])
+    }
+
     /// Waits until the server `host` registered shows `running` in `GET /servers`.
     fn wait_server(&self, host: usize) -> String {
         let u = self.server_uuid(host);
@@ -328,9 +363,11 @@ fn start_up_cluster(hosts: usize, head_extra: &[&str]) -> (Fab, Vec<String>) {
         f.c.wait_listening(api, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("head: {e}"));
     eprintln!("head HTTP API up after {t:?}");
-    let join = format!("http://{api}");
+    let head_dir = f.c.hosts[0].dir.clone();
+    let token = f.operator(&head_dir);
+    let join = format!("https://{api}");
     for h in 1..hosts {
-        f.up(h, &["--join", &join]);
+        f.up(h, &["--join", &join, "--token", &token]);
     }
     let servers: Vec<String> = (0..hosts).map(|h| f.wait_server(h)).collect();
     eprintln!("{hosts} servers running after {:?}", t0.elapsed());
@@ -576,7 +613,7 @@ fn three_hosts() {
     );
     eprintln!("fabric up on h3 stopped in {:?}", t0.elapsed());
     assert!(f.child_pid(2, "agent").is_none(), "agent pid file left");
-    let join = format!("http://{}", f.api);
+    let join = format!("https://{}", f.api);
     f.up(2, &["--join", &join]);
     assert_eq!(f.wait_server(2), s[2], "h3 resumed with another UUID");
     f.wait_vm(2, &e, ip_e, "h3 resumed: e back");
@@ -611,7 +648,9 @@ fn postgres_head() {
     f.up(0, &["--store", &db.url]);
     f.c.wait_listening(api, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("head over PostgreSQL: {e}"));
-    f.up(1, &["--join", &format!("http://{api}")]);
+    let head_dir = f.c.hosts[0].dir.clone();
+    let token = f.operator(&head_dir);
+    f.up(1, &["--join", &format!("https://{api}"), "--token", &token]);
     let s: Vec<String> = (0..2).map(|h| f.wait_server(h)).collect();
     let net = f.network(20, 88);
     let net = net["uuid"].as_str().unwrap().to_string();
@@ -658,9 +697,13 @@ fn control_plane_stopped() {
     let (bin, pbin) = (fabric_bin(), cluster::netns::portolan_bin());
     let (bin, pbin) = (bin.display().to_string(), pbin.display().to_string());
     let (listen, svp) = (api.to_string(), format!("{bridge}:1296"));
+    let ctl_dir = c.dir.join("control");
+    let ctl = ctl_dir.display().to_string();
     let control_argv = [
         bin.as_str(),
         "control",
+        "--data",
+        &ctl,
         "--listen",
         &listen,
         "--store",
@@ -682,9 +725,10 @@ fn control_plane_stopped() {
         api,
         ups: Vec::new(),
     };
-    let join = format!("http://{api}");
-    f.up(0, &["--join", &join]);
-    f.up(1, &["--join", &join]);
+    let token = f.operator(&ctl_dir);
+    let join = format!("https://{api}");
+    f.up(0, &["--join", &join, "--token", &token]);
+    f.up(1, &["--join", &join, "--token", &token]);
     let s: Vec<String> = (0..2).map(|h| f.wait_server(h)).collect();
     let net = f.network(30, 99);
     let net = net["uuid"].as_str().unwrap().to_string();
@@ -766,6 +810,10 @@ fn up_head_lifecycle() {
         let p = f.up(0, &[]);
         f.c.wait_listening(api, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("run {run}: {e}"));
+        if run == 0 {
+            let head_dir = f.c.hosts[0].dir.clone();
+            f.operator(&head_dir);
+        }
         f.c.wait_listening(svp, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("run {run}: Portolan: {e}"));
         let u = f.wait_server(0);

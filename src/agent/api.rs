@@ -560,6 +560,25 @@ impl Api {
             .await
     }
 
+    /// Asks for a new host certificate for the key of `csr_pem`; returns it (PEM).
+    pub async fn renew(&self, csr_pem: &str) -> Result<String, ApiError> {
+        #[derive(Deserialize)]
+        struct Renewed {
+            certificate: String,
+        }
+        let path = format!("/servers/{}/certificate", self.server);
+        let body = serde_json::to_vec(&serde_json::json!({ "csr": csr_pem })).map_err(|e| {
+            ApiError::BadJson {
+                what: format!("POST {path}"),
+                detail: e.to_string(),
+            }
+        })?;
+        let r: Renewed = self
+            .json(Method::POST, &path, Some(body), CALL_TIMEOUT)
+            .await?;
+        Ok(r.certificate)
+    }
+
     /// Tells the control plane this server is alive.
     pub async fn heartbeat(&self) -> Result<(), ApiError> {
         let path = format!("/servers/{}/heartbeat", self.server);

@@ -20,6 +20,7 @@
 pub mod api;
 pub mod host;
 pub mod plan;
+pub mod renew;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -203,6 +204,15 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
         })
     };
 
+    // Renewal of the host certificate (https only).
+    let renewal = args.tls_dir.clone().map(|dir| {
+        tokio::spawn(renew::run(
+            Api::new(conn.clone(), &server),
+            dir,
+            server.clone(),
+        ))
+    });
+
     // The feed follower: a stream of the same connection beside the calls; wakes the main loop on any change.
     let wake = Arc::new(Notify::new());
     let (since_tx, since_rx) = watch::channel::<Option<u64>>(None);
@@ -293,6 +303,9 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
     }
     hb.abort();
     feed.abort();
+    if let Some(r) = renewal {
+        r.abort();
+    }
     let c = state.lock().await.counters.clone();
     tracing::info!(
         reconciles = c.reconciles,

@@ -1,10 +1,13 @@
 //! `fabric server ls|remove` and `fabric peer ls|add|rm`: the operator's membership commands,
-//! over the control API (`--control http://HOST:PORT`).
+//! over the control API: on the head through its operator socket (`--data DIR` or `--socket
+//! DIR/control.sock`), from elsewhere over https with an operator certificate (`--control
+//! https://HOST:8080 --tls-dir OUTDIR` from `fabric cert admin`), or plain http to a standalone
+//! `fabric control`.
 //!
 //! Errors are one line naming what failed: `no server 564d… is registered (404)`, `server 564d…
 //! was already removed from the cluster at … (410)`, or the API's own message with its status.
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
@@ -14,12 +17,59 @@ use super::client::{HttpClient, HttpResponse};
 /// Default control API address (`fabric control`'s default `--listen`).
 pub const DEFAULT_CONTROL: &str = "http://127.0.0.1:8080";
 
-/// Where the control API is.
+/// Where the control API is and how to prove who is asking.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlUrl {
-    /// The control API, `http://HOST:PORT`.
+    /// The control API: `https://HOST:PORT` (a cluster; needs --tls-dir) or `http://HOST:PORT`
+    /// (a standalone `fabric control`).
     #[arg(long, value_name = "URL", default_value = DEFAULT_CONTROL)]
     pub control: String,
+    /// Operator credentials for https: ca.pem, cert.pem, key.pem (`fabric cert admin`).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// On the head: its data directory; the command talks to DIR/control.sock.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["socket", "tls_dir"])]
+    pub data: Option<PathBuf>,
+    /// On the head: the operator socket (DIR/control.sock).
+    #[arg(long, value_name = "PATH", conflicts_with = "tls_dir")]
+    pub socket: Option<PathBuf>,
+}
+
+impl ControlUrl {
+    /// What the messages call the target.
+    pub fn describe(&self) -> String {
+        match (&self.socket, &self.data) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(d)) => super::cluster::socket_path(d).display().to_string(),
+            (None, None) => self.control.clone(),
+        }
+    }
+
+    /// A client for the target.
+    pub fn client(&self) -> anyhow::Result<HttpClient> {
+        if let Some(p) = &self.socket {
+            return Ok(HttpClient::unix(p.clone()));
+        }
+        if let Some(d) = &self.data {
+            return Ok(HttpClient::unix(super::cluster::socket_path(d)));
+        }
+        let (u, addr) = crate::up::control_url(&self.control)?;
+        match (u.tls, &self.tls_dir) {
+            (false, None) => Ok(HttpClient::new(addr)),
+            (false, Some(_)) => Err(anyhow!(
+                "--tls-dir is for https: expected --control https://HOST:PORT"
+            )),
+            (true, None) => Err(anyhow!(
+                "--control {}: https needs operator credentials: --tls-dir DIR (from `fabric cert admin`), or run on the head with --data DIR",
+                self.control
+            )),
+            (true, Some(d)) => Ok(HttpClient::https(
+                addr,
+                crate::pki::tls::server_name(&u.host)?,
+                crate::pki::tls::client_config(d)?,
+            )),
+        }
+    }
 }
 
 /// `fabric server …`.
@@ -80,11 +130,6 @@ pub enum PeerCmd {
     },
 }
 
-/// The control API's address from `--control`.
-fn control_addr(url: &str) -> anyhow::Result<SocketAddr> {
-    crate::up::parse_http_url(url)
-}
-
 /// A one-line error for an API refusal: the body's message, then status and code.
 pub fn refusal(r: &HttpResponse) -> String {
     let body = r.json();
@@ -130,16 +175,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn call(
-    control: &str,
+    control: &ControlUrl,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> anyhow::Result<HttpResponse> {
-    let addr = control_addr(control)?;
-    let mut c = HttpClient::new(addr);
+    let mut c = control.client()?;
     c.json(method, path, body)
         .await
-        .with_context(|| format!("{method} {path} to {control}"))
+        .with_context(|| format!("{method} {path} to {}", control.describe()))
 }
 
 fn text(v: &Value, k: &str) -> String {
@@ -235,7 +279,7 @@ pub fn server(cmd: ServerCmd) -> anyhow::Result<String> {
                 } else {
                     "/servers"
                 };
-                let r = call(&control.control, "GET", path, None).await?;
+                let r = call(&control, "GET", path, None).await?;
                 if r.status != 200 {
                     return Err(anyhow!("listing servers: {}", refusal(&r)));
                 }
@@ -253,7 +297,7 @@ pub fn server(cmd: ServerCmd) -> anyhow::Result<String> {
                          564d1a4c-0000-4000-8000-000000000001 (see fabric server ls)"
                     ));
                 };
-                let r = call(&control.control, "DELETE", &format!("/servers/{u}"), None).await?;
+                let r = call(&control, "DELETE", &format!("/servers/{u}"), None).await?;
                 match r.status {
                     204 => Ok(format!("server {u} removed\n")),
                     404 => Err(anyhow!(
@@ -271,7 +315,7 @@ pub fn peer(cmd: PeerCmd) -> anyhow::Result<String> {
     runtime()?.block_on(async move {
         match cmd {
             PeerCmd::Ls { control, json } => {
-                let r = call(&control.control, "GET", "/peers", None).await?;
+                let r = call(&control, "GET", "/peers", None).await?;
                 if r.status != 200 {
                     return Err(anyhow!("listing peers: {}", refusal(&r)));
                 }
@@ -285,14 +329,14 @@ pub fn peer(cmd: PeerCmd) -> anyhow::Result<String> {
             PeerCmd::Add { ip, note, control } => {
                 let body = note.map(|n| json!({ "note": n }));
                 let path = format!("/peers/{ip}");
-                let r = call(&control.control, "PUT", &path, body.as_ref()).await?;
+                let r = call(&control, "PUT", &path, body.as_ref()).await?;
                 if r.status != 200 {
                     return Err(anyhow!("adding peer {ip}: {}", refusal(&r)));
                 }
                 Ok(format!("peer {} added\n", text(&r.json(), "ip")))
             }
             PeerCmd::Rm { ip, control } => {
-                let r = call(&control.control, "DELETE", &format!("/peers/{ip}"), None).await?;
+                let r = call(&control, "DELETE", &format!("/peers/{ip}"), None).await?;
                 match r.status {
                     204 => Ok(format!("peer {ip} removed\n")),
                     404 => Err(anyhow!("no peer {ip} is listed (404; see fabric peer ls)")),

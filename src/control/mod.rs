@@ -40,6 +40,7 @@ pub mod bench;
 pub mod changes;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod db;
 pub mod desired;
 pub mod error;
@@ -138,9 +139,23 @@ impl Config {
 #[derive(clap::Args, Debug, Clone)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ControlArgs {
-    /// Address to listen on (HTTP).
+    /// Address to listen on (HTTP; HTTPS with --data).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Serve as (one instance of) a cluster's head: the cluster CA and join secret in
+    /// DIR/pki/ (created if missing; share DIR/pki between instances), the API over TLS with
+    /// client certificates of the cluster CA only, the local operator on DIR/control.sock.
+    /// Without it: plain HTTP and no authentication (keep --listen on loopback).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<std::path::PathBuf>,
+    /// With --data: other names or addresses the API is reached by (repeatable; the listen
+    /// address and 127.0.0.1 are always in its certificate).
+    #[arg(long, value_name = "NAME|IP", requires = "data")]
+    pub san: Vec<String>,
+    /// With --data: lifetime of the host certificates issued (e.g. 30d, 12h, 10m).
+    #[arg(long, value_name = "DURATION", default_value = "30d",
+          value_parser = crate::pki::cli::parse_lifetime)]
+    pub cert_lifetime: std::time::Duration,
     /// The store, shared with Portolan: `sqlite:PATH` (embedded default) or
     /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
     #[arg(long, default_value = "sqlite:fabric.db")]
@@ -305,12 +320,38 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
-        tracing::info!(addr = %listener.local_addr()?, store = %store.describe(), "fabric control listening");
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        http::serve(listener, store, cfg, shutdown).await?;
-        Ok(())
+        let Some(data) = &args.data else {
+            tracing::info!(addr = %listener.local_addr()?, store = %store.describe(), "fabric control listening (HTTP, no authentication)");
+            http::serve(listener, store, cfg, shutdown).await?;
+            return Ok(());
+        };
+        std::fs::create_dir_all(data)
+            .with_context(|| format!("creating the data directory {}", data.display()))?;
+        if args.listen.ip().is_unspecified() && args.san.is_empty() {
+            anyhow::bail!(
+                "--listen {}: a wildcard address; name the addresses clients use with --san IP (they must be in the certificate)",
+                args.listen
+            );
+        }
+        let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+        if !args.listen.ip().is_unspecified() {
+            ips.push(args.listen.ip());
+        }
+        let mut names = vec!["localhost".to_string()];
+        for san in &args.san {
+            match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => names.push(san.clone()),
+            }
+        }
+        let head = cluster::HeadTls::prepare(data, "fabric-control", &ips, &names)?;
+        let cfg = head.configure(cfg, args.cert_lifetime, None);
+        let sock = cluster::bind_socket(data)?;
+        tracing::info!(addr = %listener.local_addr()?, socket = %cluster::socket_path(data).display(), store = %store.describe(), "fabric control listening (HTTPS, cluster CA)");
+        cluster::serve(listener, sock, store, cfg, &head, shutdown).await
     })
 }
 

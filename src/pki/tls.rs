@@ -195,6 +195,19 @@ pub fn not_before(der: &[u8]) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?))
 }
 
+/// Whether a certificate is past two thirds of its life (or expired, or unreadable) at `now`:
+/// hosts renew then.
+pub fn renewal_due(der: &[u8], now: SystemTime) -> bool {
+    renewal_at(der).is_none_or(|t| now >= t)
+}
+
+/// When a certificate is two thirds through its life (`None`: unreadable).
+pub fn renewal_at(der: &[u8]) -> Option<SystemTime> {
+    let (nb, na) = (not_before(der)?, not_after(der)?);
+    let life = na.duration_since(nb).unwrap_or_default();
+    Some(nb + life * 2 / 3)
+}
+
 /// The client verifier of every listener: the CA's (webpki), then no removed server.
 #[derive(Debug)]
 struct Revocation {
@@ -492,6 +505,24 @@ mod tests {
         for d in [&c.dir, &impostor.dir] {
             std::fs::remove_dir_all(d).unwrap();
         }
+    }
+
+    #[test]
+    fn renewal_is_due_after_two_thirds() {
+        let c = cluster("renewal", ClientAuth::Optional);
+        let (cert, _) = c.ca.issue_operator("x", Duration::from_secs(600)).unwrap();
+        let der = pem_certs(&cert).unwrap().remove(0);
+        let nb = not_before(&der).unwrap();
+        let na = not_after(&der).unwrap();
+        let life = na.duration_since(nb).unwrap();
+        assert!(!renewal_due(&der, nb + life / 2));
+        assert!(renewal_due(
+            &der,
+            nb + life * 2 / 3 + Duration::from_secs(1)
+        ));
+        assert!(renewal_due(&der, na + Duration::from_secs(1)));
+        assert!(renewal_due(b"garbage", SystemTime::now()));
+        std::fs::remove_dir_all(&c.dir).unwrap();
     }
 
     #[test]

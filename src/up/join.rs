@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::agent::api::{parse_control_url, ControlUrl};
 use crate::control::client::HttpClient;
 use crate::pki::{self, ca::ClusterCa, files, token::JoinToken};
 
@@ -21,49 +22,16 @@ pub fn tls_dir(data: &Path) -> PathBuf {
     data.join("tls")
 }
 
-/// A control-plane URL: `https://HOST:PORT` (a cluster) or `http://HOST:PORT` (a standalone
-/// `fabric control`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlUrl {
-    /// Whether it is https.
-    pub tls: bool,
-    /// The host part as written (what the server certificate must name).
-    pub host: String,
-    /// Its address.
-    pub addr: SocketAddr,
-}
-
-impl ControlUrl {
-    /// Parses `http(s)://HOST:PORT[/]`.
-    pub fn parse(url: &str) -> anyhow::Result<ControlUrl> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else {
-            bail!("control URL {url:?}: expected https://HOST:PORT");
-        };
-        let hostport = rest.trim_end_matches('/');
-        if hostport.is_empty() || hostport.contains('/') {
-            bail!("control URL {url:?}: expected https://HOST:PORT without a path");
-        }
-        let host = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => h.to_string(),
-            _ => bail!("control URL {url:?}: expected https://HOST:PORT (the port is required)"),
-        };
-        let addr = hostport
-            .to_socket_addrs()
-            .with_context(|| format!("control URL {url:?}: expected https://HOST:PORT"))?
-            .next()
-            .ok_or_else(|| anyhow!("control URL {url:?}: {hostport} resolves to no address"))?;
-        Ok(ControlUrl { tls, host, addr })
-    }
-
-    /// The URL's text form.
-    pub fn render(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}", self.addr)
-    }
+/// Parses a control URL (`https://HOST:PORT`) and resolves its address.
+pub fn control_url(url: &str) -> anyhow::Result<(ControlUrl, SocketAddr)> {
+    let u = parse_control_url(url).map_err(|e| anyhow!("{e}"))?;
+    let host = u.host.trim_start_matches('[').trim_end_matches(']');
+    let addr = (host, u.port)
+        .to_socket_addrs()
+        .with_context(|| format!("control URL {url:?}: cannot resolve {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("control URL {url:?}: {host} resolves to no address"))?;
+    Ok((u, addr))
 }
 
 /// Whether `DIR/tls` holds a certificate valid now and for a third of its life or more.
@@ -79,19 +47,13 @@ fn fresh(tls: &Path, ca_pem: Option<&str>) -> bool {
             return false;
         }
     }
-    let Some(der) = pki::tls::pem_certs(&cert).ok().and_then(|c| c.into_iter().next()) else {
+    let Some(der) = pki::tls::pem_certs(&cert)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+    else {
         return false;
     };
-    !renewal_due(&der, SystemTime::now())
-}
-
-/// Whether a certificate is past two thirds of its life (or expired, or unreadable) at `now`.
-pub fn renewal_due(der: &[u8], now: SystemTime) -> bool {
-    let (Some(nb), Some(na)) = (pki::tls::not_before(der), pki::tls::not_after(der)) else {
-        return true;
-    };
-    let life = na.duration_since(nb).unwrap_or_default();
-    now >= nb + life * 2 / 3
+    !pki::tls::renewal_due(&der, SystemTime::now())
 }
 
 /// The head: `DIR/tls` gets a host certificate of the local CA (made here, the key never
@@ -129,7 +91,7 @@ pub struct Joined {
 /// A joining host: resumes with `DIR/tls` when it holds an unexpired certificate, else joins
 /// with `token` (required then).
 pub async fn join(
-    url: &ControlUrl,
+    url_text: &str,
     token: Option<&str>,
     data: &Path,
     uuid: &str,
@@ -137,6 +99,8 @@ pub async fn join(
     hostname: &str,
 ) -> anyhow::Result<Option<Joined>> {
     let tls = tls_dir(data);
+    let (url, addr) = control_url(url_text)?;
+    let url_text = url_text.trim_end_matches('/');
     if let Ok(cert) = files::read(&tls.join("cert.pem")) {
         let der = pki::tls::pem_certs(&cert)?.remove(0);
         let alive = pki::tls::not_after(&der).is_some_and(|t| t > SystemTime::now());
@@ -152,17 +116,20 @@ pub async fn join(
         }
     }
     let Some(token) = token else {
-        bail!("joining {} needs --token TOKEN (run `fabric token --data DIR` on the head)", url.render());
+        bail!(
+            "joining {} needs --token TOKEN (run `fabric token --data DIR` on the head)",
+            url_text
+        );
     };
     let token = JoinToken::parse(token)?;
     if !url.tls {
         bail!(
             "--join {}: a cluster's control plane speaks https; expected --join https://HOST:PORT",
-            url.render()
+            url_text
         );
     }
     let config = pki::tls::pinned_client_config(token.ca_digest)?;
-    let mut client = HttpClient::https(url.addr, pki::tls::server_name(&url.host)?, config);
+    let mut client = HttpClient::https(addr, pki::tls::server_name(&url.host)?, config);
     let (csr, key) = pki::ca::request(uuid)?;
     let body = serde_json::json!({
         "secret": pki::ca::hex(&token.secret),
@@ -174,21 +141,32 @@ pub async fn join(
     let r = client
         .json("POST", "/join", Some(&body))
         .await
-        .map_err(|e| anyhow!("joining {}: {}", url.render(), one_line(&e.to_string())))?;
+        .map_err(|e| anyhow!("joining {}: {}", url_text, one_line(&e.to_string())))?;
     if r.status != 200 {
         let v = r.json();
         let msg = v["message"]
             .as_str()
             .map(String::from)
             .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-        bail!("the head at {} refused to join this host ({}): {}", url.render(), r.status, msg);
+        bail!(
+            "the head at {} refused to join this host ({}): {}",
+            url_text,
+            r.status,
+            msg
+        );
     }
     let v = r.json();
     let (Some(cert), Some(ca)) = (v["certificate"].as_str(), v["ca"].as_str()) else {
-        bail!("the head at {} answered the join without a certificate", url.render());
+        bail!(
+            "the head at {} answered the join without a certificate",
+            url_text
+        );
     };
     if pki::sha256(&pki::tls::pem_certs(ca)?.remove(0)) != token.ca_digest {
-        bail!("the head at {} sent a CA certificate that is not the token's", url.render());
+        bail!(
+            "the head at {} sent a CA certificate that is not the token's",
+            url_text
+        );
     }
     write_identity(&tls, ca, cert, &key)?;
     tracing::info!(tls = %tls.display(), "joined: host certificate written");
@@ -215,30 +193,26 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u = ControlUrl::parse("https://127.0.0.1:8080/").unwrap();
+        let (u, a) = control_url("https://127.0.0.1:8080/").unwrap();
         assert!(u.tls);
         assert_eq!(u.host, "127.0.0.1");
-        assert_eq!(u.render(), "https://127.0.0.1:8080");
-        assert!(!ControlUrl::parse("http://127.0.0.1:8080").unwrap().tls);
-        for bad in ["127.0.0.1:8080", "https://127.0.0.1", "https://h:1/x", "ftp://a:1"] {
-            assert!(ControlUrl::parse(bad).is_err(), "{bad}");
+        assert_eq!(a, "127.0.0.1:8080".parse().unwrap());
+        assert!(!control_url("http://127.0.0.1:8080").unwrap().0.tls);
+        for bad in [
+            "127.0.0.1:8080",
+            "https://127.0.0.1",
+            "https://h:1/x",
+            "ftp://a:1",
+        ] {
+            assert!(control_url(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
-    fn renewal_is_due_after_two_thirds() {
+    fn head_identity_is_made_once_and_kept_while_fresh() {
         let d = std::env::temp_dir().join(format!("fabric-up-renew-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         let ca = ClusterCa::create_or_load(&d).unwrap();
-        let (cert, _) = ca.issue_operator("x", Duration::from_secs(600)).unwrap();
-        let der = pki::tls::pem_certs(&cert).unwrap().remove(0);
-        let nb = pki::tls::not_before(&der).unwrap();
-        let na = pki::tls::not_after(&der).unwrap();
-        let life = na.duration_since(nb).unwrap();
-        assert!(!renewal_due(&der, nb + life / 2));
-        assert!(renewal_due(&der, nb + life * 2 / 3 + Duration::from_secs(1)));
-        assert!(renewal_due(&der, na + Duration::from_secs(1)));
-        assert!(renewal_due(b"garbage", SystemTime::now()));
         // The head's identity is made once and kept while fresh.
         head_identity(&d, &ca, "u", Duration::from_secs(600)).unwrap();
         let first = files::read(&d.join("tls/cert.pem")).unwrap();

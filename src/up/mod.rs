@@ -17,7 +17,7 @@
 //! HTTP and SVP servers, and exit 0. The server UUID is generated once into `DIR/server-uuid`,
 //! so running again on the same DIR resumes as the same server.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,12 +25,16 @@ use anyhow::{anyhow, bail, Context};
 
 use crate::control::client::HttpClient;
 
+mod join;
 mod supervise;
 
+pub use join::control_url;
 pub use supervise::{Backoff, ChildSpec, Supervisor};
 
 /// The Portolan (SVP) port of the head.
 pub const PORTOLAN_PORT: u16 = 1296;
+/// The head's Portolan port for SVP over TLS (fabric's own hosts).
+pub const PORTOLAN_TLS_PORT: u16 = 1297;
 /// The VXLAN port of every host.
 pub const VXLAN_PORT: u16 = 4789;
 
@@ -65,10 +69,23 @@ pub struct UpArgs {
     /// (default sqlite:DIR/fabric.db).
     #[arg(long, value_name = "URL", conflicts_with = "join")]
     pub store: Option<String>,
-    /// Join the cluster whose control plane is at URL (`http://IP:PORT`) instead of running
+    /// Join the cluster whose control plane is at URL (`https://IP:PORT`) instead of running
     /// the control plane and Portolan here.
     #[arg(long, value_name = "URL")]
     pub join: Option<String>,
+    /// The join token (`fabric token --data DIR` on the head). Needed the first time a host
+    /// joins (and after its certificate expired); later runs resume with `DIR/tls/`.
+    #[arg(long, value_name = "TOKEN", requires = "join")]
+    pub token: Option<String>,
+    /// Head only: lifetime of the host certificates the head issues (e.g. 30d, 12h, 10m);
+    /// hosts renew theirs after two thirds of it.
+    #[arg(long, value_name = "DURATION", default_value = "30d",
+          value_parser = crate::pki::cli::parse_lifetime, conflicts_with = "join")]
+    pub cert_lifetime: std::time::Duration,
+    /// Head only: another name or address the control plane is reached by (repeatable; the
+    /// listen address, the underlay address and 127.0.0.1 are always in its certificate).
+    #[arg(long, value_name = "NAME|IP", conflicts_with = "join")]
+    pub san: Vec<String>,
     /// Host name this server registers with (default: the kernel's host name).
     #[arg(long)]
     pub hostname: Option<String>,
@@ -90,7 +107,7 @@ pub struct UpArgs {
 pub struct Plan {
     /// This host's server UUID.
     pub server_uuid: String,
-    /// The control plane the agent talks to, `http://IP:PORT`.
+    /// The control plane the agent talks to, `https://IP:PORT`.
     pub control_url: String,
     /// Head: where the HTTP API listens, the store, where Portolan listens.
     pub head: Option<HeadPlan>,
@@ -105,8 +122,11 @@ pub struct HeadPlan {
     pub listen: SocketAddr,
     /// Store URL.
     pub store: String,
-    /// Portolan's listen address (also what agents and joiners are told).
+    /// Portolan's listen address for plain SVP (foreign peers such as illumos varpd; member
+    /// addresses only).
     pub portolan: SocketAddr,
+    /// Portolan's SVP-over-TLS address (fabric's own hosts, with their host certificates).
+    pub portolan_tls: SocketAddr,
 }
 
 impl UpArgs {
@@ -120,7 +140,10 @@ impl UpArgs {
         }
         let (control_url, head) = match &self.join {
             Some(url) => {
-                parse_http_url(url)?;
+                let u = join::control_url(url)?;
+                if !u.0.tls {
+                    bail!("--join {url}: a cluster's control plane speaks https; expected --join https://HOST:PORT");
+                }
                 (url.trim_end_matches('/').to_string(), None)
             }
             None => {
@@ -135,11 +158,12 @@ impl UpArgs {
                     listen
                 };
                 (
-                    format!("http://{reach}"),
+                    format!("https://{reach}"),
                     Some(HeadPlan {
                         listen,
                         store,
                         portolan: SocketAddr::new(self.underlay, PORTOLAN_PORT),
+                        portolan_tls: SocketAddr::new(self.underlay, PORTOLAN_TLS_PORT),
                     }),
                 )
             }
@@ -151,22 +175,6 @@ impl UpArgs {
             data: self.data.clone(),
         })
     }
-}
-
-/// Parses `http://HOST:PORT[/]` into a socket address (TLS comes with cluster security).
-pub fn parse_http_url(url: &str) -> anyhow::Result<SocketAddr> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        anyhow!("control URL {url:?}: expected http://HOST:PORT (https is not supported yet)")
-    })?;
-    let hostport = rest.trim_end_matches('/');
-    if hostport.is_empty() || hostport.contains('/') {
-        bail!("control URL {url:?}: expected http://HOST:PORT without a path");
-    }
-    hostport
-        .to_socket_addrs()
-        .with_context(|| format!("control URL {url:?}: expected http://HOST:PORT"))?
-        .next()
-        .ok_or_else(|| anyhow!("control URL {url:?}: {hostport} resolves to no address"))
 }
 
 /// Reads `DIR/server-uuid`, or generates a random (v4) UUID and writes it there (atomically).
@@ -253,17 +261,40 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let hostname = args.hostname.clone().unwrap_or_else(hostname);
     tracing::info!(server_uuid = %uuid, data = %args.data.display(), "fabric up");
 
-    // Head: control plane and Portolan on this runtime, over one store.
+    // Head: the cluster CA, the control plane (TLS + the operator's socket) and Portolan on
+    // this runtime, over one store.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // A server task that ends by itself (an error) reports here and stops `fabric up`.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
     let mut servers = Vec::new();
+    let tls_dir = join::tls_dir(&args.data);
+    let mut portolan_tls: Option<String> = None;
     if let Some(head) = &plan.head {
-        let cfg = head_config(head);
+        let mut ips = vec![args.underlay, IpAddr::from([127, 0, 0, 1])];
+        if !head.listen.ip().is_unspecified() {
+            ips.push(head.listen.ip());
+        }
+        ips.sort();
+        ips.dedup();
+        let mut names = vec!["localhost".to_string()];
+        for san in &args.san {
+            match san.parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => names.push(san.clone()),
+            }
+        }
+        let tls = crate::control::cluster::HeadTls::prepare(&args.data, &uuid, &ips, &names)?;
+        join::head_identity(&args.data, &tls.ca, &uuid, args.cert_lifetime)?;
+        portolan_tls = Some(head.portolan_tls.to_string());
+        let cfg = tls.configure(head_config(head), args.cert_lifetime, portolan_tls.clone());
         let store = rt.block_on(crate::control::open_store(&head.store, &cfg))?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(head.listen))
-            .with_context(|| format!("cannot listen on {} (HTTP)", head.listen))?;
+            .with_context(|| format!("cannot listen on {} (HTTPS)", head.listen))?;
+        let sock = {
+            let _rt = rt.enter();
+            crate::control::cluster::bind_socket(&args.data)?
+        };
         let svp = rt
             .block_on(portolan::server::Server::bind(
                 portolan::server::ServerConfig {
@@ -273,11 +304,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 store.clone(),
             ))
             .with_context(|| format!("cannot listen on {} (Portolan SVP)", head.portolan))?;
-        tracing::info!(addr = %head.listen, store = %store.describe(), "control plane (HTTP) listening");
+        tracing::info!(addr = %head.listen, store = %store.describe(), "control plane (HTTPS) listening");
         tracing::info!(addr = %head.portolan, "Portolan (SVP) listening");
         let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
         servers.push(rt.spawn(async move {
-            let r = crate::control::http::serve(listener, store, cfg, async move {
+            let r = crate::control::cluster::serve(listener, sock, store, cfg, &tls, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
@@ -296,24 +327,43 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }));
     }
 
-    // Register (head: over its own API), learn Portolan's address.
+    // Register (head: over its own operator socket; a joining host: join with the token, or
+    // resume with its certificate), learn Portolan's address.
     let registered = rt.block_on(async {
-        let control = parse_http_url(&plan.control_url)?;
+        let control = join::control_url(&plan.control_url)?;
+        let joined = match &plan.head {
+            Some(_) => None,
+            None => tokio::select! {
+                r = join::join(&plan.control_url, args.token.as_deref(), &args.data, &uuid, args.underlay, &hostname) => r?,
+                _ = shutdown_signal() => return Ok(None),
+            },
+        };
+        let client = || -> anyhow::Result<HttpClient> {
+            Ok(match &plan.head {
+                Some(_) => HttpClient::unix(crate::control::cluster::socket_path(&args.data)),
+                None => HttpClient::https(
+                    control.1,
+                    crate::pki::tls::server_name(&control.0.host)?,
+                    crate::pki::tls::client_config(&tls_dir)?,
+                ),
+            })
+        };
         let portolan = tokio::select! {
-            r = register(control, &uuid, args.underlay, &hostname) => r?,
+            r = register(&plan.control_url, client, &uuid, args.underlay, &hostname) => r?,
             _ = shutdown_signal() => return Ok(None),
         };
-        Ok::<_, anyhow::Error>(Some(portolan))
+        let joined = joined.unwrap_or_default();
+        Ok::<_, anyhow::Error>(Some((portolan.or(joined.portolan), portolan_tls.clone().or(joined.portolan_tls))))
     });
-    let portolan = match registered {
-        Ok(Some(p)) => match (&plan.head, p) {
-            (Some(h), _) => h.portolan.to_string(),
-            (None, Some(p)) => p,
+    let (portolan, portolan_tls) = match registered {
+        Ok(Some((p, t))) => match (&plan.head, p) {
+            (Some(h), _) => (h.portolan.to_string(), t),
+            (None, Some(p)) => (p, t),
             (None, None) => {
-                let c = parse_http_url(&plan.control_url)?;
+                let c = join::control_url(&plan.control_url)?.1;
                 let p = SocketAddr::new(c.ip(), PORTOLAN_PORT).to_string();
                 tracing::warn!(portolan = %p, "the control plane advertises no Portolan address; using its host");
-                p
+                (p, t)
             }
         },
         Ok(None) => {
@@ -325,7 +375,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    tracing::info!(server_uuid = %uuid, control = %plan.control_url, portolan = %portolan, "registered");
+    tracing::info!(server_uuid = %uuid, control = %plan.control_url, portolan = %portolan, portolan_tls = ?portolan_tls, "registered");
 
     // The children.
     let exe = std::env::current_exe().context("cannot find this executable")?;
@@ -356,6 +406,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         d.join("agent").display().to_string(),
         "--heartbeat-secs".into(),
         args.heartbeat_secs.to_string(),
+        "--tls-dir".into(),
+        tls_dir.display().to_string(),
     ];
     let dataplane = Supervisor::start(ChildSpec::new("dataplane", &exe, dp, d));
     // The agent retries by itself, but starting it once the socket is there saves a round.
@@ -425,27 +477,32 @@ async fn shutdown_signal() {
 /// `PUT /servers/:uuid` until it succeeds (retrying with backoff while the control plane is
 /// unreachable or failing), then `GET /servers/:uuid/desired` for Portolan's address.
 async fn register(
-    control: SocketAddr,
+    control: &str,
+    client: impl Fn() -> anyhow::Result<HttpClient>,
     uuid: &str,
     underlay: IpAddr,
     hostname: &str,
 ) -> anyhow::Result<Option<String>> {
     let body = serde_json::json!({"underlay_ip": underlay.to_string(), "hostname": hostname});
     let mut backoff = Backoff::new();
-    let mut client = HttpClient::new(control);
+    let mut c = client()?;
     loop {
-        let put = client
+        let put = c
             .json("PUT", &format!("/servers/{uuid}"), Some(&body))
             .await;
         match put {
             Ok(r) if r.status == 200 => break,
-            // Bad input (e.g. an underlay address taken by another server): retrying will not
-            // help.
+            // Refused (an underlay address taken by another server, a changed underlay address,
+            // a removed server): retrying will not help.
             Ok(r) if (400..500).contains(&r.status) && r.status != 404 && r.status != 429 => {
+                let v = r.json();
+                let msg = v["message"]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
                 bail!(
-                    "the control plane at {control} refused to register this server ({}): {}",
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
+                    "the control plane at {control} refused to register this server ({}): {msg}",
+                    r.status
                 )
             }
             Ok(r) => {
@@ -453,14 +510,14 @@ async fn register(
             }
             Err(e) => {
                 tracing::warn!(error = %e, %control, "registering: control plane unreachable, retrying");
-                client = HttpClient::new(control);
+                c = client()?;
             }
         }
         tokio::time::sleep(backoff.next()).await;
     }
     let mut backoff = Backoff::new();
     loop {
-        match client
+        match c
             .json("GET", &format!("/servers/{uuid}/desired"), None)
             .await
         {
@@ -472,7 +529,7 @@ async fn register(
             }
             Err(e) => {
                 tracing::warn!(error = %e, %control, "reading the desired state: retrying");
-                client = HttpClient::new(control);
+                c = client()?;
             }
         }
         tokio::time::sleep(backoff.next()).await;
