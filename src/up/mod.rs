@@ -560,7 +560,8 @@ mod tests {
         assert_eq!(h.listen, "192.0.2.1:8080".parse().unwrap());
         assert_eq!(h.portolan, "192.0.2.1:1296".parse().unwrap());
         assert_eq!(h.store, "sqlite:/d/fabric.db");
-        assert_eq!(p.control_url, "http://192.0.2.1:8080");
+        assert_eq!(p.control_url, "https://192.0.2.1:8080");
+        assert_eq!(h.portolan_tls, "192.0.2.1:1297".parse().unwrap());
         assert_eq!(p.server_uuid, U);
     }
 
@@ -569,15 +570,17 @@ mod tests {
         let p = args(&["--listen", "0.0.0.0:9000", "--store", "postgres://u:p@h/db"])
             .plan(U)
             .unwrap();
-        assert_eq!(p.control_url, "http://192.0.2.1:9000");
+        assert_eq!(p.control_url, "https://192.0.2.1:9000");
         assert_eq!(p.head.unwrap().store, "postgres://u:p@h/db");
     }
 
     #[test]
     fn join_has_no_head() {
-        let p = args(&["--join", "http://192.0.2.9:8080/"]).plan(U).unwrap();
+        let p = args(&["--join", "https://192.0.2.9:8080/"])
+            .plan(U)
+            .unwrap();
         assert!(p.head.is_none());
-        assert_eq!(p.control_url, "http://192.0.2.9:8080");
+        assert_eq!(p.control_url, "https://192.0.2.9:8080");
     }
 
     #[test]
@@ -594,7 +597,7 @@ mod tests {
             "--underlay",
             "192.0.2.1",
             "--join",
-            "http://192.0.2.9:8080",
+            "https://192.0.2.9:8080",
             "--listen",
             "192.0.2.1:8080",
         ]);
@@ -603,19 +606,18 @@ mod tests {
 
     #[test]
     fn bad_urls_and_underlay() {
-        for u in [
-            "https://192.0.2.9:8080",
-            "192.0.2.9:8080",
-            "http://",
-            "http://h:1/x",
-        ] {
-            let e = parse_http_url(u).unwrap_err().to_string();
-            assert!(e.contains("expected http://HOST:PORT"), "{u}: {e}");
+        for u in ["192.0.2.9:8080", "https://", "https://h:1/x"] {
+            let e = args(&["--join", u, "--token", "t"])
+                .plan(U)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("expected"), "{u}: {e}");
         }
-        assert_eq!(
-            parse_http_url("http://127.0.0.1:80").unwrap(),
-            "127.0.0.1:80".parse().unwrap()
-        );
+        let e = args(&["--join", "http://192.0.2.9:8080"])
+            .plan(U)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("speaks https"), "{e}");
         let e = args(&[]).clone();
         let e = UpArgs {
             underlay: "0.0.0.0".parse().unwrap(),
