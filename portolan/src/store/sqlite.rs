@@ -297,8 +297,8 @@ impl Store for SqliteStore {
         let cn = host_by_ip(&conn, underlay_ip)?;
         let mut n = 0u64;
         {
-            let mut stmt = conn
-                .prepare_cached("DELETE FROM portolan_events WHERE id = ?1 AND cn_uuid = ?2")?;
+            let mut stmt =
+                conn.prepare_cached("DELETE FROM portolan_events WHERE id = ?1 AND cn_uuid = ?2")?;
             for id in ids {
                 n += stmt.execute([&id.0[..], &cn.0[..]])? as u64;
             }

@@ -310,10 +310,7 @@ pub(super) fn scoped_removal_touches_only_the_hosts_own_log(s: &dyn Store) {
     let mut ids = other.clone();
     ids.push(own[0]);
     assert_eq!(s.remove_log_of(underlay(1).ip, &ids).unwrap(), 1);
-    assert_eq!(
-        log_of(s, 2).iter().map(|e| e.id).collect::<Vec<_>>(),
-        other
-    );
+    assert_eq!(log_of(s, 2).iter().map(|e| e.id).collect::<Vec<_>>(), other);
     assert_eq!(log_of(s, 1).len(), own.len() - 1);
     // Unknown asker: an error, nothing removed.
     let err = s.remove_log_of(ip("192.168.9.9"), &other).unwrap_err();
