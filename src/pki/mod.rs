@@ -13,6 +13,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::watch;
 
+pub mod svp;
+
 /// The organizational unit of host certificates.
 pub const HOST_OU: &str = "fabric-host";
 /// The organizational unit of operator certificates.
