@@ -60,6 +60,20 @@ enum Cmd {
     /// the control plane is unreachable it retries and changes nothing; SIGTERM leaves
     /// everything running. Needs root.
     Agent(fabric::agent::AgentArgs),
+    /// The cluster's servers, through the control API: list them, or remove one for good
+    /// (its certificate is refused, its VMs read lost, Portolan and the hosts stop accepting it).
+    #[command(subcommand)]
+    Server(fabric::control::cli::ServerCmd),
+    /// Foreign VXLAN peers (Linux vxlan hosts, illumos varpd) that are members by address,
+    /// through the control API: list, add, remove.
+    #[command(subcommand)]
+    Peer(fabric::control::cli::PeerCmd),
+    /// Print the join token of the cluster whose head runs on --data DIR (the CA digest and a
+    /// secret); --rotate replaces the secret. Run it on the head.
+    Token(fabric::pki::cli::TokenArgs),
+    /// Certificates of the cluster CA: `fabric cert admin` writes an operator certificate.
+    #[command(subcommand)]
+    Cert(fabric::pki::cli::CertCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -118,6 +132,10 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Agent(args) => edge("fabric agent", fabric::agent::run(args)),
+        Cmd::Server(cmd) => printed("fabric server", fabric::control::cli::server(cmd)),
+        Cmd::Peer(cmd) => printed("fabric peer", fabric::control::cli::peer(cmd)),
+        Cmd::Token(args) => edge("fabric token", fabric::pki::cli::token(&args)),
+        Cmd::Cert(cmd) => edge("fabric cert", fabric::pki::cli::cert(&cmd)),
         Cmd::Dataplane(args) => edge("fabric dataplane", fabric::dataplane::daemon::run(args)),
         Cmd::Vnic(cmd) => edge("fabric vnic", fabric::dataplane::cli::vnic(cmd)),
         Cmd::Stats { control, json } => {
@@ -138,6 +156,11 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Print a subcommand's output, or its error chain, and pick the exit code.
+fn printed(what: &str, r: anyhow::Result<String>) -> ExitCode {
+    edge(what, r.map(|out| print!("{out}")))
 }
 
 /// Print an error chain for a failed subcommand and pick the exit code.

@@ -1,22 +1,30 @@
 //! The agent's control-plane client: its snapshot (`GET /servers/:own/desired`), the change
 //! feed (`GET /changes`, long-polled), state reports and heartbeats.
 //!
-//! Plain HTTP/1.1 on hyper's client connection, one keep-alive connection per [`Conn`]: the
-//! agent holds one for its calls and one for the long-poll, so a waiting poll never delays a
-//! heartbeat. A connection that failed is dropped and made again on the next call; a call on a
-//! reused connection that fails before any answer (the server closed it while idle) is tried
-//! once more on a fresh one. Every failure is typed: unreachable, HTTP status with the body,
-//! `410 Gone` for a feed position no longer kept, or a body that is not the JSON expected.
+//! One HTTP/2 connection ([`Conn`], DESIGN "Agents never listen"), shared by every call of the
+//! agent: the long-poll, reports and heartbeats run concurrently as streams of it, so a waiting
+//! poll never delays a heartbeat. `http://` speaks HTTP/2 with prior knowledge (h2c);
+//! `https://` is TLS with ALPN h2, the cluster CA as the only root and the host certificate as
+//! identity, read from `--tls-dir` at every connect (a renewed certificate is used from the
+//! next connection on). A connection that failed is dropped and made again by the next call;
+//! a call on a reused connection that fails before any answer (the server went away while it
+//! was idle) is tried once more on a fresh one. Every failure is typed: unreachable, HTTP
+//! status with the body, `410 Gone` for a feed position no longer kept, or a body that is not
+//! the JSON expected.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::firewall::compile::FirewallState;
@@ -26,6 +34,11 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How much longer than the long-poll's own `timeout` the agent waits for its answer.
 pub const POLL_GRACE: Duration = Duration::from_secs(10);
+
+/// HTTP/2 pings on the connection, also while it is idle: a dead control plane (or path) is
+/// noticed within `PING_EVERY + PING_TIMEOUT` even while only a long-poll is in flight.
+const PING_EVERY: Duration = Duration::from_secs(15);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a control-plane call failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +75,11 @@ pub enum ApiError {
         detail: String,
     },
     /// The control URL is not one this client speaks.
-    #[error("control URL {0:?}: expected http://HOST:PORT (TLS comes with cluster security)")]
+    #[error("control URL {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     BadUrl(String),
+    /// `https://` without the directory of the host's certificate, or the reverse.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ApiError {
@@ -73,112 +89,211 @@ impl ApiError {
     }
 }
 
-/// `http://HOST:PORT[/]` → `HOST:PORT`.
-pub fn parse_control_url(url: &str) -> Result<String, ApiError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ApiError::BadUrl(url.to_owned()))?;
-    let rest = rest.trim_end_matches('/');
-    let ok = !rest.is_empty()
-        && !rest.contains('/')
-        && rest
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    if ok {
-        Ok(rest.to_owned())
-    } else {
-        Err(ApiError::BadUrl(url.to_owned()))
+/// The control plane's address, from `--control`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    /// `https://`: TLS with the host certificate.
+    pub tls: bool,
+    /// The host as written (an IPv6 address in brackets).
+    pub host: String,
+    /// The port.
+    pub port: u16,
+}
+
+impl ControlUrl {
+    /// `HOST:PORT`.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
     }
 }
 
-/// One keep-alive HTTP/1.1 connection to the control plane.
+/// `http[s]://HOST:PORT[/]` → its parts.
+pub fn parse_control_url(url: &str) -> Result<ControlUrl, ApiError> {
+    let bad = || ApiError::BadUrl(url.to_owned());
+    let (tls, rest) = match url.strip_prefix("https://") {
+        Some(r) => (true, r),
+        None => (false, url.strip_prefix("http://").ok_or_else(bad)?),
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('/') {
+        return Err(bad());
+    }
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(bad)?;
+    let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+    if host.is_empty() || (host.contains(':') && !bracketed) {
+        return Err(bad());
+    }
+    Ok(ControlUrl {
+        tls,
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// The one HTTP/2 connection to the control plane; clones share it.
+#[derive(Clone)]
 pub struct Conn {
-    addr: String,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: ControlUrl,
+    /// `ca.pem`, `cert.pem`, `key.pem` (with `https://`).
+    tls_dir: Option<PathBuf>,
+    /// The connection in use and its number; `None` until the first call or after a failure.
+    current: tokio::sync::Mutex<Option<(u64, SendRequest<Full<Bytes>>)>>,
+    /// Connections made so far.
+    made: AtomicU64,
 }
 
 impl Conn {
-    /// A connection to `addr` (`HOST:PORT`), made on first use.
-    pub fn new(addr: &str) -> Conn {
-        Conn {
-            addr: addr.to_owned(),
-            sender: None,
+    /// The connection to `url` (made on first use): with `https://`, `tls_dir` must hold the
+    /// host's `ca.pem`, `cert.pem` and `key.pem`; with `http://` it must be `None`.
+    pub fn new(url: ControlUrl, tls_dir: Option<PathBuf>) -> Result<Conn, ApiError> {
+        match (url.tls, &tls_dir) {
+            (true, None) => {
+                return Err(ApiError::Tls(format!(
+                    "control URL https://{}: expected --tls-dir DIR (ca.pem, cert.pem, key.pem)",
+                    url.authority()
+                )))
+            }
+            (false, Some(d)) => {
+                return Err(ApiError::Tls(format!(
+                    "--tls-dir {} given for http://{}: expected an https:// control URL",
+                    d.display(),
+                    url.authority()
+                )))
+            }
+            _ => {}
         }
+        Ok(Conn {
+            inner: Arc::new(Inner {
+                url,
+                tls_dir,
+                current: tokio::sync::Mutex::new(None),
+                made: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// How many connections were made so far (one while the control plane stays up).
+    pub fn connections_made(&self) -> u64 {
+        self.inner.made.load(Ordering::Relaxed)
+    }
+
+    /// The control plane's `HOST:PORT`.
+    pub fn authority(&self) -> String {
+        self.inner.url.authority()
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
-        let tcp = TcpStream::connect(&self.addr)
+        let url = &self.inner.url;
+        let tcp = TcpStream::connect(url.authority())
             .await
             .map_err(|e| format!("connect: {e}"))?;
         tcp.set_nodelay(true).ok();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP handshake: {e}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "control-plane connection ended");
+        match &self.inner.tls_dir {
+            None => handshake(tcp).await,
+            Some(dir) => {
+                // Read at every connect: a renewed certificate is used from now on.
+                let config = crate::pki::tls::client_config(dir)
+                    .map_err(|e| format!("TLS files in {}: {e}", dir.display()))?;
+                let name =
+                    crate::pki::tls::server_name(&url.host).map_err(|e| format!("TLS: {e}"))?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                handshake(tls).await
             }
-        });
-        Ok(sender)
+        }
+    }
+
+    /// The connection in use (made now if there is none): its number and a handle.
+    async fn sender(&self) -> Result<(u64, bool, SendRequest<Full<Bytes>>), String> {
+        let mut cur = self.inner.current.lock().await;
+        if let Some((n, s)) = cur.as_ref() {
+            if !s.is_closed() {
+                return Ok((*n, true, s.clone()));
+            }
+        }
+        *cur = None;
+        let s = self.connect().await?;
+        let n = self.inner.made.fetch_add(1, Ordering::Relaxed) + 1;
+        *cur = Some((n, s.clone()));
+        Ok((n, false, s))
+    }
+
+    /// Forgets connection `n` (it failed), unless another call replaced it already.
+    async fn forget(&self, n: u64) {
+        let mut cur = self.inner.current.lock().await;
+        if cur.as_ref().is_some_and(|(m, _)| *m == n) {
+            *cur = None;
+        }
     }
 
     /// Sends one request and reads the whole answer within `timeout`.
     pub async fn call(
-        &mut self,
+        &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), ApiError> {
         let what = format!("{method} {path}");
-        let addr = self.addr.clone();
         let unreachable = |detail: String| ApiError::Unreachable {
-            addr: addr.clone(),
+            addr: self.authority(),
             what: what.clone(),
             detail,
         };
-        let reused = self.sender.as_ref().is_some_and(|s| !s.is_closed());
-        let r = tokio::time::timeout(timeout, self.try_call(&method, path, body.clone())).await;
-        let r = match r {
-            Ok(Err(e)) if reused => {
-                // A keep-alive connection the server closed while idle: once more, fresh.
-                tracing::debug!(error = %e, "retrying on a fresh connection");
-                self.sender = None;
-                tokio::time::timeout(timeout, self.try_call(&method, path, body)).await
+        let attempt = async {
+            let (n, reused, sender) = self.sender().await?;
+            match self.try_call(sender, &method, path, body.clone()).await {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    self.forget(n).await;
+                    if !reused {
+                        return Err(e);
+                    }
+                    // A connection that went away while idle: once more, fresh.
+                    tracing::debug!(error = %e, "retrying on a fresh connection");
+                    let (n, _, sender) = self.sender().await?;
+                    let r = self.try_call(sender, &method, path, body).await;
+                    if r.is_err() {
+                        self.forget(n).await;
+                    }
+                    r
+                }
             }
-            r => r,
         };
-        match r {
+        match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.sender = None;
-                Err(unreachable(e))
-            }
-            Err(_) => {
-                self.sender = None;
-                Err(unreachable(format!("no answer within {timeout:?}")))
-            }
+            Ok(Err(e)) => Err(unreachable(e)),
+            // The connection may be fine (a slow answer); HTTP/2 pings tell if it is not.
+            Err(_) => Err(unreachable(format!("no answer within {timeout:?}"))),
         }
     }
 
     async fn try_call(
-        &mut self,
+        &self,
+        mut sender: SendRequest<Full<Bytes>>,
         method: &Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), String> {
-        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            self.sender = Some(self.connect().await?);
-        }
-        let sender = self.sender.as_mut().ok_or("no connection")?;
         sender
             .ready()
             .await
             .map_err(|e| format!("connection: {e}"))?;
+        let scheme = if self.inner.url.tls { "https" } else { "http" };
         let mut req = Request::builder()
             .method(method.clone())
-            .uri(path)
-            .header(hyper::header::HOST, &self.addr);
+            .uri(format!("{scheme}://{}{path}", self.authority()));
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
@@ -198,6 +313,27 @@ impl Conn {
             .to_bytes();
         Ok((status, body))
     }
+}
+
+/// HTTP/2 over `io`; the connection's task runs until it closes.
+async fn handshake<I>(io: I) -> Result<SendRequest<Full<Bytes>>, String>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(PING_EVERY)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "control-plane connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// A NIC of a VM, as the snapshot lists it (VMAPI's shape; unknown fields ignored).
@@ -350,23 +486,30 @@ pub struct ReportAnswer {
     pub ignored: Vec<String>,
 }
 
-/// The agent's view of the control plane: its server UUID and a connection.
+/// The agent's view of the control plane: its server UUID and the (shared) connection.
+#[derive(Clone)]
 pub struct Api {
     server: String,
     conn: Conn,
 }
 
 impl Api {
-    /// A client for `addr` (`HOST:PORT`) acting for server `server_uuid`.
-    pub fn new(addr: &str, server_uuid: &str) -> Api {
+    /// A client acting for server `server_uuid` over `conn` (clones of one [`Conn`] share
+    /// its connection).
+    pub fn new(conn: Conn, server_uuid: &str) -> Api {
         Api {
             server: server_uuid.to_owned(),
-            conn: Conn::new(addr),
+            conn,
         }
     }
 
+    /// The connection.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
     async fn json<T: DeserializeOwned>(
-        &mut self,
+        &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
@@ -382,13 +525,13 @@ impl Api {
     }
 
     /// This server's desired state.
-    pub async fn snapshot(&mut self) -> Result<Snapshot, ApiError> {
+    pub async fn snapshot(&self) -> Result<Snapshot, ApiError> {
         let path = format!("/servers/{}/desired", self.server);
         self.json(Method::GET, &path, None, CALL_TIMEOUT).await
     }
 
     /// The changes after `since` that concern this server, waiting up to `wait` for one.
-    pub async fn changes(&mut self, since: u64, wait: Duration) -> Result<Changes, ApiError> {
+    pub async fn changes(&self, since: u64, wait: Duration) -> Result<Changes, ApiError> {
         let path = format!(
             "/changes?since={since}&server_uuid={}&timeout={}",
             self.server,
@@ -410,7 +553,7 @@ impl Api {
     }
 
     /// Reports VM states.
-    pub async fn report(&mut self, vms: &[StateReport]) -> Result<ReportAnswer, ApiError> {
+    pub async fn report(&self, vms: &[StateReport]) -> Result<ReportAnswer, ApiError> {
         let path = format!("/servers/{}/vm_states", self.server);
         let body = serde_json::to_vec(&serde_json::json!({ "vms": vms })).map_err(|e| {
             ApiError::BadJson {
@@ -423,7 +566,7 @@ impl Api {
     }
 
     /// Tells the control plane this server is alive.
-    pub async fn heartbeat(&mut self) -> Result<(), ApiError> {
+    pub async fn heartbeat(&self) -> Result<(), ApiError> {
         let path = format!("/servers/{}/heartbeat", self.server);
         let what = format!("POST {path}");
         let (status, bytes) = self
@@ -466,23 +609,30 @@ mod tests {
 
     #[test]
     fn control_urls() {
-        assert_eq!(
-            parse_control_url("http://127.0.0.1:8080").unwrap(),
-            "127.0.0.1:8080"
-        );
-        assert_eq!(parse_control_url("http://h1:80/").unwrap(), "h1:80");
+        let u = parse_control_url("http://127.0.0.1:8080").unwrap();
+        assert_eq!((u.tls, u.authority().as_str()), (false, "127.0.0.1:8080"));
+        let u = parse_control_url("https://h1:80/").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "h1", 80));
+        let u = parse_control_url("https://[fd00::1]:8443").unwrap();
+        assert_eq!(u.authority(), "[fd00::1]:8443");
         for bad in [
-            "https://127.0.0.1:8080",
+            "ftp://127.0.0.1:8080",
             "127.0.0.1:8080",
             "http://127.0.0.1",
             "http://:80",
             "http://h:0",
             "http://h:80/api",
+            "http://fd00::1:80",
             "http://",
         ] {
             let e = parse_control_url(bad).expect_err(bad);
             assert!(e.to_string().contains("expected http://HOST:PORT"), "{e}");
         }
+        let https = parse_control_url("https://h:1").unwrap();
+        let e = Conn::new(https, None).err().unwrap();
+        assert!(e.to_string().contains("expected --tls-dir"), "{e}");
+        let http = parse_control_url("http://h:1").unwrap();
+        assert!(Conn::new(http, Some("/tmp".into())).is_err());
     }
 
     #[test]
@@ -529,81 +679,74 @@ mod tests {
         assert!(t.len() <= 515 && t.ends_with('…'), "{}", t.len());
     }
 
-    /// A loopback HTTP/1.1 server answering by path; counts the connections it accepted.
-    async fn canned() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    /// The canned control plane: fabric's own serving layer (HTTP/1.1 + h2c) on loopback,
+    /// answering by path; its counters say how many connections it accepted.
+    async fn canned() -> (String, Arc<crate::http::Stats>) {
+        use axum::extract::{Path, RawQuery};
+        use axum::response::IntoResponse;
+        use axum::routing::{get, post};
+        let json = |status: StatusCode, body: &'static str| {
+            (
+                status,
+                [(hyper::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        };
+        let router = axum::Router::new()
+            .route(
+                "/changes",
+                get(move |RawQuery(q): RawQuery| async move {
+                    let q = q.unwrap_or_default();
+                    if q.starts_with("since=1&") {
+                        json(StatusCode::GONE, r#"{"code":"Gone","message":"changes after 1 are no longer kept"}"#)
+                    } else if q.starts_with("since=9&") {
+                        // A long-poll: nothing happens for a while.
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        json(StatusCode::OK, r#"{"changes":[],"next":9,"oldest":1}"#)
+                    } else {
+                        json(StatusCode::OK, r#"{"changes":[{"seq":8,"kind":"vm","uuid":"v","action":"create","owner_uuid":"o","servers":["s"],"time":"t"}],"next":8,"oldest":1}"#)
+                    }
+                }),
+            )
+            .route(
+                "/servers/{uuid}/desired",
+                get(move || async move { json(StatusCode::OK, r#"{"seq": "not a number"}"#) }),
+            )
+            .route(
+                "/servers/{uuid}/heartbeat",
+                post(move |Path(u): Path<String>| async move {
+                    if u == "s" {
+                        StatusCode::NO_CONTENT.into_response()
+                    } else {
+                        json(StatusCode::NOT_FOUND, r#"{"code":"ResourceNotFound","message":"server x not found"}"#)
+                    }
+                }),
+            )
+            .route(
+                "/servers/{uuid}/vm_states",
+                post(move |body: Bytes| async move {
+                    assert!(String::from_utf8_lossy(&body).contains(r#""state":"failed""#));
+                    json(StatusCode::OK, r#"{"updated":1,"ignored":[]}"#)
+                }),
+            );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let conns = std::sync::Arc::new(AtomicUsize::new(0));
-        let c2 = conns.clone();
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = l.accept().await.unwrap();
-                c2.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut r = BufReader::new(s);
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-                        let mut len = 0usize;
-                        loop {
-                            let mut h = String::new();
-                            r.read_line(&mut h).await.unwrap();
-                            if h.trim().is_empty() {
-                                break;
-                            }
-                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
-                            {
-                                len = v.trim().parse().unwrap();
-                            }
-                        }
-                        let mut body = vec![0; len];
-                        tokio::io::AsyncReadExt::read_exact(&mut r, &mut body)
-                            .await
-                            .unwrap();
-                        let (status, out) = if path.starts_with("/changes?since=1&") {
-                            (
-                                "410 Gone",
-                                r#"{"code":"Gone","message":"changes after 1 are no longer kept"}"#,
-                            )
-                        } else if path.starts_with("/changes") {
-                            (
-                                "200 OK",
-                                r#"{"changes":[{"seq":8,"kind":"vm","uuid":"v","action":"create","owner_uuid":"o","servers":["s"],"time":"t"}],"next":8,"oldest":1}"#,
-                            )
-                        } else if path == "/servers/s/desired" {
-                            ("200 OK", r#"{"seq": "not a number"}"#)
-                        } else if path == "/servers/s/heartbeat" {
-                            ("204 No Content", "")
-                        } else if path == "/servers/s/vm_states" {
-                            assert!(String::from_utf8_lossy(&body).contains(r#""state":"failed""#));
-                            ("200 OK", r#"{"updated":1,"ignored":[]}"#)
-                        } else {
-                            (
-                                "404 Not Found",
-                                r#"{"code":"ResourceNotFound","message":"server x not found"}"#,
-                            )
-                        };
-                        let resp = format!(
-                            "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n{out}",
-                            out.len()
-                        );
-                        r.get_mut().write_all(resp.as_bytes()).await.unwrap();
-                    }
-                });
-            }
-        });
-        (addr, conns)
+        let server = crate::http::Server::new(crate::http::Limits::default());
+        let stats = server.stats();
+        tokio::spawn(server.serve(l, router, std::future::pending()));
+        (addr, stats)
+    }
+
+    fn conn(addr: &str) -> Conn {
+        Conn::new(parse_control_url(&format!("http://{addr}")).unwrap(), None).unwrap()
     }
 
     #[tokio::test]
     async fn calls_share_one_connection_and_errors_are_typed() {
-        let (addr, conns) = canned().await;
-        let mut api = Api::new(&addr, "s");
+        let (addr, stats) = canned().await;
+        let c0 = conn(&addr);
+        let api = Api::new(c0.clone(), "s");
         api.heartbeat().await.unwrap();
         let c = api.changes(5, Duration::from_secs(1)).await.unwrap();
         assert_eq!(
@@ -624,18 +767,49 @@ mod tests {
             reason: Some("no".into()),
         }];
         assert_eq!(api.report(&rep).await.unwrap().updated, 1);
-        let mut other = Api::new(&addr, "x");
+        // Another server's client on the same connection.
+        let other = Api::new(c0.clone(), "x");
         match other.heartbeat().await {
             Err(ApiError::Status {
                 status: 404, body, ..
             }) => assert!(body.contains("not found")),
             r => panic!("{r:?}"),
         }
-        assert_eq!(
-            conns.load(std::sync::atomic::Ordering::SeqCst),
-            2,
-            "one keep-alive connection per client"
+        // A long-poll and heartbeats at the same time: the heartbeats do not wait for it.
+        let poll = {
+            let api = api.clone();
+            tokio::spawn(async move { api.changes(9, Duration::from_secs(1)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t0 = std::time::Instant::now();
+        for _ in 0..3 {
+            api.heartbeat().await.unwrap();
+        }
+        assert!(
+            !poll.is_finished(),
+            "heartbeats answered while the poll waits"
         );
+        println!("3 heartbeats beside a long-poll: {:?}", t0.elapsed());
+        assert_eq!(poll.await.unwrap().unwrap().next, 9);
+        assert_eq!(c0.connections_made(), 1);
+        assert_eq!(
+            stats.accepted.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one HTTP/2 connection for every call"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_made_again() {
+        let (addr, stats) = canned().await;
+        let c = conn(&addr);
+        let api = Api::new(c.clone(), "s");
+        api.heartbeat().await.unwrap();
+        // The connection goes away (as when the server restarts or closes it while idle).
+        c.inner.current.lock().await.take();
+        api.heartbeat().await.unwrap();
+        assert_eq!(c.connections_made(), 2);
+        assert_eq!(stats.accepted.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
@@ -645,7 +819,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let mut api = Api::new(&format!("127.0.0.1:{port}"), "s");
+        let api = Api::new(conn(&format!("127.0.0.1:{port}")), "s");
         let e = api.heartbeat().await.unwrap_err();
         assert!(e.is_unreachable(), "{e}");
         assert!(e.to_string().contains("unreachable"), "{e}");

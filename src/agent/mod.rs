@@ -37,9 +37,13 @@ use crate::firewall::compile::FirewallState;
 /// `fabric agent` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// The control plane, `http://HOST:PORT`.
+    /// The control plane, `http://HOST:PORT` or `https://HOST:PORT` (one HTTP/2 connection).
     #[arg(long, value_name = "URL")]
     pub control: String,
+    /// With an `https://` control URL: this host's `ca.pem`, `cert.pem` and `key.pem` (read
+    /// again at every reconnect, so a renewed certificate is used).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// This host's server UUID (as registered with `PUT /servers/:uuid`).
     #[arg(long, alias = "cn-uuid", value_name = "UUID")]
     pub server_uuid: String,
@@ -125,7 +129,7 @@ struct State<H: Host> {
 
 /// Runs `fabric agent` until SIGTERM/SIGINT.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let addr = api::parse_control_url(&args.control)?;
+    let conn = api::Conn::new(api::parse_control_url(&args.control)?, args.tls_dir.clone())?;
     if uuid_ok(&args.server_uuid).is_none() {
         anyhow::bail!(
             "--server-uuid {:?} is not a lower-case UUID (expected e.g. 0f6c3e1e-...)",
@@ -142,7 +146,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(agent_loop(args, addr, host))
+    rt.block_on(agent_loop(args, conn, host))
 }
 
 fn uuid_ok(s: &str) -> Option<()> {
@@ -155,14 +159,14 @@ fn uuid_ok(s: &str) -> Option<()> {
     .then_some(())
 }
 
-async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::Result<()> {
+async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow::Result<()> {
     let server = args.server_uuid.clone();
     tracing::info!(
         control = %args.control, server = %server, dataplane = %args.dataplane.display(),
         state_dir = %args.state_dir.display(), owned = host.owned().len(),
         "fabric agent starting"
     );
-    let calls = Arc::new(Mutex::new(Api::new(&addr, &server)));
+    let calls = Arc::new(Mutex::new(Api::new(conn.clone(), &server)));
     let state = Arc::new(Mutex::new(State {
         host,
         firewall: None,
@@ -175,7 +179,7 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
     // Whether the control plane answered the last call made to it (any of the three loops).
     let reachable = Arc::new(AtomicBool::new(false));
 
-    // Heartbeats, on the calls connection.
+    // Heartbeats (every call shares the one HTTP/2 connection).
     let hb = {
         let calls = calls.clone();
         let reachable = reachable.clone();
@@ -202,11 +206,11 @@ async fn agent_loop(args: AgentArgs, addr: String, host: LinuxHost) -> anyhow::R
         })
     };
 
-    // The feed follower: its own connection; wakes the main loop on any change.
+    // The feed follower: a stream of the same connection beside the calls; wakes the main loop on any change.
     let wake = Arc::new(Notify::new());
     let (since_tx, since_rx) = watch::channel::<Option<u64>>(None);
     let feed = {
-        let api = Api::new(&addr, &server);
+        let api = Api::new(conn, &server);
         let wait = Duration::from_secs(args.poll_secs);
         tokio::spawn(follow_feed(
             api,
@@ -330,7 +334,7 @@ fn log_api_error(e: &ApiError, what: &str, retry_in: Duration, run: u64) {
 /// snapshot) and wakes the main loop whenever there is a change for this server, or the
 /// position is gone (410).
 async fn follow_feed(
-    mut api: Api,
+    api: Api,
     wait: Duration,
     mut since: watch::Receiver<Option<u64>>,
     wake: Arc<Notify>,

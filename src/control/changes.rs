@@ -40,6 +40,8 @@ pub mod kind {
     pub const SERVER: &str = "server";
     /// A network: created, updated, deleted.
     pub const NETWORK: &str = "network";
+    /// A foreign VXLAN peer (`/peers`): created, deleted. Membership: every server hears it.
+    pub const PEER: &str = "peer";
 }
 
 /// One change, as passed to [`record`].
@@ -258,8 +260,8 @@ const COLUMNS: &str = "c.seq, c.kind, c.uuid, c.action, c.owner_uuid, c.servers,
 /// Reads one page of the feed in the caller's (read) transaction.
 ///
 /// With `server_uuid = U`, a change is returned when U must act on it: U is among its
-/// `servers`; or it is a `rule`, `server` or `network` change (anyone's firewall or networks
-/// may depend on it); or its owner has a non-destroyed VM on U (that owner's firewall closure
+/// `servers`; or it is a `rule`, `server`, `network` or `peer` change (anyone's firewall,
+/// networks or members may depend on it); or its owner has a non-destroyed VM on U (that owner's firewall closure
 /// covers U's VMs). Evaluated at read time, so it may include more than U needs, never less
 /// for what U hosts now.
 ///
@@ -298,7 +300,7 @@ pub fn read(db: &mut Db<'_>, q: &FeedQuery) -> Result<Page, OpError> {
             &format!(
                 "SELECT {COLUMNS} FROM fabric_changes c
                  WHERE c.seq > $1 AND (
-                     c.kind IN ('rule', 'server', 'network')
+                     c.kind IN ('rule', 'server', 'network', 'peer')
                      OR (',' || c.servers || ',') LIKE $2
                      OR (c.owner_uuid IS NOT NULL AND EXISTS (
                          SELECT 1 FROM fabric_vms v

@@ -1,12 +1,17 @@
-//! A minimal HTTP/1.1 JSON client over one keep-alive connection, for the bench and the tests
-//! (requests to our own service on loopback; responses framed by `Content-Length`).
+//! A minimal HTTP/1.1 JSON client over one keep-alive connection, for the bench, the tests and
+//! the CLIs (requests to our own service; responses framed by `Content-Length`): plain TCP,
+//! TLS (`https`, with the caller's rustls configuration: the cluster CA and an operator or host
+//! certificate), or a unix socket (the head's `DIR/control.sock`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde_json::Value;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 
 /// Client failures.
 #[derive(Debug, Error)]
@@ -44,16 +49,90 @@ impl HttpResponse {
     }
 }
 
-/// One keep-alive connection.
+/// A byte stream a request runs over.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Where the requests go.
+#[derive(Clone)]
+enum Target {
+    Tcp(SocketAddr),
+    Tls {
+        addr: SocketAddr,
+        name: rustls::pki_types::ServerName<'static>,
+        config: Arc<rustls::ClientConfig>,
+    },
+    Unix(PathBuf),
+}
+
+/// One keep-alive connection (made again after a failure).
 pub struct HttpClient {
-    addr: SocketAddr,
-    conn: Option<BufReader<TcpStream>>,
+    target: Target,
+    conn: Option<BufReader<Box<dyn Stream>>>,
 }
 
 impl HttpClient {
-    /// A client for `addr` (connects lazily).
+    /// A client for `addr`, plain HTTP (connects lazily).
     pub fn new(addr: SocketAddr) -> HttpClient {
-        HttpClient { addr, conn: None }
+        HttpClient {
+            target: Target::Tcp(addr),
+            conn: None,
+        }
+    }
+
+    /// A client for `https://addr`, verifying the server as `server_name` with `config`
+    /// (e.g. [`crate::pki::tls::client_config`]: the cluster CA, an operator's certificate).
+    /// It speaks HTTP/1.1 whatever ALPN `config` offers.
+    pub fn https(
+        addr: SocketAddr,
+        server_name: rustls::pki_types::ServerName<'static>,
+        config: Arc<rustls::ClientConfig>,
+    ) -> HttpClient {
+        let mut c = (*config).clone();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        HttpClient {
+            target: Target::Tls {
+                addr,
+                name: server_name,
+                config: Arc::new(c),
+            },
+            conn: None,
+        }
+    }
+
+    /// A client for the HTTP service on the unix socket `path`.
+    pub fn unix(path: impl Into<PathBuf>) -> HttpClient {
+        HttpClient {
+            target: Target::Unix(path.into()),
+            conn: None,
+        }
+    }
+
+    async fn connect(target: &Target) -> Result<Box<dyn Stream>, ClientError> {
+        Ok(match target {
+            Target::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Target::Tls { addr, name, config } => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), s)
+                    .await?;
+                Box::new(tls)
+            }
+            Target::Unix(path) => Box::new(UnixStream::connect(path).await?),
+        })
+    }
+
+    /// The `host` header: the address, or `localhost` over a unix socket.
+    fn host(&self) -> String {
+        match &self.target {
+            Target::Tcp(a) | Target::Tls { addr: a, .. } => a.to_string(),
+            Target::Unix(_) => "localhost".into(),
+        }
     }
 
     /// Sends a request with an optional JSON body.
@@ -112,15 +191,14 @@ impl HttpClient {
         body: &[u8],
     ) -> Result<HttpResponse, ClientError> {
         if self.conn.is_none() {
-            let s = TcpStream::connect(self.addr).await?;
-            s.set_nodelay(true)?;
-            self.conn = Some(BufReader::new(s));
+            self.conn = Some(BufReader::new(Self::connect(&self.target).await?));
         }
+        let host = self.host();
         let conn = self
             .conn
             .as_mut()
             .ok_or_else(|| ClientError::Protocol("no connection".into()))?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n", self.addr);
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -128,6 +206,7 @@ impl HttpClient {
         let mut out = req.into_bytes();
         out.extend_from_slice(body);
         conn.get_mut().write_all(&out).await?;
+        conn.get_mut().flush().await?;
         let mut line = String::new();
         if conn.read_line(&mut line).await? == 0 {
             return Err(ClientError::Protocol(

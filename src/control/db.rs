@@ -370,7 +370,8 @@ pub const SCHEMA: &[&str] = &[
         underlay_ip       TEXT NOT NULL,
         last_heartbeat_ms BIGINT,
         created_ms        BIGINT NOT NULL,
-        doc               TEXT
+        doc               TEXT,
+        removed_ms        BIGINT
     )",
     "CREATE TABLE IF NOT EXISTS fabric_vms (
         uuid        TEXT PRIMARY KEY,
@@ -394,13 +395,47 @@ pub const SCHEMA: &[&str] = &[
     )",
     // The change feed's per-owner reads (`?server_uuid=` follows owners with a VM on a server).
     "CREATE INDEX IF NOT EXISTS fabric_changes_by_owner ON fabric_changes (owner_uuid, seq)",
+    // Foreign VXLAN peers (Linux vxlan hosts, illumos varpd): members by address.
+    "CREATE TABLE IF NOT EXISTS fabric_peers (
+        ip         TEXT PRIMARY KEY,
+        note       TEXT NOT NULL,
+        created_ms BIGINT NOT NULL
+    )",
 ];
+
+/// Columns added after their table was first released: `(table, column, type)`. A store
+/// created before gets them from [`create_schema`] (`ALTER TABLE ... ADD COLUMN`); new stores
+/// have them in [`SCHEMA`] already.
+pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("fabric_servers", "removed_ms", "BIGINT")];
+
+/// Whether `table` has `column` (both backends; PostgreSQL: in the current schema).
+pub fn has_column(db: &mut Db<'_>, table: &str, column: &str) -> Result<bool, OpError> {
+    let sql = if db.is_pg() {
+        "SELECT COUNT(*) FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2"
+    } else {
+        "SELECT COUNT(*) FROM pragma_table_info($1) WHERE name = $2"
+    };
+    let n = db
+        .query_opt(sql, &[Val::text(table), Val::text(column)])?
+        .and_then(|r| r.first().and_then(Val::as_opt_i64))
+        .unwrap_or(0);
+    Ok(n > 0)
+}
 
 /// Creates the schema (idempotent; serialised across processes on PostgreSQL).
 pub fn create_schema(db: &mut Db<'_>) -> Result<(), OpError> {
     db.lock(lock_key(LOCK_SCHEMA, "schema"))?;
     for stmt in SCHEMA {
         db.exec(stmt, &[])?;
+    }
+    for (table, column, ty) in ADDED_COLUMNS {
+        if !has_column(db, table, column)? {
+            db.exec(
+                &format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"),
+                &[],
+            )?;
+        }
     }
     Ok(())
 }

@@ -4,6 +4,10 @@
 //! - `seq`: the feed position the snapshot reflects (read first, so the data is at least that
 //!   new; the agent follows `/changes?since=seq`);
 //! - `portolan`: the SVP address to use ([`super::Config::portolan_advertise`]);
+//! - `members`: the cluster's members, the underlay addresses the dataplane accepts VXLAN from
+//!   and Portolan answers: every registered, unrevoked server and every foreign peer
+//!   (`/peers`), as strings sorted by address (IPv4 before IPv6), without duplicates. Adding or
+//!   removing one records a `server` or `peer` change, which every server's feed carries;
 //! - `vms`: the server's VMs that are not destroyed (VM objects, `nics` with `vnet_id`);
 //! - `firewall`: the closure its dataplane needs, exactly a
 //!   [`FirewallState`](crate::firewall::compile::FirewallState): every rule (enabled or not)
@@ -175,7 +179,8 @@ pub fn firewall_closure(db: &mut Db<'_>, local: &[Vm]) -> Result<FirewallState, 
     })
 }
 
-/// `GET /servers/:uuid/desired` (the caller runs it in one read transaction).
+/// `GET /servers/:uuid/desired` (the caller runs it in one read transaction); 404 for an unknown
+/// server, 410 Gone for a removed one.
 pub fn snapshot(
     db: &mut Db<'_>,
     cfg: &Config,
@@ -185,7 +190,11 @@ pub fn snapshot(
     p.allow_only(&[]);
     p.finish()?;
     let seq = feed_position(db)?;
-    let server = servers::find(db, uuid)?;
+    let server = servers::find_member(db, uuid, &format!("GET /servers/{uuid}/desired"))?;
+    let members: Vec<String> = servers::members(db)?
+        .into_iter()
+        .map(|ip| ip.to_string())
+        .collect();
     let now = now_ms();
     let local = vms::on_server(db, &server.uuid)?;
     let mut vm_objects = Vec::with_capacity(local.len());
@@ -197,6 +206,7 @@ pub fn snapshot(
         "server": server.to_json(local.len() as i64, now, cfg),
         "seq": seq,
         "portolan": cfg.portolan_advertise,
+        "members": members,
         "vms": vm_objects,
         "firewall": serde_json::to_value(&firewall)?,
     }))

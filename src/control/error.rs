@@ -187,6 +187,17 @@ impl ApiError {
         ApiError::new(403, "NotAuthorized", message)
     }
 
+    /// A join or renewal refused: 401 `InvalidJoinToken` (wrong or rotated secret), 410
+    /// `ServerRemoved` (the identity was removed from the cluster), 409 `JoinConflict`.
+    pub fn join_refused(status: u16, message: impl Into<String>) -> ApiError {
+        let code = match status {
+            401 => "InvalidJoinToken",
+            410 => "ServerRemoved",
+            _ => "JoinConflict",
+        };
+        ApiError::new(status, code, message)
+    }
+
     /// 412 `PreconditionFailed` (an `If-Match` that does not match).
     pub fn precondition_failed(message: impl Into<String>) -> ApiError {
         ApiError::new(412, "PreconditionFailed", message)

@@ -2,6 +2,14 @@
 //! (query + JSON/form body), the operation runs on tokio's blocking pool inside one store
 //! transaction (read-only for GETs), and the reply is NAPI's (200 + JSON, 204, or a restify
 //! error), with `x-request-id`, `x-response-time`, `server` and, on objects, `etag`.
+//!
+//! Before an operation runs, the caller's [`Peer`] (from the request's extensions, put there by
+//! the listener: TLS with a client certificate, the head's unix socket; none = [`Peer::Open`],
+//! plain HTTP as before) must be allowed the route ([`super::auth::allowed`]). After a write
+//! that changes membership (`PUT`/`DELETE /servers/:uuid`, `POST /join`, `PUT`/`DELETE
+//! /peers/:ip`) the in-process [`Trust`] is refreshed from the store before the reply (and a
+//! removed server is revoked at once); a background task refreshes it every second too
+//! ([`TRUST_REFRESH`]), so other instances' writes count within a second.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,18 +19,24 @@ use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, RawPathParams, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
 use axum::routing::any;
+use axum::Extension;
 use axum::Router;
 use portolan::store::{self, Store, Txn};
 use serde_json::{json, Value};
 
+use super::auth::{self, AuthCounters};
 use super::db::{Db, Val};
 use super::error::{ApiError, OpError};
 use super::metrics::Metrics;
-use super::params::{random_uuid, Params};
+use super::params::{parse_uuid, random_uuid, Params};
 use super::{
-    changes, desired, fabrics, networks, nic_tags, nics, pools, portolan_view, rules, servers, vms,
-    Config,
+    changes, desired, fabrics, join, networks, nic_tags, nics, peers, pools, portolan_view, rules,
+    servers, vms, Config,
 };
+use crate::pki::{Peer, Trust};
+
+/// How often the background task reloads [`Trust`] from the store.
+pub const TRUST_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Shared state of the service.
 pub struct App {
@@ -37,6 +51,65 @@ pub struct App {
     pub sqlite_writers: Option<std::sync::Mutex<()>>,
     /// The change feed's notifier (bumped after every commit that recorded changes).
     pub feed: Arc<changes::feed::Feed>,
+    /// The membership view shared with the TLS verifiers and Portolan (`Config::trust`);
+    /// refreshed from the store. `None`: nothing to refresh (standalone, no TLS).
+    pub trust: Option<Arc<Trust>>,
+    /// Serialises refreshes of `trust` (read the store, then set), so that an older view is
+    /// never set after a newer one (which would briefly undo a revocation).
+    trust_sync: tokio::sync::Mutex<()>,
+    /// Refreshes of `trust` that failed to read the store.
+    trust_errors: std::sync::atomic::AtomicU64,
+    /// Authorization refusals.
+    pub auth: AuthCounters,
+}
+
+impl App {
+    /// The service's shared state over `store` (no background work started: see [`Service`]).
+    pub fn new(store: Arc<dyn Store>, cfg: Config) -> App {
+        let sqlite = store.describe().starts_with("sqlite:");
+        let feed = Arc::new(changes::feed::Feed::new(cfg.changes_retention));
+        App {
+            store,
+            trust: cfg.trust.clone(),
+            cfg,
+            metrics: Metrics::default(),
+            sqlite_writers: sqlite.then(|| std::sync::Mutex::new(())),
+            feed,
+            trust_sync: tokio::sync::Mutex::new(()),
+            trust_errors: std::sync::atomic::AtomicU64::new(0),
+            auth: AuthCounters::default(),
+        }
+    }
+}
+
+/// Reloads `app.trust` from the store (every server with its removal, and the foreign peers);
+/// with `revoke`, first revokes that server at once. No-op without a `Trust`. Call it after
+/// committing a membership change (`POST /join` too).
+pub async fn sync_trust(app: &Arc<App>, revoke: Option<&str>) {
+    let Some(trust) = app.trust.clone() else {
+        return;
+    };
+    let _turn = app.trust_sync.lock().await;
+    if let Some(u) = revoke {
+        trust.revoke(u);
+    }
+    let a = app.clone();
+    let view = tokio::task::spawn_blocking(move || {
+        store::with_read(&*a.store, |raw| servers::trust_view(&mut Db::from(raw)))
+    })
+    .await;
+    match view {
+        Ok(Ok((servers, foreign))) => trust.set_servers(servers, foreign),
+        Ok(Err(e)) => {
+            let n = app
+                .trust_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                tracing::warn!(error = %e, failures = n + 1, "cannot refresh the membership view from the store; keeping the last one");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "membership refresh panicked"),
+    }
 }
 
 /// What an operation answers on success.
@@ -98,8 +171,10 @@ fn no_params(p: &mut Params) -> Result<(), ApiError> {
     p.finish()
 }
 
-/// Picks the operation for a route and method.
-fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
+/// Picks the operation for a route and method, as `peer` asks it (a host certificate's writes
+/// get the checks that need the store).
+fn route(method: &Method, pattern: &str, path: Vec<String>, peer: &Peer) -> Op {
+    let by_host = auth::is_host(peer);
     let m = if *method == Method::HEAD {
         Method::GET
     } else {
@@ -185,7 +260,13 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
         // Fabrics.
         (m, p) if p.starts_with("/fabrics/") => fabric_route(m, p, a0, a1, a2),
         // Servers and VMs.
-        (m, p) if p.starts_with("/servers") || p.starts_with("/vms") => vm_route(m, p, a0),
+        (m, p) if p.starts_with("/servers") || p.starts_with("/vms") || p == "/join" => {
+            vm_route(m, p, a0, by_host)
+        }
+        // Foreign VXLAN peers.
+        (Method::GET, "/peers") => read(|d, _, p| peers::list(d, p)),
+        (Method::PUT, "/peers/{ip}") => write_db(move |d, _, p| peers::put(d, &a0, p)),
+        (Method::DELETE, "/peers/{ip}") => delete_db(move |d, _, p| peers::delete(d, &a0, p)),
         (Method::GET, "/network_pools") => read(|d, _, p| pools::list(d, p)),
         (Method::POST, "/network_pools") => write_db(|d, _, p| pools::create(d, p)),
         (Method::GET, "/network_pools/{uuid}") => read(move |d, _, p| {
@@ -221,21 +302,30 @@ fn route(method: &Method, pattern: &str, path: Vec<String>) -> Op {
     }
 }
 
-fn vm_route(m: Method, pattern: &str, a0: String) -> Op {
+fn vm_route(m: Method, pattern: &str, a0: String, by_host: bool) -> Op {
     match (m, pattern) {
         (Method::GET, "/servers") => read(|d, a, p| servers::list(d, &a.cfg, p)),
         (Method::GET, "/servers/{uuid}") => {
             read(move |d, a, p| servers::get_api(d, &a.cfg, &a0, p))
         }
-        (Method::PUT, "/servers/{uuid}") => write(move |t, a, p| servers::put(t, &a.cfg, &a0, p)),
+        (Method::PUT, "/servers/{uuid}") => {
+            write(move |t, a, p| servers::put(t, &a.cfg, &a0, p, by_host))
+        }
+        (Method::DELETE, "/servers/{uuid}") => Op::Write(Box::new(move |t, _, p| {
+            servers::remove(t, &a0, p).map(|_| Reply::NoContent)
+        })),
         (Method::POST, "/servers/{uuid}/heartbeat") => {
             delete_db(move |d, _, p| servers::heartbeat(d, &a0, p))
         }
         (Method::GET, "/servers/{uuid}/desired") => {
             read(move |d, a, p| desired::snapshot(d, &a.cfg, &a0, p))
         }
+        (Method::POST, "/servers/{uuid}/certificate") => {
+            read(move |d, a, p| join::renew(d, &a.cfg, &a0, p))
+        }
+        (Method::POST, "/join") => write(|t, a, p| join::join(t, &a.cfg, p)),
         (Method::POST, "/servers/{uuid}/vm_states") => {
-            write(move |t, _, p| vms::report_states(t, &a0, p))
+            write(move |t, _, p| vms::report_states(t, &a0, p, by_host))
         }
         (Method::GET, "/vms") => read(|d, a, p| vms::list(d, &a.cfg, p)),
         (Method::POST, "/vms") => write(|t, a, p| vms::create(t, &a.cfg, p)),
@@ -335,9 +425,13 @@ const ROUTES: &[&str] = &[
     "/servers/{uuid}/heartbeat",
     "/servers/{uuid}/desired",
     "/servers/{uuid}/vm_states",
+    "/servers/{uuid}/certificate",
+    "/join",
     "/vms",
     "/vms/{uuid}",
     "/changes",
+    "/peers",
+    "/peers/{ip}",
 ];
 
 /// The router.
@@ -349,26 +443,76 @@ pub fn router(app: Arc<App>) -> Router {
     r.fallback(fallback).with_state(app)
 }
 
+/// A running service: its state and its background work (the change feed's re-check,
+/// retention and LISTEN; the membership refresh), which stop when this is dropped. Serve
+/// [`Service::router`] with any acceptor of [`crate::http::Server`] (plain TCP, TLS, a unix
+/// socket).
+pub struct Service {
+    /// The shared state.
+    pub app: Arc<App>,
+    background: Option<changes::feed::Background>,
+    trust_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Service {
+    /// Starts the background work over `store` (must be called inside a tokio runtime).
+    pub fn start(store: Arc<dyn Store>, cfg: Config) -> Service {
+        let app = Arc::new(App::new(store, cfg));
+        let background = changes::feed::start(&app);
+        let trust_task = app.trust.is_some().then(|| {
+            let a = app.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(TRUST_REFRESH);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if a.feed.is_closed() {
+                        return;
+                    }
+                    sync_trust(&a, None).await;
+                }
+            })
+        });
+        Service {
+            app,
+            background: Some(background),
+            trust_task,
+        }
+    }
+
+    /// The router over this service's state.
+    pub fn router(&self) -> Router {
+        router(self.app.clone())
+    }
+
+    /// Ends every long-poll at once (the service is stopping).
+    pub fn close(&self) {
+        self.app.feed.close();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(t) = self.trust_task.take() {
+            t.abort();
+        }
+        drop(self.background.take());
+    }
+}
+
 /// Serves until `shutdown` completes, through the shared HTTP layer ([`crate::http`]) with
-/// `cfg.http`'s limits; its connection counters show on `/metrics`.
+/// `cfg.http`'s limits; its connection counters show on `/metrics`. With `cfg.trust`, keeps
+/// that membership view in step with the store.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Store>,
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let sqlite = store.describe().starts_with("sqlite:");
     let limits = cfg.http.clone();
-    let feed = Arc::new(changes::feed::Feed::new(cfg.changes_retention));
-    let app = Arc::new(App {
-        store,
-        cfg,
-        metrics: Metrics::default(),
-        sqlite_writers: sqlite.then(|| std::sync::Mutex::new(())),
-        feed: feed.clone(),
-    });
-    let stats = app.metrics.http.clone();
-    let background = changes::feed::start(&app);
+    let svc = Service::start(store, cfg);
+    let stats = svc.app.metrics.http.clone();
+    let feed = svc.app.feed.clone();
     // Long-polls answer at once when the service stops, so it does not wait for them.
     let shutdown = async move {
         shutdown.await;
@@ -376,21 +520,45 @@ pub async fn serve(
     };
     let r = crate::http::Server::new(limits)
         .with_stats(stats)
-        .serve(listener, router(app), shutdown)
+        .serve(listener, svc.router(), shutdown)
         .await;
-    drop(background);
+    drop(svc);
     r
 }
 
-async fn fallback(State(app): State<Arc<App>>, method: Method, uri: Uri) -> Response<Body> {
+async fn fallback(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
+    method: Method,
+    uri: Uri,
+) -> Response<Body> {
     let started = Instant::now();
-    let e = ApiError::no_route(uri.path());
+    let peer = peer.map_or(Peer::Open, |Extension(p)| p);
+    // Who may not use the API learns nothing about which paths exist.
+    let e = match auth::allowed(&peer, &method, uri.path(), &[], &Params::default()) {
+        Err(e) => {
+            app.auth.count(&peer, e.status, true);
+            e
+        }
+        Ok(()) => ApiError::no_route(uri.path()),
+    };
     app.metrics.request("unmatched", method.as_str(), e.status);
     respond(&method, Err(e), started)
 }
 
+/// Whether a write on `pattern` changes who is a member (the [`Trust`] view): registering,
+/// removing, joining, foreign peers.
+fn changes_membership(method: &Method, pattern: &str) -> bool {
+    matches!(
+        (method.as_str(), pattern),
+        ("PUT" | "DELETE", "/servers/{uuid}" | "/peers/{ip}") | ("POST", "/join")
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
     matched: MatchedPath,
     raw: RawPathParams,
     method: Method,
@@ -409,17 +577,36 @@ async fn handle(
         .get(header::IF_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(String::from);
+    let peer = peer.map_or(Peer::Open, |Extension(p)| p);
     let result = match Params::parse(uri.query(), ct.as_deref(), &body) {
         Err(e) => Err(e),
-        Ok(params) => {
-            let mut op = route(&method, &pattern, path.clone());
-            if let (Some(im), true) = (if_match, method == Method::PUT || method == Method::DELETE)
-            {
-                let get = route(&Method::GET, &pattern, path.clone());
-                op = conditional(op, get, im, pattern.clone(), path);
+        Ok(params) => match authorize(&app, &peer, &method, &pattern, &path, &params) {
+            Err(e) => {
+                app.auth.count(&peer, e.status, true);
+                Err(e)
             }
-            run(&app, op, params).await
-        }
+            Ok(()) => {
+                let mut op = route(&method, &pattern, path.clone(), &peer);
+                if let (Some(im), true) =
+                    (if_match, method == Method::PUT || method == Method::DELETE)
+                {
+                    let get = route(&Method::GET, &pattern, path.clone(), &peer);
+                    op = conditional(op, get, im, pattern.clone(), path.clone());
+                }
+                let r = run(&app, op, params).await;
+                match &r {
+                    Ok(_) if changes_membership(&method, &pattern) => {
+                        let removed = (method == Method::DELETE && pattern == "/servers/{uuid}")
+                            .then(|| path.first().and_then(|u| parse_uuid(u)))
+                            .flatten();
+                        sync_trust(&app, removed.as_deref()).await;
+                    }
+                    Err(e) => app.auth.count(&peer, e.status, false),
+                    Ok(_) => {}
+                }
+                r
+            }
+        },
     };
     let status = match &result {
         Ok(Reply::NoContent) => 204,
@@ -428,6 +615,29 @@ async fn handle(
     };
     app.metrics.request(&pattern, method.as_str(), status);
     respond(&method, result, started)
+}
+
+/// The route policy, then (with a [`Trust`]) a host certificate of a removed server is 410
+/// Gone on every route, its feed included.
+fn authorize(
+    app: &App,
+    peer: &Peer,
+    method: &Method,
+    pattern: &str,
+    path: &[String],
+    params: &Params,
+) -> Result<(), ApiError> {
+    auth::allowed(peer, method, pattern, path, params)?;
+    if let (Peer::Host { server_uuid, .. }, Some(t)) = (peer, &app.trust) {
+        if t.is_revoked(server_uuid) {
+            return Err(changes::gone(format!(
+                "{}: server {server_uuid} was removed from the cluster; its certificate is \
+                 revoked",
+                auth::describe(method, pattern, path)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `If-Match` on a per-object PUT or DELETE (restify's `conditionalRequest`): inside the write
@@ -520,6 +730,16 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                         ("fabric_control_servers", "Registered servers.", s),
                     ]);
                     a.feed.render(&mut text);
+                    a.auth.render(&mut text);
+                    text.push_str(
+                        "# HELP fabric_control_trust_refresh_errors_total Membership refreshes \
+                         that could not read the store.\n# TYPE \
+                         fabric_control_trust_refresh_errors_total counter\n",
+                    );
+                    text.push_str(&format!(
+                        "fabric_control_trust_refresh_errors_total {}\n",
+                        a.trust_errors.load(std::sync::atomic::Ordering::Relaxed)
+                    ));
                     Reply::Text(text)
                 })
             }

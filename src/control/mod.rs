@@ -27,20 +27,31 @@
 //! [`pools`], [`rules`], [`portolan_view`], [`servers`], [`vms`] (with [`placement`]),
 //! [`desired`] (the agent's snapshot); [`changes`] is the change feed every writer records in
 //! (`GET /changes`, long-polled); [`bench`] measures NIC provisions per second.
+//!
+//! Cluster security (DESIGN "Trust"): [`auth`] is the route policy per caller (operator, host
+//! certificate acting only for its own server, no certificate); `DELETE /servers/:uuid`
+//! revokes a server for good ([`servers::remove`]); [`peers`] lists foreign VXLAN peers; the
+//! members (unrevoked servers and foreign peers) are in every desired snapshot and in the
+//! process's [`crate::pki::Trust`] ([`Config::trust`]), kept in step with the store. [`cli`] is
+//! `fabric server …` and `fabric peer …`.
 
+pub mod auth;
 pub mod bench;
 pub mod changes;
+pub mod cli;
 pub mod client;
 pub mod db;
 pub mod desired;
 pub mod error;
 pub mod fabrics;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod networks;
 pub mod nic_tags;
 pub mod nics;
 pub mod params;
+pub mod peers;
 pub mod placement;
 pub mod pools;
 pub mod portolan_view;
@@ -87,6 +98,12 @@ pub struct Config {
     /// The store's URL when known: on PostgreSQL the change feed LISTENs on a connection of its
     /// own, so other instances' writes wake long-polls at once (else within 1 s).
     pub store_url: Option<changes::feed::StoreUrl>,
+    /// The process's membership view (shared with the TLS verifiers and Portolan), which the
+    /// service keeps in step with the store: at start, every second, and right after its own
+    /// membership writes. `None` (standalone `fabric control`): nothing to keep.
+    pub trust: Option<Arc<crate::pki::Trust>>,
+    /// The head's cluster CA: `POST /join` and certificate renewals are served with it.
+    pub cluster: Option<join::ClusterPki>,
 }
 
 impl Default for Config {
@@ -103,6 +120,8 @@ impl Default for Config {
             heartbeat_lifetime: std::time::Duration::from_secs(11),
             changes_retention: changes::Retention::default(),
             store_url: None,
+            trust: None,
+            cluster: None,
         }
     }
 }
@@ -258,6 +277,8 @@ impl ControlArgs {
                 keep: self.changes_keep,
             },
             store_url: Some(changes::feed::StoreUrl(self.store.clone())),
+            trust: None,
+            cluster: None,
         })
     }
 }

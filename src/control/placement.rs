@@ -1,8 +1,8 @@
-//! Placement (DESIGN "Placement"): among servers with a fresh heartbeat, the one with the fewest
-//! VMs of this owner that are not destroyed (provisioning included), then the fewest overall,
-//! ties by UUID. Run inside the create transaction, under the owner's lock, so two creates of
-//! one owner see each other's VMs and spread. Filters (affinity, traits) plug in as predicates
-//! over [`Candidate`]s.
+//! Placement (DESIGN "Placement"): among servers with a fresh heartbeat (never a removed
+//! one), the one with the fewest VMs of this owner that are not destroyed (provisioning
+//! included), then the fewest overall, ties by UUID. Run inside the create transaction, under
+//! the owner's lock, so two creates of one owner see each other's VMs and spread. Filters
+//! (affinity, traits) plug in as predicates over [`Candidate`]s.
 
 use super::db::{Db, Val};
 use super::error::{ApiError, FieldError, OpError};
@@ -38,7 +38,7 @@ pub fn candidates(db: &mut Db<'_>, owner: &str, since_ms: i64) -> Result<Vec<Can
            (SELECT COUNT(*) FROM fabric_vms v
               WHERE v.server_uuid = s.uuid AND v.state <> 'destroyed')
          FROM fabric_servers s
-         WHERE s.last_heartbeat_ms >= $2
+         WHERE s.last_heartbeat_ms >= $2 AND s.removed_ms IS NULL
          ORDER BY s.uuid",
         &[Val::text(owner), Val::int(since_ms)],
     )?;

@@ -5,10 +5,18 @@
 //! every control-plane instance over one database agrees on which servers are live: a server is
 //! `running` while its last heartbeat is at most [`super::Config::heartbeat_lifetime`] old
 //! (CNAPI's 11 s), else `unknown`.
+//!
+//! Removal (`DELETE /servers/:uuid`, `fabric server remove`) revokes a server for good: the row
+//! stays with `removed_ms` set (status `removed`), its Portolan underlay mapping is removed, its
+//! VMs read `unknown` with `lost: true`, placement skips it, and registering, heartbeating or
+//! reporting under its UUID is 410 Gone (the host must join again under a new identity). Its
+//! underlay address is free for another server.
 
 use std::net::IpAddr;
 
 use portolan::store::{Txn, UnderlayMapping};
+
+use crate::pki::ServerTrust;
 use serde_json::{json, Value};
 
 use super::changes::{self, kind, Change};
@@ -31,6 +39,8 @@ pub struct Server {
     pub last_heartbeat_ms: Option<i64>,
     /// Registration time, ms since the epoch.
     pub created_ms: i64,
+    /// When it was removed from the cluster (`None`: a member).
+    pub removed_ms: Option<i64>,
 }
 
 /// Milliseconds since the epoch (the clock heartbeats are stamped and judged with).
@@ -39,15 +49,25 @@ pub fn now_ms() -> i64 {
 }
 
 impl Server {
-    /// Whether the server heartbeat within `lifetime_ms` of `now_ms`.
+    /// Whether the server heartbeat within `lifetime_ms` of `now_ms` (a removed server never
+    /// is).
     pub fn is_live(&self, now_ms: i64, lifetime_ms: i64) -> bool {
-        self.last_heartbeat_ms
-            .is_some_and(|h| now_ms.saturating_sub(h) <= lifetime_ms)
+        !self.is_removed()
+            && self
+                .last_heartbeat_ms
+                .is_some_and(|h| now_ms.saturating_sub(h) <= lifetime_ms)
     }
 
-    /// CNAPI's status: `running` while live, else `unknown`.
+    /// Whether it was removed from the cluster.
+    pub fn is_removed(&self) -> bool {
+        self.removed_ms.is_some()
+    }
+
+    /// CNAPI's status: `running` while live, `removed` once removed, else `unknown`.
     pub fn status(&self, now_ms: i64, lifetime_ms: i64) -> &'static str {
-        if self.is_live(now_ms, lifetime_ms) {
+        if self.is_removed() {
+            "removed"
+        } else if self.is_live(now_ms, lifetime_ms) {
             "running"
         } else {
             "unknown"
@@ -64,11 +84,12 @@ impl Server {
             "status": self.status(now_ms, cfg.heartbeat_lifetime_ms()),
             "vms": vms,
             "created": iso_from_ms(self.created_ms),
+            "removed": self.removed_ms.map(iso_from_ms),
         })
     }
 }
 
-const COLUMNS: &str = "uuid, hostname, underlay_ip, last_heartbeat_ms, created_ms";
+const COLUMNS: &str = "uuid, hostname, underlay_ip, last_heartbeat_ms, created_ms, removed_ms";
 
 fn from_row(r: Row) -> Result<Server, OpError> {
     let mut it = r.into_iter();
@@ -84,12 +105,14 @@ fn from_row(r: Row) -> Result<Server, OpError> {
         .map_err(|_| OpError::Corrupt(format!("server {uuid}: underlay_ip {ip:?}")))?;
     let last_heartbeat_ms = next()?.as_opt_i64();
     let created_ms = next()?.as_i64("server created_ms")?;
+    let removed_ms = next()?.as_opt_i64();
     Ok(Server {
         uuid,
         hostname,
         underlay_ip,
         last_heartbeat_ms,
         created_ms,
+        removed_ms,
     })
 }
 
@@ -107,6 +130,26 @@ pub fn get(db: &mut Db<'_>, uuid: &str) -> Result<Option<Server>, OpError> {
 pub fn find(db: &mut Db<'_>, uuid: &str) -> Result<Server, OpError> {
     let u = parse_uuid(uuid).ok_or_else(|| ApiError::not_found("server not found"))?;
     get(db, &u)?.ok_or_else(|| ApiError::not_found("server not found").into())
+}
+
+/// 410 Gone: `s` was removed from the cluster; `what` is what was refused.
+pub fn removed_error(s: &Server, what: &str) -> ApiError {
+    super::changes::gone(format!(
+        "{what}: server {} was removed from the cluster at {}; a removed server cannot come \
+         back, join again under a new identity",
+        s.uuid,
+        iso_from_ms(s.removed_ms.unwrap_or(0))
+    ))
+}
+
+/// The server named in a URL that must still be a member: 404 if unknown, 410 if removed
+/// (`what` names the refused request in the message).
+pub fn find_member(db: &mut Db<'_>, uuid: &str, what: &str) -> Result<Server, OpError> {
+    let s = find(db, uuid)?;
+    if s.is_removed() {
+        return Err(removed_error(&s, what).into());
+    }
+    Ok(s)
 }
 
 /// Every server, by UUID.
@@ -169,8 +212,19 @@ fn parse_underlay(p: &mut Params) -> Option<IpAddr> {
 
 /// `PUT /servers/:uuid`: registers the server or updates it (both fields are required on first
 /// registration); publishes its underlay mapping; counts as a heartbeat. A change of name or
-/// address (or a new server) records a `server` change.
-pub fn put(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Result<Value, OpError> {
+/// address (or a new server) records a `server` change. A removed server is 410 Gone.
+///
+/// `by_host`: the request comes with the server's own host certificate, which may only
+/// re-register (heartbeat-like: the server exists and `underlay_ip`, if given, is unchanged;
+/// the hostname may change). Registering and changing the underlay address need an operator:
+/// 403 otherwise, and nothing is written.
+pub fn put(
+    tx: &mut dyn Txn,
+    cfg: &Config,
+    uuid: &str,
+    p: &mut Params,
+    by_host: bool,
+) -> Result<Value, OpError> {
     let Some(uuid) = parse_uuid(uuid) else {
         return Err(ApiError::invalid("uuid", "invalid UUID: expected a server UUID").into());
     };
@@ -193,6 +247,31 @@ pub fn put(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Result
     // One key for every registration: underlay addresses are unique across servers.
     d.lock(lock_key(LOCK_SERVER, "servers"))?;
     let old = get(&mut d, &uuid)?;
+    if let Some(o) = old.as_ref().filter(|o| o.is_removed()) {
+        return Err(removed_error(o, &format!("PUT /servers/{uuid}")).into());
+    }
+    if by_host {
+        match &old {
+            None => {
+                return Err(super::auth::forbidden(format!(
+                    "PUT /servers/{uuid}: server {uuid} is not registered; a host certificate \
+                     cannot register a server (hosts are registered when they join, or by an \
+                     operator)"
+                ))
+                .into())
+            }
+            Some(o) if ip.is_some_and(|ip| ip != o.underlay_ip) => {
+                return Err(super::auth::forbidden(format!(
+                    "PUT /servers/{uuid}: the underlay_ip of server {uuid} is {}; a host \
+                     certificate cannot change it to {} (only an operator can)",
+                    o.underlay_ip,
+                    ip.map(|i| i.to_string()).unwrap_or_default()
+                ))
+                .into())
+            }
+            Some(_) => {}
+        }
+    }
     let now = now_ms();
     let new = match &old {
         Some(o) => Server {
@@ -218,12 +297,14 @@ pub fn put(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Result
                 underlay_ip: ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
                 last_heartbeat_ms: Some(now),
                 created_ms: now,
+                removed_ms: None,
             }
         }
     };
     let ip_text = new.underlay_ip.to_string();
     if let Some(r) = d.query_opt(
-        "SELECT uuid FROM fabric_servers WHERE underlay_ip = $1 AND uuid <> $2",
+        "SELECT uuid FROM fabric_servers WHERE underlay_ip = $1 AND uuid <> $2 \
+           AND removed_ms IS NULL",
         &[Val::text(&ip_text), Val::text(&uuid)],
     )? {
         let other = r
@@ -289,20 +370,92 @@ pub fn put(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Result
 }
 
 /// `POST /servers/:uuid/heartbeat`: stamps the server's last heartbeat (404 if it is not
-/// registered). No feed change: liveness is judged from the stamp when read.
+/// registered, 410 if it was removed). No feed change: liveness is judged from the stamp when
+/// read.
 pub fn heartbeat(db: &mut Db<'_>, uuid: &str, p: &mut Params) -> Result<(), OpError> {
     p.allow_only(&[]);
     p.finish()?;
     let u = parse_uuid(uuid).ok_or_else(|| ApiError::not_found("server not found"))?;
     // One statement: nothing is decided on what was there before.
     let n = db.exec(
-        "UPDATE fabric_servers SET last_heartbeat_ms = $1 WHERE uuid = $2",
-        &[Val::int(now_ms()), Val::text(u)],
+        "UPDATE fabric_servers SET last_heartbeat_ms = $1 WHERE uuid = $2 AND removed_ms IS NULL",
+        &[Val::int(now_ms()), Val::text(&u)],
     )?;
     if n == 0 {
+        find_member(db, &u, &format!("POST /servers/{u}/heartbeat"))?;
         return Err(ApiError::not_found("server not found").into());
     }
     Ok(())
+}
+
+/// `DELETE /servers/:uuid` (operator): removes the server from the cluster, for good. Marks it
+/// removed, removes its Portolan underlay mapping (so Portolan no longer resolves to it), and
+/// records a `server` `remove` change, which every server's feed carries (their agents read
+/// the new `members`). 404 if unknown, 410 if removed already. The caller revokes it in the
+/// in-process [`crate::pki::Trust`] after commit.
+pub fn remove(tx: &mut dyn Txn, uuid: &str, p: &mut Params) -> Result<Server, OpError> {
+    p.allow_only(&[]);
+    p.finish()?;
+    let mut d = Db::from(tx.raw());
+    d.lock(lock_key(LOCK_SERVER, "servers"))?;
+    let mut s = find(&mut d, uuid)?;
+    if s.is_removed() {
+        return Err(super::changes::gone(format!(
+            "server {} was already removed from the cluster at {}",
+            s.uuid,
+            iso_from_ms(s.removed_ms.unwrap_or(0))
+        ))
+        .into());
+    }
+    let now = now_ms();
+    d.exec(
+        "UPDATE fabric_servers SET removed_ms = $1 WHERE uuid = $2",
+        &[Val::int(now), Val::text(&s.uuid)],
+    )?;
+    s.removed_ms = Some(now);
+    changes::record(
+        &mut d,
+        &Change {
+            kind: kind::SERVER,
+            uuid: &s.uuid,
+            action: "remove",
+            owner_uuid: None,
+            servers: &[&s.uuid],
+        },
+    )?;
+    if let Some(cn_uuid) = cn(&s.uuid) {
+        tx.remove_underlay(cn_uuid)?;
+    }
+    Ok(s)
+}
+
+/// Every registered server as membership sees it (removed ones included, flagged), and the
+/// foreign peers: what [`crate::pki::Trust::set_servers`] takes.
+pub fn trust_view(db: &mut Db<'_>) -> Result<(Vec<ServerTrust>, Vec<IpAddr>), OpError> {
+    let servers = all(db)?
+        .into_iter()
+        .map(|s| ServerTrust {
+            removed: s.is_removed(),
+            uuid: s.uuid,
+            underlay: s.underlay_ip,
+        })
+        .collect();
+    Ok((servers, super::peers::addresses(db)?))
+}
+
+/// The cluster's members: the underlay addresses of registered, unrevoked servers and the
+/// foreign peers, sorted (as [`crate::pki::Trust::members`] sorts them) without duplicates.
+pub fn members(db: &mut Db<'_>) -> Result<Vec<IpAddr>, OpError> {
+    let (servers, foreign) = trust_view(db)?;
+    let mut m: Vec<IpAddr> = servers
+        .into_iter()
+        .filter(|s| !s.removed)
+        .map(|s| s.underlay)
+        .chain(foreign)
+        .collect();
+    m.sort();
+    m.dedup();
+    Ok(m)
 }
 
 /// `GET /servers/:uuid`.
@@ -319,10 +472,13 @@ pub fn get_api(
     Ok(s.to_json(n, now_ms(), cfg))
 }
 
-/// `GET /servers`: every server by UUID; `status` (`running`|`unknown`), `limit`, `offset`.
+/// `GET /servers`: every server by UUID, removed ones included (status `removed`); filters
+/// `status` (`running`|`unknown`|`removed`), `removed` (`false`: members only, `true`: removed
+/// only), `limit`, `offset`.
 pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpError> {
-    p.allow_only(&["status", "limit", "offset"]);
-    let status = p.one_of("status", &["running", "unknown"]);
+    p.allow_only(&["status", "removed", "limit", "offset"]);
+    let status = p.one_of("status", &["running", "unknown", "removed"]);
+    let removed = p.boolean("removed");
     let (limit, offset) = p.pagination();
     p.finish()?;
     let now = now_ms();
@@ -346,9 +502,10 @@ pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpEr
     let out: Vec<Value> = all(db)?
         .into_iter()
         .filter(|s| {
-            status
-                .as_deref()
-                .is_none_or(|w| s.status(now, cfg.heartbeat_lifetime_ms()) == w)
+            removed.is_none_or(|r| r == s.is_removed())
+                && status
+                    .as_deref()
+                    .is_none_or(|w| s.status(now, cfg.heartbeat_lifetime_ms()) == w)
         })
         .map(|s| {
             let n = counts.get(&s.uuid).copied().unwrap_or(0);
@@ -369,6 +526,7 @@ mod tests {
             underlay_ip: "192.168.77.1".parse().unwrap(),
             last_heartbeat_ms: hb,
             created_ms: 0,
+            removed_ms: None,
         }
     }
 
@@ -379,6 +537,16 @@ mod tests {
         assert!(!server(None).is_live(0, 11_000));
         assert_eq!(server(Some(1_000)).status(12_001, 11_000), "unknown");
         assert_eq!(server(Some(1_000)).status(1_500, 11_000), "running");
+        let gone = Server {
+            removed_ms: Some(1_200),
+            ..server(Some(1_000))
+        };
+        assert!(!gone.is_live(1_500, 11_000));
+        assert_eq!(gone.status(1_500, 11_000), "removed");
+        assert_eq!(
+            gone.to_json(0, 1_500, &Config::default())["status"],
+            "removed"
+        );
     }
 
     #[test]

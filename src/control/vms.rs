@@ -11,7 +11,11 @@
 //! The agent of the VM's server reports `running`/`failed`/`stopped`
 //! (`POST /servers/:uuid/vm_states`); a report from a server the VM is no longer on is ignored.
 //! When read, a VM whose server has not heartbeat within the configured lifetime reads
-//! `unknown` ([`effective_state`], the one place this rule lives).
+//! `unknown` ([`effective_state`], the one place this rule lives). A VM whose server was
+//! removed from the cluster reads `unknown` too, with `"lost": true` (every VM object carries
+//! `lost`, false otherwise) and a `state_reason` saying so; it stays until an operator migrates
+//! or deletes it. A state report made with a host certificate must only name VMs on that host:
+//! one VM of another server refuses the whole report (403, nothing written).
 //!
 //! Locks (db.rs order): the owner (placement and alias uniqueness are per-owner decisions),
 //! then the VM, then its NICs (inside `nics`). Every write records a `vm` change.
@@ -294,7 +298,19 @@ pub fn to_json(
         )),
     );
     m.insert("desired_state".into(), json!(vm.desired_state));
-    m.insert("state_reason".into(), json!(vm.state_reason));
+    let lost = server.is_some_and(Server::is_removed) && vm.state != "destroyed";
+    if lost {
+        m.insert(
+            "state_reason".into(),
+            json!(format!(
+                "lost: server {} was removed from the cluster",
+                vm.server_uuid.as_deref().unwrap_or("")
+            )),
+        );
+    } else {
+        m.insert("state_reason".into(), json!(vm.state_reason));
+    }
+    m.insert("lost".into(), json!(lost));
     m.insert("tags".into(), Value::Object(vm.tags.clone()));
     m.insert("firewall_enabled".into(), json!(vm.firewall_enabled));
     m.insert("nics".into(), Value::Array(nics));
@@ -597,12 +613,22 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
         }
         match server {
             Some(s) => {
-                if servers::get(&mut d, &s)?.is_none() {
-                    return Err(ApiError::invalid(
-                        "server_uuid",
-                        format!("server {s} is not registered (PUT /servers/{s} first)"),
-                    )
-                    .into());
+                match servers::get(&mut d, &s)? {
+                    None => {
+                        return Err(ApiError::invalid(
+                            "server_uuid",
+                            format!("server {s} is not registered (PUT /servers/{s} first)"),
+                        )
+                        .into())
+                    }
+                    Some(x) if x.is_removed() => {
+                        return Err(ApiError::invalid(
+                            "server_uuid",
+                            format!("server {s} was removed from the cluster"),
+                        )
+                        .into())
+                    }
+                    Some(_) => {}
                 }
                 s
             }
@@ -825,12 +851,22 @@ pub fn action(
         _ => {
             let target = target.unwrap_or_default();
             let mut d = Db::from(tx.raw());
-            if servers::get(&mut d, &target)?.is_none() {
-                return Err(ApiError::invalid(
-                    "server_uuid",
-                    format!("server {target} is not registered"),
-                )
-                .into());
+            match servers::get(&mut d, &target)? {
+                None => {
+                    return Err(ApiError::invalid(
+                        "server_uuid",
+                        format!("server {target} is not registered"),
+                    )
+                    .into())
+                }
+                Some(x) if x.is_removed() => {
+                    return Err(ApiError::invalid(
+                        "server_uuid",
+                        format!("server {target} was removed from the cluster"),
+                    )
+                    .into())
+                }
+                Some(_) => {}
             }
             if target == server {
                 return Err(ApiError::invalid(
@@ -972,11 +1008,17 @@ fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
 
 /// `POST /servers/:uuid/vm_states`: the agent's report. An entry is applied only when the VM
 /// is on this server and not destroyed (else it is listed in `ignored`); only an actual change
-/// of state or reason writes the VM and records a `vm` `state` change.
+/// of state or reason writes the VM and records a `vm` `state` change. A removed server's
+/// report is 410 Gone.
+///
+/// `by_host`: the report comes with the server's host certificate; then a VM that exists on
+/// another server refuses the whole report (403 naming it; the transaction rolls back, so
+/// nothing is written). Unknown VMs and this server's destroyed ones are still `ignored`.
 pub fn report_states(
     tx: &mut dyn Txn,
     server_uuid: &str,
     p: &mut Params,
+    by_host: bool,
 ) -> Result<Value, OpError> {
     p.allow_only(&["vms"]);
     let reports = reports_param(p);
@@ -987,7 +1029,11 @@ pub fn report_states(
     reports.sort_by(|a, b| a.uuid.cmp(&b.uuid));
     reports.dedup_by(|a, b| a.uuid == b.uuid);
     let mut d = Db::from(tx.raw());
-    let server = servers::find(&mut d, server_uuid)?;
+    let server = servers::find_member(
+        &mut d,
+        server_uuid,
+        &format!("POST /servers/{server_uuid}/vm_states"),
+    )?;
     let mut updated = 0;
     let mut ignored = Vec::new();
     for r in reports {
@@ -996,6 +1042,17 @@ pub fn report_states(
             ignored.push(r.uuid);
             continue;
         };
+        if by_host && vm.server_uuid.as_deref() != Some(server.uuid.as_str()) {
+            return Err(super::auth::forbidden(format!(
+                "POST /servers/{}/vm_states: VM {} is on server {}, not {}; a host reports \
+                 only its own VMs (nothing of this report was written)",
+                server.uuid,
+                vm.uuid,
+                vm.server_uuid.as_deref().unwrap_or("(none)"),
+                server.uuid
+            ))
+            .into());
+        }
         if vm.server_uuid.as_deref() != Some(server.uuid.as_str()) || vm.state == "destroyed" {
             ignored.push(r.uuid);
             continue;
@@ -1029,6 +1086,7 @@ mod tests {
             underlay_ip: "192.168.77.1".parse().unwrap(),
             last_heartbeat_ms: Some(hb),
             created_ms: 0,
+            removed_ms: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
 
 use super::conns::{Admit, Expiry, Lifecycle, Table};
@@ -31,23 +31,132 @@ use super::Limits;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The step between `accept(2)` and HTTP: nothing for plain TCP, a handshake for TLS. It runs
-/// inside the header-read timeout.
+/// inside the header-read timeout. It also says who the client is ([`Accept::Peer`], put into
+/// every request's extensions, so a handler reads it with axum's `Extension`) and when that
+/// client's access ends ([`Accept::closed`], [`Accept::expires`]): the connection is then
+/// dropped at once, requests in flight (long-polls) included.
 pub trait Accept: Send + Sync + 'static {
     /// The stream HTTP runs over.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Who the client is, as this step established it (`()` when it establishes nothing).
+    type Peer: Clone + Send + Sync + 'static;
     /// Turns an accepted TCP stream into the stream HTTP runs over.
     fn accept(&self, tcp: TcpStream) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    /// The client of an accepted stream.
+    fn peer(&self, io: &Self::Io) -> Self::Peer;
+    /// Resolves when `peer` may no longer talk (e.g. its certificate was revoked); never, by
+    /// default.
+    fn closed(&self, peer: &Self::Peer) -> impl Future<Output = ()> + Send {
+        let _ = peer;
+        std::future::pending()
+    }
+    /// When the stream's credentials stop being valid (a client certificate's `not_after`);
+    /// never, by default.
+    fn expires(&self, io: &Self::Io) -> Option<SystemTime> {
+        let _ = io;
+        None
+    }
 }
 
-/// Plain TCP: HTTP straight over the accepted stream.
+/// Plain TCP: HTTP straight over the accepted stream; the client is not identified.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlainTcp;
 
 impl Accept for PlainTcp {
     type Io = TcpStream;
+    type Peer = ();
     fn accept(&self, tcp: TcpStream) -> impl Future<Output = io::Result<TcpStream>> + Send {
         std::future::ready(Ok(tcp))
     }
+    fn peer(&self, _io: &TcpStream) {}
+}
+
+/// What a listener hands over, turned into the stream HTTP runs over: [`Accept`] over TCP, or
+/// nothing over a unix socket (whose peer the caller names).
+trait Handshake: Send + Sync + 'static {
+    type In: Send + 'static;
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Peer: Clone + Send + Sync + 'static;
+    fn handshake(&self, s: Self::In) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    fn peer(&self, io: &Self::Io) -> Self::Peer;
+    fn closed(&self, peer: &Self::Peer) -> impl Future<Output = ()> + Send;
+    fn expires(&self, io: &Self::Io) -> Option<SystemTime>;
+}
+
+struct OverTcp<A>(A);
+
+impl<A: Accept> Handshake for OverTcp<A> {
+    type In = TcpStream;
+    type Io = A::Io;
+    type Peer = A::Peer;
+    fn handshake(&self, s: TcpStream) -> impl Future<Output = io::Result<A::Io>> + Send {
+        self.0.accept(s)
+    }
+    fn peer(&self, io: &A::Io) -> A::Peer {
+        self.0.peer(io)
+    }
+    fn closed(&self, peer: &A::Peer) -> impl Future<Output = ()> + Send {
+        self.0.closed(peer)
+    }
+    fn expires(&self, io: &A::Io) -> Option<SystemTime> {
+        self.0.expires(io)
+    }
+}
+
+/// A unix socket: every connection is the peer given to [`Server::serve_unix`].
+struct OverUnix<P>(P);
+
+impl<P: Clone + Send + Sync + 'static> Handshake for OverUnix<P> {
+    type In = UnixStream;
+    type Io = UnixStream;
+    type Peer = P;
+    fn handshake(&self, s: UnixStream) -> impl Future<Output = io::Result<UnixStream>> + Send {
+        std::future::ready(Ok(s))
+    }
+    fn peer(&self, _io: &UnixStream) -> P {
+        self.0.clone()
+    }
+    fn closed(&self, _peer: &P) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+    fn expires(&self, _io: &UnixStream) -> Option<SystemTime> {
+        None
+    }
+}
+
+/// A listening socket: accepts streams and says which source each counts against.
+trait Listen: Send {
+    type Stream: Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, std::net::IpAddr)>> + Send;
+    fn prepare(&self, s: &Self::Stream, limits: &Limits);
+}
+
+impl Listen for TcpListener {
+    type Stream = TcpStream;
+    async fn accept(&self) -> io::Result<(TcpStream, std::net::IpAddr)> {
+        let (s, peer) = TcpListener::accept(self).await?;
+        Ok((s, peer.ip()))
+    }
+    fn prepare(&self, tcp: &TcpStream, limits: &Limits) {
+        let _ = tcp.set_nodelay(true);
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(limits.tcp_keepalive)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6);
+        let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    }
+}
+
+/// Every client of a unix socket is local: one source for the per-source cap.
+const UNIX_SOURCE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+impl Listen for UnixListener {
+    type Stream = UnixStream;
+    async fn accept(&self) -> io::Result<(UnixStream, std::net::IpAddr)> {
+        let (s, _) = UnixListener::accept(self).await?;
+        Ok((s, UNIX_SOURCE))
+    }
+    fn prepare(&self, _s: &UnixStream, _limits: &Limits) {}
 }
 
 /// Builds the response of a refusal made by the layer itself (413 today): status, error code,
@@ -90,6 +199,10 @@ pub struct Stats {
     pub accept_errors: AtomicU64,
     /// Requests answered 413: body over the cap.
     pub body_too_large: AtomicU64,
+    /// Connections dropped because their peer's access ended ([`Accept::closed`]: revoked).
+    pub revoked: AtomicU64,
+    /// Connections dropped because their credentials expired ([`Accept::expires`]).
+    pub expired: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -128,6 +241,8 @@ impl Stats {
             ("header_timeout", &self.header_timeouts),
             ("idle_timeout", &self.idle_timeouts),
             ("handshake_failed", &self.handshake_failures),
+            ("revoked", &self.revoked),
+            ("expired", &self.expired),
         ] {
             let _ = writeln!(
                 out,
@@ -214,91 +329,133 @@ impl<A: Accept> Server<A> {
         router: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
-        let limits = self.limits;
-        limits
-            .validate()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let nofile = crate::io::rlimit::nofile()
-            .map(|(soft, _)| soft)
-            .unwrap_or(u64::MAX);
-        let cap = limits.connection_cap(nofile);
-        tracing::info!(
-            max_connections = cap,
-            per_source = limits.max_connections_per_source,
-            nofile,
-            "HTTP connection caps"
-        );
-        let mut builder = Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            // A backstop only: the connection task enforces both deadlines itself (and counts
-            // them). hyper starts this clock a little later or earlier than ours, so it must
-            // fire well after both, or it would close an idle connection uncounted.
-            .header_read_timeout(
-                limits
-                    .header_read_timeout
-                    .max(limits.idle_timeout)
-                    .saturating_mul(2)
-                    .saturating_add(Duration::from_secs(1)),
-            )
-            .max_buf_size(limits.max_header_bytes)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(limits.max_h2_streams)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-        let registry = Arc::new(Registry {
-            table: Mutex::new(Table::new(cap, limits.max_connections_per_source)),
-            stats: self.stats.clone(),
-        });
-        let shared = Arc::new(Shared {
+        let (limits, acceptor, stats, refusal) =
+            (self.limits, self.acceptor, self.stats, self.refusal);
+        run(
             limits,
-            acceptor: self.acceptor,
-            builder,
+            OverTcp(acceptor),
+            stats,
+            refusal,
+            listener,
             router,
-            refusal: self.refusal,
-            registry,
-        });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (open_tx, open_rx) = watch::channel(());
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = &mut shutdown => break,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    shared.accept_failed(&e).await;
-                    continue;
-                }
-            };
-            let Some(slot) = shared.admit(peer.ip()) else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let ka = socket2::TcpKeepalive::new()
-                .with_time(shared.limits.tcp_keepalive)
-                .with_interval(Duration::from_secs(10))
-                .with_retries(6);
-            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
-            tokio::spawn(connection(
-                shared.clone(),
-                tcp,
-                slot,
-                stop_rx.clone(),
-                open_rx.clone(),
-            ));
-        }
-        drop(listener);
-        let _ = stop_tx.send(true);
-        drop(open_rx);
-        open_tx.closed().await;
-        Ok(())
+            shutdown,
+        )
+        .await
     }
+
+    /// Serves `router` on a unix socket (e.g. the head's `DIR/control.sock`) with the same
+    /// limits (all its clients are one source), until `shutdown` completes. Every request
+    /// carries `peer` in its extensions (the socket's file mode is what authenticates them).
+    /// The accept step of this server is not used.
+    pub async fn serve_unix<P: Clone + Send + Sync + 'static>(
+        self,
+        listener: UnixListener,
+        router: Router,
+        peer: P,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let (limits, stats, refusal) = (self.limits, self.stats, self.refusal);
+        run(
+            limits,
+            OverUnix(peer),
+            stats,
+            refusal,
+            listener,
+            router,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// The accept loop of [`Server::serve`] and [`Server::serve_unix`].
+async fn run<H: Handshake, L: Listen<Stream = H::In>>(
+    limits: Limits,
+    handshake: H,
+    stats: Arc<Stats>,
+    refusal: Refusal,
+    listener: L,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    limits
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let nofile = crate::io::rlimit::nofile()
+        .map(|(soft, _)| soft)
+        .unwrap_or(u64::MAX);
+    let cap = limits.connection_cap(nofile);
+    tracing::info!(
+        max_connections = cap,
+        per_source = limits.max_connections_per_source,
+        nofile,
+        "HTTP connection caps"
+    );
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // A backstop only: the connection task enforces both deadlines itself (and counts
+        // them). hyper starts this clock a little later or earlier than ours, so it must
+        // fire well after both, or it would close an idle connection uncounted.
+        .header_read_timeout(
+            limits
+                .header_read_timeout
+                .max(limits.idle_timeout)
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(1)),
+        )
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_h2_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let registry = Arc::new(Registry {
+        table: Mutex::new(Table::new(cap, limits.max_connections_per_source)),
+        stats,
+    });
+    let shared = Arc::new(Shared {
+        limits,
+        handshake,
+        builder,
+        router,
+        refusal,
+        registry,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (open_tx, open_rx) = watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => break,
+        };
+        let (stream, source) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                shared.accept_failed(&e).await;
+                continue;
+            }
+        };
+        let Some(slot) = shared.admit(source) else {
+            continue;
+        };
+        listener.prepare(&stream, &shared.limits);
+        tokio::spawn(connection(
+            shared.clone(),
+            stream,
+            slot,
+            stop_rx.clone(),
+            open_rx.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_rx);
+    open_tx.closed().await;
+    Ok(())
 }
 
 /// The open connections and the counters; each connection holds it to update its entry.
@@ -314,16 +471,16 @@ impl Registry {
     }
 }
 
-struct Shared<A> {
+struct Shared<H> {
     limits: Limits,
-    acceptor: A,
+    handshake: H,
     builder: Builder<TokioExecutor>,
     router: Router,
     refusal: Refusal,
     registry: Arc<Registry>,
 }
 
-impl<A> Shared<A> {
+impl<H> Shared<H> {
     /// Admits a connection from `ip` (evicting another if that makes room), or refuses it.
     fn admit(&self, ip: std::net::IpAddr) -> Option<Slot> {
         let reg = &self.registry;
@@ -505,9 +662,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 
 /// Serves one connection until it closes, its time is up, it is evicted, or the server
 /// shuts down.
-async fn connection<A: Accept>(
-    shared: Arc<Shared<A>>,
-    tcp: TcpStream,
+async fn connection<H: Handshake>(
+    shared: Arc<Shared<H>>,
+    stream: H::In,
     slot: Slot,
     mut stop: watch::Receiver<bool>,
     _open: watch::Receiver<()>,
@@ -519,7 +676,7 @@ async fn connection<A: Accept>(
         .deadline()
         .map_or_else(Instant::now, |(at, _)| at);
     let io = tokio::select! {
-        r = tokio::time::timeout_at(handshake_deadline.into(), shared.acceptor.accept(tcp)) => {
+        r = tokio::time::timeout_at(handshake_deadline.into(), shared.handshake.handshake(stream)) => {
             match r {
                 Ok(Ok(io)) => io,
                 Ok(Err(e)) => {
@@ -535,11 +692,28 @@ async fn connection<A: Accept>(
         }
         () = conn.kill.notified() => return,
     };
+    let peer = shared.handshake.peer(&io);
+    // Credentials that expire end the connection then (a clock jump is seen at the next wake).
+    let expires = shared.handshake.expires(&io).map(|t| {
+        let left = t
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Instant::now()
+            .checked_add(left)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365))
+    });
+    if expires.is_some_and(|at| at <= Instant::now()) {
+        inc(&stats.expired);
+        return;
+    }
+    let revoked = shared.handshake.closed(&peer);
+    tokio::pin!(revoked);
     let svc = ConnService {
         router: shared.router.clone(),
         conn: conn.clone(),
         max_body: shared.limits.max_body_bytes,
         refusal: shared.refusal,
+        peer: peer.clone(),
     };
     let io = TokioIo::new(Watched { inner: io, slot });
     let c = shared.builder.serve_connection_with_upgrades(io, svc);
@@ -552,6 +726,19 @@ async fn connection<A: Accept>(
     loop {
         let wake = closing.or_else(|| conn.life().deadline().map(|(at, _)| at));
         tokio::select! {
+            // Checked first: a revoked peer gets no further answer.
+            biased;
+            // The peer's access ended: drop the connection now, requests in flight included.
+            () = &mut revoked => {
+                inc(&stats.revoked);
+                tracing::info!("closing a connection: its peer's access was revoked");
+                break;
+            }
+            () = sleep_until(expires), if expires.is_some() => {
+                inc(&stats.expired);
+                tracing::info!("closing a connection: its peer's credentials expired");
+                break;
+            }
             r = c.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "HTTP connection ended with an error");
@@ -612,21 +799,26 @@ impl Drop for Busy {
 
 /// The router, seen from one connection: counts requests in flight, caps bodies.
 #[derive(Clone)]
-struct ConnService {
+struct ConnService<P> {
     router: Router,
     conn: Arc<Conn>,
     max_body: usize,
     refusal: Refusal,
+    /// Who the client is: put into every request's extensions.
+    peer: P,
 }
 
 type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
 
-impl hyper::service::Service<Request<Incoming>> for ConnService {
+impl<P: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>>
+    for ConnService<P>
+{
     type Response = Response<Tracked>;
     type Error = Infallible;
     type Future = ServiceFuture;
 
-    fn call(&self, req: Request<Incoming>) -> ServiceFuture {
+    fn call(&self, mut req: Request<Incoming>) -> ServiceFuture {
+        req.extensions_mut().insert(self.peer.clone());
         let version = req.version();
         self.conn.request_started(version);
         let busy = Busy {
@@ -746,5 +938,174 @@ impl HttpBody for Tracked {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use axum::Extension;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An accept step naming each client by its address, cut off when `cut` is notified,
+    /// whose credentials expire at `expires`.
+    struct Fake {
+        cut: Arc<Notify>,
+        expires: Option<SystemTime>,
+    }
+
+    impl Accept for Fake {
+        type Io = TcpStream;
+        type Peer = String;
+        fn accept(&self, tcp: TcpStream) -> impl Future<Output = io::Result<TcpStream>> + Send {
+            std::future::ready(Ok(tcp))
+        }
+        fn peer(&self, io: &TcpStream) -> String {
+            format!(
+                "client {}",
+                io.peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default()
+            )
+        }
+        fn closed(&self, _peer: &String) -> impl Future<Output = ()> + Send {
+            self.cut.notified()
+        }
+        fn expires(&self, _io: &TcpStream) -> Option<SystemTime> {
+            self.expires
+        }
+    }
+
+    fn app() -> Router {
+        Router::new()
+            .route(
+                "/who",
+                get(|Extension(p): Extension<String>| async move { p }),
+            )
+            .route("/wait", get(std::future::pending::<&'static str>))
+    }
+
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, path: &str) -> String {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the connection ends within 10 s")
+            .ok();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn start(fake: Fake) -> (std::net::SocketAddr, Arc<Stats>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = Server::new(Limits::default()).with_acceptor(fake);
+        let stats = server.stats();
+        tokio::spawn(server.serve(l, app(), std::future::pending()));
+        (addr, stats)
+    }
+
+    #[tokio::test]
+    async fn every_request_carries_the_peer() {
+        let cut = Arc::new(Notify::new());
+        let (addr, _) = start(Fake { cut, expires: None }).await;
+        let out = exchange(TcpStream::connect(addr).await.unwrap(), "/who").await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("client 127.0.0.1"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn closed_cuts_an_open_long_request() {
+        let cut = Arc::new(Notify::new());
+        let (addr, stats) = start(Fake {
+            cut: cut.clone(),
+            expires: None,
+        })
+        .await;
+        let waiting = tokio::spawn(async move {
+            exchange(TcpStream::connect(addr).await.unwrap(), "/wait").await
+        });
+        // The request is in flight (no deadline applies to it) before the peer is cut off.
+        let t0 = Instant::now();
+        while stats.open.load(Ordering::Relaxed) == 0 || t0.elapsed() < Duration::from_millis(200) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!waiting.is_finished());
+        let t1 = Instant::now();
+        cut.notify_one();
+        let out = waiting.await.unwrap();
+        println!(
+            "long request cut {:?} after closed() resolved",
+            t1.elapsed()
+        );
+        assert_eq!(out, "", "no answer: the connection was dropped");
+        assert_eq!(stats.revoked.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn expired_credentials_cut_the_connection() {
+        let (addr, stats) = start(Fake {
+            cut: Arc::new(Notify::new()),
+            expires: Some(SystemTime::now() + Duration::from_millis(300)),
+        })
+        .await;
+        let t0 = Instant::now();
+        let out = exchange(TcpStream::connect(addr).await.unwrap(), "/wait").await;
+        println!("connection closed {:?} after accept", t0.elapsed());
+        assert_eq!(out, "");
+        assert!(t0.elapsed() >= Duration::from_millis(250));
+        assert_eq!(stats.expired.load(Ordering::Relaxed), 1);
+        // Already expired: closed before any answer.
+        let (addr, _) = start(Fake {
+            cut: Arc::new(Notify::new()),
+            expires: Some(SystemTime::now() - Duration::from_secs(1)),
+        })
+        .await;
+        assert_eq!(
+            exchange(TcpStream::connect(addr).await.unwrap(), "/who").await,
+            ""
+        );
+    }
+
+    #[tokio::test]
+    async fn unix_socket_serves_with_the_given_peer_as_one_source() {
+        let dir = std::env::temp_dir().join(format!(
+            "fabric-serve-unix-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let server = Server::new(Limits {
+            max_connections_per_source: 1,
+            ..Limits::default()
+        });
+        let stats = server.stats();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve_unix(l, app(), "local".to_string(), async {
+            let _ = rx.await;
+        }));
+        let out = exchange(UnixStream::connect(&path).await.unwrap(), "/who").await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("\r\n\r\nlocal"), "{out}");
+        // One source: a second connection while one is open is refused.
+        let first = UnixStream::connect(&path).await.unwrap();
+        let t0 = Instant::now();
+        while stats.open.load(Ordering::Relaxed) == 0 && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            exchange(UnixStream::connect(&path).await.unwrap(), "/who").await,
+            ""
+        );
+        assert_eq!(stats.refused_per_source.load(Ordering::Relaxed), 1);
+        drop(first);
+        let _ = tx.send(());
+        task.await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,7 +13,52 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::watch;
 
+pub mod accept;
+pub mod ca;
+pub mod cli;
+pub mod files;
 pub mod svp;
+pub mod tls;
+pub mod token;
+
+/// Failures of key, certificate and token handling.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A certificate or key is bad, or signing failed.
+    #[error("{0}")]
+    Cert(String),
+    /// A certificate request is bad (the requester's fault).
+    #[error("{0}")]
+    Request(String),
+    /// A join token is bad.
+    #[error("{0}")]
+    Token(String),
+}
+
+impl PkiError {
+    fn io(path: &std::path::Path, source: std::io::Error) -> PkiError {
+        PkiError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// SHA-256.
+pub fn sha256(b: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, b);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
 
 /// The organizational unit of host certificates.
 pub const HOST_OU: &str = "fabric-host";

@@ -18,16 +18,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use portolan::client::{BoxStream, Connecting, Connector};
 use portolan::server::{Acceptor, Access, Closed, Identity, LogScope};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use super::{Trust, HOST_OU};
+use super::{tls, Peer, Trust, HOST_OU};
 
 /// Portolan's access policy over the head's membership view (see the module docs).
 #[derive(Debug, Clone)]
@@ -74,27 +73,18 @@ impl Access for SvpAccess {
     }
 }
 
-/// The server UUID a host certificate names: subject CN (lower-cased) when the subject's OU is
-/// [`HOST_OU`]; `None` for any other certificate (operator, foreign, unparsable).
+/// The server UUID a host certificate names ([`tls::peer_of_cert`]: subject CN, lower case,
+/// OU [`HOST_OU`]); `None` for any other certificate (operator, foreign, unparsable).
 pub fn host_uuid_of_cert(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let is_host = subject
-        .iter_organizational_unit()
-        .any(|ou| ou.as_str().ok() == Some(HOST_OU));
-    if !is_host {
-        return None;
+    match tls::peer_of_cert(der)? {
+        Peer::Host { server_uuid, .. } if !server_uuid.is_empty() => Some(server_uuid),
+        _ => None,
     }
-    let cn = subject.iter_common_name().next()?.as_str().ok()?;
-    if cn.is_empty() {
-        return None;
-    }
-    Some(cn.to_ascii_lowercase())
 }
 
 /// SVP over TLS for fabric hosts: a TLS handshake with the given server configuration (which
-/// must require client certificates of the cluster CA; the lead's `tls::server_config` with
-/// `ClientAuth::Required` checks revocation too), then the host certificate's server UUID is
+/// must require client certificates of the cluster CA: [`tls::server_config`] with
+/// [`tls::ClientAuth::Required`] and the head's [`Trust`] also refuses revoked hosts), then the host certificate's server UUID is
 /// the session's [`Identity::Named`]. A handshake without a host certificate fails (counted in
 /// Portolan's `handshake_failed`).
 #[derive(Clone)]
@@ -181,7 +171,8 @@ impl SvpTlsConnector {
     fn config(&self) -> io::Result<Arc<rustls::ClientConfig>> {
         match &self.source {
             Source::Fixed(c) => Ok(c.clone()),
-            Source::Dir(d) => client_config_from_dir(d),
+            Source::Dir(d) => tls::client_config(d)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }
     }
 }
@@ -199,53 +190,6 @@ impl Connector for SvpTlsConnector {
             Ok(Box::new(stream) as BoxStream)
         })
     }
-}
-
-fn bad_file(path: &Path, what: &str, e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {e} (expected {what} in PEM)", path.display()),
-    )
-}
-
-/// A TLS client configuration from `dir`/ca.pem (the roots), `dir`/cert.pem (the chain) and
-/// `dir`/key.pem (its key): the layout `fabric up --join` writes in `DIR/tls/`.
-pub fn client_config_from_dir(dir: &Path) -> io::Result<Arc<rustls::ClientConfig>> {
-    let ca = dir.join("ca.pem");
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    let ca_certs = CertificateDer::pem_file_iter(&ca)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad_file(&ca, "the cluster CA certificate", e))?;
-    if ca_certs.is_empty() {
-        return Err(bad_file(
-            &ca,
-            "the cluster CA certificate",
-            "no certificate",
-        ));
-    }
-    for c in ca_certs {
-        roots
-            .add(c)
-            .map_err(|e| bad_file(&ca, "the cluster CA certificate", e))?;
-    }
-    let chain = CertificateDer::pem_file_iter(&cert)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad_file(&cert, "this host's certificate", e))?;
-    if chain.is_empty() {
-        return Err(bad_file(&cert, "this host's certificate", "no certificate"));
-    }
-    let key_der =
-        PrivateKeyDer::from_pem_file(&key).map_err(|e| bad_file(&key, "this host's key", e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key_der)
-        .map_err(|e| bad_file(&key, "a key matching cert.pem", e))?;
-    Ok(Arc::new(config))
 }
 
 #[cfg(test)]

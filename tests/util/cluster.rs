@@ -114,6 +114,9 @@ pub struct Cluster {
     pub hosts: Vec<SimHost>,
     procs: Vec<Proc>,
     bridge: Netns,
+    /// Credentials [`Cluster::http`] uses (an operator's, once the head made its CA): with
+    /// them it speaks https.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Sets `PR_SET_PDEATHSIG` = SIGKILL in the child, so it dies with the thread that spawned it.
@@ -155,6 +158,7 @@ impl Cluster {
             hosts: Vec::new(),
             procs: Vec::new(),
             bridge,
+            tls: None,
         };
         ip(&["-n", &bridge_ns, "link", "set", "lo", "up"]);
         // A fixed MAC: otherwise the bridge takes its lowest port's MAC, which changes as
@@ -411,7 +415,8 @@ impl Cluster {
     }
 
     /// One HTTP/1.1 request from the bridge namespace to `addr` (a host's service), JSON in
-    /// and out: returns (status, body as JSON, `Null` when empty). `Connection: close`.
+    /// and out: returns (status, body as JSON, `Null` when empty). `Connection: close`. Over
+    /// TLS with [`Cluster::tls`] when set.
     pub fn http(
         &self,
         addr: SocketAddr,
@@ -419,11 +424,49 @@ impl Cluster {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(u16, serde_json::Value), String> {
-        let s = self
-            .bridge
+        match &self.tls {
+            Some(t) => self.https(addr, t.clone(), method, path, body),
+            None => {
+                let s = self.connect(addr)?;
+                http_on(s, addr, method, path, body)
+            }
+        }
+    }
+
+    fn connect(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+        self.bridge
             .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("connect {addr}: {e}"))?;
+            .map_err(|e| format!("connect {addr}: {e}"))
+            .and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(70)))
+                    .map_err(|e| e.to_string())?;
+                Ok(s)
+            })
+    }
+
+    /// [`Cluster::http`] over TLS with `config` (its certificate, or none), verifying the
+    /// server as `addr`'s IP. A refused handshake is an `Err` naming TLS.
+    pub fn https(
+        &self,
+        addr: SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let mut c = (*config).clone();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::from(addr.ip());
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(c), name)
+            .map_err(|e| format!("TLS: {e}"))?;
+        let mut s = rustls::StreamOwned::new(conn, self.connect(addr)?);
+        // The handshake first, so a refusal reads as one.
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+        }
         http_on(s, addr, method, path, body)
     }
 
@@ -688,15 +731,13 @@ pub fn gone(pid: u32) -> bool {
 }
 
 /// One HTTP/1.1 request on an open connection (closed after the answer).
-pub fn http_on(
-    mut s: TcpStream,
+pub fn http_on<S: Read + Write>(
+    mut s: S,
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<(u16, serde_json::Value), String> {
-    s.set_read_timeout(Some(Duration::from_secs(70)))
-        .map_err(|e| e.to_string())?;
     let b = body.map(|v| v.to_string()).unwrap_or_default();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",

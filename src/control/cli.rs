@@ -1,0 +1,355 @@
+//! `fabric server ls|remove` and `fabric peer ls|add|rm`: the operator's membership commands,
+//! over the control API (`--control http://HOST:PORT`).
+//!
+//! Errors are one line naming what failed: `no server 564d… is registered (404)`, `server 564d…
+//! was already removed from the cluster at … (410)`, or the API's own message with its status.
+
+use std::net::SocketAddr;
+
+use anyhow::{anyhow, Context};
+use serde_json::{json, Value};
+
+use super::client::{HttpClient, HttpResponse};
+
+/// Default control API address (`fabric control`'s default `--listen`).
+pub const DEFAULT_CONTROL: &str = "http://127.0.0.1:8080";
+
+/// Where the control API is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlUrl {
+    /// The control API, `http://HOST:PORT`.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_CONTROL)]
+    pub control: String,
+}
+
+/// `fabric server …`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ServerCmd {
+    /// List the registered servers: UUID, host name, underlay address, status (running,
+    /// unknown, removed), VMs, last heartbeat.
+    Ls {
+        #[command(flatten)]
+        control: ControlUrl,
+        /// Members only (hide removed servers).
+        #[arg(long)]
+        members: bool,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a server from the cluster, for good: its certificate is refused from then on,
+    /// its VMs read `unknown` (lost), Portolan and the other hosts stop accepting it. The host
+    /// can only come back by joining again under a new identity.
+    Remove {
+        /// The server's UUID.
+        uuid: String,
+        #[command(flatten)]
+        control: ControlUrl,
+    },
+}
+
+/// `fabric peer …`: foreign VXLAN peers (Linux vxlan hosts, illumos varpd), members by
+/// address.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum PeerCmd {
+    /// List the foreign peers.
+    Ls {
+        #[command(flatten)]
+        control: ControlUrl,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a foreign peer (or change its note): Portolan answers it over plain SVP and every
+    /// dataplane accepts its VXLAN.
+    Add {
+        /// Its underlay address.
+        ip: String,
+        /// A note (who or what it is).
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        control: ControlUrl,
+    },
+    /// Remove a foreign peer.
+    Rm {
+        /// Its underlay address.
+        ip: String,
+        #[command(flatten)]
+        control: ControlUrl,
+    },
+}
+
+/// The control API's address from `--control`.
+fn control_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    crate::up::parse_http_url(url)
+}
+
+/// A one-line error for an API refusal: the body's message, then status and code.
+pub fn refusal(r: &HttpResponse) -> String {
+    let body = r.json();
+    let msg = body["message"].as_str().unwrap_or("").trim();
+    let code = body["code"].as_str().unwrap_or("");
+    let msg = if msg.is_empty() {
+        String::from_utf8_lossy(&r.body).trim().to_string()
+    } else {
+        msg.to_string()
+    };
+    let mut first = msg.lines().next().unwrap_or("").to_string();
+    // Validation errors: the first field's complaint says what was wrong.
+    if let Some(errs) = body["errors"].as_array().filter(|e| !e.is_empty()) {
+        let e = &errs[0];
+        let field = match &e["field"] {
+            Value::String(f) => f.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        let m = e["message"].as_str().unwrap_or("");
+        let m = m.lines().next().unwrap_or("");
+        first = match (field.is_empty(), m.is_empty()) {
+            (_, true) => first,
+            (true, false) => format!("{first}: {m}"),
+            (false, false) => format!("{first}: {field}: {m}"),
+        };
+        if errs.len() > 1 {
+            first.push_str(&format!(" (and {} more)", errs.len() - 1));
+        }
+    }
+    match (first.is_empty(), code.is_empty()) {
+        (true, _) => format!("HTTP {}", r.status),
+        (false, true) => format!("{first} ({})", r.status),
+        (false, false) => format!("{first} ({} {code})", r.status),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+async fn call(
+    control: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<HttpResponse> {
+    let addr = control_addr(control)?;
+    let mut c = HttpClient::new(addr);
+    c.json(method, path, body)
+        .await
+        .with_context(|| format!("{method} {path} to {control}"))
+}
+
+fn text(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders `rows` as aligned columns under `header`.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The text of `fabric server ls` for the API's server list.
+pub fn render_servers(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    vec![
+                        text(s, "uuid"),
+                        text(s, "hostname"),
+                        text(s, "underlay_ip"),
+                        text(s, "status"),
+                        text(s, "vms"),
+                        text(s, "last_heartbeat"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "UUID",
+            "HOSTNAME",
+            "UNDERLAY",
+            "STATUS",
+            "VMS",
+            "LAST_HEARTBEAT",
+        ],
+        &rows,
+    )
+}
+
+/// The text of `fabric peer ls`.
+pub fn render_peers(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| vec![text(p, "ip"), text(p, "created"), text(p, "note")])
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["IP", "ADDED", "NOTE"], &rows)
+}
+
+/// Runs `fabric server …`; returns what to print.
+pub fn server(cmd: ServerCmd) -> anyhow::Result<String> {
+    runtime()?.block_on(async move {
+        match cmd {
+            ServerCmd::Ls {
+                control,
+                members,
+                json,
+            } => {
+                let path = if members {
+                    "/servers?removed=false"
+                } else {
+                    "/servers"
+                };
+                let r = call(&control.control, "GET", path, None).await?;
+                if r.status != 200 {
+                    return Err(anyhow!("listing servers: {}", refusal(&r)));
+                }
+                let v = r.json();
+                Ok(if json {
+                    format!("{v:#}\n")
+                } else {
+                    render_servers(&v)
+                })
+            }
+            ServerCmd::Remove { uuid, control } => {
+                let Some(u) = super::params::parse_uuid(&uuid) else {
+                    return Err(anyhow!(
+                        "{uuid:?} is not a server UUID: expected e.g. \
+                         564d1a4c-0000-4000-8000-000000000001 (see fabric server ls)"
+                    ));
+                };
+                let r = call(&control.control, "DELETE", &format!("/servers/{u}"), None).await?;
+                match r.status {
+                    204 => Ok(format!("server {u} removed\n")),
+                    404 => Err(anyhow!(
+                        "no server {u} is registered (404; see fabric server ls)"
+                    )),
+                    _ => Err(anyhow!("removing server {u}: {}", refusal(&r))),
+                }
+            }
+        }
+    })
+}
+
+/// Runs `fabric peer …`; returns what to print.
+pub fn peer(cmd: PeerCmd) -> anyhow::Result<String> {
+    runtime()?.block_on(async move {
+        match cmd {
+            PeerCmd::Ls { control, json } => {
+                let r = call(&control.control, "GET", "/peers", None).await?;
+                if r.status != 200 {
+                    return Err(anyhow!("listing peers: {}", refusal(&r)));
+                }
+                let v = r.json();
+                Ok(if json {
+                    format!("{v:#}\n")
+                } else {
+                    render_peers(&v)
+                })
+            }
+            PeerCmd::Add { ip, note, control } => {
+                let body = note.map(|n| json!({ "note": n }));
+                let path = format!("/peers/{ip}");
+                let r = call(&control.control, "PUT", &path, body.as_ref()).await?;
+                if r.status != 200 {
+                    return Err(anyhow!("adding peer {ip}: {}", refusal(&r)));
+                }
+                Ok(format!("peer {} added\n", text(&r.json(), "ip")))
+            }
+            PeerCmd::Rm { ip, control } => {
+                let r = call(&control.control, "DELETE", &format!("/peers/{ip}"), None).await?;
+                match r.status {
+                    204 => Ok(format!("peer {ip} removed\n")),
+                    404 => Err(anyhow!("no peer {ip} is listed (404; see fabric peer ls)")),
+                    _ => Err(anyhow!("removing peer {ip}: {}", refusal(&r))),
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, body: &str) -> HttpResponse {
+        HttpResponse {
+            status,
+            headers: Vec::new(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn refusals_are_one_line() {
+        assert_eq!(
+            refusal(&resp(
+                410,
+                r#"{"code":"Gone","message":"server x was already removed"}"#
+            )),
+            "server x was already removed (410 Gone)"
+        );
+        assert_eq!(refusal(&resp(502, "bad\ngateway")), "bad (502)");
+        assert_eq!(
+            refusal(&resp(
+                422,
+                r#"{"code":"InvalidParameters","message":"Invalid parameters","errors":[{"field":"ip","code":"InvalidParameter","message":"not unicast"},{"field":"x","message":"y"}]}"#
+            )),
+            "Invalid parameters: ip: not unicast (and 1 more) (422 InvalidParameters)"
+        );
+        assert_eq!(refusal(&resp(500, "")), "HTTP 500");
+    }
+
+    #[test]
+    fn tables_align() {
+        let v = json!([
+            {"uuid": "u1", "hostname": "h", "underlay_ip": "192.0.2.1", "status": "running",
+             "vms": 2, "last_heartbeat": "2026-01-01T00:00:00.000Z"},
+            {"uuid": "u2", "hostname": "host-two", "underlay_ip": "192.0.2.2",
+             "status": "removed", "vms": 0, "last_heartbeat": null},
+        ]);
+        let t = render_servers(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("UUID  HOSTNAME  UNDERLAY"), "{t}");
+        assert!(lines[2].contains("host-two  192.0.2.2  removed"), "{t}");
+        assert!(lines[2].ends_with('-'), "{t}");
+        let p = render_peers(&json!([{"ip": "192.0.2.9", "created": "c", "note": "linux"}]));
+        assert_eq!(p, "IP         ADDED  NOTE\n192.0.2.9  c      linux\n");
+    }
+}
