@@ -97,6 +97,37 @@ fn decap(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same decapsulation with a member set in force (`--peer`, the agent's `members`): one
+/// hash lookup of the outer source per datagram.
+fn decap_members(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decap_with_delivery_members");
+    let len = 64usize;
+    let (mut core, _id) = core_with_a();
+    let src: SocketAddr = "127.0.0.2:4789".parse().unwrap();
+    let members: Vec<IpAddr> = (1..=64u8)
+        .map(|n| IpAddr::V4(Ipv4Addr::new(192, 168, 0, n)))
+        .chain([src.ip()])
+        .collect();
+    core.set_members(Some(members));
+    let now = Instant::now();
+    let mut raw = vec![0u8; vxlan::HEADER_LEN + len];
+    vxlan::write_header(&mut raw, vni());
+    let mut inner = frame(A, len);
+    inner[6..12].copy_from_slice(&B.0);
+    raw[vxlan::HEADER_LEN..].copy_from_slice(&inner);
+    let total = raw.len();
+    g.throughput(Throughput::Elements(1));
+    g.bench_with_input(BenchmarkId::from_parameter(len), &len, |b, _| {
+        b.iter(|| {
+            let mut buf = FrameBuf::new(&mut raw, 0, total).unwrap();
+            let v = core.from_underlay(src, &mut buf, now);
+            debug_assert!(matches!(v, Verdict::ToVnic(_)));
+            black_box(v)
+        })
+    });
+    g.finish();
+}
+
 fn arp_proxy(c: &mut Criterion) {
     let (mut core, id) = core_with_a();
     let now = Instant::now();
@@ -254,5 +285,13 @@ fn firewalled(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encap, decap, arp_proxy, big_cache, firewalled);
+criterion_group!(
+    benches,
+    encap,
+    decap,
+    decap_members,
+    arp_proxy,
+    big_cache,
+    firewalled
+);
 criterion_main!(benches);

@@ -16,6 +16,10 @@
 //! up; when none is up but one is still connecting, a query waits (within its timeout); when all
 //! are backing off it fails at once with [`ClientError::Unavailable`].
 //!
+//! Each connection is a TCP connection, or whatever a [`Connector`] makes of one (fabric's
+//! makes it TLS with the host's certificate); the connector runs once per connection attempt,
+//! so it can re-read its certificates each time.
+//!
 //! Replies are validated as the illumos client does: version 1, an ack op, an id that is
 //! outstanding on that connection, exact sizes, the CRC; and the reply op must match the request.
 //!
@@ -30,14 +34,18 @@
 //! ```
 
 use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -79,6 +87,25 @@ fn jitter_sample() -> u32 {
     }
 }
 
+/// A byte stream SVP can run over (a TCP stream, a TLS stream over one).
+pub trait SvpStream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> SvpStream for T {}
+
+/// A boxed [`SvpStream`], what a [`Connector`] returns.
+pub type BoxStream = Box<dyn SvpStream>;
+
+/// The future a [`Connector`] returns.
+pub type Connecting = Pin<Box<dyn Future<Output = io::Result<BoxStream>> + Send>>;
+
+/// Turns each new TCP connection to the server into the stream SVP is spoken over (a TLS
+/// handshake, say). Called once per connection attempt, bounded by
+/// [`ClientConfig::connect_timeout`]; an error counts as a failed connect (backoff).
+pub trait Connector: Send + Sync + fmt::Debug + 'static {
+    /// Wraps `tcp`, connected to `server`.
+    fn connect(&self, tcp: TcpStream, server: SocketAddr) -> Connecting;
+}
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -95,6 +122,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Longest wait between reconnect attempts, before jitter (see [`backoff`]).
     pub backoff_cap: Duration,
+    /// Makes each connection's stream from its TCP connection; `None` speaks plain SVP.
+    pub connector: Option<std::sync::Arc<dyn Connector>>,
 }
 
 impl ClientConfig {
@@ -107,6 +136,7 @@ impl ClientConfig {
             max_payload: svp::DEFAULT_MAX_PAYLOAD,
             connect_timeout: Duration::from_secs(5),
             backoff_cap: BACKOFF_CAP,
+            connector: None,
         }
     }
 }
@@ -505,7 +535,7 @@ async fn drive_slot(
         }
         set_phase(&slot, &changed, Phase::Connecting, None);
         let attempt = async {
-            let mut sock = match tokio::time::timeout(
+            let sock = match tokio::time::timeout(
                 config.connect_timeout,
                 TcpStream::connect(server),
             )
@@ -521,6 +551,25 @@ async fn drive_slot(
                 }
             };
             let _ = sock.set_nodelay(true);
+            let mut sock: BoxStream = match &config.connector {
+                None => Box::new(sock),
+                Some(c) => {
+                    match tokio::time::timeout(config.connect_timeout, c.connect(sock, server))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            return Err(format!("connected, but the handshake failed: {e}"))
+                        }
+                        Err(_) => {
+                            return Err(format!(
+                                "connected, but no handshake within {:?}",
+                                config.connect_timeout
+                            ))
+                        }
+                    }
+                }
+            };
             match tokio::time::timeout(config.connect_timeout, hello(&mut sock, &config)).await {
                 Ok(Ok(())) => Ok(sock),
                 Ok(Err(reason)) => Err(format!("connected, but {reason}")),
@@ -580,9 +629,13 @@ async fn drive_slot(
 
 /// The first exchange on a new connection: PING, and a PONG with the same id back. Returns why
 /// not, otherwise.
-async fn hello(sock: &mut TcpStream, config: &ClientConfig) -> Result<(), String> {
+async fn hello(sock: &mut BoxStream, config: &ClientConfig) -> Result<(), String> {
     let id = RequestId::from_u32(0);
     sock.write_all(&Frame::new(id, Message::Ping).to_bytes())
+        .await
+        .map_err(|e| format!("the PING failed: {e}"))?;
+    // A TLS stream may hold the record until flushed (a no-op on TCP).
+    sock.flush()
         .await
         .map_err(|e| format!("the PING failed: {e}"))?;
     let mut buf = BytesMut::with_capacity(64);
@@ -614,12 +667,12 @@ async fn hello(sock: &mut TcpStream, config: &ClientConfig) -> Result<(), String
 
 /// Runs one connection until it breaks; returns why.
 async fn run_connection(
-    sock: TcpStream,
+    sock: BoxStream,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     pending: Pending,
     config: &ClientConfig,
 ) -> String {
-    let (mut rd, mut wr) = sock.into_split();
+    let (mut rd, mut wr) = tokio::io::split(sock);
     let writer = async move {
         let mut out = Vec::new();
         while let Some(first) = rx.recv().await {
@@ -631,7 +684,11 @@ async fn run_connection(
                     Err(_) => break,
                 }
             }
-            if let Err(e) = wr.write_all(&out).await {
+            let written = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            };
+            if let Err(e) = written.await {
                 return format!("write failed: {e}");
             }
         }

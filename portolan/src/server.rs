@@ -14,6 +14,21 @@
 //! open connections (excess ones are closed at once and counted), an idle timeout, and a cap on
 //! requests in flight per connection (the reader stops reading until replies drain).
 //!
+//! # Who is served
+//! An [`Access`] policy decides: when a connection is accepted (its address, and the identity
+//! its [`Acceptor`] established), again after every read before the requests in it are decoded
+//! (a host removed meanwhile gets no more answers and its connection is closed, as soon as
+//! [`Access::closed`] resolves or at its next request), and for the log: LOG_REQ only for the
+//! underlay IP the policy says is the asker's own, LOG_RM only of ids in that host's log
+//! ([`LogScope`]). The default, [`AllowAll`], serves everyone as a standalone Portolan always
+//! has. Every refusal is counted in [`Stats`].
+//!
+//! # Listeners
+//! [`Server::bind`] serves plain SVP over TCP. [`Server::bind_with`] takes an [`Acceptor`] that
+//! turns each accepted TCP stream into any `AsyncRead + AsyncWrite` stream and an [`Identity`]
+//! (fabric's is TLS with host certificates; this crate knows nothing of TLS). The handshake
+//! runs in the connection's task, bounded by [`ServerConfig::frame_timeout`].
+//!
 //! [`Server::run`] returns when its shutdown future resolves: it stops accepting, lets each
 //! connection finish the requests it has read, and waits up to [`ServerConfig::shutdown_grace`].
 
@@ -21,13 +36,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -38,6 +53,91 @@ use crate::svp::{
     self, decode_frame, from_wire_ip, to_wire_ip, Decoded, Frame, FrameError, LogAck, Mac, Message,
     RequestId, Status, Vl2Ack, Vl3Ack,
 };
+
+/// Who is on the other end of an SVP connection, as its [`Acceptor`] established it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// Plain SVP: only the source address is known (IPv4-mapped addresses as IPv4).
+    Address(IpAddr),
+    /// The acceptor authenticated the peer under this name (fabric: the server UUID of a host
+    /// certificate).
+    Named(String),
+}
+
+/// Which host's log a session may read (LOG_REQ) and trim (LOG_RM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogScope {
+    /// Any log (a standalone Portolan: the request's underlay IP says whose).
+    Any,
+    /// Only the log of the host with this underlay IP: LOG_REQ must name it, LOG_RM removes
+    /// only ids in its log.
+    Own(IpAddr),
+    /// No log at all (LOG_REQ and LOG_RM are answered FATAL).
+    Nothing,
+}
+
+/// A future that ends a session when it resolves (see [`Access::closed`]).
+pub type Closed = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The server's access policy (see the module docs). Calls must be cheap and must not block:
+/// [`allowed`](Access::allowed) runs once per read on every connection.
+pub trait Access: Send + Sync + 'static {
+    /// Whether `who`, connected from `peer`, may be served now. Asked when the connection is
+    /// accepted (false: closed at once) and after every read (false: closed, nothing answered).
+    fn allowed(&self, peer: SocketAddr, who: &Identity) -> bool;
+
+    /// Whose log `who` may read and trim.
+    fn log_scope(&self, peer: SocketAddr, who: &Identity) -> LogScope;
+
+    /// Resolves when `who`'s session must end at once (revocation), even if it is idle. The
+    /// default never resolves: [`allowed`](Access::allowed) is then checked at the next read.
+    fn closed(&self, who: &Identity) -> Closed {
+        let _ = who;
+        Box::pin(std::future::pending())
+    }
+}
+
+/// The default policy: everyone is served, every log readable (Portolan standalone, as
+/// Triton's: restricting who reaches it is left to the network).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAll;
+
+impl Access for AllowAll {
+    fn allowed(&self, _peer: SocketAddr, _who: &Identity) -> bool {
+        true
+    }
+
+    fn log_scope(&self, _peer: SocketAddr, _who: &Identity) -> LogScope {
+        LogScope::Any
+    }
+}
+
+/// Turns an accepted TCP connection into the stream SVP is spoken over, and says who is on
+/// the other end (see the module docs).
+pub trait Acceptor: Send + Sync + 'static {
+    /// The stream SVP runs over.
+    type Io: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+
+    /// The handshake (none for plain TCP). An error closes the connection (counted in
+    /// [`Stats::handshake_failed`]).
+    fn accept(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = io::Result<(Self::Io, Identity)>> + Send;
+}
+
+/// Plain SVP over TCP: the identity is the source address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlainTcp;
+
+impl Acceptor for PlainTcp {
+    type Io = TcpStream;
+
+    async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> io::Result<(TcpStream, Identity)> {
+        Ok((tcp, Identity::Address(peer.ip().to_canonical())))
+    }
+}
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -175,6 +275,15 @@ counters! {
     io_errors,
     /// Connections closed because the peer did not read its replies within the idle timeout.
     write_timeouts,
+    /// Connections whose acceptor handshake (TLS) failed or did not finish within the frame
+    /// timeout.
+    handshake_failed,
+    /// Connections refused by the access policy when accepted (not a member).
+    access_refused,
+    /// Sessions closed because the access policy stopped allowing them (revoked, removed).
+    access_revoked,
+    /// LOG_REQ and LOG_RM refused for naming a log that is not the asker's own.
+    log_refused,
 }
 
 impl Stats {
@@ -214,11 +323,14 @@ impl Stats {
     }
 }
 
-/// A bound server, ready to [`run`](Server::run).
-pub struct Server {
+/// A bound server, ready to [`run`](Server::run); `A` makes each connection's stream.
+pub struct Server<A: Acceptor = PlainTcp> {
     listener: TcpListener,
     config: ServerConfig,
-    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    stats: Arc<Stats>,
+    access: Arc<dyn Access>,
+    acceptor: Arc<A>,
 }
 
 struct Shared {
@@ -227,6 +339,7 @@ struct Shared {
     workers: Semaphore,
     admission: Mutex<Admission>,
     config: ServerConfig,
+    access: Arc<dyn Access>,
 }
 
 /// Open connections, in total and per peer (see [`peer_key`]).
@@ -351,22 +464,37 @@ impl Drop for Buffered<'_> {
     }
 }
 
-impl Server {
-    /// Binds the listening socket.
+impl Server<PlainTcp> {
+    /// Binds the listening socket for plain SVP; everyone is served until
+    /// [`with_access`](Server::with_access) says otherwise.
     pub async fn bind(config: ServerConfig, store: Arc<dyn Store>) -> io::Result<Server> {
+        Server::bind_with(config, store, PlainTcp).await
+    }
+}
+
+impl<A: Acceptor> Server<A> {
+    /// Binds the listening socket; `acceptor` makes each connection's stream (TLS, say).
+    pub async fn bind_with(
+        config: ServerConfig,
+        store: Arc<dyn Store>,
+        acceptor: A,
+    ) -> io::Result<Server<A>> {
         let listener = TcpListener::bind(config.listen).await?;
-        let shared = Arc::new(Shared {
-            store,
-            stats: Arc::new(Stats::default()),
-            workers: Semaphore::new(config.store_workers.max(1)),
-            admission: Mutex::new(Admission::default()),
-            config: config.clone(),
-        });
         Ok(Server {
             listener,
             config,
-            shared,
+            store,
+            stats: Arc::new(Stats::default()),
+            access: Arc::new(AllowAll),
+            acceptor: Arc::new(acceptor),
         })
+    }
+
+    /// Serves only whom `access` allows (the default is [`AllowAll`]).
+    #[must_use]
+    pub fn with_access(mut self, access: Arc<dyn Access>) -> Self {
+        self.access = access;
+        self
     }
 
     /// The bound address (useful with port 0).
@@ -376,16 +504,25 @@ impl Server {
 
     /// The live counters.
     pub fn stats(&self) -> Arc<Stats> {
-        self.shared.stats.clone()
+        self.stats.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains connections (see the module docs).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
+        let shared = Arc::new(Shared {
+            store: self.store,
+            stats: self.stats,
+            workers: Semaphore::new(self.config.store_workers.max(1)),
+            admission: Mutex::new(Admission::default()),
+            config: self.config.clone(),
+            access: self.access,
+        });
+        let acceptor = self.acceptor;
         info!(
             addr = %self.listener.local_addr()?,
-            store = %self.shared.store.describe(),
+            store = %shared.store.describe(),
             "portolan listening"
         );
         tokio::pin!(shutdown);
@@ -405,9 +542,9 @@ impl Server {
                             continue;
                         }
                     };
-                    let stats = &self.shared.stats;
+                    let stats = &shared.stats;
                     Stats::inc(&stats.connections_accepted);
-                    let permit = match self.shared.admit(peer.ip()) {
+                    let permit = match shared.admit(peer.ip()) {
                         Ok(p) => p,
                         Err(why) => {
                             Stats::inc(match why {
@@ -420,11 +557,29 @@ impl Server {
                             continue;
                         }
                     };
-                    let shared = self.shared.clone();
+                    let shared = shared.clone();
+                    let acceptor = acceptor.clone();
                     let stop = stop_rx.clone();
                     tasks.spawn(async move {
                         Stats::inc(&shared.stats.connections_open);
-                        serve_connection(sock, peer, shared.clone(), stop).await;
+                        let _ = sock.set_nodelay(true);
+                        let handshake = tokio::time::timeout(
+                            shared.config.frame_timeout,
+                            acceptor.accept(sock, peer),
+                        );
+                        match handshake.await {
+                            Ok(Ok((io, who))) => {
+                                serve_connection(io, peer, who, shared.clone(), stop).await;
+                            }
+                            Ok(Err(e)) => {
+                                Stats::inc(&shared.stats.handshake_failed);
+                                debug!(%peer, error = %e, "handshake failed; closing");
+                            }
+                            Err(_) => {
+                                Stats::inc(&shared.stats.handshake_failed);
+                                debug!(%peer, "no handshake within the frame timeout; closing");
+                            }
+                        }
                         shared.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
                         drop(permit);
                     });
@@ -459,14 +614,26 @@ enum End {
     Closed,
 }
 
-async fn serve_connection(
-    sock: TcpStream,
+/// Who a connection's requests come from, and how to ask the policy about them.
+struct Session {
     peer: SocketAddr,
+    who: Identity,
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    io: S,
+    peer: SocketAddr,
+    who: Identity,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) {
-    let _ = sock.set_nodelay(true);
-    let (rd, wr) = sock.into_split();
+    if !shared.access.allowed(peer, &who) {
+        Stats::inc(&shared.stats.access_refused);
+        debug!(%peer, ?who, "not allowed by the access policy; closing");
+        return;
+    }
+    let session = Session { peer, who };
+    let (rd, wr) = tokio::io::split(io);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(write_replies(
         wr,
@@ -475,7 +642,7 @@ async fn serve_connection(
         shared.config.idle_timeout,
     ));
     let in_flight = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
-    let end = read_requests(rd, peer, &shared, tx, in_flight, stop).await;
+    let end = read_requests(rd, &session, &shared, tx, in_flight, stop).await;
     // The reader dropped its sender; the writer ends when the last in-flight reply is written.
     let _ = writer.await;
     if let End::Closed = end {
@@ -487,8 +654,8 @@ async fn serve_connection(
 /// stops reading stops the reader too (bounded memory), instead of queueing replies forever.
 type Reply = (Vec<u8>, OwnedSemaphorePermit);
 
-async fn write_replies(
-    mut wr: OwnedWriteHalf,
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     stats: Arc<Stats>,
     write_timeout: Duration,
@@ -509,7 +676,12 @@ async fn write_replies(
                 Err(_) => break,
             }
         }
-        match tokio::time::timeout(write_timeout, wr.write_all(&out)).await {
+        match tokio::time::timeout(write_timeout, async {
+            wr.write_all(&out).await?;
+            wr.flush().await
+        })
+        .await
+        {
             Ok(Ok(())) => permits.clear(),
             Ok(Err(e)) => {
                 debug!(error = %e, "write failed");
@@ -528,15 +700,18 @@ async fn write_replies(
     let _ = wr.shutdown().await;
 }
 
-async fn read_requests(
-    mut rd: OwnedReadHalf,
-    peer: SocketAddr,
+async fn read_requests<R: AsyncRead + Unpin>(
+    mut rd: R,
+    session: &Session,
     shared: &Arc<Shared>,
     tx: mpsc::UnboundedSender<Reply>,
     in_flight: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) -> End {
     let stats = &shared.stats;
+    let peer = session.peer;
+    let access = &*shared.access;
+    let mut revoked = access.closed(&session.who);
     let max_payload = shared.config.max_payload;
     let cap = shared.config.max_in_flight.max(1);
     let idle = shared.config.idle_timeout;
@@ -595,18 +770,44 @@ async fn read_requests(
                             let Some(permit) = acquire(&in_flight, 1, cap).await else {
                                 return End::Closed;
                             };
-                            spawn_store_job(shared, tx.clone(), permit, move |s, st| {
-                                log_reply(s, st, frame.id, r.count, from_wire_ip(r.ip))
-                            });
+                            let asked = from_wire_ip(r.ip).to_canonical();
+                            let scope = access.log_scope(peer, &session.who);
+                            let own = match scope {
+                                LogScope::Any => true,
+                                LogScope::Own(ip) => ip.to_canonical() == asked,
+                                LogScope::Nothing => false,
+                            };
+                            if own {
+                                spawn_store_job(shared, tx.clone(), permit, move |s, st| {
+                                    log_reply(s, st, frame.id, r.count, asked)
+                                });
+                            } else {
+                                Stats::inc(&stats.log_refused);
+                                debug!(%peer, ?scope, %asked, "LOG_REQ for another host's log; refused");
+                                if tx.send((log_refusal(stats, frame.id), permit)).is_err() {
+                                    return End::Closed;
+                                }
+                            }
                         }
                         Message::LogRm(ids) => {
                             Stats::inc(&stats.log_rm_requests);
                             let Some(permit) = acquire(&in_flight, 1, cap).await else {
                                 return End::Closed;
                             };
-                            spawn_store_job(shared, tx.clone(), permit, move |s, st| {
-                                log_rm_reply(s, st, frame.id, &ids)
-                            });
+                            let scope = access.log_scope(peer, &session.who);
+                            if scope == LogScope::Nothing {
+                                Stats::inc(&stats.log_refused);
+                                debug!(%peer, "LOG_RM from a session with no log; refused");
+                                Stats::inc(&stats.replies);
+                                let nack = Frame::new(frame.id, Message::LogRmAck(Status::FATAL));
+                                if tx.send((nack.to_bytes(), permit)).is_err() {
+                                    return End::Closed;
+                                }
+                            } else {
+                                spawn_store_job(shared, tx.clone(), permit, move |s, st| {
+                                    log_rm_reply(s, st, frame.id, scope, &ids)
+                                });
+                            }
                         }
                         Message::Pong
                         | Message::Vl2Ack(_)
@@ -695,6 +896,11 @@ async fn read_requests(
             let r = tokio::select! {
                 r = tokio::time::timeout_at(wake, rd.read_buf(&mut buf)) => r,
                 _ = stop.changed() => return End::Clean,
+                () = &mut revoked => {
+                    Stats::inc(&stats.access_revoked);
+                    debug!(%peer, who = ?session.who, "session revoked; closing");
+                    return End::Closed;
+                }
                 // The writer gave up (write error or timeout): stop reading too.
                 () = tx.closed() => return End::Closed,
             };
@@ -721,7 +927,15 @@ async fn read_requests(
                 }
                 return End::Clean;
             }
-            Ok(_) => {}
+            Ok(_) => {
+                // Asked again before anything just read is answered: a host removed since
+                // the last read gets nothing more.
+                if !access.allowed(peer, &session.who) {
+                    Stats::inc(&stats.access_revoked);
+                    debug!(%peer, who = ?session.who, "no longer allowed; closing");
+                    return End::Closed;
+                }
+            }
             Err(e) => {
                 Stats::inc(&stats.io_errors);
                 debug!(%peer, error = %e, "read failed");
@@ -888,11 +1102,42 @@ fn log_reply(store: &dyn Store, stats: &Stats, id: RequestId, count: u32, ip: Ip
     Frame::new(id, Message::LogAck(ack)).to_bytes()
 }
 
-fn log_rm_reply(store: &dyn Store, stats: &Stats, id: RequestId, ids: &[svp::LogId]) -> Vec<u8> {
-    let status = match store.remove_log(ids) {
+/// LOG_ACK FATAL with no records: the answer to a LOG_REQ for a log that is not the asker's
+/// (what Portolan answers for an underlay IP it does not know).
+fn log_refusal(stats: &Stats, id: RequestId) -> Vec<u8> {
+    Stats::inc(&stats.replies);
+    Frame::new(
+        id,
+        Message::LogAck(LogAck {
+            status: Status::FATAL,
+            records: Vec::new(),
+        }),
+    )
+    .to_bytes()
+}
+
+fn log_rm_reply(
+    store: &dyn Store,
+    stats: &Stats,
+    id: RequestId,
+    scope: LogScope,
+    ids: &[svp::LogId],
+) -> Vec<u8> {
+    let removed = match scope {
+        LogScope::Own(ip) => store.remove_log_of(ip.to_canonical(), ids),
+        LogScope::Any | LogScope::Nothing => store.remove_log(ids),
+    };
+    let status = match removed {
         Ok(n) => {
             stats.log_records_removed.fetch_add(n, Ordering::Relaxed);
             Status::OK
+        }
+        Err(
+            e @ (crate::store::StoreError::UnknownUnderlayIp(_)
+            | crate::store::StoreError::AmbiguousUnderlayIp { .. }),
+        ) => {
+            debug!(error = %e, "LOG_RM from a host with no single log; answering FATAL");
+            Status::FATAL
         }
         Err(e) => {
             store_failure(&e, "LOG_RM");

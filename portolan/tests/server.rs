@@ -703,6 +703,13 @@ impl Store for BrokenStore {
     fn remove_log(&self, _: &[svp::LogId]) -> Result<u64, store::StoreError> {
         self.lookup(&[]).map(|_| 0)
     }
+    fn remove_log_of(
+        &self,
+        _: std::net::IpAddr,
+        _: &[svp::LogId],
+    ) -> Result<u64, store::StoreError> {
+        self.lookup(&[]).map(|_| 0)
+    }
     fn run_txn(
         &self,
         _: &mut dyn FnMut(&mut dyn store::Txn) -> store::Outcome,

@@ -406,6 +406,11 @@ pub struct Snapshot {
     /// The firewall state for this host's dataplane.
     #[serde(default)]
     pub firewall: FirewallState,
+    /// The cluster's members (registered, unrevoked servers' underlay addresses and foreign
+    /// peers): the only underlay sources this host's dataplane accepts VXLAN from. Absent
+    /// (a control plane without membership): the dataplane's set is left alone.
+    #[serde(default)]
+    pub members: Option<Vec<std::net::IpAddr>>,
 }
 
 /// One change of the feed (only what the agent reads).

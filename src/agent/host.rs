@@ -13,6 +13,7 @@
 use crate::dataplane::provision::{self, VnicProvision};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use super::api::{StateReport, VmState};
@@ -112,6 +113,8 @@ pub trait Host {
     fn owned(&self) -> &BTreeSet<String>;
     /// `fw_apply`.
     fn apply_firewall(&mut self, fw: &FirewallState) -> Result<(), HostError>;
+    /// `members`: replace the dataplane's member set.
+    fn apply_members(&mut self, members: &[IpAddr]) -> Result<(), HostError>;
     /// Records the namespace as owned, creates it, sets its sysctls and brings loopback up.
     fn create_netns(&mut self, vm: &str) -> Result<(), HostError>;
     /// `vnic_rm` (a vnic the dataplane does not have counts as detached).
@@ -139,6 +142,37 @@ pub struct Outcome {
     pub reports: Vec<StateReport>,
     /// Failures (VM or `firewall`, error), for the logs.
     pub errors: Vec<(String, String)>,
+}
+
+/// Sends the snapshot's member set to the dataplane when it differs from `pushed`, what was
+/// last pushed (the caller forgets that when the dataplane looks restarted, as for the
+/// firewall). `want` `None`: the control plane sends no members; the dataplane is left alone.
+/// Returns whether a push was made; on failure `pushed` is cleared so the next run tries again.
+pub fn sync_members<H: Host>(
+    host: &mut H,
+    pushed: &mut Option<Vec<IpAddr>>,
+    want: Option<&[IpAddr]>,
+) -> Result<bool, HostError> {
+    let Some(want) = want else {
+        return Ok(false);
+    };
+    let mut want = want.to_vec();
+    want.sort();
+    want.dedup();
+    if pushed.as_deref() == Some(&want[..]) {
+        return Ok(false);
+    }
+    match host.apply_members(&want) {
+        Ok(()) => {
+            tracing::info!(members = want.len(), "member set pushed to the dataplane");
+            *pushed = Some(want);
+            Ok(true)
+        }
+        Err(e) => {
+            *pushed = None;
+            Err(e)
+        }
+    }
 }
 
 /// Runs `actions` in order. After a VM's action fails, its remaining actions are skipped and
@@ -428,6 +462,16 @@ impl Host for LinuxHost {
             .map(|_| ())
     }
 
+    fn apply_members(&mut self, members: &[IpAddr]) -> Result<(), HostError> {
+        self.call(
+            "members",
+            &Request::Members {
+                members: Some(members.to_vec()),
+            },
+        )
+        .map(|_| ())
+    }
+
     fn create_netns(&mut self, vm: &str) -> Result<(), HostError> {
         if self.owned.insert(vm.to_owned()) {
             if let Err(e) = self.save() {
@@ -554,6 +598,9 @@ mod tests {
         }
         fn apply_firewall(&mut self, _: &FirewallState) -> Result<(), HostError> {
             self.op("fw".into())
+        }
+        fn apply_members(&mut self, m: &[IpAddr]) -> Result<(), HostError> {
+            self.op(format!("members {m:?}"))
         }
         fn create_netns(&mut self, vm: &str) -> Result<(), HostError> {
             self.op(format!("create {vm}"))
@@ -708,5 +755,30 @@ mod tests {
         let e = h3.observe().unwrap_err();
         assert!(e.is_dataplane_down(), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn members_are_pushed_when_they_differ_and_again_after_a_failure_or_reset() {
+        let mut h = Fake::default();
+        let mut pushed = None;
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        // No members in the snapshot: nothing sent.
+        assert!(!sync_members(&mut h, &mut pushed, None).unwrap());
+        assert!(h.calls.is_empty());
+        // Unsorted with a repeat: pushed sorted, once.
+        assert!(sync_members(&mut h, &mut pushed, Some(&[b, a, b])).unwrap());
+        assert!(!sync_members(&mut h, &mut pushed, Some(&[a, b])).unwrap());
+        assert_eq!(h.calls, vec![format!("members {:?}", [a, b])]);
+        // A change is pushed; a failed push is retried next time.
+        h.fail.insert(format!("members {:?}", [a]));
+        assert!(sync_members(&mut h, &mut pushed, Some(&[a])).is_err());
+        assert_eq!(pushed, None);
+        h.fail.clear();
+        assert!(sync_members(&mut h, &mut pushed, Some(&[a])).unwrap());
+        // The dataplane restarted (the caller forgets what it pushed): pushed again.
+        pushed = None;
+        assert!(sync_members(&mut h, &mut pushed, Some(&[a])).unwrap());
+        assert_eq!(h.calls.len(), 4);
     }
 }

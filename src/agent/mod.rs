@@ -119,6 +119,8 @@ struct State<H: Host> {
     host: H,
     /// The firewall state last applied (forgotten when the dataplane looks restarted).
     firewall: Option<FirewallState>,
+    /// The member set last pushed (forgotten with the firewall).
+    members: Option<Vec<std::net::IpAddr>>,
     /// The state last reported per VM.
     reported: BTreeMap<String, (VmState, Option<String>)>,
     /// How many vnics of owned namespaces the dataplane had after the last reconcile.
@@ -169,6 +171,7 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
     let state = Arc::new(Mutex::new(State {
         host,
         firewall: None,
+        members: None,
         reported: BTreeMap::new(),
         attached: 0,
         counters: Counters::default(),
@@ -413,10 +416,11 @@ async fn reconcile(
 ) {
     let vms = snap.vms.clone();
     let fw = snap.firewall.clone();
+    let members = snap.members.clone();
     let st = state.clone();
     let reports = tokio::task::spawn_blocking(move || {
         let mut guard = st.blocking_lock();
-        reconcile_host(&mut guard, &vms, &fw)
+        reconcile_host(&mut guard, &vms, &fw, members.as_deref())
     })
     .await
     .unwrap_or_else(|e| {
@@ -455,6 +459,7 @@ fn reconcile_host<H: Host>(
     st: &mut State<H>,
     vms: &[api::Vm],
     fw: &FirewallState,
+    members: Option<&[std::net::IpAddr]>,
 ) -> Vec<api::StateReport> {
     st.counters.reconciles += 1;
     let mut actual = match st.host.observe() {
@@ -462,8 +467,9 @@ fn reconcile_host<H: Host>(
         Err(e) => {
             st.counters.dataplane_down += 1;
             if e.is_dataplane_down() {
-                // A restarted dataplane has forgotten the firewall too.
+                // A restarted dataplane has forgotten the firewall (and members) too.
                 st.firewall = None;
+                st.members = None;
             }
             tracing::warn!(error = %e, "cannot observe the host; reconcile skipped");
             return Vec::new();
@@ -483,6 +489,11 @@ fn reconcile_host<H: Host>(
             "dataplane lost vnics; re-attaching and re-applying the firewall"
         );
         st.firewall = None;
+        st.members = None;
+    }
+    if let Err(e) = host::sync_members(&mut st.host, &mut st.members, members) {
+        st.counters.failures += 1;
+        tracing::warn!(error = %e, "pushing the member set failed; will retry");
     }
     actual.firewall = st.firewall.clone();
     actual.reported = st.reported.clone();

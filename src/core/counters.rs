@@ -88,6 +88,10 @@ drop_reasons! {
     /// An ARP request over VXLAN from a known peer, over the answer rate limit (per source or
     /// overall).
     UnderlayArpRateLimited = "underlay_arp_rate_limited",
+    /// A datagram over the underlay from a source that is not a cluster member (a registered,
+    /// unrevoked server or an operator-listed peer), while a member set is in force
+    /// (`fabric dataplane --peer`, the `members` control request).
+    NotMember = "not_member",
 }
 
 /// Counters for one vnic or for the whole core. Plain integers: one core is owned by one

@@ -313,6 +313,9 @@ pub struct Core {
     arp_per_peer: ratelimit::PerSource,
     arp_total: ratelimit::TokenBucket,
     arp_learn: ratelimit::TokenBucket,
+    /// The underlay sources VXLAN is accepted from (`None`: every source). Replaced whole
+    /// between batches by [`Core::set_members`]; one hash lookup per datagram.
+    members: Option<rustc_hash::FxHashSet<IpAddr>>,
 }
 
 /// The connection-tracking table (allocated on first use).
@@ -365,7 +368,20 @@ impl Core {
             arp_per_peer: ratelimit::PerSource::new(seed),
             arp_total: ratelimit::TokenBucket::default(),
             arp_learn: ratelimit::TokenBucket::default(),
+            members: None,
         }
+    }
+
+    /// Replaces the member set: from now on VXLAN is accepted only from these underlay
+    /// addresses (IPv4-mapped IPv6 counts as IPv4); others are dropped as
+    /// [`DropReason::NotMember`]. `None` accepts every source again.
+    pub fn set_members<I: IntoIterator<Item = IpAddr>>(&mut self, members: Option<I>) {
+        self.members = members.map(|m| m.into_iter().map(|ip| ip.to_canonical()).collect());
+    }
+
+    /// How many members are in force (`None`: no member set, every source accepted).
+    pub fn member_count(&self) -> Option<usize> {
+        self.members.as_ref().map(|m| m.len())
     }
 
     /// Replace the operator-listed underlay peers (see [`Config::underlay_peers`]).
@@ -1134,6 +1150,12 @@ impl Core {
         buf: &mut FrameBuf<'_>,
         now: Instant,
     ) -> Verdict {
+        // Before anything else, ARP included: a non-member gets no answer at all.
+        if let Some(m) = &self.members {
+            if !m.contains(&src.ip().to_canonical()) {
+                return Verdict::Drop(DropReason::NotMember);
+            }
+        }
         let Ok(p) = vxlan::Packet::new_checked(buf.bytes()) else {
             return Verdict::Drop(DropReason::VxlanMalformed);
         };

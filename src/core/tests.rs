@@ -1116,3 +1116,52 @@ fn firewall_between_two_local_vnics_checks_both_sides() {
     // One flow per side: A's egress entry and B's ingress entry.
     assert_eq!(core.conntrack_stats().unwrap().1, 2);
 }
+
+#[test]
+fn vxlan_only_from_members_while_a_member_set_is_in_force() {
+    let (mut core, id, now) = one_vnic();
+    let frame = udp_frame(B, A, "10.0.0.2", "10.0.0.1", 22);
+    let from = |core: &mut Core, src: SocketAddr| {
+        let mut raw = vxlan_datagram(100, &frame);
+        let len = raw.len();
+        let mut buf = FrameBuf::new(&mut raw, 0, len).unwrap();
+        core.from_underlay(src, &mut buf, now)
+    };
+    // No set: every source (today's behaviour).
+    assert_eq!(core.member_count(), None);
+    assert_eq!(from(&mut core, under(9)), Verdict::ToVnic(id));
+    core.set_members(Some([under(2).ip()]));
+    assert_eq!(core.member_count(), Some(1));
+    assert_eq!(
+        from(&mut core, under(9)),
+        Verdict::Drop(DropReason::NotMember)
+    );
+    // ARP from a non-member is not answered either (no reflection, no learning).
+    let arp = vxlan_datagram(100, &arp_request(B, "10.0.0.2", "10.0.0.1"));
+    let mut raw = arp.clone();
+    let mut buf = FrameBuf::new(&mut raw, 0, arp.len()).unwrap();
+    assert_eq!(
+        core.from_underlay(under(9), &mut buf, now),
+        Verdict::Drop(DropReason::NotMember)
+    );
+    assert_eq!(core.poll_lookup(), None);
+    assert_eq!(from(&mut core, under(2)), Verdict::ToVnic(id));
+    // The IPv4-mapped form of a member is that member.
+    let mapped = SocketAddr::new("::ffff:127.0.0.2".parse().unwrap(), 4789);
+    assert_eq!(from(&mut core, mapped), Verdict::ToVnic(id));
+    assert_eq!(core.counters().drops_of(DropReason::NotMember), 2);
+    // Replaced whole; an empty set accepts nobody; None accepts everyone again.
+    core.set_members(Some([under(9).ip()]));
+    assert_eq!(from(&mut core, under(9)), Verdict::ToVnic(id));
+    assert_eq!(
+        from(&mut core, under(2)),
+        Verdict::Drop(DropReason::NotMember)
+    );
+    core.set_members(Some(std::iter::empty()));
+    assert_eq!(
+        from(&mut core, under(9)),
+        Verdict::Drop(DropReason::NotMember)
+    );
+    core.set_members(None::<Vec<IpAddr>>);
+    assert_eq!(from(&mut core, under(2)), Verdict::ToVnic(id));
+}

@@ -121,6 +121,15 @@ pub enum Request {
         /// The new state.
         state: FirewallState,
     },
+    /// Replace the member set: VXLAN is accepted only from these underlay addresses (a
+    /// cluster's registered servers and foreign peers); others are dropped as `not_member`.
+    /// They are also the peers whose ARP requests over VXLAN are answered on every VNI.
+    /// `null` accepts every source again (the start without `--peer`). Answer:
+    /// [`MembersSet`].
+    Members {
+        /// The new set (`null`: no filter).
+        members: Option<Vec<IpAddr>>,
+    },
     /// One vnic's compiled rule set with hit counters.
     FwLs {
         /// Namespace of the vnic (needed only when the name is not unique).
@@ -129,6 +138,13 @@ pub enum Request {
         /// Interface name.
         vnic: String,
     },
+}
+
+/// The answer to `members`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MembersSet {
+    /// Members now in force (`None`: every source accepted).
+    pub members: Option<usize>,
 }
 
 /// The answer to `fw_apply`.

@@ -84,11 +84,18 @@ pub struct DataplaneArgs {
     /// to them.
     #[arg(long, value_name = "PORT", default_value_t = vxlan::PORT)]
     pub peer_port: u16,
-    /// A foreign VXLAN peer (e.g. a Linux vxlan host) whose ARP requests over VXLAN are
-    /// answered on every VNI; repeatable. Other sources are answered only once a mapping on
-    /// that VNI lives at their address. Answers are rate-limited per source either way.
+    /// A member of the underlay: VXLAN is accepted only from the `--peer` addresses (other
+    /// sources are dropped, counted as `not_member`); repeatable; none given accepts every
+    /// source. Their ARP requests over VXLAN are answered on every VNI (foreign peers such as
+    /// Linux vxlan hosts); other sources only once a mapping on that VNI lives at their
+    /// address. Answers are rate-limited per source either way. The `members` control request
+    /// (sent by the agent) replaces the set.
     #[arg(long = "peer", value_name = "IP")]
     pub peers: Vec<std::net::IpAddr>,
+    /// Speak SVP over TLS to Portolan with this host's certificate: DIR/ca.pem (the cluster
+    /// CA), DIR/cert.pem and DIR/key.pem, re-read at every reconnect (renewals).
+    #[arg(long, value_name = "DIR")]
+    pub portolan_tls: Option<PathBuf>,
     /// Timeout of one Portolan query, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub lookup_timeout_ms: u64,
@@ -207,6 +214,11 @@ enum Cmd {
         /// The vnic's filter (`None`: unfiltered).
         rules: Option<Arc<VnicRuleSet>>,
         reply: oneshot::Sender<Result<VnicId, VnicError>>,
+    },
+    /// Replace the member set (between two batches) and the ARP-answered peers with it.
+    SetMembers {
+        members: Option<Vec<IpAddr>>,
+        reply: oneshot::Sender<Option<usize>>,
     },
     /// Swap the filters of these vnics (all at once, between two frames).
     SetFirewall {
@@ -373,6 +385,13 @@ impl Worker {
                 self.tap_failures.retain(|f| f.id != id);
                 let _ = self.core.remove_vnic(id);
                 let _ = reply.send(());
+            }
+            Cmd::SetMembers { members, reply } => {
+                if let Some(m) = &members {
+                    self.core.set_underlay_peers(m.iter().copied());
+                }
+                self.core.set_members(members);
+                let _ = reply.send(self.core.member_count());
             }
             Cmd::SetFirewall { sets, reply } => {
                 for (id, rules) in sets {
@@ -1051,6 +1070,13 @@ impl Daemon {
             Request::FwLs { netns, vnic } => {
                 Ok(serde_json::to_value(self.fw_ls(netns, vnic).await?)?)
             }
+            Request::Members { members } => {
+                let (tx, rx) = oneshot::channel();
+                self.worker.send(Cmd::SetMembers { members, reply: tx });
+                let members = rx.await.context("dataplane worker thread gone")?;
+                tracing::info!(?members, "member set replaced");
+                Ok(serde_json::to_value(control::MembersSet { members })?)
+            }
         }
     }
 
@@ -1718,10 +1744,17 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         waker: waker.clone(),
     };
     let w = Worker {
-        core: Core::new(Config {
-            underlay_peers: args.peers.clone(),
-            ..Config::default()
-        }),
+        core: {
+            let mut core = Core::new(Config {
+                underlay_peers: args.peers.clone(),
+                ..Config::default()
+            });
+            // `--peer` given: only those sources; none: every source (counted as today).
+            if !args.peers.is_empty() {
+                core.set_members(Some(args.peers.iter().copied()));
+            }
+            core
+        },
         taps: Vec::new(),
         underlay: underlay.clone(),
         poller,
@@ -1767,6 +1800,11 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
         let mut cc = portolan::client::ClientConfig::new(portolan);
         cc.timeout = Duration::from_millis(args.lookup_timeout_ms);
         cc.connect_timeout = Duration::from_millis(args.lookup_timeout_ms);
+        if let Some(dir) = &args.portolan_tls {
+            cc.connector = Some(Arc::new(crate::pki::svp::SvpTlsConnector::from_dir(
+                dir.clone(),
+            )));
+        }
         let client = portolan::client::Client::new(cc);
         {
             let (client, worker, rc) = (client.clone(), worker.clone(), resolver.clone());

@@ -17,6 +17,7 @@ pub mod accept;
 pub mod ca;
 pub mod cli;
 pub mod files;
+pub mod svp;
 pub mod tls;
 pub mod token;
 

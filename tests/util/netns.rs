@@ -287,6 +287,11 @@ impl Topo {
 
     /// Starts host `i`'s dataplane and waits until its control socket answers.
     pub fn start_dataplane(&mut self, i: usize) {
+        self.start_dataplane_with(i, &[]);
+    }
+
+    /// [`Topo::start_dataplane`] with extra `fabric dataplane` arguments (`--peer IP`, ...).
+    pub fn start_dataplane_with(&mut self, i: usize, extra: &[&str]) {
         let h = &mut self.hosts[i];
         assert!(
             h.dataplane.is_none(),
@@ -308,6 +313,7 @@ impl Topo {
             .args(["--poll-interval-ms", "500"])
             .arg("--firewall-state")
             .arg(self.dir.join(format!("h{i}-firewall.json")))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

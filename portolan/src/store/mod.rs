@@ -331,6 +331,12 @@ pub trait Store: Send + Sync {
     /// Deletes log entries by id; unknown ids are ignored. Returns how many were deleted.
     fn remove_log(&self, ids: &[LogId]) -> Result<u64, StoreError>;
 
+    /// Deletes log entries by id, but only those in the log of the host whose underlay IP is
+    /// `underlay_ip` (LOG_RM from a host that may trim only its own log): ids of other hosts'
+    /// logs and unknown ids are left alone. Unknown or shared IPs are errors, as for
+    /// [`read_log`](Self::read_log). Returns how many were deleted.
+    fn remove_log_of(&self, underlay_ip: IpAddr, ids: &[LogId]) -> Result<u64, StoreError>;
+
     /// Runs `f` in a write transaction; commits if it returns [`Outcome::Commit`]. Prefer
     /// [`with_txn`], which carries a result and an error type of the caller's choice.
     fn run_txn(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Outcome) -> Result<Outcome, StoreError>;

@@ -81,6 +81,20 @@ const HOST_BY_IP_SQL: &str = "SELECT cn_uuid FROM portolan_underlay WHERE ip = $
 const LOG_SQL: &str = "SELECT id, vnet_id, kind, mac, ip, vlan FROM portolan_events \
      WHERE cn_uuid = $1 ORDER BY seq LIMIT $2";
 const LOG_RM_SQL: &str = "DELETE FROM portolan_events WHERE id = ANY($1)";
+const LOG_RM_OF_SQL: &str = "DELETE FROM portolan_events WHERE id = ANY($1) AND cn_uuid = $2";
+
+/// The one host whose underlay IP is `ip` (LOG_REQ, LOG_RM of one host's log).
+fn host_by_ip(c: &mut PgConn, by_ip: &Statement, ip: IpAddr) -> Result<CnUuid, StoreError> {
+    let hosts = c.client.query(by_ip, &[&&ip_bytes(ip)[..]])?;
+    match hosts.as_slice() {
+        [] => Err(StoreError::UnknownUnderlayIp(ip)),
+        [one] => uuid_from_bytes(one.try_get::<_, &[u8]>(0)?),
+        _ => Err(StoreError::AmbiguousUnderlayIp {
+            ip,
+            count: hosts.len(),
+        }),
+    }
+}
 
 /// A client with its prepared statements.
 struct PgConn {
@@ -256,17 +270,7 @@ impl Store for PgStore {
         self.with_conn(|c| {
             let by_ip = c.stmt(HOST_BY_IP_SQL)?;
             let log = c.stmt(LOG_SQL)?;
-            let hosts = c.client.query(&by_ip, &[&&ip_bytes(underlay_ip)[..]])?;
-            let cn = match hosts.as_slice() {
-                [] => return Err(StoreError::UnknownUnderlayIp(underlay_ip)),
-                [one] => uuid_from_bytes(one.try_get::<_, &[u8]>(0)?)?,
-                _ => {
-                    return Err(StoreError::AmbiguousUnderlayIp {
-                        ip: underlay_ip,
-                        count: hosts.len(),
-                    })
-                }
-            };
+            let cn = host_by_ip(c, &by_ip, underlay_ip)?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = c.client.query(&log, &[&&cn.0[..], &limit])?;
             rows.iter()
@@ -295,6 +299,20 @@ impl Store for PgStore {
             let stmt = c.stmt(LOG_RM_SQL)?;
             let ids: Vec<&[u8]> = ids.iter().map(|i| &i.0[..]).collect();
             Ok(c.client.execute(&stmt, &[&ids])?)
+        })
+    }
+
+    fn remove_log_of(&self, underlay_ip: IpAddr, ids: &[LogId]) -> Result<u64, StoreError> {
+        self.with_conn(|c| {
+            let by_ip = c.stmt(HOST_BY_IP_SQL)?;
+            let stmt = c.stmt(LOG_RM_OF_SQL)?;
+            // Resolve first: an unknown or shared IP is an error even with no ids.
+            let cn = host_by_ip(c, &by_ip, underlay_ip)?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let ids: Vec<&[u8]> = ids.iter().map(|i| &i.0[..]).collect();
+            Ok(c.client.execute(&stmt, &[&ids, &&cn.0[..]])?)
         })
     }
 

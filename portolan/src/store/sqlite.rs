@@ -162,6 +162,22 @@ fn to_found((mac, ip, port): (i64, Vec<u8>, i64)) -> Result<Found, StoreError> {
     })
 }
 
+/// The one host whose underlay IP is `ip` (LOG_REQ, LOG_RM of one host's log).
+fn host_by_ip(conn: &Connection, ip: IpAddr) -> Result<CnUuid, StoreError> {
+    let hosts: Vec<Vec<u8>> = conn
+        .prepare_cached("SELECT cn_uuid FROM portolan_underlay WHERE ip = ?1 LIMIT 2")?
+        .query_map([&ip_bytes(ip)[..]], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    match hosts.as_slice() {
+        [] => Err(StoreError::UnknownUnderlayIp(ip)),
+        [one] => uuid_from_bytes(one),
+        _ => Err(StoreError::AmbiguousUnderlayIp {
+            ip,
+            count: hosts.len(),
+        }),
+    }
+}
+
 fn lookup_one(conn: &Connection, l: &Lookup) -> Result<Option<Found>, StoreError> {
     let row = match *l {
         Lookup::Vl3 { vnet_id, ip } => conn
@@ -218,20 +234,7 @@ impl Store for SqliteStore {
             conn: &conn,
             armed: true,
         };
-        let hosts: Vec<Vec<u8>> = conn
-            .prepare_cached("SELECT cn_uuid FROM portolan_underlay WHERE ip = ?1 LIMIT 2")?
-            .query_map([&ip_bytes(underlay_ip)[..]], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let cn = match hosts.as_slice() {
-            [] => return Err(StoreError::UnknownUnderlayIp(underlay_ip)),
-            [one] => uuid_from_bytes(one)?,
-            _ => {
-                return Err(StoreError::AmbiguousUnderlayIp {
-                    ip: underlay_ip,
-                    count: hosts.len(),
-                })
-            }
-        };
+        let cn = host_by_ip(&conn, underlay_ip)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = conn.prepare_cached(
             "SELECT id, vnet_id, kind, mac, ip, vlan FROM portolan_events \
@@ -277,6 +280,27 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare_cached("DELETE FROM portolan_events WHERE id = ?1")?;
             for id in ids {
                 n += stmt.execute([&id.0[..]])? as u64;
+            }
+        }
+        guard.armed = false;
+        conn.execute_batch("COMMIT")?;
+        Ok(n)
+    }
+
+    fn remove_log_of(&self, underlay_ip: IpAddr, ids: &[LogId]) -> Result<u64, StoreError> {
+        let conn = self.conn()?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut guard = TxnGuard {
+            conn: &conn,
+            armed: true,
+        };
+        let cn = host_by_ip(&conn, underlay_ip)?;
+        let mut n = 0u64;
+        {
+            let mut stmt =
+                conn.prepare_cached("DELETE FROM portolan_events WHERE id = ?1 AND cn_uuid = ?2")?;
+            for id in ids {
+                n += stmt.execute([&id.0[..], &cn.0[..]])? as u64;
             }
         }
         guard.armed = false;

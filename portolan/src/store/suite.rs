@@ -299,6 +299,32 @@ pub(super) fn log_is_oldest_first_and_removal_idempotent(s: &dyn Store) {
     assert_eq!(left, want);
 }
 
+pub(super) fn scoped_removal_touches_only_the_hosts_own_log(s: &dyn Store) {
+    put_underlays(s, &[1, 2]);
+    create(s, &overlay(7, "10.0.0.1", "02:00:00:00:00:01", 1));
+    create(s, &overlay(7, "10.0.0.2", "02:00:00:00:00:02", 2));
+    let own: Vec<LogId> = log_of(s, 1).iter().map(|e| e.id).collect();
+    let other: Vec<LogId> = log_of(s, 2).iter().map(|e| e.id).collect();
+    assert!(!own.is_empty() && !other.is_empty());
+    // Host 1 names host 2's ids (and one of its own): only its own goes.
+    let mut ids = other.clone();
+    ids.push(own[0]);
+    assert_eq!(s.remove_log_of(underlay(1).ip, &ids).unwrap(), 1);
+    assert_eq!(log_of(s, 2).iter().map(|e| e.id).collect::<Vec<_>>(), other);
+    assert_eq!(log_of(s, 1).len(), own.len() - 1);
+    // Unknown asker: an error, nothing removed.
+    let err = s.remove_log_of(ip("192.168.9.9"), &other).unwrap_err();
+    assert!(matches!(err, StoreError::UnknownUnderlayIp(_)), "{err}");
+    assert_eq!(log_of(s, 2).len(), other.len());
+    // The owner removes its own; a repeat removes nothing.
+    assert_eq!(
+        s.remove_log_of(underlay(2).ip, &other).unwrap(),
+        other.len() as u64
+    );
+    assert_eq!(s.remove_log_of(underlay(2).ip, &other).unwrap(), 0);
+    assert_eq!(s.remove_log_of(underlay(2).ip, &[]).unwrap(), 0);
+}
+
 pub(super) fn log_of_unknown_or_shared_underlay_ip_is_an_error(s: &dyn Store) {
     put_underlays(s, &[1]);
     let err = s.read_log(ip("192.168.9.9"), 10).unwrap_err();
@@ -505,6 +531,11 @@ macro_rules! store_suite {
             fn log_is_oldest_first_and_removal_idempotent() {
                 let Some((s, _g)) = $open() else { return };
                 super::log_is_oldest_first_and_removal_idempotent(&*s);
+            }
+            #[test]
+            fn scoped_removal_touches_only_the_hosts_own_log() {
+                let Some((s, _g)) = $open() else { return };
+                super::scoped_removal_touches_only_the_hosts_own_log(&*s);
             }
             #[test]
             fn log_of_unknown_or_shared_underlay_ip_is_an_error() {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use portolan::server::{Server, ServerConfig, Stats};
+use portolan::server::{Acceptor, Server, ServerConfig, Stats};
 use portolan::store::{self, CnUuid, OverlayMapping, Store, UnderlayMapping};
 use portolan::svp::{decode_frame, Decoded, Frame, DEFAULT_MAX_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,7 +54,11 @@ impl Running {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..cfg
         };
-        let server = Server::bind(cfg, store).await.unwrap();
+        Running::serve(Server::bind(cfg, store).await.unwrap())
+    }
+
+    /// Runs an already bound server (another acceptor, an access policy).
+    pub fn serve<A: Acceptor>(server: Server<A>) -> Running {
         let addr = server.local_addr().unwrap();
         let stats = server.stats();
         let (tx, rx) = oneshot::channel::<()>();
