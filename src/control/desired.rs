@@ -206,6 +206,7 @@ pub fn snapshot(
         "server": server.to_json(local.len() as i64, now, cfg),
         "seq": seq,
         "portolan": cfg.portolan_advertise,
+        "portolan_tls": cfg.cluster.as_ref().and_then(|c| c.portolan_tls.clone()),
         "members": members,
         "vms": vm_objects,
         "firewall": serde_json::to_value(&firewall)?,

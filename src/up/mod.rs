@@ -19,6 +19,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -295,6 +296,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             let _rt = rt.enter();
             crate::control::cluster::bind_socket(&args.data)?
         };
+        // Portolan answers members only: plain SVP by source address (foreign peers such as
+        // illumos varpd, listed with `fabric peer add`), SVP over TLS by host certificate.
+        let access: Arc<dyn portolan::server::Access> =
+            Arc::new(crate::pki::svp::SvpAccess::new(tls.trust.clone()));
         let svp = rt
             .block_on(portolan::server::Server::bind(
                 portolan::server::ServerConfig {
@@ -303,9 +308,23 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 },
                 store.clone(),
             ))
-            .with_context(|| format!("cannot listen on {} (Portolan SVP)", head.portolan))?;
+            .with_context(|| format!("cannot listen on {} (Portolan SVP)", head.portolan))?
+            .with_access(access.clone());
+        let svp_tls = rt
+            .block_on(portolan::server::Server::bind_with(
+                portolan::server::ServerConfig {
+                    listen: head.portolan_tls,
+                    ..Default::default()
+                },
+                store.clone(),
+                crate::pki::svp::SvpTlsAcceptor::new(
+                    tls.server_config(crate::pki::tls::ClientAuth::Required)?,
+                ),
+            ))
+            .with_context(|| format!("cannot listen on {} (Portolan SVP over TLS)", head.portolan_tls))?
+            .with_access(access);
         tracing::info!(addr = %head.listen, store = %store.describe(), "control plane (HTTPS) listening");
-        tracing::info!(addr = %head.portolan, "Portolan (SVP) listening");
+        tracing::info!(addr = %head.portolan, tls = %head.portolan_tls, "Portolan (SVP, SVP over TLS) listening");
         let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
         servers.push(rt.spawn(async move {
             let r = crate::control::cluster::serve(listener, sock, store, cfg, &tls, async move {
@@ -323,6 +342,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .context("Portolan server");
+            let _ = done.send(r);
+        }));
+        let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
+        servers.push(rt.spawn(async move {
+            let r = svp_tls
+                .run(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+                .context("Portolan server (TLS)");
             let _ = done.send(r);
         }));
     }
@@ -353,7 +382,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             _ = shutdown_signal() => return Ok(None),
         };
         let joined = joined.unwrap_or_default();
-        Ok::<_, anyhow::Error>(Some((portolan.or(joined.portolan), portolan_tls.clone().or(joined.portolan_tls))))
+        let (p, t) = portolan;
+        Ok::<_, anyhow::Error>(Some((
+            p.or(joined.portolan),
+            portolan_tls.clone().or(t).or(joined.portolan_tls),
+        )))
     });
     let (portolan, portolan_tls) = match registered {
         Ok(Some((p, t))) => match (&plan.head, p) {
@@ -381,12 +414,14 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let d = &args.data;
     let sock = d.join("dataplane.sock");
-    let dp = vec![
+    // fabric's own hosts speak SVP over TLS with their host certificate when the head offers
+    // it (a separate `fabric control` advertises plain SVP only).
+    let mut dp = vec![
         "dataplane".to_string(),
         "--underlay".into(),
         SocketAddr::new(args.underlay, VXLAN_PORT).to_string(),
         "--portolan".into(),
-        portolan.clone(),
+        portolan_tls.clone().unwrap_or_else(|| portolan.clone()),
         "--cn-uuid".into(),
         uuid.clone(),
         "--control".into(),
@@ -394,6 +429,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         "--firewall-state".into(),
         d.join("firewall.json").display().to_string(),
     ];
+    if portolan_tls.is_some() {
+        dp.extend(["--portolan-tls".to_string(), tls_dir.display().to_string()]);
+    }
     let agent = vec![
         "agent".to_string(),
         "--control".into(),
@@ -482,7 +520,7 @@ async fn register(
     uuid: &str,
     underlay: IpAddr,
     hostname: &str,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<(Option<String>, Option<String>)> {
     let body = serde_json::json!({"underlay_ip": underlay.to_string(), "hostname": hostname});
     let mut backoff = Backoff::new();
     let mut c = client()?;
@@ -522,7 +560,9 @@ async fn register(
             .await
         {
             Ok(r) if r.status == 200 => {
-                return Ok(r.json()["portolan"].as_str().map(String::from));
+                let v = r.json();
+                let s = |k: &str| v[k].as_str().map(String::from);
+                return Ok((s("portolan"), s("portolan_tls")));
             }
             Ok(r) => {
                 tracing::warn!(status = r.status, %control, "reading the desired state: retrying")
