@@ -22,8 +22,9 @@ use super::{files, PkiError, HOST_OU, OPERATOR_OU};
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// The default lifetime of host and operator certificates (`--cert-lifetime`).
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Issued certificates start this long before now, so a host whose clock is a little behind
-/// the head's can use its certificate at once.
+/// Issued certificates start up to this long before now (a tenth of their lifetime at most, so
+/// a short-lived certificate's two-thirds renewal point stays near two thirds of its real life),
+/// so a host whose clock is a little behind the head's can use its certificate at once.
 const BACKDATE: Duration = Duration::from_secs(60);
 
 /// `DIR/pki`, where the head keeps its CA and the join secret.
@@ -62,7 +63,7 @@ fn serial() -> Result<SerialNumber, PkiError> {
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
+    params.not_before = now - BACKDATE.min(lifetime / 10);
     params.not_after = now + lifetime;
 }
 

@@ -179,9 +179,13 @@ pub async fn join(
 /// A TLS failure's message on one line, with the reason a user can act on first.
 fn one_line(s: &str) -> String {
     let s = s.replace('\n', " ");
-    if s.contains("not from the cluster CA") {
+    if let Some(i) = s.find("(sha256 ") {
+        let digest: String = s[i + 8..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
         return format!(
-            "the head's certificate does not match the token's CA digest (wrong head, or a token of another cluster); nothing was sent ({s})"
+            "the head's certificate is not from the CA the token names (sha256 {digest}): wrong head, or a token of another cluster; nothing was sent"
         );
     }
     s

@@ -321,7 +321,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     tls.server_config(crate::pki::tls::ClientAuth::Required)?,
                 ),
             ))
-            .with_context(|| format!("cannot listen on {} (Portolan SVP over TLS)", head.portolan_tls))?
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (Portolan SVP over TLS)",
+                    head.portolan_tls
+                )
+            })?
             .with_access(access);
         tracing::info!(addr = %head.listen, store = %store.describe(), "control plane (HTTPS) listening");
         tracing::info!(addr = %head.portolan, tls = %head.portolan_tls, "Portolan (SVP, SVP over TLS) listening");
