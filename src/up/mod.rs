@@ -1,12 +1,16 @@
 //! `fabric up`: one host of a fabric cluster in one command.
 //!
 //! Two shapes (DESIGN "Deployment shapes"):
-//! - **Head** (`fabric up --data DIR --underlay IP`): in this process, on one tokio runtime, the
-//!   control plane's HTTP API (on `--listen`, default `IP:8080`) and a Portolan SVP server (on
-//!   `IP:1296`) over the same store (`--store`, default `sqlite:DIR/fabric.db`); the head then
-//!   registers itself as a server through its own HTTP API.
-//! - **Join** (`fabric up --data DIR --underlay IP --join URL`): registers this host with the
-//!   control plane at URL and learns Portolan's address from its desired-state snapshot.
+//! - **Head** (`fabric up --data DIR --underlay IP`): the cluster CA (`DIR/pki/`, created once)
+//!   and, in this process on one tokio runtime, the control plane's API over TLS (on `--listen`,
+//!   default `IP:8080`; client certificates of the cluster CA, none only to join) and on
+//!   `DIR/control.sock` for the local operator, and Portolan (plain SVP on `IP:1296` for member
+//!   addresses, SVP over TLS on `IP:1297` for host certificates) over the same store (`--store`,
+//!   default `sqlite:DIR/fabric.db`); the head issues its own host certificate and registers
+//!   itself through its socket.
+//! - **Join** (`fabric up --data DIR --underlay IP --join URL --token TOKEN`): checks the head
+//!   against the token's CA digest, joins with a certificate request (the key stays here), keeps
+//!   its certificate in `DIR/tls/` ([`join`]), and learns Portolan's addresses.
 //!
 //! Both then run `fabric dataplane` and `fabric agent` as child processes of the same executable
 //! (logs in `DIR/logs/{dataplane,agent}.log`, pids in `DIR/run/{dataplane,agent}.pid`) and keep
@@ -49,12 +53,15 @@ pub const NEEDS_ROOT: &str =
 Shapes:
   Head (control plane + Portolan + dataplane + agent, SQLite in DIR):
     fabric up --data /var/lib/fabric --underlay 192.168.77.1
-  Another host joining it (dataplane + agent):
-    fabric up --data /var/lib/fabric --underlay 192.168.77.2 --join http://192.168.77.1:8080
+  Another host joining it (dataplane + agent), with the token `fabric token --data DIR` prints
+  on the head (later runs resume with DIR/tls and need no token):
+    fabric up --data /var/lib/fabric --underlay 192.168.77.2 \\
+      --join https://192.168.77.1:8080 --token FABRIC1-...
 
-Files in DIR: server-uuid (this host's identity, kept), fabric.db (head, SQLite store),
-dataplane.sock, firewall.json, agent/ (the agent's state), logs/{dataplane,agent}.log,
-run/{dataplane,agent}.pid.")]
+Files in DIR: server-uuid (this host's identity, kept), tls/{ca,cert,key}.pem (its certificate),
+fabric.db (head, SQLite store), pki/ (head: the cluster CA and the join secret), control.sock
+(head: the operator's socket, mode 0600), dataplane.sock, firewall.json, agent/ (the agent's
+state), logs/{dataplane,agent}.log, run/{dataplane,agent}.pid.")]
 pub struct UpArgs {
     /// Data directory of this host (created if missing).
     #[arg(long, value_name = "DIR")]
