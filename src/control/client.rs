@@ -40,6 +40,14 @@ impl HttpResponse {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
+    /// A refusal's message: the restify body's `message`, else the body as text.
+    pub fn message(&self) -> String {
+        self.json()["message"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).trim().to_string())
+    }
+
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers

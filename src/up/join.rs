@@ -143,16 +143,11 @@ pub async fn join(
         .await
         .map_err(|e| anyhow!("joining {}: {}", url_text, one_line(&e.to_string())))?;
     if r.status != 200 {
-        let v = r.json();
-        let msg = v["message"]
-            .as_str()
-            .map(String::from)
-            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
         bail!(
             "the head at {} refused to join this host ({}): {}",
             url_text,
             r.status,
-            msg
+            r.message()
         );
     }
     let v = r.json();

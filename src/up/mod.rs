@@ -545,14 +545,10 @@ async fn register(
             // Refused (an underlay address taken by another server, a changed underlay address,
             // a removed server): retrying will not help.
             Ok(r) if (400..500).contains(&r.status) && r.status != 404 && r.status != 429 => {
-                let v = r.json();
-                let msg = v["message"]
-                    .as_str()
-                    .map(String::from)
-                    .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
                 bail!(
-                    "the control plane at {control} refused to register this server ({}): {msg}",
-                    r.status
+                    "the control plane at {control} refused to register this server ({}): {}",
+                    r.status,
+                    r.message()
                 )
             }
             Ok(r) => {
