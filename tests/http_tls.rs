@@ -4,11 +4,15 @@
 //! over https and a unix socket, the agent's HTTP/2 `agent::api::Conn`). A tiny router echoes the
 //! `Peer` each request carries.
 
+#[path = "util/temp_dir.rs"]
+mod temp_dir;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use temp_dir::TempDir;
 
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -27,25 +31,6 @@ const OTHER_HOST: &str = "0f6c3e1e-1111-4222-8333-777788889999";
 const LIFE: Duration = Duration::from_secs(3600);
 
 /// A directory in the temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> TempDir {
-        let mut b = [0u8; 8];
-        getrandom::getrandom(&mut b).unwrap();
-        let n: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        let d = std::env::temp_dir().join(format!("fabric-{prefix}-{n}"));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A cluster CA and the head's server configuration for 127.0.0.1.
 struct Cluster {
     _dir: TempDir,

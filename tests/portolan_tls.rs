@@ -5,10 +5,14 @@
 //! Certificates come from fabric's cluster CA (`pki::ca`), the server configuration from
 //! `pki::tls::server_config`; the store is a temporary SQLite file.
 
+#[path = "util/temp_dir.rs"]
+mod temp_dir;
+
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use temp_dir::TempDir;
 
 use fabric::pki::ca::ClusterCa;
 use fabric::pki::svp::{SvpAccess, SvpTlsAcceptor, SvpTlsConnector};
@@ -27,25 +31,6 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// A private temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let d = std::env::temp_dir().join(format!("ptls{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A cluster CA made with fabric's own `pki::ca` in a data directory of its own.
 struct Ca {
     ca: ClusterCa,

@@ -337,35 +337,31 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             .with_access(access);
         tracing::info!(addr = %head.listen, store = %store.describe(), "control plane (HTTPS) listening");
         tracing::info!(addr = %head.portolan, tls = %head.portolan_tls, "Portolan (SVP, SVP over TLS) listening");
-        let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
-        servers.push(rt.spawn(async move {
-            let r = crate::control::cluster::serve(listener, sock, store, cfg, &tls, async move {
+        let stopped = || {
+            let mut rx = stop_rx.clone();
+            async move {
                 let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-            .context("control plane HTTP server");
-            let _ = done.send(r);
-        }));
-        let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
-        servers.push(rt.spawn(async move {
-            let r = svp
-                .run(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-                .context("Portolan server");
-            let _ = done.send(r);
-        }));
-        let (mut rx, done) = (stop_rx.clone(), done_tx.clone());
-        servers.push(rt.spawn(async move {
-            let r = svp_tls
-                .run(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-                .context("Portolan server (TLS)");
-            let _ = done.send(r);
-        }));
+            }
+        };
+        let stop = stopped();
+        let control = async move {
+            crate::control::cluster::serve(listener, sock, store, cfg, &tls, stop).await
+        };
+        servers.push(spawn_server(
+            &rt,
+            &done_tx,
+            "control plane HTTP server",
+            control,
+        ));
+        let svp = svp.run(stopped());
+        servers.push(spawn_server(&rt, &done_tx, "Portolan server", svp));
+        let svp_tls = svp_tls.run(stopped());
+        servers.push(spawn_server(
+            &rt,
+            &done_tx,
+            "Portolan server (TLS)",
+            svp_tls,
+        ));
     }
 
     // Register (head: over its own operator socket; a joining host: join with the token, or
@@ -488,6 +484,24 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(Ok(())) => Err(anyhow!("a server stopped by itself")),
         None => Ok(()),
     }
+}
+
+/// Runs one of the head's servers on `rt`; its end (an error, or stopping by itself) is sent to
+/// `done`, which stops `fabric up`.
+fn spawn_server<E>(
+    rt: &tokio::runtime::Runtime,
+    done: &tokio::sync::mpsc::UnboundedSender<anyhow::Result<()>>,
+    what: &'static str,
+    server: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    E: Into<anyhow::Error>,
+{
+    let done = done.clone();
+    rt.spawn(async move {
+        let r = server.await.map_err(|e| e.into().context(what));
+        let _ = done.send(r);
+    })
 }
 
 fn stop_servers(
