@@ -5,7 +5,9 @@
 # Two simulated hosts, like tests/util/cluster.rs: each a network namespace on a bridge
 # (192.168.78.0/24) plus a holder process with a private mount namespace and its own /run, so
 # each agent has its own /run/netns. Host 1 runs `fabric up` (head: control plane, Portolan,
-# dataplane, agent; SQLite), host 2 `fabric up --join`. One fabric network; one probe VM per
+# dataplane, agent; SQLite), host 2 `fabric up --join` with the head's join token. The API is
+# https only: once the head has made its cluster CA (DIR/pki/cluster-ca.crt), `fabric cert admin`
+# writes an operator certificate that every API call uses. One fabric network; one probe VM per
 # server; then N VMs (default 100), one at a time, alternating servers. For each VM the time is
 # taken from just before its `POST /vms` to the first ping reply it sends back to the probe on
 # the other server (ping every 10 ms, so the figure is within ~10 ms). It prints every sample's
@@ -32,7 +34,8 @@ HIP=("" 192.168.78.1 192.168.78.2)
 HOLDER=("" "" "")
 HOLDERS=() # killed after everything else (netns-lib's cleanup stops PIDS first)
 trap 'trap "" PIPE; cleanup; kill -KILL "${HOLDERS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
-API="http://192.168.78.1:8080"
+API="https://192.168.78.1:8080"
+OP="$TMP/operator" # the operator's ca.pem, cert.pem, key.pem (`fabric cert admin`)
 
 underlay() {
   addns "$U"
@@ -72,7 +75,8 @@ start_up() { # start_up I ARGS...: `fabric up ARGS` in host I, in the background
 }
 
 api() { # api METHOD PATH [JSON]: the control plane's answer (fails on HTTP errors)
-  local args=(-sS --fail-with-body -X "$1" "$API$2")
+  local args=(-sS --fail-with-body --cacert "$OP/ca.pem" --cert "$OP/cert.pem" --key "$OP/key.pem"
+    -X "$1" "$API$2")
   [ $# -ge 3 ] && args+=(-H 'Content-Type: application/json' -d "$3")
   ip netns exec "$U" curl "${args[@]}"
 }
@@ -83,10 +87,14 @@ vm_running() { [ "$(api GET "/vms/$1" | jq -r .state)" = running ]; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 underlay
-# Once the head is up, host 2 joins it.
+# Once the head has its cluster CA: the operator's certificate and the join token; then the API
+# answers the operator and host 2 joins with the token.
 start_up 1 --data "$TMP/h1" --underlay "${HIP[1]}"
+wait_for 30 test -s "$TMP/h1/pki/cluster-ca.crt"
+"$FABRIC_BIN" cert admin --data "$TMP/h1" --out "$OP" >/dev/null
+TOKEN="$("$FABRIC_BIN" token --data "$TMP/h1")"
 wait_for 30 api GET /ping
-start_up 2 --data "$TMP/h2" --underlay "${HIP[2]}" --join "$API"
+start_up 2 --data "$TMP/h2" --underlay "${HIP[2]}" --join "$API" --token "$TOKEN"
 SRV=("" "" "")
 for i in 1 2; do
   wait_for 10 test -s "$TMP/h$i/server-uuid"
