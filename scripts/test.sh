@@ -11,8 +11,37 @@ for f in scripts/setup.d/*.sh; do
   # shellcheck disable=SC1090
   source "$f"
 done
+# Prints cargo test's output as it comes and, at the end, the wall time of each test binary
+# (from its "Running" line to the next), slowest first.
+timed() {
+  local line name="" t0=0 now
+  local -a rows=()
+  while IFS= read -r line; do
+    printf '%s\n' "$line"
+    if [[ $line =~ ^[[:space:]]+(Running|Doc-tests)[[:space:]]+([^[:space:]]+) ]]; then
+      now=${EPOCHREALTIME/./}
+      [ -n "$name" ] && rows+=("$(((now - t0) / 1000)) $name")
+      name=${BASH_REMATCH[2]}
+      t0=$now
+    fi
+  done
+  now=${EPOCHREALTIME/./}
+  [ -n "$name" ] && rows+=("$(((now - t0) / 1000)) $name")
+  [ "${#rows[@]}" -gt 0 ] || return 0
+  echo "== time per test binary (ms)"
+  printf '%s\n' "${rows[@]}" | sort -rn | awk '{ printf "%8d  %s\n", $1, $2 }'
+}
+echo "== cargo test (workspace): build"
+cargo test --workspace --all-targets --no-run
 echo "== cargo test (workspace)"
-cargo test --workspace --all-targets --no-fail-fast
+set +e
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | timed
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" -ne 0 ]; then
+  echo "== cargo test failed (exit $rc)"
+  exit "$rc"
+fi
 echo "== fuzz targets compile"
 if [ -f fuzz/Cargo.toml ]; then
   cargo check --manifest-path fuzz/Cargo.toml
