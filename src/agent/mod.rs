@@ -167,7 +167,9 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
         state_dir = %args.state_dir.display(), owned = host.owned().len(),
         "fabric agent starting"
     );
-    let calls = Arc::new(Mutex::new(Api::new(conn.clone(), &server)));
+    // Every call is a stream of the one HTTP/2 connection: heartbeats never wait behind a
+    // snapshot read or a report.
+    let calls = Api::new(conn.clone(), &server);
     let state = Arc::new(Mutex::new(State {
         host,
         firewall: None,
@@ -188,7 +190,7 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
         tokio::spawn(async move {
             let mut failing = false;
             loop {
-                let r = calls.lock().await.heartbeat().await;
+                let r = calls.heartbeat().await;
                 note(&reachable, &r);
                 match r {
                     Ok(()) if failing => {
@@ -242,7 +244,7 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
     let mut next_resync = Instant::now() + resync;
     loop {
         if need_snapshot {
-            let r = calls.lock().await.snapshot().await;
+            let r = calls.snapshot().await;
             note(&reachable, &r);
             match r {
                 Ok(mut s) => {
@@ -409,11 +411,7 @@ async fn follow_feed(
 /// One reconcile against `snap`: observe, plan, execute (on a blocking thread), report.
 /// Reports the control plane accepted are written into `snap` too, so that a re-check against
 /// the same snapshot does not report them again.
-async fn reconcile(
-    state: &Arc<Mutex<State<LinuxHost>>>,
-    calls: &Arc<Mutex<Api>>,
-    snap: &mut Snapshot,
-) {
+async fn reconcile(state: &Arc<Mutex<State<LinuxHost>>>, calls: &Api, snap: &mut Snapshot) {
     let vms = snap.vms.clone();
     let fw = snap.firewall.clone();
     let members = snap.members.clone();
@@ -430,7 +428,7 @@ async fn reconcile(
     if reports.is_empty() {
         return;
     }
-    let r = calls.lock().await.report(&reports).await;
+    let r = calls.report(&reports).await;
     let mut st = state.lock().await;
     match r {
         Ok(ans) => {

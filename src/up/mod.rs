@@ -82,8 +82,15 @@ pub struct UpArgs {
     #[arg(long, value_name = "URL")]
     pub join: Option<String>,
     /// The join token (`fabric token --data DIR` on the head). Needed the first time a host
-    /// joins (and after its certificate expired); later runs resume with `DIR/tls/`.
-    #[arg(long, value_name = "TOKEN", requires = "join")]
+    /// joins (and after its certificate expired); later runs resume with `DIR/tls/`. From the
+    /// environment (FABRIC_JOIN_TOKEN) it stays out of the process list.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        requires = "join",
+        env = "FABRIC_JOIN_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Head only: lifetime of the host certificates the head issues (e.g. 30d, 12h, 10m);
     /// hosts renew theirs after two thirds of it.
