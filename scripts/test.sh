@@ -18,10 +18,13 @@ timed() {
   local -a rows=()
   while IFS= read -r line; do
     printf '%s\n' "$line"
-    if [[ $line =~ ^[[:space:]]+(Running|Doc-tests)[[:space:]]+([^[:space:]]+) ]]; then
+    if [[ $line =~ ^[[:space:]]+(Running|Doc-tests)[[:space:]]+(.*)$ ]]; then
       now=${EPOCHREALTIME/./}
       [ -n "$name" ] && rows+=("$(((now - t0) / 1000)) $name")
+      # "unittests src/lib.rs (target/debug/deps/fabric-0123abcd)" -> "unittests src/lib.rs (fabric)"
       name=${BASH_REMATCH[2]}
+      name=${name/target\/debug\/deps\//}
+      [[ $name =~ ^(.*)-[0-9a-f]+\)$ ]] && name="${BASH_REMATCH[1]})"
       t0=$now
     fi
   done
@@ -29,7 +32,9 @@ timed() {
   [ -n "$name" ] && rows+=("$(((now - t0) / 1000)) $name")
   [ "${#rows[@]}" -gt 0 ] || return 0
   echo "== time per test binary (ms)"
-  printf '%s\n' "${rows[@]}" | sort -rn | awk '{ printf "%8d  %s\n", $1, $2 }'
+  printf '%s\n' "${rows[@]}" | sort -rn | while read -r ms what; do
+    printf '%8d  %s\n' "$ms" "$what"
+  done
 }
 echo "== cargo test (workspace): build"
 cargo test --workspace --all-targets --no-run
