@@ -87,7 +87,6 @@ pub struct UpArgs {
     #[arg(
         long,
         value_name = "TOKEN",
-        requires = "join",
         env = "FABRIC_JOIN_TOKEN",
         hide_env_values = true
     )]
@@ -263,6 +262,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let uuid = server_uuid(&args.data)?;
     let plan = args.plan(&uuid)?;
+    if plan.head.is_some() && args.token.is_some() {
+        tracing::warn!("ignoring the join token (--token or FABRIC_JOIN_TOKEN): without --join this host is the head");
+    }
     match crate::io::rlimit::raise_nofile() {
         Ok(n) => tracing::debug!(nofile = n, "RLIMIT_NOFILE raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
