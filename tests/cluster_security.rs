@@ -242,6 +242,51 @@ fn joining_and_calling_the_api() {
     let st = curl(&f, 1, "GET", "/vms", &ca, Some(&op)).unwrap();
     assert_eq!(st, 200, "the operator");
 
+    // A second operator certificate, revoked by serial: refused from then on.
+    let bob = f.c.dir.join("bob");
+    let head_s = head.display().to_string();
+    let (ok, out, err) = fabric(&[
+        "cert",
+        "admin",
+        "--data",
+        &head_s,
+        "--name",
+        "bob",
+        "--out",
+        &bob.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let serial = out
+        .split("(serial ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no serial in {out:?}"))
+        .to_string();
+    assert_eq!(curl(&f, 1, "GET", "/vms", &ca, Some(&bob)), Ok(200));
+    let (ok, out, err) = fabric(&["cert", "revoke", &serial, "--data", &head_s]);
+    assert!(ok, "{err}");
+    eprintln!("{out}");
+    let (e, t) = wait_until(
+        "bob's certificate refused",
+        Duration::from_secs(10),
+        || match curl(&f, 1, "GET", "/vms", &ca, Some(&bob)) {
+            Err(e) => Ok(e),
+            Ok(st) => Err(format!("answered {st}")),
+        },
+    );
+    eprintln!("revoked operator certificate refused after {t:?}: {e}");
+    let (_, ls, _) = fabric(&["cert", "ls", "--data", &head_s]);
+    assert!(
+        ls.lines()
+            .any(|l| l.contains(&serial) && l.ends_with("revoked")),
+        "{ls}"
+    );
+    assert_eq!(
+        curl(&f, 1, "GET", "/vms", &ca, Some(&op)),
+        Ok(200),
+        "admin unaffected"
+    );
+
     // Rotation: the old token stops working for a new host; joined hosts are unaffected.
     let h3_up = f.ups[2].unwrap();
     f.c.stop(h3_up, Duration::from_secs(15));

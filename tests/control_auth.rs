@@ -48,7 +48,10 @@ async fn inject_peer(mut req: Request, next: Next) -> Response {
                 server_uuid: u.to_string(),
                 serial: "01".into(),
             },
-            Some(("operator", n)) => Peer::Operator { name: n.into() },
+            Some(("operator", n)) => Peer::Operator {
+                name: n.into(),
+                serial: None,
+            },
             _ => Peer::Anonymous,
         });
     if let Some(p) = peer {

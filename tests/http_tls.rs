@@ -220,9 +220,11 @@ async fn the_certificate_names_the_peer_and_foreign_ones_are_refused() {
 
     // An operator certificate.
     let (cert, key) = c.ca.issue_operator("alice", LIFE).unwrap();
+    let serial =
+        fabric::pki::tls::serial_of(&fabric::pki::tls::pem_certs(&cert).unwrap()[0]).unwrap();
     assert_eq!(
         who(&mut c.client(s.addr, &cert, &key)).await.unwrap(),
-        r#"Operator { name: "alice" }"#
+        format!(r#"Operator {{ name: "alice", serial: Some("{serial}") }}"#)
     );
 
     // A host certificate from another CA: the handshake is refused, nothing is served.
@@ -330,15 +332,22 @@ async fn unix_socket_requests_carry_the_given_peer() {
         echo(Arc::default()),
         Peer::Operator {
             name: "local".into(),
+            serial: None,
         },
         async {
             let _ = rx.await;
         },
     ));
     let mut c = HttpClient::unix(&path);
-    assert_eq!(who(&mut c).await.unwrap(), r#"Operator { name: "local" }"#);
+    assert_eq!(
+        who(&mut c).await.unwrap(),
+        r#"Operator { name: "local", serial: None }"#
+    );
     // Keep-alive over the socket: a second request on the same connection.
-    assert_eq!(who(&mut c).await.unwrap(), r#"Operator { name: "local" }"#);
+    assert_eq!(
+        who(&mut c).await.unwrap(),
+        r#"Operator { name: "local", serial: None }"#
+    );
     let _ = tx.send(());
     drop(c);
     task.await.unwrap().unwrap();

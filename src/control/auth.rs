@@ -276,6 +276,7 @@ mod tests {
             Peer::Open,
             Peer::Operator {
                 name: "local".into(),
+                serial: None,
             },
         ] {
             for (m, pat, path) in every_route() {

@@ -51,11 +51,13 @@ impl HeadTls {
         let ca = ClusterCa::create_or_load(data).context("the cluster CA")?;
         crate::pki::token::secret(data).context("the join secret")?;
         let (cert, key) = ca.issue_server(uuid, ips, names, SERVER_CERT_LIFETIME)?;
+        let trust = Trust::new();
+        trust.set_revoked_serials(crate::pki::cli::read_revoked(&revoked_serials_path(data))?);
         Ok(HeadTls {
             chain: format!("{cert}{}", ca.ca_pem()),
             key,
             ca: Arc::new(ca),
-            trust: Trust::new(),
+            trust,
             data: data.to_path_buf(),
         })
     }
@@ -87,6 +89,14 @@ impl HeadTls {
         cfg.trust = Some(self.trust.clone());
         cfg
     }
+}
+
+/// How often the head looks at `DIR/pki/revoked-serials`.
+pub const SERIALS_REFRESH: Duration = Duration::from_secs(1);
+
+/// `DIR/pki/revoked-serials`: one revoked certificate serial (hex) per line.
+pub fn revoked_serials_path(data: &Path) -> PathBuf {
+    crate::pki::ca::pki_dir(data).join("revoked-serials")
 }
 
 /// `DIR/control.sock`.
@@ -125,6 +135,25 @@ pub async fn serve(
     );
     let svc = Service::start(store, cfg);
     let stats = svc.app.metrics.http.clone();
+    // `fabric cert revoke` writes DIR/pki/revoked-serials; a revocation counts within a second.
+    let serials = {
+        let (trust, path) = (head.trust.clone(), revoked_serials_path(&head.data));
+        tokio::spawn(async move {
+            let mut seen = None;
+            let mut tick = tokio::time::interval(SERIALS_REFRESH);
+            loop {
+                tick.tick().await;
+                let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                if mtime != seen {
+                    seen = mtime;
+                    match crate::pki::cli::read_revoked(&path) {
+                        Ok(s) => trust.set_revoked_serials(s),
+                        Err(e) => tracing::warn!(error = %e, "reading the revoked serials"),
+                    }
+                }
+            }
+        })
+    };
     let feed = svc.app.feed.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -144,6 +173,7 @@ pub async fn serve(
             svc.router(),
             Peer::Operator {
                 name: "local".into(),
+                serial: None,
             },
             stopped(),
         );
@@ -154,6 +184,7 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     };
     let (a, b, ()) = tokio::join!(tcp, unix, stop);
+    serials.abort();
     drop(svc);
     a.context("control plane HTTPS")?;
     b.context("control plane unix socket")?;

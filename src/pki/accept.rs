@@ -79,14 +79,28 @@ impl crate::http::Accept for HttpTls {
     }
 
     fn closed(&self, peer: &Peer) -> impl Future<Output = ()> + Send {
+        enum Watch {
+            Server(Arc<Trust>, String),
+            Serial(Arc<Trust>, String),
+            Nothing,
+        }
         let watch = match (peer, &self.trust) {
-            (Peer::Host { server_uuid, .. }, Some(t)) => Some((t.clone(), server_uuid.clone())),
-            _ => None,
+            (Peer::Host { server_uuid, .. }, Some(t)) => {
+                Watch::Server(t.clone(), server_uuid.clone())
+            }
+            (
+                Peer::Operator {
+                    serial: Some(s), ..
+                },
+                Some(t),
+            ) => Watch::Serial(t.clone(), s.clone()),
+            _ => Watch::Nothing,
         };
         async move {
             match watch {
-                Some((t, uuid)) => t.revoked(&uuid).await,
-                None => std::future::pending().await,
+                Watch::Server(t, uuid) => t.revoked(&uuid).await,
+                Watch::Serial(t, serial) => t.revoked_serial(&serial).await,
+                Watch::Nothing => std::future::pending().await,
             }
         }
     }
@@ -108,7 +122,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn closed_follows_revocation_for_hosts_only() {
+    async fn closed_follows_revocation_of_the_server_or_the_serial() {
         let t = Trust::new();
         let cfg = test_config();
         let a = HttpTls::new(cfg, Some(t.clone()));
@@ -118,6 +132,7 @@ mod tests {
         };
         let op = Peer::Operator {
             name: "alice".into(),
+            serial: Some("0a".into()),
         };
         let d = std::time::Duration::from_millis(50);
         use crate::http::Accept as _;
@@ -127,6 +142,10 @@ mod tests {
             .await
             .expect("a revoked host's sessions end");
         assert!(tokio::time::timeout(d, a.closed(&op)).await.is_err());
+        t.set_revoked_serials(["0a".to_string()].into_iter().collect());
+        tokio::time::timeout(d, a.closed(&op))
+            .await
+            .expect("a revoked operator certificate's sessions end");
         // Without a membership view nothing is revoked.
         let plain = HttpTls::new(test_config(), None);
         assert!(tokio::time::timeout(d, plain.closed(&host)).await.is_err());

@@ -45,6 +45,45 @@ pub enum CertCmd {
     /// OUTDIR/key.pem https://HEAD:8080/...` and `fabric ... --control https://HEAD:8080
     /// --tls-dir OUTDIR`. Run it on the head.
     Admin(AdminArgs),
+    /// List the operator certificates issued on this head (name, serial, expiry, revoked).
+    Ls {
+        /// The head's data directory.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
+    /// Revoke a certificate by serial number (as `fabric cert ls` shows it): the head refuses
+    /// it from then on (within a second) and closes its open connections. Hosts are removed with
+    /// `fabric server remove` instead.
+    Revoke {
+        /// The serial number (hex).
+        serial: String,
+        /// The head's data directory.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
+}
+
+fn issued_path(data: &std::path::Path) -> PathBuf {
+    super::ca::pki_dir(data).join("operators")
+}
+
+fn revoked_path(data: &std::path::Path) -> PathBuf {
+    super::ca::pki_dir(data).join("revoked-serials")
+}
+
+/// The revoked serials in `path` (a missing file: none).
+pub fn read_revoked(
+    path: &std::path::Path,
+) -> Result<std::collections::HashSet<String>, super::PkiError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s
+            .lines()
+            .map(|l| l.trim().to_ascii_lowercase())
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(super::PkiError::io(path, e)),
+    }
 }
 
 /// `fabric cert admin` arguments.
@@ -73,12 +112,60 @@ pub fn cert(cmd: &CertCmd) -> anyhow::Result<()> {
             files::write_cert(&a.out.join("ca.pem"), ca.ca_pem())?;
             files::write_key(&a.out.join("key.pem"), &key)?;
             files::write_cert(&a.out.join("cert.pem"), &cert)?;
+            // Remembered for `fabric cert ls` and `fabric cert revoke`.
+            let der = super::tls::pem_certs(&cert)?.remove(0);
+            let serial = super::tls::serial_of(&der).unwrap_or_default();
+            let line = format!(
+                "{serial} {} {}\n",
+                a.name.replace(char::is_whitespace, "_"),
+                render_lifetime(a.lifetime)
+            );
+            let issued = issued_path(&a.data);
+            let old = std::fs::read_to_string(&issued).unwrap_or_default();
+            files::write(&issued, &(old + &line), 0o600)?;
             println!(
-                "operator certificate for {:?} written to {} (ca.pem, cert.pem, key.pem), valid {}",
+                "operator certificate for {:?} (serial {serial}) written to {} (ca.pem, cert.pem, key.pem), valid {}",
                 a.name,
                 a.out.display(),
                 render_lifetime(a.lifetime)
             );
+            Ok(())
+        }
+        CertCmd::Ls { data } => {
+            ClusterCa::load(data)?;
+            let revoked = read_revoked(&revoked_path(data))?;
+            let issued = std::fs::read_to_string(issued_path(data)).unwrap_or_default();
+            println!("{:<34}  {:<20}  {:<9}  STATE", "SERIAL", "NAME", "LIFETIME");
+            for l in issued.lines() {
+                let mut f = l.split_whitespace();
+                let (Some(serial), Some(name), Some(life)) = (f.next(), f.next(), f.next()) else {
+                    continue;
+                };
+                let state = if revoked.contains(serial) {
+                    "revoked"
+                } else {
+                    "issued"
+                };
+                println!("{serial:<34}  {name:<20}  {life:<9}  {state}");
+            }
+            Ok(())
+        }
+        CertCmd::Revoke { serial, data } => {
+            ClusterCa::load(data)?;
+            let s = serial.trim().to_ascii_lowercase().replace(':', "");
+            if s.is_empty() || !s.chars().all(|c| c.is_ascii_hexdigit()) || s.len() > 40 {
+                anyhow::bail!("{serial:?}: expected a certificate serial number in hex, as `fabric cert ls` shows it");
+            }
+            let path = revoked_path(data);
+            let mut revoked = read_revoked(&path)?;
+            if !revoked.insert(s.clone()) {
+                println!("certificate {s} was already revoked");
+                return Ok(());
+            }
+            let mut all: Vec<String> = revoked.into_iter().collect();
+            all.sort();
+            files::write(&path, &(all.join("\n") + "\n"), 0o644)?;
+            println!("certificate {s} revoked: the head refuses it within a second and closes its connections");
             Ok(())
         }
     }

@@ -44,7 +44,7 @@ pub enum PkiError {
 }
 
 impl PkiError {
-    fn io(path: &std::path::Path, source: std::io::Error) -> PkiError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> PkiError {
         PkiError::Io {
             path: path.display().to_string(),
             source,
@@ -76,6 +76,9 @@ pub enum Peer {
     Operator {
         /// The certificate's common name (or `local`).
         name: String,
+        /// The certificate's serial number (hex; `None` on the head's unix socket), by which
+        /// `fabric cert revoke` refuses it.
+        serial: Option<String>,
     },
     /// A host certificate: acts only for this server.
     Host {
@@ -114,6 +117,9 @@ struct View {
 #[derive(Debug)]
 pub struct Trust {
     view: RwLock<View>,
+    /// Serial numbers of revoked certificates (`fabric cert revoke`), kept apart from the
+    /// store-backed view: they come from the head's `DIR/pki/revoked-serials`.
+    serials: RwLock<HashSet<String>>,
     /// Bumped on every change that revoked something; `revoked()` waiters re-check.
     epoch: watch::Sender<u64>,
 }
@@ -123,6 +129,7 @@ impl Trust {
     pub fn new() -> Arc<Trust> {
         Arc::new(Trust {
             view: RwLock::new(View::default()),
+            serials: RwLock::new(HashSet::new()),
             epoch: watch::channel(0).0,
         })
     }
@@ -178,6 +185,41 @@ impl Trust {
             }
         }
         self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Replaces the revoked serial numbers (lower-case hex); a newly revoked one wakes
+    /// [`Trust::revoked_serial`] waiters.
+    pub fn set_revoked_serials(&self, serials: HashSet<String>) {
+        let newly = {
+            let mut cur = self.serials.write().unwrap_or_else(|e| e.into_inner());
+            let newly = serials.iter().any(|s| !cur.contains(s));
+            *cur = serials;
+            newly
+        };
+        if newly {
+            self.epoch.send_modify(|e| *e += 1);
+        }
+    }
+
+    /// Whether the certificate with this serial number was revoked.
+    pub fn is_serial_revoked(&self, serial: &str) -> bool {
+        self.serials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&serial.to_ascii_lowercase())
+    }
+
+    /// Resolves once the certificate with this serial is revoked (at once if it already is).
+    pub async fn revoked_serial(&self, serial: &str) {
+        let mut rx = self.epoch.subscribe();
+        loop {
+            if self.is_serial_revoked(serial) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Whether `uuid` was removed from the cluster.

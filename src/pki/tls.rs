@@ -173,6 +173,7 @@ pub fn peer_of_cert(der: &[u8]) -> Option<Peer> {
         }),
         OPERATOR_OU => Some(Peer::Operator {
             name: cn.to_owned(),
+            serial: Some(c.raw_serial_as_string().replace(':', "")),
         }),
         _ => None,
     }
@@ -243,6 +244,14 @@ impl ClientCertVerifier for Revocation {
                     "the certificate of server {server_uuid}, which was removed from the cluster"
                 )))
             }
+            (
+                Some(Peer::Operator {
+                    serial: Some(s), ..
+                }),
+                Some(t),
+            ) if t.is_serial_revoked(&s) => Err(rustls::Error::General(format!(
+                "operator certificate {s}, which was revoked"
+            ))),
             _ => Ok(ok),
         }
     }
@@ -437,13 +446,18 @@ mod tests {
             c.ca.issue_operator("alice", Duration::from_secs(600))
                 .unwrap();
         let op = client_config_from(c.ca.ca_pem(), &cert, &key).unwrap();
-        let peer = handshake(c.server.clone(), op).await.unwrap();
+        let peer = handshake(c.server.clone(), op.clone()).await.unwrap();
+        let serial = serial_of(&pem_certs(&cert).unwrap()[0]).unwrap();
         assert_eq!(
             peer,
             Some(Peer::Operator {
-                name: "alice".into()
+                name: "alice".into(),
+                serial: Some(serial.clone()),
             })
         );
+        // A revoked operator certificate: refused in the handshake.
+        c.trust.set_revoked_serials([serial].into_iter().collect());
+        assert!(handshake(c.server.clone(), op).await.is_err());
 
         // No certificate: let in (Optional), no peer.
         let anon = ClientConfig::builder_with_provider(provider())
