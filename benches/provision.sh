@@ -26,6 +26,8 @@ PFX="fpv$$"
 OWNER=930896af-bf8c-48d4-885c-6573a94b1853
 # shellcheck source=benches/netns-lib.sh
 source benches/netns-lib.sh
+# shellcheck source=benches/cluster-lib.sh
+source benches/cluster-lib.sh
 netns_bench_init provision.sh ip nsenter unshare ping curl jq
 
 U="$PFX-u"
@@ -37,39 +39,11 @@ trap 'trap "" PIPE; cleanup; kill -KILL "${HOLDERS[@]}" 2>/dev/null; rm -rf "$TM
 API="https://192.168.78.1:8080"
 OP="$TMP/operator" # the operator's ca.pem, cert.pem, key.pem (`fabric cert admin`)
 
-underlay() {
-  addns "$U"
-  ip -n "$U" link add br0 address 02:00:c0:a8:4e:fe type bridge
-  ip -n "$U" addr add 192.168.78.254/24 dev br0
-  ip -n "$U" link set br0 up
-  local i
-  for i in 1 2; do
-    addns "${H[i]}"
-    ip -n "$U" link add "vh$i" type veth peer name u0 netns "${H[i]}"
-    ip -n "$U" link set "vh$i" master br0 up
-    ip -n "${H[i]}" addr add "${HIP[i]}/24" dev u0
-    ip -n "${H[i]}" link set u0 up
-    mkdir -p "$TMP/h$i"
-    # The holder: the host's network namespace, a private mount namespace, its own /run.
-    nsenter --net="/run/netns/${H[i]}" -- unshare --mount --propagation private -- \
-      sh -c "mount -t tmpfs -o mode=0755 fabric-host-run /run && mkdir -p /run/netns && touch $TMP/h$i/ready && exec sleep infinity" &
-    HOLDER[i]=$!
-    HOLDERS+=($!)
-    disown "$!" # no "Killed" line at exit
-    wait_for 10 test -e "$TMP/h$i/ready"
-  done
-}
-
-in_host() { # in_host I CMD...: CMD inside host I (network + mount namespace)
-  local i=$1
-  shift
-  nsenter --target "${HOLDER[i]}" --net --mount -- "$@"
-}
-
 start_up() { # start_up I ARGS...: `fabric up ARGS` in host I, in the background, in PIDS
   # nsenter execs (no fork), so $! is fabric up itself and the cleanup's SIGTERM reaches it.
   local i=$1
   shift
+  mkdir -p "$TMP/h$i"
   nsenter --target "${HOLDER[i]}" --net --mount -- "$FABRIC_BIN" up "$@" >"$TMP/h$i/up.log" 2>&1 &
   PIDS+=($!)
 }
@@ -86,7 +60,7 @@ vm_running() { [ "$(api GET "/vms/$1" | jq -r .state)" = running ]; }
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
-underlay
+cluster_underlay
 # Once the head has its cluster CA: the operator's certificate and the join token; then the API
 # answers the operator and host 2 joins with the token.
 start_up 1 --data "$TMP/h1" --underlay "${HIP[1]}"

@@ -34,6 +34,8 @@ PFX="frv$$"
 OWNER=930896af-bf8c-48d4-885c-6573a94b1853
 # shellcheck source=benches/netns-lib.sh
 source benches/netns-lib.sh
+# shellcheck source=benches/cluster-lib.sh
+source benches/cluster-lib.sh
 netns_bench_init revocation.sh ip nsenter unshare ping curl jq
 
 U="$PFX-u"
@@ -46,35 +48,6 @@ API="https://192.168.78.1:8080"
 OP="$TMP/operator" # the operator's ca.pem, cert.pem, key.pem (`fabric cert admin`)
 HEAD="$TMP/h1"
 LIMIT_S=10 # a watcher gives up after this (10x the goal)
-
-underlay() {
-  addns "$U"
-  ip -n "$U" link add br0 address 02:00:c0:a8:4e:fe type bridge
-  ip -n "$U" addr add 192.168.78.254/24 dev br0
-  ip -n "$U" link set br0 up
-  local i
-  for i in 1 2; do
-    addns "${H[i]}"
-    ip -n "$U" link add "vh$i" type veth peer name u0 netns "${H[i]}"
-    ip -n "$U" link set "vh$i" master br0 up
-    ip -n "${H[i]}" addr add "${HIP[i]}/24" dev u0
-    ip -n "${H[i]}" link set u0 up
-    mkdir -p "$TMP/holder$i"
-    # The holder: the host's network namespace, a private mount namespace, its own /run.
-    nsenter --net="/run/netns/${H[i]}" -- unshare --mount --propagation private -- \
-      sh -c "mount -t tmpfs -o mode=0755 fabric-host-run /run && mkdir -p /run/netns && touch $TMP/holder$i/ready && exec sleep infinity" &
-    HOLDER[i]=$!
-    HOLDERS+=($!)
-    disown "$!" # no "Killed" line at exit
-    wait_for 10 test -e "$TMP/holder$i/ready"
-  done
-}
-
-in_host() { # in_host I CMD...: CMD inside host I (network + mount namespace)
-  local i=$1
-  shift
-  nsenter --target "${HOLDER[i]}" --net --mount -- "$@"
-}
 
 start_up() { # start_up I DIR ARGS...: `fabric up --data DIR ARGS` in host I, in the background, in PIDS
   # nsenter execs (no fork), so $! is fabric up itself and the cleanup's SIGTERM reaches it.
@@ -156,7 +129,7 @@ fail() { # fail MESSAGE: the message, the hosts' last log lines, exit 1
   exit 1
 }
 
-underlay
+cluster_underlay
 start_up 1 "$HEAD"
 wait_for 30 test -s "$HEAD/pki/cluster-ca.crt"
 "$FABRIC_BIN" cert admin --data "$HEAD" --out "$OP" >/dev/null
