@@ -162,13 +162,15 @@ impl Trust {
             }
         }
         v.members.extend(foreign);
-        let newly_revoked = {
+        let narrowed = {
             let mut cur = self.write();
-            let newly = v.revoked.iter().any(|u| !cur.revoked.contains(u));
+            // Someone lost something: a server revoked, or a member address gone.
+            let newly = v.revoked.iter().any(|u| !cur.revoked.contains(u))
+                || (cur.loaded && cur.members.iter().any(|m| !v.members.contains(m)));
             *cur = v;
             newly
         };
-        if newly_revoked {
+        if narrowed {
             self.epoch.send_modify(|e| *e += 1);
         }
     }
@@ -252,6 +254,20 @@ impl Trust {
         m
     }
 
+    /// Resolves once `ip` is no member (at once if it is not): a removed server's address, a
+    /// deleted foreign peer.
+    pub async fn not_member(&self, ip: IpAddr) {
+        let mut rx = self.epoch.subscribe();
+        loop {
+            if !self.is_member(ip) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Resolves once `uuid` is revoked (at once if it already is).
     pub async fn revoked(&self, uuid: &str) {
         let mut rx = self.epoch.subscribe();
@@ -327,5 +343,21 @@ mod tests {
             .unwrap();
         // Already revoked: at once.
         t.revoked("a").await;
+    }
+
+    #[tokio::test]
+    async fn not_member_wakes_when_an_address_leaves() {
+        let t = Trust::new();
+        let peer: IpAddr = "198.51.100.7".parse().unwrap();
+        t.set_servers([s("a", "192.0.2.1", false)], [peer]);
+        let t2 = t.clone();
+        let w = tokio::spawn(async move { t2.not_member(peer).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!w.is_finished());
+        t.set_servers([s("a", "192.0.2.1", false)], []);
+        tokio::time::timeout(std::time::Duration::from_secs(5), w)
+            .await
+            .expect("woken")
+            .unwrap();
     }
 }

@@ -67,8 +67,13 @@ impl Access for SvpAccess {
                 let uuid = uuid.clone();
                 Box::pin(async move { trust.revoked(&uuid).await })
             }
-            // Addresses have no revocation event: `allowed` is asked again at every read.
-            Identity::Address(_) => Box::pin(std::future::pending()),
+            // An address's session ends once it stops being a member (a server removed, a
+            // foreign peer deleted).
+            Identity::Address(ip) => {
+                let trust = self.trust.clone();
+                let ip = ip.to_canonical();
+                Box::pin(async move { trust.not_member(ip).await })
+            }
         }
     }
 }
@@ -271,6 +276,25 @@ mod tests {
             .await
             .expect("closed on revocation")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_address_session_is_closed_when_it_stops_being_a_member() {
+        let t = trust();
+        let a = SvpAccess::new(t.clone());
+        let w = tokio::spawn(a.closed(&Identity::Address(ip("::ffff:192.0.2.1"))));
+        let peer_w = tokio::spawn(a.closed(&Identity::Address(ip("198.51.100.7"))));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!w.is_finished() && !peer_w.is_finished());
+        // The server is removed: its address's plain session ends; the foreign peer's stays.
+        t.revoke("aaaa");
+        tokio::time::timeout(std::time::Duration::from_secs(5), w)
+            .await
+            .expect("closed once no member")
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!peer_w.is_finished());
+        peer_w.abort();
     }
 
     fn cert_with(cn: &str, ou: &str) -> Vec<u8> {
