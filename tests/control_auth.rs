@@ -898,6 +898,15 @@ async fn join_renew_and_a_removed_identity() {
     let h1 = host(S1);
     let h1 = Some(h1.as_str());
     assert_eq!(s.st(h1, "POST", "/join", Some(join.clone())).await.0, 403);
+    // Joining under a registered server's UUID from another address is refused (a token does
+    // not take over another server's identity); from its own address it is a re-join.
+    let mut steal = join.clone();
+    steal["underlay_ip"] = json!("192.0.2.99");
+    let (st, e) = s.st(anon, "POST", "/join", Some(steal)).await;
+    assert_eq!(st, 409, "{e}");
+    let v = s.ok(OP, "GET", &format!("/servers/{S1}"), None).await;
+    assert_eq!(v["underlay_ip"], IP1, "{v}");
+    s.ok(anon, "POST", "/join", Some(join.clone())).await;
     let renew = json!({"csr": csr});
     s.ok(
         h1,

@@ -108,7 +108,25 @@ pub fn join(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, OpE
             m.insert(k.into(), v.clone());
         }
     }
-    servers::put(tx, cfg, &uuid, &mut Params::from_map(m), false)?;
+    // A joining host names its own UUID; one already registered may only join again from its
+    // registered address (a host whose certificate expired). Taking over another server's
+    // identity would give its VMs and its feed to whoever holds a token.
+    let existing = servers::get(&mut Db::from(tx.raw()), &uuid)?;
+    if let Some(old) = &existing {
+        let asked = p.raw("underlay_ip").and_then(|v| v.as_str()).unwrap_or("");
+        if asked.parse::<std::net::IpAddr>().ok() != Some(old.underlay_ip) {
+            return Err(ApiError::join_refused(
+                409,
+                format!(
+                    "server {uuid} is already registered with underlay {}: a host joins again only from its own address; a new host needs a new identity (remove DIR/server-uuid)",
+                    old.underlay_ip
+                ),
+            )
+            .into());
+        }
+    }
+    // An existing server re-joins under the host rules (same underlay, in the lock).
+    servers::put(tx, cfg, &uuid, &mut Params::from_map(m), existing.is_some())?;
     let cert = issue(pki, &csr, &uuid)?;
     tracing::info!(server_uuid = %uuid, "a host joined");
     Ok(answer(cfg, pki, &uuid, cert))
