@@ -152,6 +152,24 @@ pub fn find_member(db: &mut Db<'_>, uuid: &str, what: &str) -> Result<Server, Op
     Ok(s)
 }
 
+/// The server a VM is to be put on (create, migrate): registered and not removed, else 422 on
+/// `server_uuid` saying which (`hint` is appended to the "not registered" message).
+pub fn target(db: &mut Db<'_>, uuid: &str, hint: &str) -> Result<Server, OpError> {
+    match get(db, uuid)? {
+        None => Err(ApiError::invalid(
+            "server_uuid",
+            format!("server {uuid} is not registered{hint}"),
+        )
+        .into()),
+        Some(x) if x.is_removed() => Err(ApiError::invalid(
+            "server_uuid",
+            format!("server {uuid} was removed from the cluster"),
+        )
+        .into()),
+        Some(x) => Ok(x),
+    }
+}
+
 /// Every server, by UUID.
 pub fn all(db: &mut Db<'_>) -> Result<Vec<Server>, OpError> {
     db.query(

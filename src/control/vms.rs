@@ -613,23 +613,7 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
         }
         match server {
             Some(s) => {
-                match servers::get(&mut d, &s)? {
-                    None => {
-                        return Err(ApiError::invalid(
-                            "server_uuid",
-                            format!("server {s} is not registered (PUT /servers/{s} first)"),
-                        )
-                        .into())
-                    }
-                    Some(x) if x.is_removed() => {
-                        return Err(ApiError::invalid(
-                            "server_uuid",
-                            format!("server {s} was removed from the cluster"),
-                        )
-                        .into())
-                    }
-                    Some(_) => {}
-                }
+                servers::target(&mut d, &s, &format!(" (PUT /servers/{s} first)"))?;
                 s
             }
             None => placement::place(&mut d, &owner, now, lifetime, &|_| true)?,
@@ -851,23 +835,7 @@ pub fn action(
         _ => {
             let target = target.unwrap_or_default();
             let mut d = Db::from(tx.raw());
-            match servers::get(&mut d, &target)? {
-                None => {
-                    return Err(ApiError::invalid(
-                        "server_uuid",
-                        format!("server {target} is not registered"),
-                    )
-                    .into())
-                }
-                Some(x) if x.is_removed() => {
-                    return Err(ApiError::invalid(
-                        "server_uuid",
-                        format!("server {target} was removed from the cluster"),
-                    )
-                    .into())
-                }
-                Some(_) => {}
-            }
+            servers::target(&mut d, &target, "")?;
             if target == server {
                 return Err(ApiError::invalid(
                     "server_uuid",
