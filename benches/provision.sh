@@ -30,14 +30,7 @@ source benches/netns-lib.sh
 source benches/cluster-lib.sh
 netns_bench_init provision.sh ip nsenter unshare ping curl jq
 
-U="$PFX-u"
-H=("" "$PFX-h1" "$PFX-h2")
-HIP=("" 192.168.78.1 192.168.78.2)
-HOLDER=("" "" "")
-HOLDERS=() # killed after everything else (netns-lib's cleanup stops PIDS first)
-trap 'trap "" PIPE; cleanup; kill -KILL "${HOLDERS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
-API="https://192.168.78.1:8080"
-OP="$TMP/operator" # the operator's ca.pem, cert.pem, key.pem (`fabric cert admin`)
+cluster_init "$PFX" 2
 
 start_up() { # start_up I ARGS...: `fabric up ARGS` in host I, in the background, in PIDS
   # nsenter execs (no fork), so $! is fabric up itself and the cleanup's SIGTERM reaches it.
@@ -47,18 +40,6 @@ start_up() { # start_up I ARGS...: `fabric up ARGS` in host I, in the background
   nsenter --target "${HOLDER[i]}" --net --mount -- "$FABRIC_BIN" up "$@" >"$TMP/h$i/up.log" 2>&1 &
   PIDS+=($!)
 }
-
-api() { # api METHOD PATH [JSON]: the control plane's answer (fails on HTTP errors)
-  local args=(-sS --fail-with-body --cacert "$OP/ca.pem" --cert "$OP/cert.pem" --key "$OP/key.pem"
-    -X "$1" "$API$2")
-  [ $# -ge 3 ] && args+=(-H 'Content-Type: application/json' -d "$3")
-  ip netns exec "$U" curl "${args[@]}"
-}
-
-server_running() { [ "$(api GET "/servers/$1" | jq -r .status)" = running ]; }
-vm_running() { [ "$(api GET "/vms/$1" | jq -r .state)" = running ]; }
-
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 cluster_underlay
 # Once the head has its cluster CA: the operator's certificate and the join token; then the API

@@ -38,14 +38,7 @@ source benches/netns-lib.sh
 source benches/cluster-lib.sh
 netns_bench_init revocation.sh ip nsenter unshare ping curl jq
 
-U="$PFX-u"
-H=("" "$PFX-h1" "$PFX-h2")
-HIP=("" 192.168.78.1 192.168.78.2)
-HOLDER=("" "" "")
-HOLDERS=() # killed after everything else (netns-lib's cleanup stops PIDS first)
-trap 'trap "" PIPE; cleanup; kill -KILL "${HOLDERS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
-API="https://192.168.78.1:8080"
-OP="$TMP/operator" # the operator's ca.pem, cert.pem, key.pem (`fabric cert admin`)
+cluster_init "$PFX" 2
 HEAD="$TMP/h1"
 LIMIT_S=10 # a watcher gives up after this (10x the goal)
 
@@ -72,23 +65,11 @@ stop() { # stop PID: SIGTERM, up to 10 s, then SIGKILL
   forget "$1"
 }
 
-api() { # api METHOD PATH [JSON]: the control plane's answer to the operator (fails on HTTP errors)
-  local args=(-sS --fail-with-body --cacert "$OP/ca.pem" --cert "$OP/cert.pem" --key "$OP/key.pem"
-    -X "$1" "$API$2")
-  [ $# -ge 3 ] && args+=(-H 'Content-Type: application/json' -d "$3")
-  ip netns exec "$U" curl "${args[@]}"
-}
-
 host_curl() { # host_curl DIR ARGS...: curl from h2 with the host certificate in DIR/tls
   local tls="$1/tls"
   shift
   in_host 2 curl -sS --cacert "$tls/ca.pem" --cert "$tls/cert.pem" --key "$tls/key.pem" "$@"
 }
-
-server_running() { [ "$(api GET "/servers/$1" | jq -r .status)" = running ]; }
-vm_running() { [ "$(api GET "/vms/$1" | jq -r .state)" = running ]; }
-
-now_ms() { local t="${EPOCHREALTIME/./}"; echo $((t / 1000)); }
 
 feed_end() { # the change feed's end (`.next` after the last page)
   local since=0 page n
