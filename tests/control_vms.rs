@@ -156,6 +156,23 @@ async fn count(c: &mut HttpClient, path: &str) -> usize {
     ok(c, "GET", path, None).await.as_array().unwrap().len()
 }
 
+/// The Portolan mapping of `ip` on `vnet` (deleted ones included), as the API lists it.
+async fn mapping(c: &mut HttpClient, vnet: impl std::fmt::Display, ip: &str) -> Value {
+    let maps = ok(
+        c,
+        "GET",
+        &format!("/portolan/mappings?vnet_id={vnet}"),
+        None,
+    )
+    .await;
+    maps.as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["ip"] == ip)
+        .unwrap_or_else(|| panic!("no mapping for {ip} on {vnet}: {maps}"))
+        .clone()
+}
+
 async fn ip_free(c: &mut HttpClient, net: &str, ip: &str) -> bool {
     ok(c, "GET", &format!("/networks/{net}/ips/{ip}"), None).await["free"] == true
 }
@@ -284,20 +301,7 @@ async fn scenario(url: &str) {
     assert_eq!(nic["state"], "provisioning");
     assert_eq!(ok(&mut c, "GET", &format!("/nics/{mac}"), None).await, *nic);
     // Its Portolan mapping.
-    let maps = ok(
-        &mut c,
-        "GET",
-        &format!("/portolan/mappings?vnet_id={vnet}"),
-        None,
-    )
-    .await;
-    let m = maps
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["ip"] == "10.10.0.5")
-        .expect("mapping for the VM's IP")
-        .clone();
+    let m = mapping(&mut c, vnet, "10.10.0.5").await;
     assert_eq!(
         (
             m["mac"].as_str(),
@@ -466,20 +470,7 @@ async fn scenario(url: &str) {
     assert_eq!(v["nics"][0]["mac"], mac.as_str());
     let nic = ok(&mut c, "GET", &format!("/nics/{mac}"), None).await;
     assert_eq!(nic["cn_uuid"], S2);
-    let maps = ok(
-        &mut c,
-        "GET",
-        &format!("/portolan/mappings?vnet_id={vnet}"),
-        None,
-    )
-    .await;
-    let m = maps
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["ip"] == "10.10.0.5")
-        .unwrap()
-        .clone();
+    let m = mapping(&mut c, vnet, "10.10.0.5").await;
     assert_eq!(
         (m["cn_uuid"].as_str(), m["deleted"].as_bool()),
         (Some(S2), Some(false))
@@ -655,20 +646,7 @@ async fn scenario(url: &str) {
         0
     );
     assert!(ip_free(&mut c, &net_uuid, "10.10.0.5").await);
-    let maps = ok(
-        &mut c,
-        "GET",
-        &format!("/portolan/mappings?vnet_id={vnet}"),
-        None,
-    )
-    .await;
-    let m = maps
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["ip"] == "10.10.0.5")
-        .unwrap()
-        .clone();
+    let m = mapping(&mut c, vnet, "10.10.0.5").await;
     assert_eq!(m["deleted"], true);
     let listed = |v: &Value| v.as_array().unwrap().iter().any(|x| x["uuid"] == WEB);
     assert!(!listed(
