@@ -18,8 +18,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run this host of a fabric cluster: with --data DIR --underlay IP, the head (control
-    /// plane HTTP API, Portolan, dataplane and agent, SQLite in DIR); with --join URL, another
-    /// host (dataplane and agent) that registers with the head. Needs root. SIGTERM stops it
+    /// plane over TLS, Portolan, dataplane and agent, SQLite and the cluster CA in DIR); with
+    /// --join https://HEAD:8080 --token TOKEN, another host (dataplane and agent) that joins it. Needs root. SIGTERM stops it
     /// cleanly; running it again on the same DIR resumes as the same server.
     Up(fabric::up::UpArgs),
     /// Run two in-process hosts and two tenants that reuse one subnet, on loopback, as an
@@ -71,7 +71,8 @@ enum Cmd {
     /// Print the join token of the cluster whose head runs on --data DIR (the CA digest and a
     /// secret); --rotate replaces the secret. Run it on the head.
     Token(fabric::pki::cli::TokenArgs),
-    /// Certificates of the cluster CA: `fabric cert admin` writes an operator certificate.
+    /// Certificates of the cluster CA: `fabric cert admin` writes an operator certificate,
+    /// `fabric cert ls` lists them, `fabric cert revoke SERIAL` refuses one.
     #[command(subcommand)]
     Cert(fabric::pki::cli::CertCmd),
 }
