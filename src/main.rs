@@ -75,6 +75,12 @@ enum Cmd {
     /// `fabric cert ls` lists them, `fabric cert revoke SERIAL` refuses one.
     #[command(subcommand)]
     Cert(fabric::pki::cli::CertCmd),
+    /// Docker accounts (run on the head with --data DIR, or --control https://HEAD:8080
+    /// --tls-dir OPERATOR_DIR): `add` creates one and writes its client certificate for the
+    /// stock docker CLI, `cert` issues another, `ls` lists, `rm` removes (its certificates are
+    /// refused from then on).
+    #[command(subcommand)]
+    Account(fabric::docker::cli::AccountCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,6 +143,7 @@ fn main() -> ExitCode {
         Cmd::Peer(cmd) => printed("fabric peer", fabric::control::cli::peer(cmd)),
         Cmd::Token(args) => edge("fabric token", fabric::pki::cli::token(&args)),
         Cmd::Cert(cmd) => edge("fabric cert", fabric::pki::cli::cert(&cmd)),
+        Cmd::Account(cmd) => printed("fabric account", fabric::docker::cli::account(cmd)),
         Cmd::Dataplane(args) => edge("fabric dataplane", fabric::dataplane::daemon::run(args)),
         Cmd::Vnic(cmd) => edge("fabric vnic", fabric::dataplane::cli::vnic(cmd)),
         Cmd::Stats { control, json } => {

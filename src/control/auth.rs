@@ -105,6 +105,12 @@ pub fn allowed(
                 )))
             }
         }
+        // The control API's listeners trust only the cluster CA, so an account certificate
+        // never gets this far; should one, it is refused outright.
+        Peer::Account { login, .. } => Err(forbidden(format!(
+            "{}: a Docker account's certificate ({login:?}) is for the Docker API only",
+            describe(method, pattern, path)
+        ))),
         Peer::Host { server_uuid, .. } => {
             let what = describe(method, pattern, path);
             let own = server_uuid.to_ascii_lowercase();

@@ -167,14 +167,14 @@ pub fn refusal(r: &HttpResponse) -> String {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")
 }
 
-async fn call(
+pub(crate) async fn call(
     control: &ControlUrl,
     method: &str,
     path: &str,
@@ -186,7 +186,7 @@ async fn call(
         .with_context(|| format!("{method} {path} to {}", control.describe()))
 }
 
-fn text(v: &Value, k: &str) -> String {
+pub(crate) fn text(v: &Value, k: &str) -> String {
     match &v[k] {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
@@ -195,7 +195,7 @@ fn text(v: &Value, k: &str) -> String {
 }
 
 /// Renders `rows` as aligned columns under `header`.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

@@ -119,10 +119,51 @@ pub fn bind_socket(data: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
-/// Serves the API on `listener` (TLS) and `sock` (the local operator) until `shutdown`.
+/// The Docker API's listener of a head: bound, with its TLS (accounts CA) ready.
+pub struct DockerListener {
+    /// The bound socket.
+    pub listener: tokio::net::TcpListener,
+    /// Its TLS.
+    pub tls: crate::docker::DockerTls,
+    /// Its settings.
+    pub cfg: crate::docker::DockerConfig,
+}
+
+impl DockerListener {
+    /// Prepares the accounts CA and the server certificate (`ips`, `names`, and `addr`'s own
+    /// IP unless a wildcard) and binds `addr`.
+    pub async fn bind(
+        data: &Path,
+        addr: std::net::SocketAddr,
+        ips: &[IpAddr],
+        names: &[String],
+        max_upload: u64,
+    ) -> anyhow::Result<DockerListener> {
+        let mut ips = ips.to_vec();
+        if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+            ips.push(addr.ip());
+        }
+        let tls = crate::docker::DockerTls::prepare(data, addr, &ips, names)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (Docker API)"))?;
+        Ok(DockerListener {
+            listener,
+            tls,
+            cfg: crate::docker::DockerConfig {
+                data: data.to_path_buf(),
+                max_upload,
+            },
+        })
+    }
+}
+
+/// Serves the API on `listener` (TLS) and `sock` (the local operator), and the Docker API on
+/// `docker` if given, until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     sock: tokio::net::UnixListener,
+    docker: Option<DockerListener>,
     store: Arc<dyn Store>,
     cfg: Config,
     head: &HeadTls,
@@ -177,16 +218,25 @@ pub async fn serve(
             },
             stopped(),
         );
+    let docker =
+        docker.map(|d| crate::docker::serve(d.listener, svc.app.clone(), d.cfg, d.tls, stopped()));
+    let docker = async move {
+        match docker {
+            Some(d) => d.await,
+            None => Ok(()),
+        }
+    };
     let stop = async move {
         shutdown.await;
         // Long-polls answer at once when the service stops, so it does not wait for them.
         feed.close();
         let _ = stop_tx.send(true);
     };
-    let (a, b, ()) = tokio::join!(tcp, unix, stop);
+    let (a, b, c, ()) = tokio::join!(tcp, unix, docker, stop);
     serials.abort();
     drop(svc);
     a.context("control plane HTTPS")?;
     b.context("control plane unix socket")?;
+    c?;
     Ok(())
 }

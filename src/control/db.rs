@@ -426,7 +426,8 @@ pub fn has_column(db: &mut Db<'_>, table: &str, column: &str) -> Result<bool, Op
 /// Creates the schema (idempotent; serialised across processes on PostgreSQL).
 pub fn create_schema(db: &mut Db<'_>) -> Result<(), OpError> {
     db.lock(lock_key(LOCK_SCHEMA, "schema"))?;
-    for stmt in SCHEMA {
+    let docker = crate::docker::SCHEMA.iter().flat_map(|t| t.iter());
+    for stmt in SCHEMA.iter().chain(docker) {
         db.exec(stmt, &[])?;
     }
     for (table, column, ty) in ADDED_COLUMNS {

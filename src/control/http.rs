@@ -263,6 +263,21 @@ fn route(method: &Method, pattern: &str, path: Vec<String>, peer: &Peer) -> Op {
         (m, p) if p.starts_with("/servers") || p.starts_with("/vms") || p == "/join" => {
             vm_route(m, p, a0, by_host)
         }
+        // Docker accounts (the operator's).
+        (Method::GET, "/accounts") => read(|d, _, p| crate::docker::accounts::list_api(d, p)),
+        (Method::POST, "/accounts") => {
+            write_db(|d, a, p| crate::docker::accounts::create_api(d, &a.cfg, p))
+        }
+        (Method::GET, "/accounts/{login}") => {
+            read(move |d, _, p| crate::docker::accounts::get_api(d, &a0, p))
+        }
+        (Method::DELETE, "/accounts/{login}") => delete_db(move |d, _, p| {
+            no_params(p)?;
+            crate::docker::accounts::remove(d, &a0).map(|_| ())
+        }),
+        (Method::POST, "/accounts/{login}/certificates") => {
+            write_db(move |d, a, p| crate::docker::accounts::issue_api(d, &a.cfg, &a0, p))
+        }
         // Foreign VXLAN peers.
         (Method::GET, "/peers") => read(|d, _, p| peers::list(d, p)),
         (Method::PUT, "/peers/{ip}") => write_db(move |d, _, p| peers::put(d, &a0, p)),
@@ -432,6 +447,9 @@ const ROUTES: &[&str] = &[
     "/changes",
     "/peers",
     "/peers/{ip}",
+    "/accounts",
+    "/accounts/{login}",
+    "/accounts/{login}/certificates",
 ];
 
 /// The router.
@@ -601,6 +619,12 @@ async fn handle(
                             .flatten();
                         sync_trust(&app, removed.as_deref()).await;
                     }
+                    Ok(_) if method == Method::DELETE && pattern == "/accounts/{login}" => {
+                        // The Docker listener refuses the account's certificates from now on.
+                        if let Some(d) = &app.cfg.docker {
+                            crate::docker::sync_revoked(&app, &d.trust).await;
+                        }
+                    }
                     Err(e) => app.auth.count(&peer, e.status, false),
                     Ok(_) => {}
                 }
@@ -690,14 +714,7 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
             Op::Read(f) => {
                 store::with_read(&*a.store, |raw| f(&mut Db::from(raw), &a, &mut params))
             }
-            Op::Write(f) => {
-                // A panic in another writer cannot leave `()` inconsistent.
-                let _turn = a
-                    .sqlite_writers
-                    .as_ref()
-                    .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
-                run_write(&a, &f, &params)
-            }
+            Op::Write(f) => run_write(&a, &f, &params),
             Op::Metrics => {
                 let counts = store::with_read(
                     &*a.store,
@@ -818,13 +835,26 @@ pub const WRITE_ATTEMPTS: u32 = 5;
 /// Runs a write in one store transaction, again (from the same parameters) while the database
 /// aborts it with a retryable error; counts the retries.
 fn run_write(a: &App, f: &WriteOp, params: &Params) -> Result<Reply, OpError> {
+    write_txn(a, |tx| f(tx, a, &mut params.clone()))
+}
+
+/// Runs `f` in one write transaction of the service's store (in this process's SQLite writer
+/// turn), with the changes it records written before commit and this process's long-polls woken
+/// after; again from the start while PostgreSQL aborts it for a deadlock or a serialization
+/// failure (up to [`WRITE_ATTEMPTS`]). Call it on the blocking pool. The Docker API's writes
+/// go through here too.
+pub fn write_txn<T>(a: &App, f: impl Fn(&mut dyn Txn) -> Result<T, OpError>) -> Result<T, OpError> {
+    // A panic in another writer cannot leave `()` inconsistent.
+    let _turn = a
+        .sqlite_writers
+        .as_ref()
+        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
     let mut attempt = 1;
     loop {
-        let mut p = params.clone();
         super::changes::discard();
         let mut flushed = None;
-        let r: Result<Reply, OpError> = store::with_txn(&*a.store, |tx| {
-            let reply = f(tx, a, &mut p)?;
+        let r: Result<T, OpError> = store::with_txn(&*a.store, |tx| {
+            let reply = f(tx)?;
             flushed = super::changes::flush(&mut Db::from(tx.raw()))?;
             Ok(reply)
         });

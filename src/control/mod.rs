@@ -105,6 +105,9 @@ pub struct Config {
     pub trust: Option<Arc<crate::pki::Trust>>,
     /// The head's cluster CA: `POST /join` and certificate renewals are served with it.
     pub cluster: Option<join::ClusterPki>,
+    /// The accounts CA and the Docker listener's revocation view: `/accounts` certificates
+    /// are issued with it, and an account's removal is pushed to the listener at once.
+    pub docker: Option<crate::docker::DockerPki>,
 }
 
 impl Default for Config {
@@ -123,6 +126,7 @@ impl Default for Config {
             store_url: None,
             trust: None,
             cluster: None,
+            docker: None,
         }
     }
 }
@@ -152,6 +156,14 @@ pub struct ControlArgs {
     /// address and 127.0.0.1 are always in its certificate).
     #[arg(long, value_name = "NAME|IP", requires = "data")]
     pub san: Vec<String>,
+    /// With --data: also serve the Docker Remote API on ADDR (TLS, client certificates of the
+    /// accounts CA only: `fabric account add`), e.g. 127.0.0.1:2376.
+    #[arg(long, value_name = "ADDR", requires = "data")]
+    pub docker_listen: Option<SocketAddr>,
+    /// Largest image upload the Docker API accepts (`docker import`, `docker load`), e.g.
+    /// 512M, 4G.
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = crate::docker::parse_size)]
+    pub docker_max_upload: u64,
     /// With --data: lifetime of the host certificates issued (e.g. 30d, 12h, 10m).
     #[arg(long, value_name = "DURATION", default_value = "30d",
           value_parser = crate::pki::cli::parse_lifetime)]
@@ -294,6 +306,7 @@ impl ControlArgs {
             store_url: Some(changes::feed::StoreUrl(self.store.clone())),
             trust: None,
             cluster: None,
+            docker: None,
         })
     }
 }
@@ -348,10 +361,18 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             }
         }
         let head = cluster::HeadTls::prepare(data, "fabric-control", &ips, &names)?;
-        let cfg = head.configure(cfg, args.cert_lifetime, None);
+        let mut cfg = head.configure(cfg, args.cert_lifetime, None);
+        let docker = match args.docker_listen {
+            None => None,
+            Some(addr) => {
+                let docker = cluster::DockerListener::bind(data, addr, &ips, &names, args.docker_max_upload).await?;
+                cfg.docker = Some(docker.tls.pki.clone());
+                Some(docker)
+            }
+        };
         let sock = cluster::bind_socket(data)?;
         tracing::info!(addr = %listener.local_addr()?, socket = %cluster::socket_path(data).display(), store = %store.describe(), "fabric control listening (HTTPS, cluster CA)");
-        cluster::serve(listener, sock, store, cfg, &head, shutdown).await
+        cluster::serve(listener, sock, docker, store, cfg, &head, shutdown).await
     })
 }
 

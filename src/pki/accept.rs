@@ -94,6 +94,7 @@ impl crate::http::Accept for HttpTls {
                 },
                 Some(t),
             ) => Watch::Serial(t.clone(), s.clone()),
+            (Peer::Account { serial, .. }, Some(t)) => Watch::Serial(t.clone(), serial.clone()),
             _ => Watch::Nothing,
         };
         async move {

@@ -16,7 +16,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use super::{files, PkiError, HOST_OU, OPERATOR_OU};
+use super::{files, PkiError, ACCOUNT_OU, HOST_OU, OPERATOR_OU};
 
 /// How long the cluster CA's own certificate is valid.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -32,17 +32,46 @@ pub fn pki_dir(data: &Path) -> PathBuf {
     data.join("pki")
 }
 
-/// The cluster CA, loaded with its key.
-pub struct ClusterCa {
+/// Which of the head's two CAs (DESIGN "Trust": never one for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    /// `pki/cluster-ca.*`: hosts, operators, the control API's server certificate.
+    Cluster,
+    /// `pki/accounts-ca.*`: Docker accounts and the Docker API's server certificate.
+    Accounts,
+}
+
+impl CaKind {
+    fn stem(self) -> &'static str {
+        match self {
+            CaKind::Cluster => "cluster-ca",
+            CaKind::Accounts => "accounts-ca",
+        }
+    }
+    fn subject(self) -> (&'static str, &'static str) {
+        match self {
+            CaKind::Cluster => ("fabric cluster CA", "fabric-cluster-ca"),
+            CaKind::Accounts => ("fabric accounts CA", "fabric-accounts-ca"),
+        }
+    }
+}
+
+/// The cluster CA.
+pub type ClusterCa = Ca;
+
+/// One of the head's CAs ([`CaKind`]), loaded with its key.
+pub struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,
     pem: String,
     der: Vec<u8>,
+    kind: CaKind,
 }
 
-impl std::fmt::Debug for ClusterCa {
+impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterCa")
+        f.debug_struct("Ca")
+            .field("kind", &self.kind)
             .field("digest", &hex(&self.digest()))
             .finish_non_exhaustive()
     }
@@ -87,17 +116,37 @@ fn leaf(cn: &str, ou: &str, lifetime: Duration) -> Result<CertificateParams, Pki
     Ok(p)
 }
 
-impl ClusterCa {
+impl Ca {
     /// Loads `DIR/pki/cluster-ca.{crt,key}`, creating them first if neither exists.
-    pub fn create_or_load(data: &Path) -> Result<ClusterCa, PkiError> {
+    pub fn create_or_load(data: &Path) -> Result<Ca, PkiError> {
+        Self::create_or_load_kind(data, CaKind::Cluster)
+    }
+
+    /// Loads the CA of a head's data directory.
+    pub fn load(data: &Path) -> Result<Ca, PkiError> {
+        Self::load_kind(data, CaKind::Cluster)
+    }
+
+    /// Which CA this is.
+    pub fn kind(&self) -> CaKind {
+        self.kind
+    }
+
+    /// Loads `DIR/pki/<kind>.{crt,key}`, creating them first if neither exists.
+    pub fn create_or_load_kind(data: &Path, kind: CaKind) -> Result<Ca, PkiError> {
         let dir = pki_dir(data);
-        let (crt, key) = (dir.join("cluster-ca.crt"), dir.join("cluster-ca.key"));
+        let stem = kind.stem();
+        let (crt, key) = (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        );
         match (crt.exists(), key.exists()) {
-            (true, true) => Self::load(data),
+            (true, true) => Self::load_kind(data, kind),
             (false, false) => {
                 let key_pair = KeyPair::generate().map_err(rc("generating the CA key"))?;
                 let mut p = CertificateParams::default();
-                p.distinguished_name = subject("fabric cluster CA", "fabric-cluster-ca");
+                let (cn, ou) = kind.subject();
+                p.distinguished_name = subject(cn, ou);
                 p.serial_number = Some(serial()?);
                 p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
                 p.key_usages = vec![
@@ -113,10 +162,10 @@ impl ClusterCa {
                 // `load` reports, never a certificate whose key is lost.
                 files::write_key(&key, &key_pair.serialize_pem())?;
                 files::write_cert(&crt, &cert.pem())?;
-                Self::load(data)
+                Self::load_kind(data, kind)
             }
             (true, false) => Err(PkiError::Cert(format!(
-                "{} exists but {} does not: the cluster CA's key is lost; restore it from a backup",
+                "{} exists but {} does not: the CA's key is lost; restore it from a backup",
                 crt.display(),
                 key.display()
             ))),
@@ -128,10 +177,11 @@ impl ClusterCa {
         }
     }
 
-    /// Loads the CA of a head's data directory.
-    pub fn load(data: &Path) -> Result<ClusterCa, PkiError> {
+    /// Loads the `kind` CA of a head's data directory.
+    pub fn load_kind(data: &Path, kind: CaKind) -> Result<Ca, PkiError> {
         let dir = pki_dir(data);
-        let crt = dir.join("cluster-ca.crt");
+        let stem = kind.stem();
+        let crt = dir.join(format!("{stem}.crt"));
         if !crt.exists() {
             return Err(PkiError::Cert(format!(
                 "no cluster CA in {}: this is not a head's data directory (run `fabric up --data {}` on the head first)",
@@ -140,7 +190,7 @@ impl ClusterCa {
             )));
         }
         let pem = files::read(&crt)?;
-        let key = KeyPair::from_pem(&files::read(&dir.join("cluster-ca.key"))?)
+        let key = KeyPair::from_pem(&files::read(&dir.join(format!("{stem}.key")))?)
             .map_err(rc("reading the CA key"))?;
         let params =
             CertificateParams::from_ca_cert_pem(&pem).map_err(rc("reading the CA certificate"))?;
@@ -154,11 +204,12 @@ impl ClusterCa {
             .next()
             .ok_or_else(|| PkiError::Cert(format!("{} holds no certificate", crt.display())))?
             .to_vec();
-        Ok(ClusterCa {
+        Ok(Ca {
             cert,
             key,
             pem,
             der,
+            kind,
         })
     }
 
@@ -186,6 +237,28 @@ impl ClusterCa {
         let cert = csr
             .signed_by(&self.cert, &self.key)
             .map_err(rc("signing the host certificate"))?;
+        Ok(cert.pem())
+    }
+
+    /// Signs a Docker account's certificate (CN = `login`, OU = [`ACCOUNT_OU`]) over the public
+    /// key of `csr_pem`; the request's own subject is ignored. Accounts CA only.
+    pub fn issue_account(
+        &self,
+        csr_pem: &str,
+        login: &str,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
+        if self.kind != CaKind::Accounts {
+            return Err(PkiError::Cert(
+                "account certificates come from the accounts CA, never the cluster CA".into(),
+            ));
+        }
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Request(format!("not a certificate request: {e}")))?;
+        csr.params = leaf(login, ACCOUNT_OU, lifetime)?;
+        let cert = csr
+            .signed_by(&self.cert, &self.key)
+            .map_err(rc("signing the account certificate"))?;
         Ok(cert.pem())
     }
 

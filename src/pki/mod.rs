@@ -64,6 +64,8 @@ pub fn sha256(b: &[u8]) -> [u8; 32] {
 pub const HOST_OU: &str = "fabric-host";
 /// The organizational unit of operator certificates.
 pub const OPERATOR_OU: &str = "fabric-operator";
+/// The organizational unit of Docker account certificates (accounts CA).
+pub const ACCOUNT_OU: &str = "fabric-account";
 
 /// Who is asking, as the listener established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +91,15 @@ pub enum Peer {
     },
     /// TLS without a client certificate: may only join.
     Anonymous,
+    /// A Docker account's certificate of the accounts CA: the Docker API only, as that
+    /// account alone.
+    Account {
+        /// The certificate's common name: the account's login.
+        login: String,
+        /// The certificate's serial number (hex): the store maps it to the account, and
+        /// removing the account revokes it.
+        serial: String,
+    },
 }
 
 /// One server as membership sees it.

@@ -26,7 +26,7 @@ use rustls::{
     SignatureScheme,
 };
 
-use super::{Peer, PkiError, Trust, HOST_OU, OPERATOR_OU};
+use super::{Peer, PkiError, Trust, ACCOUNT_OU, HOST_OU, OPERATOR_OU};
 
 /// Whether a listener requires a client certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +175,10 @@ pub fn peer_of_cert(der: &[u8]) -> Option<Peer> {
             name: cn.to_owned(),
             serial: Some(c.raw_serial_as_string().replace(':', "")),
         }),
+        ACCOUNT_OU => Some(Peer::Account {
+            login: cn.to_owned(),
+            serial: c.raw_serial_as_string().replace(':', ""),
+        }),
         _ => None,
     }
 }
@@ -237,7 +241,7 @@ impl ClientCertVerifier for Revocation {
             .verify_client_cert(end_entity, intermediates, now)?;
         match (peer_of_cert(end_entity), &self.trust) {
             (None, _) => Err(rustls::Error::General(
-                "not a fabric host or operator certificate".into(),
+                "not a fabric host, operator or account certificate".into(),
             )),
             (Some(Peer::Host { server_uuid, .. }), Some(t)) if t.is_revoked(&server_uuid) => {
                 Err(rustls::Error::General(format!(
@@ -252,6 +256,11 @@ impl ClientCertVerifier for Revocation {
             ) if t.is_serial_revoked(&s) => Err(rustls::Error::General(format!(
                 "operator certificate {s}, which was revoked"
             ))),
+            (Some(Peer::Account { login, serial }), Some(t)) if t.is_serial_revoked(&serial) => {
+                Err(rustls::Error::General(format!(
+                    "certificate {serial} of account {login:?}, which was removed or revoked"
+                )))
+            }
             _ => Ok(ok),
         }
     }

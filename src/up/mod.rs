@@ -100,6 +100,13 @@ pub struct UpArgs {
     /// listen address, the underlay address and 127.0.0.1 are always in its certificate).
     #[arg(long, value_name = "NAME|IP", conflicts_with = "join")]
     pub san: Vec<String>,
+    /// Head: where the Docker Remote API listens (TLS; client certificates of the accounts
+    /// CA only, from `fabric account add`). Default: the --listen address's IP, port 2376.
+    #[arg(long, value_name = "ADDR", conflicts_with = "join")]
+    pub docker_listen: Option<SocketAddr>,
+    /// Head: largest image upload the Docker API accepts (`docker import`, `docker load`).
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = crate::docker::parse_size)]
+    pub docker_max_upload: u64,
     /// Host name this server registers with (default: the kernel's host name).
     #[arg(long)]
     pub hostname: Option<String>,
@@ -123,7 +130,8 @@ pub struct Plan {
     pub server_uuid: String,
     /// The control plane the agent talks to, `https://IP:PORT`.
     pub control_url: String,
-    /// Head: where the HTTP API listens, the store, where Portolan listens.
+    /// Head: where the HTTP API listens, the store, where Portolan listens, where the Docker
+    /// API listens.
     pub head: Option<HeadPlan>,
     /// The data directory.
     pub data: PathBuf,
@@ -134,6 +142,8 @@ pub struct Plan {
 pub struct HeadPlan {
     /// HTTP listen address.
     pub listen: SocketAddr,
+    /// The Docker API's listen address.
+    pub docker: SocketAddr,
     /// Store URL.
     pub store: String,
     /// Portolan's listen address for plain SVP (foreign peers such as illumos varpd; member
@@ -175,6 +185,9 @@ impl UpArgs {
                     format!("https://{reach}"),
                     Some(HeadPlan {
                         listen,
+                        docker: self
+                            .docker_listen
+                            .unwrap_or_else(|| crate::docker::default_listen(listen)),
                         store,
                         portolan: SocketAddr::new(self.underlay, PORTOLAN_PORT),
                         portolan_tls: SocketAddr::new(self.underlay, PORTOLAN_TLS_PORT),
@@ -303,7 +316,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let tls = crate::control::cluster::HeadTls::prepare(&args.data, &uuid, &ips, &names)?;
         join::head_identity(&args.data, &tls.ca, &uuid, args.cert_lifetime)?;
         portolan_tls = Some(head.portolan_tls.to_string());
-        let cfg = tls.configure(head_config(head), args.cert_lifetime, portolan_tls.clone());
+        let mut cfg = tls.configure(head_config(head), args.cert_lifetime, portolan_tls.clone());
+        let docker = rt.block_on(crate::control::cluster::DockerListener::bind(
+            &args.data,
+            head.docker,
+            &ips,
+            &names,
+            args.docker_max_upload,
+        ))?;
+        cfg.docker = Some(docker.tls.pki.clone());
+        tracing::info!(addr = %head.docker, "Docker API (TLS, accounts CA) listening");
         let store = rt.block_on(crate::control::open_store(&head.store, &cfg))?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(head.listen))
@@ -354,7 +376,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         };
         let stop = stopped();
         let control = async move {
-            crate::control::cluster::serve(listener, sock, store, cfg, &tls, stop).await
+            crate::control::cluster::serve(listener, sock, Some(docker), store, cfg, &tls, stop)
+                .await
         };
         servers.push(spawn_server(
             &rt,
