@@ -34,8 +34,11 @@ const STOP_WITHIN: Duration = Duration::from_secs(20);
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Whether a moby reference daemon can run here: root and Debian's `dockerd`. Otherwise prints
-/// why the caller skips; under CI=true a missing one panics (the setup scripts install it).
-pub fn moby_available(test: &str) -> bool {
+/// why the calling test (named after its thread) skips; under CI=true a missing one panics
+/// (the setup scripts install it).
+pub fn moby_available() -> bool {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("moby reference test");
     if !root_or_skip(test) {
         return false;
     }
@@ -388,7 +391,7 @@ impl Moby {
 
     /// One raw HTTP/1.1 request on the daemon's unix socket (no TLS, no client): what moby
     /// answers to exactly these bytes, for comparing status codes, headers and bodies.
-    /// `path` includes any version prefix (`/v1.41/networks/create`).
+    /// `path` includes any version prefix (`/v1.41/networks/create`). Panics on I/O errors.
     pub fn raw(
         &self,
         method: &str,
@@ -396,10 +399,26 @@ impl Moby {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> RawResponse {
+        self.try_raw(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("moby {}: {method} {path}: {e}", self.netns))
+    }
+
+    /// [`Moby::raw`], returning I/O and protocol errors instead of panicking.
+    pub fn try_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<RawResponse, String> {
+        let e = |what: &str| {
+            let what = what.to_owned();
+            move |err: std::io::Error| format!("{what}: {err}")
+        };
         let mut s = UnixStream::connect(&self.socket)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
+            .map_err(e(&format!("connect {}", self.socket.display())))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("read timeout");
+            .map_err(e("read timeout"))?;
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n");
         for (n, v) in headers {
             req.push_str(&format!("{n}: {v}\r\n"));
@@ -408,20 +427,20 @@ impl Moby {
             req.push_str(&format!("Content-Length: {}\r\n", body.len()));
         }
         req.push_str("\r\n");
-        s.write_all(req.as_bytes()).expect("write request");
-        s.write_all(body).expect("write body");
+        s.write_all(req.as_bytes()).map_err(e("write request"))?;
+        s.write_all(body).map_err(e("write body"))?;
         let mut r = BufReader::new(s);
         let mut line = String::new();
-        r.read_line(&mut line).expect("status line");
+        r.read_line(&mut line).map_err(e("read status line"))?;
         let status: u16 = line
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+            .ok_or_else(|| format!("bad status line {line:?}"))?;
         let mut headers = Vec::new();
         loop {
             line.clear();
-            r.read_line(&mut line).expect("header line");
+            r.read_line(&mut line).map_err(e("read header"))?;
             let l = line.trim_end();
             if l.is_empty() {
                 break;
@@ -439,25 +458,39 @@ impl Moby {
         } else if chunked {
             loop {
                 line.clear();
-                r.read_line(&mut line).expect("chunk size");
+                r.read_line(&mut line).map_err(e("read chunk size"))?;
                 let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                    .unwrap_or_else(|_| panic!("bad chunk size {line:?}"));
+                    .map_err(|_| format!("bad chunk size {line:?}"))?;
                 if size == 0 {
                     break;
                 }
                 let at = body.len();
                 body.resize(at + size, 0);
-                r.read_exact(&mut body[at..]).expect("chunk");
+                r.read_exact(&mut body[at..]).map_err(e("read chunk"))?;
                 line.clear();
-                r.read_line(&mut line).expect("chunk end");
+                r.read_line(&mut line).map_err(e("read chunk end"))?;
             }
         } else {
-            r.read_to_end(&mut body).expect("body");
+            r.read_to_end(&mut body).map_err(e("read body"))?;
         }
-        RawResponse {
+        Ok(RawResponse {
             status,
             headers,
             body,
+        })
+    }
+
+    /// SIGKILLs every running container through the API, so that stopping the daemon does not
+    /// wait out busybox's ignored SIGTERM (10 s per container). Best effort.
+    fn kill_containers(&self) {
+        let Ok(r) = self.try_raw("GET", "/v1.41/containers/json", &[], b"") else {
+            return;
+        };
+        let list: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        for c in list.as_array().into_iter().flatten() {
+            if let Some(id) = c["Id"].as_str() {
+                let _ = self.try_raw("POST", &format!("/v1.41/containers/{id}/kill"), &[], b"");
+            }
         }
     }
 
@@ -466,6 +499,9 @@ impl Moby {
             return;
         };
         let pid = child.id() as i32;
+        if child.try_wait().ok().flatten().is_none() {
+            self.kill_containers();
+        }
         // containerd is dockerd's child; remember it before dockerd goes.
         let kids = children(pid);
         // SAFETY: SIGTERM to the pid of the dockerd we spawned (nsenter and unshare exec it).
