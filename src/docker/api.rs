@@ -463,6 +463,28 @@ mod tests {
         assert_eq!(split_path("/version").unwrap().1, vec!["version"]);
     }
 
+    proptest::proptest! {
+        /// Any path either splits (and every segment is valid UTF-8 without a `/` from the
+        /// original) or is refused with a 4xx; nothing panics.
+        #[test]
+        fn any_path_splits_or_is_refused(path in "(/[a-zA-Z0-9%._v-]{0,12}){0,5}") {
+            match split_path(&path) {
+                Ok((_, segs)) => {
+                    proptest::prop_assert!(segs.len() <= path.matches('/').count());
+                }
+                Err(e) => proptest::prop_assert!((400..500).contains(&e.status)),
+            }
+        }
+
+        #[test]
+        fn any_query_parses(q in ".{0,64}") {
+            let q = Query::parse(Some(&q));
+            for (k, _) in &q.0 {
+                let _ = q.bool(k);
+            }
+        }
+    }
+
     #[test]
     fn booleans_as_moby_reads_them() {
         let q = Query::parse(Some("a=1&b=false&c=yes&d="));
