@@ -9,6 +9,7 @@ pub mod agent;
 pub mod control;
 pub mod core;
 pub mod dataplane;
+pub mod docker;
 pub mod firewall;
 pub mod http;
 pub mod io;
