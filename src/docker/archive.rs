@@ -998,3 +998,617 @@ pub fn load<R: Read + Seek>(store: &LayerStore, mut body: R) -> Result<Vec<NewIm
     }
     Ok(images)
 }
+
+/// Tar builders for the tests of this module and of [`super::images`] (raw headers, so they can
+/// also write what a well-behaved builder refuses to: `..`, absolute paths, device nodes).
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::io::Write;
+
+    /// One member: name, type byte, data, link target.
+    pub(crate) struct M<'a>(pub &'a str, pub u8, pub &'a [u8], pub &'a str);
+
+    pub(crate) fn file<'a>(name: &'a str, data: &'a [u8]) -> M<'a> {
+        M(name, b'0', data, "")
+    }
+
+    pub(crate) fn dir(name: &str) -> M<'_> {
+        M(name, b'5', b"", "")
+    }
+
+    /// A tar of `members` (names up to 100 bytes), ending with two zero blocks.
+    pub(crate) fn tar(members: &[M<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in members {
+            let mut h = tar::Header::new_ustar();
+            h.as_old_mut().name[..m.0.len()].copy_from_slice(m.0.as_bytes());
+            h.as_old_mut().linkname[..m.3.len()].copy_from_slice(m.3.as_bytes());
+            h.set_entry_type(tar::EntryType::new(m.1));
+            h.set_size(m.2.len() as u64);
+            h.set_mode(if m.1 == b'5' { 0o755 } else { 0o644 });
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(m.2);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    pub(crate) fn gzip(b: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(b).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A small root filesystem layer.
+    pub(crate) fn rootfs(tag: &str) -> Vec<u8> {
+        tar(&[
+            dir("bin"),
+            file("bin/hello", tag.as_bytes()),
+            M("bin/sh", b'2', b"", "hello"),
+            M("bin/hello2", b'1', b"", "bin/hello"),
+            dir("etc/"),
+            file("./etc/os-release", b"ID=test\n"),
+        ])
+    }
+
+    /// The config of an image with these layers (diff_ids are the layers' sha256).
+    pub(crate) fn config(layers: &[&[u8]], created: &str) -> Vec<u8> {
+        let diff_ids: Vec<String> = layers.iter().map(|l| super::sha256_digest(l)).collect();
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux", "created": created,
+            "config": {"Cmd": ["sh"], "Labels": {"a": "1"}},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use crate::docker::layers::tests::TmpDir;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    fn store(d: &TmpDir) -> LayerStore {
+        LayerStore::open(&d.0).unwrap()
+    }
+
+    fn stored(d: &TmpDir) -> usize {
+        std::fs::read_dir(d.0.join("images/sha256"))
+            .unwrap()
+            .count()
+            + std::fs::read_dir(d.0.join("images/tmp")).unwrap().count()
+    }
+
+    fn opts(changes: &[&str]) -> ImportOpts {
+        ImportOpts {
+            changes: changes.iter().map(|s| s.to_string()).collect(),
+            ..ImportOpts::default()
+        }
+    }
+
+    #[test]
+    fn import_stores_the_uncompressed_tar_and_builds_moby_s_config() {
+        let d = TmpDir::new("archive-unit");
+        let s = store(&d);
+        let layer = rootfs("hi");
+        let img = import(
+            &s,
+            &layer[..],
+            &ImportOpts {
+                repo_tag: Some("docker.io/library/bb:1".into()),
+                ..ImportOpts::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(img.layers.len(), 1);
+        assert_eq!(img.layers[0].digest, sha256_digest(&layer));
+        assert_eq!(img.layers[0].size, layer.len() as u64);
+        assert_eq!(
+            std::fs::read(s.path(&img.layers[0].digest).unwrap()).unwrap(),
+            layer
+        );
+        assert_eq!(img.id, sha256_digest(&img.config));
+        assert_eq!(img.repo_tags, ["bb:1"]);
+        // "hi" + "ID=test\n" + the symlink target "hello".
+        assert_eq!(img.size, 2 + 8 + 5);
+        let c: Value = serde_json::from_slice(&img.config).unwrap();
+        assert_eq!(c["architecture"], "amd64");
+        assert_eq!(c["os"], "linux");
+        assert_eq!(c["comment"], "Imported from -");
+        assert_eq!(c["rootfs"]["type"], "layers");
+        assert_eq!(c["rootfs"]["diff_ids"][0], img.layers[0].digest.as_str());
+        assert_eq!(c["history"][0]["comment"], "Imported from -");
+        assert_eq!(c["history"][0]["created"], c["created"]);
+        assert_eq!(c["created"], img.created.as_str());
+        assert!(super::super::images::parse_rfc3339_ms(&img.created).is_some());
+        assert_eq!(c["config"]["Cmd"], Value::Null);
+        assert_eq!(c["config"]["Env"], Value::Null);
+        assert_eq!(c["config"]["WorkingDir"], "");
+        assert!(c["config"].get("ExposedPorts").is_none());
+        // Field order as moby writes it.
+        let text = String::from_utf8(img.config.clone()).unwrap();
+        assert!(
+            text.starts_with("{\"comment\":\"Imported from -\",\"created\":"),
+            "{text}"
+        );
+        // gzip: the same layer, the same diff_id.
+        let gz = import(&s, &gzip(&layer)[..], &ImportOpts::default()).unwrap();
+        assert_eq!(gz.layers, img.layers);
+        assert_eq!(stored(&d), 1);
+        let m = import(
+            &s,
+            &layer[..],
+            &ImportOpts {
+                message: Some("from a test".into()),
+                ..ImportOpts::default()
+            },
+        )
+        .unwrap();
+        let c: Value = serde_json::from_slice(&m.config).unwrap();
+        assert_eq!(c["comment"], "from a test");
+    }
+
+    #[test]
+    fn changes_build_the_config() {
+        let d = TmpDir::new("archive-unit");
+        let s = store(&d);
+        let img = import(
+            &s,
+            &rootfs("x")[..],
+            &opts(&[
+                r#"CMD ["/bin/hello", "a b"]"#,
+                "ENV A=1 B=\"two words\"",
+                "ENV C three words",
+                "ENV A=3",
+                "EXPOSE 80 53/udp 8000-8002",
+                "LABEL com.example=\"x y\" k=v",
+                "USER nobody",
+                "WORKDIR /srv",
+                "WORKDIR app/../data",
+                "VOLUME /v1 /v2",
+                "ONBUILD RUN true",
+            ]),
+        )
+        .unwrap();
+        let c: Value = serde_json::from_slice(&img.config).unwrap();
+        let cfg = &c["config"];
+        assert_eq!(cfg["Cmd"], serde_json::json!(["/bin/hello", "a b"]));
+        assert_eq!(
+            cfg["Env"],
+            serde_json::json!(["A=3", "B=two words", "C=three words"])
+        );
+        assert_eq!(
+            cfg["ExposedPorts"],
+            serde_json::json!({"80/tcp": {}, "53/udp": {}, "8000/tcp": {}, "8001/tcp": {}, "8002/tcp": {}})
+        );
+        assert_eq!(
+            cfg["Labels"],
+            serde_json::json!({"com.example": "x y", "k": "v"})
+        );
+        assert_eq!(cfg["User"], "nobody");
+        assert_eq!(cfg["WorkingDir"], "/srv/data");
+        assert_eq!(cfg["Volumes"], serde_json::json!({"/v1": {}, "/v2": {}}));
+        assert_eq!(cfg["OnBuild"], serde_json::json!(["RUN true"]));
+
+        let mut cfg = ContainerConfig::default();
+        // ENTRYPOINT after CMD (in one set of changes) keeps it.
+        apply_changes(
+            &mut cfg,
+            &["CMD echo hi".into(), "ENTRYPOINT [\"/e\"]".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.cmd.as_deref().unwrap(), ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(cfg.entrypoint.as_deref().unwrap(), ["/e"]);
+        // ENTRYPOINT without a CMD in the same changes clears the one the config had (moby's
+        // BuildFromConfig: `cmdSet` is per build).
+        let mut cfg2 = cfg.clone();
+        apply_changes(&mut cfg2, &["ENTRYPOINT /x -y".into()]).unwrap();
+        assert_eq!(cfg2.cmd, None);
+        assert_eq!(
+            cfg2.entrypoint.as_deref().unwrap(),
+            ["/bin/sh", "-c", "/x -y"]
+        );
+    }
+
+    #[test]
+    fn bad_changes_are_400_with_moby_s_words_and_store_nothing() {
+        let d = TmpDir::new("archive-unit");
+        let s = store(&d);
+        for (change, want) in [
+            ("FOO bar", "dockerfile parse error line 1: unknown instruction: FOO"),
+            ("RUN true", "run is not a valid change command"),
+            ("from busybox", "from is not a valid change command"),
+            ("EXPOSE 70000", "invalid containerPort: 70000"),
+            ("EXPOSE 80/icmp", "invalid proto: icmp"),
+            ("ENV", "dockerfile parse error line 1: ENV requires at least one argument"),
+            ("USER a b", "dockerfile parse error line 1: USER requires exactly one argument"),
+            ("LABEL =x", "dockerfile parse error line 1: Syntax error - can't find = in \"=x\". Must be of the form: name=value"),
+        ] {
+            let e = import(&s, &rootfs("x")[..], &opts(&[change])).unwrap_err();
+            assert_eq!((e.status(), e.to_string()), (400, want.to_string()), "{change}");
+        }
+        let e = import(&s, &rootfs("x")[..], &opts(&["ENV A=1\nBOGUS x"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "dockerfile parse error line 2: unknown instruction: BOGUS"
+        );
+        assert_eq!(stored(&d), 0);
+    }
+
+    #[test]
+    fn unsafe_or_broken_tars_are_refused_and_leave_nothing() {
+        let d = TmpDir::new("archive-unit");
+        let s = store(&d);
+        let good = rootfs("x");
+        let mut truncated_data = tar(&[file("a", &[1u8; 2000])]);
+        truncated_data.truncate(512 + 1000);
+        let mut truncated_header = good.clone();
+        truncated_header.truncate(512 * 2 + 100);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (tar(&[file("/etc/passwd", b"x")]), "absolute path"),
+            (tar(&[file("a/../../x", b"x")]), "\"..\" component"),
+            (tar(&[file("..", b"")]), "\"..\" component"),
+            (tar(&[M("dev/null", b'3', b"", "")]), "device node"),
+            (tar(&[M("dev/sda", b'4', b"", "")]), "device node"),
+            (
+                tar(&[file("a", b"x"), M("b", b'1', b"", "../a")]),
+                "hard link \"b\"",
+            ),
+            (
+                tar(&[file("a", b"x"), M("b", b'1', b"", "/etc/shadow")]),
+                "hard link \"b\"",
+            ),
+            (tar(&[M("s", b'S', b"", "")]), "sparse"),
+            (tar(&[M("v", b'V', b"", "")]), "unsupported type"),
+            (
+                truncated_data,
+                "truncated: member \"a\" has 1000 of 2000 bytes",
+            ),
+            (truncated_header, "not a valid tar archive"),
+            (vec![b'x'; 1500], "not a valid tar archive"),
+            (Vec::new(), "is empty"),
+            (gzip(&[]), "is empty"),
+            (gzip(&good)[..40].to_vec(), "not a valid tar archive"),
+            (vec![0xfd, b'7', b'z', b'X', b'Z', 0, 1, 2], "xz-compressed"),
+        ];
+        for (i, (body, want)) in cases.iter().enumerate() {
+            let e = import(&s, &body[..], &ImportOpts::default()).unwrap_err();
+            assert_eq!(e.status(), 400, "case {i}: {e}");
+            assert!(e.to_string().contains(want), "case {i}: {e}");
+            assert_eq!(stored(&d), 0, "case {i} left a file");
+        }
+        // A symlink may point anywhere (the unpacker never writes through it); an empty
+        // archive (just the end blocks) is an empty root filesystem.
+        import(
+            &s,
+            &tar(&[M("l", b'2', b"", "/etc/passwd")])[..],
+            &ImportOpts::default(),
+        )
+        .unwrap();
+        let empty = import(&s, &tar(&[])[..], &ImportOpts::default()).unwrap();
+        assert_eq!(empty.size, 0);
+    }
+
+    #[test]
+    fn import_is_bounded() {
+        let d = TmpDir::new("archive-unit");
+        let s = LayerStore::open(&d.0).unwrap().with_max_blob(4096);
+        let big = tar(&[file("a", &[0u8; 8192])]);
+        let e = import(&s, &gzip(&big)[..], &ImportOpts::default()).unwrap_err();
+        assert!(matches!(e, ImageError::TooLarge(4096)), "{e}");
+        assert_eq!(stored(&d), 0);
+        import(
+            &s,
+            &tar(&[file("a", &[0u8; 100])])[..],
+            &ImportOpts::default(),
+        )
+        .unwrap();
+    }
+
+    /// A moby 20.10 `docker save` archive: `manifest.json`, `<id>.json`, `<dir>/layer.tar`.
+    fn save_archive(images: &[(&[&[u8]], &[&str])]) -> Vec<u8> {
+        let mut members: Vec<(String, u8, Vec<u8>, String)> = Vec::new();
+        let mut manifest = Vec::new();
+        for (layers, tags) in images {
+            let cfg = config(layers, "2024-01-02T03:04:05.123456789Z");
+            let cfg_name = format!("{}.json", &sha256_digest(&cfg)[7..]);
+            let mut names = Vec::new();
+            for l in *layers {
+                let dirname = &sha256_digest(l)[7..71];
+                let n = format!("{dirname}/layer.tar");
+                if !members.iter().any(|m| m.0 == n) {
+                    members.push((format!("{dirname}/"), b'5', vec![], String::new()));
+                    members.push((n.clone(), b'0', l.to_vec(), String::new()));
+                }
+                names.push(n);
+            }
+            members.push((cfg_name.clone(), b'0', cfg, String::new()));
+            manifest
+                .push(serde_json::json!({"Config": cfg_name, "RepoTags": tags, "Layers": names}));
+        }
+        members.push((
+            "manifest.json".into(),
+            b'0',
+            serde_json::to_vec(&manifest).unwrap(),
+            String::new(),
+        ));
+        let ms: Vec<M<'_>> = members.iter().map(|(n, t, d, l)| M(n, *t, d, l)).collect();
+        tar(&ms)
+    }
+
+    #[test]
+    fn load_reads_a_moby_20_10_save_archive() {
+        let d = TmpDir::new("archive-unit");
+        let s = store(&d);
+        let base = rootfs("base");
+        let top = tar(&[file("app", b"app")]);
+        let other = rootfs("other");
+        let ar = save_archive(&[
+            (&[&base, &top], &["app:1", "docker.io/library/app:latest"]),
+            (&[&base], &[]),
+            (&[&other], &["me/other:v2"]),
+        ]);
+        let imgs = load(&s, Cursor::new(&ar)).unwrap();
+        assert_eq!(imgs.len(), 3);
+        assert_eq!(imgs[0].repo_tags, ["app:1", "app:latest"]);
+        assert_eq!(
+            imgs[0]
+                .layers
+                .iter()
+                .map(|b| b.digest.clone())
+                .collect::<Vec<_>>(),
+            [sha256_digest(&base), sha256_digest(&top)]
+        );
+        assert_eq!(imgs[0].layers[1].size, top.len() as u64);
+        assert_eq!(imgs[0].size, (4 + 8 + 5) + 3);
+        assert_eq!(imgs[0].created, "2024-01-02T03:04:05.123456789Z");
+        assert_eq!(imgs[0].id, sha256_digest(&imgs[0].config));
+        assert!(imgs[1].repo_tags.is_empty());
+        assert_eq!(imgs[2].repo_tags, ["me/other:v2"]);
+        for b in imgs.iter().flat_map(|i| &i.layers) {
+            assert!(s.has(&b.digest));
+        }
+        assert_eq!(stored(&d), 3);
+    }
+
+    #[test]
+    fn load_reads_the_oci_layout_of_docker_25() {
+        // blobs/sha256/<hex> (a gzip layer here), <id>/layer.tar a symlink to it, index.json.
+        let d = TmpDir::new("archive-unit");
+        let s = store(&d);
+        let layer = rootfs("oci");
+        let gz = gzip(&layer);
+        let gz_name = format!("blobs/sha256/{}", &sha256_digest(&gz)[7..]);
+        let cfg = config(&[&layer], "2025-02-03T04:05:06Z");
+        let cfg_name = format!("blobs/sha256/{}", &sha256_digest(&cfg)[7..]);
+        let link = format!("../{gz_name}");
+        let manifest = serde_json::to_vec(&serde_json::json!([
+            {"Config": cfg_name, "RepoTags": ["oci:1"], "Layers": ["abc/layer.tar"]}
+        ]))
+        .unwrap();
+        let ar = tar(&[
+            dir("blobs/"),
+            dir("blobs/sha256/"),
+            file(&gz_name, &gz),
+            file(&cfg_name, &cfg),
+            dir("abc/"),
+            M("abc/layer.tar", b'2', b"", &link),
+            file("index.json", b"{\"schemaVersion\":2,\"manifests\":[]}"),
+            file("oci-layout", b"{\"imageLayoutVersion\":\"1.0.0\"}"),
+            file("manifest.json", &manifest),
+        ]);
+        let imgs = load(&s, Cursor::new(&ar)).unwrap();
+        assert_eq!(imgs.len(), 1);
+        assert_eq!(imgs[0].layers[0].digest, sha256_digest(&layer));
+        assert_eq!(imgs[0].layers[0].size, layer.len() as u64);
+        assert_eq!(
+            std::fs::read(s.path(&imgs[0].layers[0].digest).unwrap()).unwrap(),
+            layer
+        );
+        assert_eq!(imgs[0].repo_tags, ["oci:1"]);
+    }
+
+    #[test]
+    fn bad_save_archives_are_400_naming_what_is_wrong_and_store_nothing() {
+        let d = TmpDir::new("archive-unit");
+        let s = store(&d);
+        let base = rootfs("base");
+        let top = tar(&[file("app", b"app")]);
+        let cfg = config(&[&base], "2024-01-02T03:04:05Z");
+        let m = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
+        let good_manifest = m(
+            serde_json::json!([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["l/layer.tar"]}]),
+        );
+        let case = |members: &[M<'_>]| tar(members);
+        let mut truncated = case(&[
+            file("c.json", &cfg),
+            file("l/layer.tar", &base),
+            file("manifest.json", &good_manifest),
+        ]);
+        truncated.truncate(512 + cfg.len().div_ceil(512) * 512 + 512 + 100);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                case(&[file("c.json", &cfg), file("l/layer.tar", &base)]),
+                "no manifest.json",
+            ),
+            (
+                case(&[file("manifest.json", b"{not json")]),
+                "manifest.json:",
+            ),
+            (case(&[file("manifest.json", b"[]")]), "lists no images"),
+            (
+                case(&[
+                    file("l/layer.tar", &base),
+                    file("manifest.json", &good_manifest),
+                ]),
+                "config \"c.json\" is not in the archive",
+            ),
+            (
+                case(&[file("c.json", &cfg), file("manifest.json", &good_manifest)]),
+                "layer \"l/layer.tar\" is not in the archive",
+            ),
+            (
+                case(&[
+                    file(
+                        "c.json",
+                        b"{\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:zz\"]}}",
+                    ),
+                    file("l/layer.tar", &base),
+                    file("manifest.json", &good_manifest),
+                ]),
+                "diff_ids must be",
+            ),
+            (
+                case(&[
+                    file("c.json", b"{}"),
+                    file("l/layer.tar", &base),
+                    file("manifest.json", &good_manifest),
+                ]),
+                "has no rootfs",
+            ),
+            // The layer's bytes are not what the config says.
+            (
+                case(&[
+                    file("c.json", &cfg),
+                    file("l/layer.tar", &top),
+                    file("manifest.json", &good_manifest),
+                ]),
+                "layer \"l/layer.tar\": its content's digest",
+            ),
+            (
+                case(&[
+                    file("c.json", &cfg),
+                    M("l/layer.tar", b'2', b"", "layer.tar"),
+                    file("manifest.json", &good_manifest),
+                ]),
+                "too many levels",
+            ),
+            (
+                case(&[
+                    file("c.json", &cfg),
+                    file("l/layer.tar", &base),
+                    file(
+                        "manifest.json",
+                        &m(
+                            serde_json::json!([{"Config": "c.json", "RepoTags": ["UPPER:1"], "Layers": ["l/layer.tar"]}]),
+                        ),
+                    ),
+                ]),
+                "repository name must be lowercase",
+            ),
+            (
+                case(&[
+                    file("c.json", &cfg),
+                    file("l/layer.tar", &base),
+                    file(
+                        "manifest.json",
+                        &m(serde_json::json!([{"Config": "c.json", "Layers": []}])),
+                    ),
+                ]),
+                "has 0 layers but its config has 1 diff_ids",
+            ),
+            (case(&[file("../c.json", &cfg)]), "\"..\" component"),
+            (truncated, "truncated"),
+            (Vec::new(), "empty"),
+        ];
+        for (i, (body, want)) in cases.iter().enumerate() {
+            let e = load(&s, Cursor::new(body)).unwrap_err();
+            assert_eq!(e.status(), 400, "case {i}: {e}");
+            assert!(e.to_string().contains(want), "case {i}: {e}");
+            assert_eq!(stored(&d), 0, "case {i} left a file");
+        }
+        // Two images: the first verifies, the second's layer does not: nothing is stored.
+        let cfg2 = config(&[&top], "2024-01-02T03:04:05Z");
+        let bad_layer = tar(&[file("evil", b"evil")]);
+        let two = case(&[
+            file("c.json", &cfg),
+            file("c2.json", &cfg2),
+            file("l/layer.tar", &base),
+            file("l2/layer.tar", &bad_layer),
+            file(
+                "manifest.json",
+                &m(serde_json::json!([
+                {"Config": "c.json", "Layers": ["l/layer.tar"]},
+                {"Config": "c2.json", "Layers": ["l2/layer.tar"]}])),
+            ),
+        ]);
+        let e = load(&s, Cursor::new(&two)).unwrap_err();
+        assert!(e.to_string().contains("l2/layer.tar"), "{e}");
+        assert_eq!(stored(&d), 0);
+        // A layer with a device node inside is refused like an import.
+        let dev = tar(&[M("dev/kmem", b'3', b"", "")]);
+        let cfg3 = config(&[&dev], "2024-01-02T03:04:05Z");
+        let e = load(
+            &s,
+            Cursor::new(case(&[
+                file("c.json", &cfg3),
+                file("l/layer.tar", &dev),
+                file("manifest.json", &good_manifest),
+            ])),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("device node"), "{e}");
+        assert_eq!(stored(&d), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let d = TmpDir::new("archive-prop");
+            let s = LayerStore::open(&d.0).unwrap().with_max_blob(1 << 20);
+            let _ = import(&s, &data[..], &ImportOpts::default());
+            let _ = import(&s, &gzip(&data)[..], &ImportOpts::default());
+            let _ = load(&s, Cursor::new(&data));
+            let _ = scan_layer(&data[..]);
+        }
+
+        #[test]
+        fn mutated_archives_never_panic(pos in 0usize..4096, byte in any::<u8>()) {
+            let d = TmpDir::new("archive-prop");
+            let s = LayerStore::open(&d.0).unwrap();
+            let base = rootfs("m");
+            let cfg = config(&[&base], "2024-01-02T03:04:05Z");
+            let manifest = serde_json::to_vec(&serde_json::json!([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["l/layer.tar"]}])).unwrap();
+            let mut ar = tar(&[file("c.json", &cfg), file("l/layer.tar", &base), file("manifest.json", &manifest)]);
+            let p = pos % ar.len();
+            ar[p] = byte;
+            let _ = load(&s, Cursor::new(&ar));
+            let mut layer = base.clone();
+            let p = pos % layer.len();
+            layer[p] = byte;
+            let _ = import(&s, &layer[..], &ImportOpts::default());
+        }
+
+        #[test]
+        fn dot_dot_components_are_always_refused(
+            pre in proptest::collection::vec("[a-z.]{1,5}", 0..3),
+            post in proptest::collection::vec("[a-z.]{1,5}", 0..3),
+            as_link in any::<bool>(),
+        ) {
+            let mut parts = pre.clone();
+            parts.push("..".into());
+            parts.extend(post);
+            let p = parts.join("/");
+            prop_assume!(p.len() < 100);
+            let t = if as_link {
+                tar(&[file("a", b"x"), M("b", b'1', b"", &p)])
+            } else {
+                tar(&[file(&p, b"x")])
+            };
+            let d = TmpDir::new("archive-prop");
+            let s = LayerStore::open(&d.0).unwrap();
+            let e = import(&s, &t[..], &ImportOpts::default()).unwrap_err();
+            prop_assert_eq!(e.status(), 400);
+            prop_assert!(e.to_string().contains("\"..\" component"), "{}", e);
+            prop_assert_eq!(stored(&d), 0);
+        }
+    }
+}
