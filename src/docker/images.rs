@@ -62,6 +62,15 @@ pub const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS docker_image_layers_by_chain ON docker_image_layers (owner_uuid, chain_id)",
 ];
 
+/// Creates the images' tables (idempotent; serialised with the control plane's schema lock).
+pub fn create_schema(db: &mut Db<'_>) -> Result<(), ImageError> {
+    db.lock(lock_key(crate::control::db::LOCK_SCHEMA, "schema"))?;
+    for stmt in SCHEMA {
+        db.exec(stmt, &[])?;
+    }
+    Ok(())
+}
+
 /// What can go wrong with images; [`ImageError::status`] is the HTTP status and `Display` the
 /// exact message for `{"message": ...}`.
 #[derive(Debug, Error)]
@@ -69,8 +78,8 @@ pub enum ImageError {
     /// Bad input (400), the message says what was wrong and what was expected.
     #[error("{0}")]
     BadRequest(String),
-    /// 404. The name as moby prints it (`busybox:latest`, `sha256:…`); docker-py relies on the
-    /// words "No such image".
+    /// 404 with the name as moby prints it (`busybox:latest`, `sha256:…`); docker-py relies
+    /// on the words "No such image".
     #[error("No such image: {0}")]
     NotFound(String),
     /// 409 (an `rmi` that must be forced, in-use images).
@@ -623,13 +632,14 @@ fn set_tag(db: &mut Db<'_>, owner: &str, rt: &str, id: &str) -> Result<Option<St
         Some(p) if p == id => return Ok(None),
         Some(_) => {
             db.exec(
-                "UPDATE docker_image_tags SET image_id = $4
-                 WHERE owner_uuid = $1 AND repo = $2 AND tag = $3",
+                // SQLite numbers `$N` by first appearance: keep them in order.
+                "UPDATE docker_image_tags SET image_id = $1
+                 WHERE owner_uuid = $2 AND repo = $3 AND tag = $4",
                 &[
+                    Val::text(id),
                     Val::text(owner),
                     Val::text(repo),
                     Val::text(tag),
-                    Val::text(id),
                 ],
             )?;
         }
@@ -641,8 +651,8 @@ fn set_tag(db: &mut Db<'_>, owner: &str, rt: &str, id: &str) -> Result<Option<St
         }
     }
     db.exec(
-        "UPDATE docker_images SET last_tag_ms = $3 WHERE owner_uuid = $1 AND id = $2",
-        &[Val::text(owner), Val::text(id), Val::int(now_ms())],
+        "UPDATE docker_images SET last_tag_ms = $1 WHERE owner_uuid = $2 AND id = $3",
+        &[Val::int(now_ms()), Val::text(owner), Val::text(id)],
     )?;
     Ok(prev)
 }
@@ -765,13 +775,10 @@ pub fn resolve(db: &mut Db<'_>, owner: &str, name: &str) -> Result<ImageRow, Ima
     {
         let rows = db.query(
             &format!(
-                "SELECT {IMAGE_COLS} FROM docker_images WHERE owner_uuid = $1 AND substr(id, 1, $2) = $3"
+                // `hex` is [0-9a-f] only, so the pattern has no wildcard but the last.
+                "SELECT {IMAGE_COLS} FROM docker_images WHERE owner_uuid = $1 AND id LIKE $2 LIMIT 2"
             ),
-            &[
-                Val::text(owner),
-                Val::int(7 + hex.len() as i64),
-                Val::text(format!("sha256:{hex}")),
-            ],
+            &[Val::text(owner), Val::text(format!("sha256:{hex}%"))],
         )?;
         if rows.len() == 1 {
             return image_from_row(rows.into_iter().next().expect("one row"));
@@ -871,7 +878,16 @@ const IMAGE_FILTERS: &[&str] = &["before", "dangling", "label", "reference", "si
 
 /// Go's `path.Match`: `*` (not `/`), `?`, `[...]` classes with ranges and `^`/`!`, `\` escapes.
 /// `Err` for a malformed pattern.
-pub fn glob_match(pattern: &str, name: &str) -> Result<bool, ()> {
+pub fn glob_match(pattern: &str, name: &str) -> Result<bool, BadPattern> {
+    glob(pattern, name).map_err(|()| BadPattern)
+}
+
+/// A malformed glob pattern (Go's `path.ErrBadPattern`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("syntax error in pattern")]
+pub struct BadPattern;
+
+fn glob(pattern: &str, name: &str) -> Result<bool, ()> {
     fn class(p: &[char], c: char) -> Result<(bool, usize), ()> {
         // p starts after '['; returns (matched, chars consumed including ']').
         let mut i = 0;
@@ -1296,4 +1312,525 @@ pub fn count_images(db: &mut Db<'_>, owner: &str) -> Result<i64, ImageError> {
         "SELECT COUNT(*) FROM docker_images WHERE owner_uuid = $1",
         &[Val::text(owner)],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::archive::testutil::*;
+    use crate::docker::archive::{import, ImportOpts};
+    use crate::docker::layers::tests::TmpDir;
+    use portolan::store::{self, Store};
+    use std::sync::Arc;
+
+    struct TmpStore(Option<std::path::PathBuf>, Arc<dyn Store>);
+
+    impl Drop for TmpStore {
+        fn drop(&mut self) {
+            if let Some(p) = &self.0 {
+                for s in ["", "-wal", "-shm"] {
+                    let mut p = p.clone().into_os_string();
+                    p.push(s);
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+
+    fn sqlite() -> TmpStore {
+        let mut b = [0u8; 8];
+        getrandom::getrandom(&mut b).unwrap();
+        let path = std::env::temp_dir().join(format!(
+            "fabric-images-unit-{}.db",
+            crate::docker::layers::hex(&b)
+        ));
+        let s = store::open(&format!("sqlite:{}", path.display())).unwrap();
+        run(&*s, create_schema).unwrap();
+        TmpStore(Some(path), s)
+    }
+
+    fn run<R>(
+        s: &dyn Store,
+        f: impl FnOnce(&mut Db<'_>) -> Result<R, ImageError>,
+    ) -> Result<R, ImageError> {
+        store::with_txn(s, |tx| f(&mut Db::from(tx.raw())))
+    }
+
+    fn uuid() -> String {
+        let mut b = [0u8; 16];
+        getrandom::getrandom(&mut b).unwrap();
+        let h = crate::docker::layers::hex(&b);
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+
+    fn imp(blobs: &LayerStore, what: &str, tag: Option<&str>, changes: &[&str]) -> NewImage {
+        import(
+            blobs,
+            &rootfs(what)[..],
+            &ImportOpts {
+                changes: changes.iter().map(|c| c.to_string()).collect(),
+                message: None,
+                repo_tag: tag.map(str::to_string),
+            },
+        )
+        .unwrap()
+    }
+
+    fn ids(v: &Value) -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["Id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn filters(s: &str) -> Filters {
+        parse_filters(s).unwrap()
+    }
+
+    /// The whole life of images in two accounts; run on SQLite and (if configured) PostgreSQL.
+    fn lifecycle(s: &dyn Store) {
+        let d = TmpDir::new("images-unit");
+        let blobs = LayerStore::open(&d.0).unwrap();
+        let (a, b) = (uuid(), uuid());
+        let (a, b) = (a.as_str(), b.as_str());
+        let img1 = imp(&blobs, "one", Some("bb:1"), &["LABEL tier=web"]);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let img2 = imp(&blobs, "two", Some("bb:latest"), &[]);
+        let ins = run(s, |db| insert(db, a, &img1, Some(&blobs))).unwrap();
+        assert_eq!(
+            ins,
+            Inserted {
+                new: true,
+                moved: vec![]
+            }
+        );
+        run(s, |db| insert(db, a, &img2, Some(&blobs))).unwrap();
+        // Again: nothing new.
+        assert!(!run(s, |db| insert(db, a, &img1, None)).unwrap().new);
+
+        // Resolution, in moby's order.
+        let hex = &img1.id[7..];
+        for name in [
+            img1.id.as_str(),
+            hex,
+            &hex[..12],
+            &format!("sha256:{}", &hex[..5]),
+            "bb:1",
+            "docker.io/library/bb:1",
+            "index.docker.io/library/bb:1",
+        ] {
+            assert_eq!(
+                run(s, |db| resolve(db, a, name)).unwrap().id,
+                img1.id,
+                "{name}"
+            );
+        }
+        assert_eq!(run(s, |db| resolve(db, a, "bb")).unwrap().id, img2.id);
+        for (name, msg) in [
+            ("nope", "No such image: nope:latest"),
+            ("bb:2", "No such image: bb:2"),
+            ("me/x", "No such image: me/x:latest"),
+        ] {
+            let e = run(s, |db| resolve(db, a, name)).unwrap_err();
+            assert_eq!((e.status(), e.to_string()), (404, msg.to_string()));
+        }
+        let e = run(s, |db| resolve(db, a, "BB")).unwrap_err();
+        assert_eq!(
+            (e.status(), e.to_string()),
+            (
+                400,
+                "invalid reference format: repository name must be lowercase".to_string()
+            )
+        );
+        // Another account sees nothing, by any name.
+        for name in [img1.id.as_str(), hex, &hex[..12], "bb:1", "bb"] {
+            let e = run(s, |db| resolve(db, b, name)).unwrap_err();
+            assert_eq!(e.status(), 404, "{name}");
+            assert!(e.to_string().starts_with("No such image: "), "{e}");
+        }
+        assert_eq!(
+            run(s, |db| list(db, b, false, &Filters::new())).unwrap(),
+            json!([])
+        );
+
+        // List: newest first, the CLI's fields.
+        let l = run(s, |db| list(db, a, false, &Filters::new())).unwrap();
+        assert_eq!(ids(&l), [img2.id.clone(), img1.id.clone()]);
+        let e1 = &l[1];
+        assert_eq!(e1["RepoTags"], json!(["bb:1"]));
+        assert_eq!(e1["RepoDigests"], json!([]));
+        assert_eq!(e1["ParentId"], "");
+        assert_eq!(e1["SharedSize"], -1);
+        assert_eq!(e1["Containers"], -1);
+        assert_eq!(e1["Size"], img1.size);
+        assert_eq!(e1["VirtualSize"], img1.size);
+        assert_eq!(e1["Labels"], json!({"tier": "web"}));
+        assert_eq!(
+            e1["Created"].as_i64().unwrap(),
+            parse_rfc3339_ms(&img1.created).unwrap() / 1000
+        );
+
+        // Inspect.
+        let i = run(s, |db| inspect(db, a, "bb:1")).unwrap();
+        assert_eq!(i["Id"], img1.id.as_str());
+        assert_eq!(i["RepoTags"], json!(["bb:1"]));
+        assert_eq!(i["Comment"], "Imported from -");
+        assert_eq!(i["Created"], img1.created.as_str());
+        assert_eq!(i["Architecture"], "amd64");
+        assert_eq!(i["Os"], "linux");
+        assert_eq!(
+            i["RootFS"],
+            json!({"Type": "layers", "Layers": [img1.layers[0].digest]})
+        );
+        assert_eq!(i["Config"]["Labels"], json!({"tier": "web"}));
+        assert_eq!(i["ContainerConfig"]["Cmd"], Value::Null);
+        assert!(parse_rfc3339_ms(i["Metadata"]["LastTagTime"].as_str().unwrap()).is_some());
+        for k in ["Parent", "Container", "DockerVersion", "Author"] {
+            assert_eq!(i[k], "", "{k}");
+        }
+
+        // Tag: a new name; moving bb:latest from img2 to img1 leaves img2 dangling.
+        assert_eq!(
+            run(s, |db| tag(db, a, "bb:1", "docker.io/me/web", "v1")).unwrap(),
+            "me/web:v1"
+        );
+        assert_eq!(
+            run(s, |db| tag(db, a, &img1.id, "bb", "")).unwrap(),
+            "bb:latest"
+        );
+        let l = run(s, |db| list(db, a, false, &Filters::new())).unwrap();
+        let by_id = |l: &Value, id: &str| {
+            l.as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["Id"] == id)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(
+            by_id(&l, &img1.id)["RepoTags"],
+            json!(["bb:1", "bb:latest", "me/web:v1"])
+        );
+        assert_eq!(by_id(&l, &img2.id)["RepoTags"], json!(["<none>:<none>"]));
+        assert_eq!(by_id(&l, &img2.id)["RepoDigests"], json!(["<none>@<none>"]));
+        // Filters.
+        let f = |q: &str| ids(&run(s, |db| list(db, a, false, &filters(q))).unwrap());
+        assert_eq!(f(r#"{"dangling":{"true":true}}"#), vec![img2.id.clone()]);
+        assert_eq!(f(r#"{"dangling":["false"]}"#), vec![img1.id.clone()]);
+        assert_eq!(f(r#"{"label":["tier=web"]}"#), vec![img1.id.clone()]);
+        assert_eq!(f(r#"{"label":["tier"]}"#), vec![img1.id.clone()]);
+        assert!(f(r#"{"label":["tier=db"]}"#).is_empty());
+        assert_eq!(f(r#"{"reference":["me/*"]}"#), vec![img1.id.clone()]);
+        assert_eq!(f(r#"{"reference":["bb"]}"#), vec![img1.id.clone()]);
+        assert!(f(r#"{"reference":["b?:9"]}"#).is_empty());
+        let refd = run(s, |db| {
+            list(db, a, false, &filters(r#"{"reference":["*/*:v1"]}"#))
+        })
+        .unwrap();
+        assert_eq!(refd[0]["RepoTags"], json!(["me/web:v1"]));
+        // `*` does not cross a `/`, as in Go's path.Match.
+        assert!(f(r#"{"reference":["*:v1"]}"#).is_empty());
+        assert_eq!(
+            f(&format!(r#"{{"before":["{}"]}}"#, img2.id)),
+            vec![img1.id.clone()]
+        );
+        assert_eq!(f(r#"{"since":["bb:1"]}"#), vec![img2.id.clone()]);
+        for (q, msg) in [
+            (r#"{"nope":["x"]}"#, "invalid filter 'nope'"),
+            (
+                r#"{"dangling":["maybe"]}"#,
+                "invalid filter 'dangling=maybe'",
+            ),
+            (r#"{"reference":["[a"]}"#, "syntax error in pattern: [a"),
+        ] {
+            let e = run(s, |db| list(db, a, false, &filters(q))).unwrap_err();
+            assert_eq!((e.status(), e.to_string()), (400, msg.to_string()), "{q}");
+        }
+        let e = run(s, |db| {
+            list(db, a, false, &filters(r#"{"since":["gone"]}"#))
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "No such image: gone:latest");
+
+        // Tag errors: 404 first, then the name as moby words it.
+        let e = run(s, |db| tag(db, a, "gone", "x", "")).unwrap_err();
+        assert_eq!(e.status(), 404);
+        for (repo, t, msg) in [
+            (
+                "Upper",
+                "",
+                "invalid reference format: repository name must be lowercase",
+            ),
+            ("a/b:c", "bad tag!", "invalid tag format"),
+            ("bad//name", "", "invalid reference format"),
+            (
+                hex,
+                "",
+                &*format!(
+                    "invalid repository name ({hex}), cannot specify 64-byte hexadecimal strings"
+                ),
+            ),
+            (
+                "x@sha256:0123456789abcdef0123456789abcdef",
+                "",
+                "refusing to create a tag with a digest reference",
+            ),
+        ] {
+            let e = run(s, |db| tag(db, a, "bb:1", repo, t)).unwrap_err();
+            assert_eq!(
+                (e.status(), e.to_string()),
+                (400, msg.to_string()),
+                "{repo}"
+            );
+        }
+
+        // The same image (same layer) in account b, tagged differently.
+        run(s, |db| insert(db, b, &img1, Some(&blobs))).unwrap();
+        assert_eq!(run(s, |db| tags_of(db, b, &img1.id)).unwrap(), ["bb:1"]);
+
+        // rmi: a tag of a multi-tagged image only untags.
+        let r = run(s, |db| remove(db, a, "me/web:v1", false)).unwrap();
+        assert_eq!(r.items, vec![json!({"Untagged": "me/web:v1"})]);
+        assert!(r.unreferenced.is_empty());
+        // An id with several tags needs force.
+        let e = run(s, |db| remove(db, a, &hex[..12], false)).unwrap_err();
+        assert_eq!(
+            (e.status(), e.to_string()),
+            (409, format!("conflict: unable to delete {} (must be forced) - image is referenced in multiple repositories", &hex[..12]))
+        );
+        // Another account cannot remove it, and gets exactly "No such image".
+        let e = run(s, |db| remove(db, b, "bb:latest", true)).unwrap_err();
+        assert_eq!(e.to_string(), "No such image: bb:latest");
+        // Forced: every tag, then the image, then its layer (by chain id) for this account;
+        // account b still has the layer, so it stays on disk.
+        let r = run(s, |db| remove(db, a, &hex[..12], true)).unwrap();
+        assert_eq!(
+            r.items,
+            vec![
+                json!({"Untagged": "bb:1"}),
+                json!({"Untagged": "bb:latest"}),
+                json!({"Deleted": img1.id}),
+                json!({"Deleted": img1.layers[0].digest}),
+            ]
+        );
+        assert!(r.unreferenced.is_empty());
+        assert!(blobs.has(&img1.layers[0].digest));
+        assert_eq!(run(s, |db| resolve(db, b, "bb:1")).unwrap().id, img1.id);
+        // The dangling one by id; its layer is nobody's now.
+        let r = run(s, |db| remove(db, a, &img2.id, false)).unwrap();
+        assert_eq!(
+            r.items,
+            vec![
+                json!({"Deleted": img2.id}),
+                json!({"Deleted": img2.layers[0].digest})
+            ]
+        );
+        assert_eq!(r.unreferenced, [img2.layers[0].digest.clone()]);
+        let gone = run(s, |db| gc_layers(db, &blobs, &r.unreferenced)).unwrap();
+        assert_eq!(gone, r.unreferenced);
+        assert!(!blobs.has(&img2.layers[0].digest));
+        // An insert whose blob went away fails cleanly.
+        let e = run(s, |db| insert(db, a, &img2, Some(&blobs))).unwrap_err();
+        assert_eq!(e.status(), 500);
+        assert!(run(s, |db| resolve(db, a, &img2.id)).is_err());
+        // b's last tag by name: untagged and deleted, the layer is unreferenced.
+        let r = run(s, |db| remove(db, b, "bb:1", false)).unwrap();
+        assert_eq!(
+            r.items,
+            vec![
+                json!({"Untagged": "bb:1"}),
+                json!({"Deleted": img1.id}),
+                json!({"Deleted": img1.layers[0].digest}),
+            ]
+        );
+        assert_eq!(r.unreferenced, [img1.layers[0].digest.clone()]);
+        assert_eq!(run(s, |db| count_images(db, a)).unwrap(), 0);
+        assert_eq!(run(s, |db| count_images(db, b)).unwrap(), 0);
+        let e = run(s, |db| remove(db, b, "bb:1", false)).unwrap_err();
+        assert_eq!(
+            (e.status(), e.to_string()),
+            (404, "No such image: bb:1".to_string())
+        );
+    }
+
+    #[test]
+    fn lifecycle_on_sqlite() {
+        let t = sqlite();
+        lifecycle(&*t.1);
+    }
+
+    #[test]
+    fn lifecycle_on_postgres() {
+        let Some(admin) = portolan::store::postgres::test_admin_url() else {
+            return;
+        };
+        let tdb = portolan::store::postgres::TestDatabase::create(&admin).unwrap();
+        let s = store::open(&tdb.url).unwrap();
+        run(&*s, create_schema).unwrap();
+        lifecycle(&*s);
+    }
+
+    #[test]
+    fn moving_a_tag_reports_the_old_image_and_multi_layer_chain_ids() {
+        let t = sqlite();
+        let s = &*t.1;
+        let d = TmpDir::new("images-unit");
+        let blobs = LayerStore::open(&d.0).unwrap();
+        let a = uuid();
+        let i1 = imp(&blobs, "a", Some("x:1"), &[]);
+        let i2 = imp(&blobs, "b", Some("x:1"), &[]);
+        run(s, |db| insert(db, &a, &i1, None)).unwrap();
+        let ins = run(s, |db| insert(db, &a, &i2, None)).unwrap();
+        assert_eq!(ins.moved, vec![("x:1".to_string(), i1.id.clone())]);
+        assert!(run(s, |db| tags_of(db, &a, &i1.id)).unwrap().is_empty());
+        // Chain ids: the first is the diff_id, then sha256("<prev> <diff>").
+        let c = chain_ids(&["sha256:aa", "sha256:bb"]);
+        assert_eq!(c[0], "sha256:aa");
+        assert_eq!(c[1], sha256_digest(b"sha256:aa sha256:bb"));
+        // A config that is not the id's is refused before anything is written.
+        let mut bad_img = i1.clone();
+        bad_img.config.push(b' ');
+        let e = run(s, |db| insert(db, &a, &bad_img, None)).unwrap_err();
+        assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn references_parse_as_moby_does() {
+        let ok = |s: &str| parse_reference(s).unwrap();
+        assert_eq!(ok("busybox").repo_tag(), "busybox:latest");
+        assert_eq!(
+            ok("docker.io/library/busybox:1.35").repo_tag(),
+            "busybox:1.35"
+        );
+        assert_eq!(ok("docker.io/me/app").repo_tag(), "me/app:latest");
+        assert_eq!(ok("library/busybox").repo_tag(), "busybox:latest");
+        assert_eq!(
+            ok("localhost:5000/a/b:c").repo_tag(),
+            "localhost:5000/a/b:c"
+        );
+        assert_eq!(
+            ok("Registry.Example/x").repo_tag(),
+            "Registry.Example/x:latest"
+        );
+        assert_eq!(ok("a__b-c---e/f_g.h").repo, "a__b-c---e/f_g.h");
+        // A first component with a dot is a registry host, where `_` is not allowed.
+        assert_eq!(
+            parse_reference("a_b.c/d").unwrap_err().to_string(),
+            "invalid reference format"
+        );
+        let r = ok("x@sha256:0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            r.digest.as_deref(),
+            Some("sha256:0123456789abcdef0123456789abcdef")
+        );
+        for (s, msg) in [
+            ("", "repository name must have at least one component"),
+            (
+                "A",
+                "invalid reference format: repository name must be lowercase",
+            ),
+            ("a:B@", "invalid reference format"),
+            ("-a", "invalid reference format"),
+            ("a.", "invalid reference format"),
+            ("a___b", "invalid reference format"),
+            ("a:", "invalid reference format"),
+            ("a:-x", "invalid reference format"),
+            ("a b", "invalid reference format"),
+            (
+                &"a".repeat(300),
+                "repository name must not be more than 255 characters",
+            ),
+        ] {
+            let e = parse_reference(s).unwrap_err();
+            assert_eq!(e.to_string(), msg, "{s:?}");
+        }
+        assert_eq!(import_reference("", "").unwrap(), None);
+        assert_eq!(
+            import_reference("bb:1", "").unwrap().as_deref(),
+            Some("bb:1")
+        );
+        assert_eq!(
+            import_reference("bb", "2").unwrap().as_deref(),
+            Some("bb:2")
+        );
+        assert_eq!(
+            import_reference("x@sha256:0123456789abcdef0123456789abcdef", "")
+                .unwrap_err()
+                .to_string(),
+            "cannot import digest reference"
+        );
+    }
+
+    #[test]
+    fn glob_is_go_s_path_match() {
+        let m = |p: &str, n: &str| glob_match(p, n).unwrap();
+        assert!(m("*", "busybox"));
+        assert!(!m("*", "me/app"));
+        assert!(m("*/*", "me/app"));
+        assert!(m("b?sy*:1.*", "busybox:1.35"));
+        assert!(m("[a-c]b", "bb"));
+        assert!(!m("[^a-c]b", "bb"));
+        assert!(m("a\\*", "a*"));
+        assert!(!m("a\\*", "ab"));
+        assert!(glob_match("[a", "x").is_err());
+        assert!(glob_match("a\\", "a").is_err());
+    }
+
+    #[test]
+    fn filters_accept_both_encodings() {
+        assert_eq!(
+            parse_filters(r#"{"dangling":{"true":true},"label":["a=1","b"]}"#).unwrap(),
+            Filters::from([
+                ("dangling".to_string(), vec!["true".to_string()]),
+                (
+                    "label".to_string(),
+                    vec!["a=1".to_string(), "b".to_string()]
+                ),
+            ])
+        );
+        assert!(parse_filters("").unwrap().is_empty());
+        assert_eq!(parse_filters("[1]").unwrap_err().status(), 400);
+        assert_eq!(parse_filters("{").unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn times_round_trip() {
+        assert_eq!(format_rfc3339(0, 0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            format_rfc3339(1_704_164_645, 123_456_789),
+            "2024-01-02T03:04:05.123456789Z"
+        );
+        assert_eq!(
+            format_rfc3339(1_704_164_645, 500_000_000),
+            "2024-01-02T03:04:05.5Z"
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2024-01-02T03:04:05.123456789Z"),
+            Some(1_704_164_645_123)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2024-01-02T04:04:05+01:00"),
+            Some(1_704_164_645_000)
+        );
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        for bad in [
+            "",
+            "2024-13-02T03:04:05Z",
+            "2024-01-02",
+            "2024-01-02T03:04:05",
+            "2024-01-02T03:04:05.Z",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+        let now = rfc3339_nano(SystemTime::now());
+        assert!((parse_rfc3339_ms(&now).unwrap() - now_ms()).abs() < 5_000);
+    }
 }
