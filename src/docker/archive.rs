@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::bufread::MultiGzDecoder;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,60 @@ pub const MAX_ARCHIVE_MEMBERS: usize = 100_000;
 
 fn bad(msg: impl Into<String>) -> ImageError {
     ImageError::BadRequest(msg.into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters
+
+/// Outcomes of one kind of upload (`docker import` or `docker load`).
+#[derive(Debug, Default)]
+pub struct UploadCounters {
+    /// Stored.
+    pub ok: AtomicU64,
+    /// Refused as bad input (400): unsafe or malformed members, bad JSON, missing members,
+    /// digest mismatches.
+    pub refused: AtomicU64,
+    /// Refused for size (400).
+    pub too_large: AtomicU64,
+    /// Failed on our side (500: disk).
+    pub failed: AtomicU64,
+}
+
+/// Every upload's outcome, for the metrics page.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// `docker import`.
+    pub imports: UploadCounters,
+    /// `docker load`.
+    pub loads: UploadCounters,
+}
+
+/// The process's counters.
+pub static COUNTERS: Counters = Counters {
+    imports: UploadCounters::new(),
+    loads: UploadCounters::new(),
+};
+
+impl UploadCounters {
+    const fn new() -> UploadCounters {
+        UploadCounters {
+            ok: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            too_large: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+}
+
+fn counted<T>(c: &UploadCounters, r: Result<T, ImageError>) -> Result<T, ImageError> {
+    let which = match &r {
+        Ok(_) => &c.ok,
+        Err(ImageError::TooLarge(_)) => &c.too_large,
+        Err(e) if e.status() < 500 => &c.refused,
+        Err(_) => &c.failed,
+    };
+    which.fetch_add(1, Ordering::Relaxed);
+    r
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -632,6 +687,14 @@ pub fn import(
     body: impl Read,
     opts: &ImportOpts,
 ) -> Result<NewImage, ImageError> {
+    counted(&COUNTERS.imports, import_inner(store, body, opts))
+}
+
+fn import_inner(
+    store: &LayerStore,
+    body: impl Read,
+    opts: &ImportOpts,
+) -> Result<NewImage, ImageError> {
     let mut config = ContainerConfig::default();
     apply_changes(&mut config, &opts.changes)?;
     let repo_tags = match &opts.repo_tag {
@@ -940,7 +1003,14 @@ fn parse_with_index<R: Read + Seek>(
 /// first). Every layer is validated like an import and must hash to its config's diff_id (400
 /// naming the layer otherwise); blobs are committed to `store` only after every layer of the
 /// archive verified. Returns one [`NewImage`] per manifest entry.
-pub fn load<R: Read + Seek>(store: &LayerStore, mut body: R) -> Result<Vec<NewImage>, ImageError> {
+pub fn load<R: Read + Seek>(store: &LayerStore, body: R) -> Result<Vec<NewImage>, ImageError> {
+    counted(&COUNTERS.loads, load_inner(store, body))
+}
+
+fn load_inner<R: Read + Seek>(
+    store: &LayerStore,
+    mut body: R,
+) -> Result<Vec<NewImage>, ImageError> {
     let idx = Index::build(&mut body)?;
     let saved = parse_with_index(&mut body, &idx)?;
     // Layer member → (pending blob, summary); a layer shared by images is read once.
@@ -1293,6 +1363,33 @@ mod tests {
         .unwrap();
         let empty = import(&s, &tar(&[])[..], &ImportOpts::default()).unwrap();
         assert_eq!(empty.size, 0);
+    }
+
+    #[test]
+    fn refusals_are_counted() {
+        let d = TmpDir::new("archive-unit");
+        let s = LayerStore::open(&d.0).unwrap().with_max_blob(2048);
+        let c = &COUNTERS.imports;
+        let (ok, refused, large) = (
+            c.ok.load(Ordering::Relaxed),
+            c.refused.load(Ordering::Relaxed),
+            c.too_large.load(Ordering::Relaxed),
+        );
+        import(&s, &tar(&[file("a", b"x")])[..], &ImportOpts::default()).unwrap();
+        import(&s, &tar(&[file("/a", b"x")])[..], &ImportOpts::default()).unwrap_err();
+        import(
+            &s,
+            &tar(&[file("a", &[0; 4096])])[..],
+            &ImportOpts::default(),
+        )
+        .unwrap_err();
+        // Other tests run in parallel: at least ours were counted.
+        assert!(c.ok.load(Ordering::Relaxed) > ok);
+        assert!(c.refused.load(Ordering::Relaxed) > refused);
+        assert!(c.too_large.load(Ordering::Relaxed) > large);
+        let l = COUNTERS.loads.refused.load(Ordering::Relaxed);
+        load(&s, Cursor::new(b"junk")).unwrap_err();
+        assert!(COUNTERS.loads.refused.load(Ordering::Relaxed) > l);
     }
 
     #[test]
