@@ -17,13 +17,17 @@
 //! Module map: [`api`] (version prefix, the calling account, dispatch, moby's conventions),
 //! [`error`] (`{"message"}` bodies), [`system`] (`/_ping`, `/version`, `/info`),
 //! [`accounts`] (accounts and their certificates in the store, `/accounts` of the control
-//! API), [`networks`], [`cli`] (`fabric account …`).
+//! API), [`networks`] (Docker networks over fabric VLANs and networks) with [`filters`]
+//! (moby's `filters` parameter), [`shared`] (networks the operator shares with every account,
+//! `fabric network share|unshare|shared`), [`cli`] (`fabric account …`).
 
 pub mod accounts;
 pub mod api;
 pub mod cli;
 pub mod error;
+pub mod filters;
 pub mod networks;
+pub mod shared;
 pub mod system;
 
 use std::future::Future;
@@ -45,7 +49,7 @@ use crate::pki::tls::{server_config, ClientAuth};
 use crate::pki::Trust;
 
 /// The Docker API's tables (created with the control plane's schema).
-pub const SCHEMA: &[&[&str]] = &[accounts::SCHEMA];
+pub const SCHEMA: &[&[&str]] = &[accounts::SCHEMA, networks::SCHEMA];
 
 /// The Docker API's default port (Docker's TLS port).
 pub const DEFAULT_PORT: u16 = 2376;
