@@ -138,6 +138,40 @@ fn joining_and_calling_the_api() {
     let head_uuid = f.wait_server(0);
     let join = format!("https://{api}");
 
+    // `fabric up` serves the Docker API on the --listen IP, port 2376: the stock CLI with a
+    // certificate from `fabric account add` reaches it from another host's namespace.
+    let certs = f.c.dir.join("alice");
+    let (ok, out, err) = fabric(&[
+        "account",
+        "add",
+        "alice",
+        "--data",
+        &head.display().to_string(),
+        "--cert-dir",
+        &certs.display().to_string(),
+    ]);
+    assert!(ok, "fabric account add: {out}{err}");
+    let docker_host = format!("DOCKER_HOST=tcp://{}:2376", f.c.hosts[0].ip);
+    assert!(out.contains(&docker_host.replace("DOCKER_HOST=", "export DOCKER_HOST=")), "{out}");
+    let v = f
+        .c
+        .exec(
+            1,
+            &[
+                "env",
+                &docker_host,
+                "DOCKER_TLS_VERIFY=1",
+                &format!("DOCKER_CERT_PATH={}", certs.display()),
+                &format!("DOCKER_CONFIG={}", f.c.dir.join("docker-config").display()),
+                "/usr/local/bin/docker",
+                "version",
+                "--format",
+                "{{.Server.APIVersion}}",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("docker version against fabric up: {e}"));
+    assert_eq!(v.trim(), "1.41");
+
     // No token.
     let e = failed_join(&mut f, 1, &["--join", &join]);
     eprintln!("no token: {e}");

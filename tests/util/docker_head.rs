@@ -76,8 +76,7 @@ impl DockerHead {
             child,
         };
         let t0 = Instant::now();
-        while TcpStream::connect(head.docker).is_err()
-            || !head.dir.0.join("control.sock").exists()
+        while TcpStream::connect(head.docker).is_err() || !head.dir.0.join("control.sock").exists()
         {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
@@ -86,7 +85,11 @@ impl DockerHead {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("fabric control (Docker API on {}) up in {:?}", head.docker, t0.elapsed());
+        eprintln!(
+            "fabric control (Docker API on {}) up in {:?}",
+            head.docker,
+            t0.elapsed()
+        );
         head
     }
 
@@ -114,13 +117,7 @@ impl DockerHead {
     /// key.pem), inside the head's directory.
     pub fn account(&self, login: &str) -> PathBuf {
         let out = self.dir.0.join(format!("account-{login}"));
-        let o = self.fabric(&[
-            "account",
-            "add",
-            login,
-            "--cert-dir",
-            out.to_str().unwrap(),
-        ]);
+        let o = self.fabric(&["account", "add", login, "--cert-dir", out.to_str().unwrap()]);
         assert!(
             o.status.success(),
             "fabric account add {login}: {}{}",
