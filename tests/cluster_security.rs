@@ -152,10 +152,12 @@ fn joining_and_calling_the_api() {
     ]);
     assert!(ok, "fabric account add: {out}{err}");
     let docker_host = format!("DOCKER_HOST=tcp://{}:2376", f.c.hosts[0].ip);
-    assert!(out.contains(&docker_host.replace("DOCKER_HOST=", "export DOCKER_HOST=")), "{out}");
-    let v = f
-        .c
-        .exec(
+    assert!(
+        out.contains(&docker_host.replace("DOCKER_HOST=", "export DOCKER_HOST=")),
+        "{out}"
+    );
+    let v =
+        f.c.exec(
             1,
             &[
                 "env",

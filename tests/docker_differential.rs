@@ -153,15 +153,26 @@ fn network_and_image_verbs_print_what_moby_prints() {
         let (m, f) = (theirs.run(&args), ours.run(&args));
         let (sm, sf) = (show(&m), show(&f));
         let cmd = args.join(" ");
-        let cmd = if cmd.len() > 70 { format!("{}…", &cmd[..69]) } else { cmd };
+        let cmd = if cmd.len() > 70 {
+            format!("{}…", &cmd[..69])
+        } else {
+            cmd
+        };
         eprintln!("{cmd:<70} | {sm}");
-        eprintln!("{:<70} | {sf}{}", "", match (sm == sf, s.differs) {
-            (true, _) => "   (same)".to_string(),
-            (false, Some(why)) => format!("   (differs by design: {why})"),
-            (false, None) => "   <-- DIFFERS".to_string(),
-        });
+        eprintln!(
+            "{:<70} | {sf}{}",
+            "",
+            match (sm == sf, s.differs) {
+                (true, _) => "   (same)".to_string(),
+                (false, Some(why)) => format!("   (differs by design: {why})"),
+                (false, None) => "   <-- DIFFERS".to_string(),
+            }
+        );
         if sm != sf && s.differs.is_none() {
-            failures.push(format!("docker {}\n  moby:   {sm}\n  fabric: {sf}", args.join(" ")));
+            failures.push(format!(
+                "docker {}\n  moby:   {sm}\n  fabric: {sf}",
+                args.join(" ")
+            ));
         }
     }
     assert!(
@@ -169,7 +180,12 @@ fn network_and_image_verbs_print_what_moby_prints() {
         "{} steps print otherwise than moby 20.10:\n{}\nfabric's log tail:\n{}",
         failures.len(),
         failures.join("\n"),
-        head.log().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        head.log()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
