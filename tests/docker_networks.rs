@@ -83,8 +83,10 @@ fn refused(r: &HttpResponse, status: u16, message: &str) {
 fn cli_refused(o: &Out, message: &str) {
     assert_eq!(o.code, 1, "{o:?}");
     assert!(
-        o.stderr
-            .contains(&format!("Error response from daemon: {}", message.trim_end())),
+        o.stderr.contains(&format!(
+            "Error response from daemon: {}",
+            message.trim_end()
+        )),
         "expected {message:?} in {o:?}"
     );
 }
@@ -165,7 +167,10 @@ fn cli_network_verbs_errors_and_two_accounts() {
         assert_eq!(inspect_id(&alice, term).ok(term).trim(), a_id, "{term}");
     }
     for term in [b_id.as_str(), &b_id[..12]] {
-        cli_refused(&inspect_id(&alice, term), &format!("network {term} not found"));
+        cli_refused(
+            &inspect_id(&alice, term),
+            &format!("network {term} not found"),
+        );
         let o = alice.run(&["network", "inspect", term]);
         cli_refused(&o, &format!("network {term} not found"));
         assert_eq!(o.stdout.trim(), "[]", "{o:?}");
@@ -341,14 +346,35 @@ fn cli_network_verbs_errors_and_two_accounts() {
     assert_eq!(o.ok("bob prune").trim(), "Deleted Networks:\nweb");
 }
 
+const POOL_ARGS: [&str; 4] = [
+    "--docker-subnet-pool",
+    "10.200.0.0/16/24",
+    "--docker-subnet-pool",
+    "192.168.40.0/24",
+];
+
 #[test]
 fn shared_networks_failed_creates_and_the_pool() {
-    let head = DockerHead::start_with(&[
-        "--docker-subnet-pool",
-        "10.200.0.0/16/24",
-        "--docker-subnet-pool",
-        "192.168.40.0/24",
-    ]);
+    shared_failed_pool(&DockerHead::start_with(&POOL_ARGS));
+}
+
+/// The same over PostgreSQL (a fresh database; skipped without `PORTOLAN_TEST_PG`).
+#[test]
+fn shared_networks_failed_creates_and_the_pool_postgres() {
+    let Some(admin) = portolan::store::postgres::test_admin_url() else {
+        eprintln!("skipping: PORTOLAN_TEST_PG is not set");
+        return;
+    };
+    let db = portolan::store::postgres::TestDatabase::create(&admin).unwrap();
+    let mut args = POOL_ARGS.to_vec();
+    args.extend(["--store", db.url.as_str()]);
+    let head = DockerHead::start_with(&args);
+    shared_failed_pool(&head);
+    drop(head);
+    drop(db);
+}
+
+fn shared_failed_pool(head: &DockerHead) {
     let alice = DockerClient::new(&head.docker_host(), &head.account("alice"), None);
     let bob = DockerClient::new(&head.docker_host(), &head.account("bob"), None);
     let mut op = Api::operator(&head);

@@ -803,7 +803,7 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 pub fn addressing(c: &IpamConfig, subnet: (Ipv4Addr, u8)) -> Result<Addressing, OpError> {
     let (net, prefix) = subnet;
     let cidr = format!("{net}/{prefix}");
-    if prefix < 8 || prefix > fnet::MAX_FABRIC_PREFIX {
+    if !(8..=fnet::MAX_FABRIC_PREFIX).contains(&prefix) {
         return Err(error::bad_request(format!(
             "subnet {cidr}: the prefix length must be between 8 and {} (a gateway and hosts must fit)",
             fnet::MAX_FABRIC_PREFIX
