@@ -377,7 +377,7 @@ fn shared_networks_failed_creates_and_the_pool_postgres() {
 fn shared_failed_pool(head: &DockerHead) {
     let alice = DockerClient::new(&head.docker_host(), &head.account("alice"), None);
     let bob = DockerClient::new(&head.docker_host(), &head.account("bob"), None);
-    let mut op = Api::operator(&head);
+    let mut op = Api::operator(head);
     let a_uuid = account_uuid(&mut op, "alice");
     let subnet_of = |c: &DockerClient, n: &str| {
         c.run(&[
