@@ -270,6 +270,7 @@ fn route(req: Req) -> Op {
             Op::Now(Err(error::err(503, "This node is not part of a swarm")))
         }
         (_, ["networks", ..]) => super::networks::route(&req).unwrap_or_else(no_route),
+        (_, ["images", ..]) => super::images_api::route(&req).unwrap_or_else(no_route),
         _ => no_route(),
     }
 }
@@ -335,7 +336,21 @@ async fn serve(
             "the Docker API needs a client certificate of this cluster's accounts CA (fabric account add)",
         ));
     };
-    let body = match http_body_util::Limited::new(body, MAX_JSON_BODY)
+    let mut req = Req {
+        method: head.method,
+        path,
+        version: version.unwrap_or(MAX_VERSION),
+        query: Query::parse(head.uri.query()),
+        headers: head.headers,
+        body: Bytes::new(),
+    };
+    // Uploads (`docker import`, `docker load`) stream their bodies themselves, up to the
+    // listener's body cap.
+    if super::images_api::is_upload(&req) {
+        let op = super::images_api::route_upload(&req, body);
+        return run(docker, op, serial, login).await;
+    }
+    req.body = match http_body_util::Limited::new(body, MAX_JSON_BODY)
         .collect()
         .await
     {
@@ -347,14 +362,6 @@ async fn serve(
             ))
         }
         Err(e) => return Err(error::bad_request(format!("reading the request body: {e}"))),
-    };
-    let req = Req {
-        method: head.method,
-        path,
-        version: version.unwrap_or(MAX_VERSION),
-        query: Query::parse(head.uri.query()),
-        headers: head.headers,
-        body,
     };
     run(docker, route(req), serial, login).await
 }
@@ -461,6 +468,28 @@ mod tests {
         assert_eq!(split_path("/networks/%zz").unwrap_err().status, 400);
         // Not a version: an ordinary segment.
         assert_eq!(split_path("/version").unwrap().1, vec!["version"]);
+    }
+
+    proptest::proptest! {
+        /// Any path either splits (and every segment is valid UTF-8 without a `/` from the
+        /// original) or is refused with a 4xx; nothing panics.
+        #[test]
+        fn any_path_splits_or_is_refused(path in "(/[a-zA-Z0-9%._v-]{0,12}){0,5}") {
+            match split_path(&path) {
+                Ok((_, segs)) => {
+                    proptest::prop_assert!(segs.len() <= path.matches('/').count());
+                }
+                Err(e) => proptest::prop_assert!((400..500).contains(&e.status)),
+            }
+        }
+
+        #[test]
+        fn any_query_parses(q in ".{0,64}") {
+            let q = Query::parse(Some(&q));
+            for (k, _) in &q.0 {
+                let _ = q.bool(k);
+            }
+        }
     }
 
     #[test]

@@ -18,14 +18,21 @@
 //! [`error`] (`{"message"}` bodies), [`system`] (`/_ping`, `/version`, `/info`),
 //! [`accounts`] (accounts and their certificates in the store, `/accounts` of the control
 //! API), [`networks`] (Docker networks over fabric VLANs and networks) with [`filters`]
-//! (moby's `filters` parameter), [`shared`] (networks the operator shares with every account,
-//! `fabric network share|unshare|shared`), [`cli`] (`fabric account …`).
+//! (moby's `filters` parameter) and [`shared`] (networks the operator shares with every
+//! account, `fabric network share|unshare|shared`), images ([`layers`]: the content-addressed
+//! blob store in `DIR/images/`; [`archive`]: `docker import` tars and `docker save` archives,
+//! checked member by member; [`images`]: image metadata per account; [`images_api`]: the
+//! routes, uploads streamed), [`cli`] (`fabric account …`).
 
 pub mod accounts;
 pub mod api;
+pub mod archive;
 pub mod cli;
 pub mod error;
 pub mod filters;
+pub mod images;
+pub mod images_api;
+pub mod layers;
 pub mod networks;
 pub mod shared;
 pub mod system;
@@ -49,7 +56,7 @@ use crate::pki::tls::{server_config, ClientAuth};
 use crate::pki::Trust;
 
 /// The Docker API's tables (created with the control plane's schema).
-pub const SCHEMA: &[&[&str]] = &[accounts::SCHEMA, networks::SCHEMA];
+pub const SCHEMA: &[&[&str]] = &[accounts::SCHEMA, networks::SCHEMA, images::SCHEMA];
 
 /// The Docker API's default port (Docker's TLS port).
 pub const DEFAULT_PORT: u16 = 2376;
@@ -143,6 +150,8 @@ pub struct Docker {
     pub cfg: DockerConfig,
     /// The "host" ID `/info` shows (from the accounts CA's digest: stable per cluster).
     pub cluster_id: String,
+    /// The image blobs (`DIR/images/`).
+    pub layers: layers::LayerStore,
     /// Requests answered 4xx.
     pub client_errors: AtomicU64,
     /// Requests answered 5xx.
@@ -207,7 +216,11 @@ pub async fn serve(
             }
         })
     };
+    let layers = layers::LayerStore::open(&cfg.data)
+        .context("the image store")?
+        .with_max_blob(cfg.max_upload);
     let docker = Arc::new(Docker {
+        layers,
         cluster_id: crate::pki::ca::hex(&tls.pki.ca.digest()[..12]).to_ascii_uppercase(),
         app,
         cfg,

@@ -88,11 +88,7 @@ pub fn info(db: &mut Db<'_>, c: &Ctx<'_>) -> Result<Value, OpError> {
         "SELECT COUNT(*) FROM fabric_vms WHERE owner_uuid = $1 AND state = 'running'",
         owner,
     )?;
-    let images = count(
-        db,
-        "SELECT COUNT(*) FROM docker_images WHERE owner_uuid = $1",
-        owner,
-    )?;
+    let images = super::images::count_images(db, owner)?;
     let now = crate::control::now_us() / 1000;
     let life = c.docker.app.cfg.heartbeat_lifetime_ms();
     let rows = db.query(
