@@ -81,6 +81,12 @@ enum Cmd {
     /// refused from then on).
     #[command(subcommand)]
     Account(fabric::docker::cli::AccountCmd),
+    /// Docker networks shared with every account (run on the head with --data DIR, or
+    /// --control https://HEAD:8080 --tls-dir OPERATOR_DIR): `share NAME --subnet CIDR` makes
+    /// one (its own VNI; every account lists and uses it, none can remove it), `unshare NAME`
+    /// removes it, `shared` lists them.
+    #[command(subcommand)]
+    Network(fabric::docker::shared::NetworkCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,6 +150,7 @@ fn main() -> ExitCode {
         Cmd::Token(args) => edge("fabric token", fabric::pki::cli::token(&args)),
         Cmd::Cert(cmd) => edge("fabric cert", fabric::pki::cli::cert(&cmd)),
         Cmd::Account(cmd) => printed("fabric account", fabric::docker::cli::account(cmd)),
+        Cmd::Network(cmd) => printed("fabric network", fabric::docker::shared::network(cmd)),
         Cmd::Dataplane(args) => edge("fabric dataplane", fabric::dataplane::daemon::run(args)),
         Cmd::Vnic(cmd) => edge("fabric vnic", fabric::dataplane::cli::vnic(cmd)),
         Cmd::Stats { control, json } => {

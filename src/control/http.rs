@@ -278,6 +278,17 @@ fn route(method: &Method, pattern: &str, path: Vec<String>, peer: &Peer) -> Op {
         (Method::POST, "/accounts/{login}/certificates") => {
             write_db(move |d, a, p| crate::docker::accounts::issue_api(d, &a.cfg, &a0, p))
         }
+        // Networks shared with every Docker account (the operator's).
+        (Method::GET, "/shared_networks") => read(|d, _, p| crate::docker::shared::list_api(d, p)),
+        (Method::POST, "/shared_networks") => {
+            write_db(|d, a, p| crate::docker::shared::create_api(d, &a.cfg, p))
+        }
+        (Method::GET, "/shared_networks/{name}") => {
+            read(move |d, _, p| crate::docker::shared::get_api(d, &a0, p))
+        }
+        (Method::DELETE, "/shared_networks/{name}") => {
+            delete_db(move |d, _, p| crate::docker::shared::delete_api(d, &a0, p))
+        }
         // Foreign VXLAN peers.
         (Method::GET, "/peers") => read(|d, _, p| peers::list(d, p)),
         (Method::PUT, "/peers/{ip}") => write_db(move |d, _, p| peers::put(d, &a0, p)),
@@ -450,6 +461,8 @@ const ROUTES: &[&str] = &[
     "/accounts",
     "/accounts/{login}",
     "/accounts/{login}/certificates",
+    "/shared_networks",
+    "/shared_networks/{name}",
 ];
 
 /// The router.

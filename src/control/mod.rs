@@ -108,6 +108,9 @@ pub struct Config {
     /// The accounts CA and the Docker listener's revocation view: `/accounts` certificates
     /// are issued with it, and an account's removal is pushed to the listener at once.
     pub docker: Option<crate::docker::DockerPki>,
+    /// Where Docker networks created without `--subnet` get theirs (`--docker-subnet-pool`;
+    /// moby's default pools when not given).
+    pub docker_pool: Vec<crate::docker::networks::SubnetPool>,
 }
 
 impl Default for Config {
@@ -127,6 +130,7 @@ impl Default for Config {
             trust: None,
             cluster: None,
             docker: None,
+            docker_pool: crate::docker::networks::default_pools(),
         }
     }
 }
@@ -164,6 +168,11 @@ pub struct ControlArgs {
     /// 512M, 4G.
     #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = crate::docker::parse_size)]
     pub docker_max_upload: u64,
+    /// Where Docker networks created without --subnet get one: the SIZE-bit subnets of CIDR
+    /// (default /24), first free first, avoiding the account's subnets and shared networks'
+    /// (repeatable; default moby's: the /16s of 172.17-172.31, then /20s of 192.168.0.0/16).
+    #[arg(long, value_name = "CIDR[/SIZE]", value_parser = crate::docker::networks::parse_pool)]
+    pub docker_subnet_pool: Vec<crate::docker::networks::SubnetPool>,
     /// With --data: lifetime of the host certificates issued (e.g. 30d, 12h, 10m).
     #[arg(long, value_name = "DURATION", default_value = "30d",
           value_parser = crate::pki::cli::parse_lifetime)]
@@ -307,6 +316,11 @@ impl ControlArgs {
             trust: None,
             cluster: None,
             docker: None,
+            docker_pool: if self.docker_subnet_pool.is_empty() {
+                crate::docker::networks::default_pools()
+            } else {
+                self.docker_subnet_pool.clone()
+            },
         })
     }
 }

@@ -17,20 +17,24 @@
 //! Module map: [`api`] (version prefix, the calling account, dispatch, moby's conventions),
 //! [`error`] (`{"message"}` bodies), [`system`] (`/_ping`, `/version`, `/info`),
 //! [`accounts`] (accounts and their certificates in the store, `/accounts` of the control
-//! API), [`networks`], images ([`layers`]: the content-addressed blob store in
-//! `DIR/images/`; [`archive`]: `docker import` tars and `docker save` archives, checked member
-//! by member; [`images`]: image metadata per account; [`images_api`]: the routes, uploads
-//! streamed), [`cli`] (`fabric account …`).
+//! API), [`networks`] (Docker networks over fabric VLANs and networks) with [`filters`]
+//! (moby's `filters` parameter) and [`shared`] (networks the operator shares with every
+//! account, `fabric network share|unshare|shared`), images ([`layers`]: the content-addressed
+//! blob store in `DIR/images/`; [`archive`]: `docker import` tars and `docker save` archives,
+//! checked member by member; [`images`]: image metadata per account; [`images_api`]: the
+//! routes, uploads streamed), [`cli`] (`fabric account …`).
 
 pub mod accounts;
 pub mod api;
 pub mod archive;
 pub mod cli;
 pub mod error;
+pub mod filters;
 pub mod images;
 pub mod images_api;
 pub mod layers;
 pub mod networks;
+pub mod shared;
 pub mod system;
 
 use std::future::Future;
@@ -52,7 +56,7 @@ use crate::pki::tls::{server_config, ClientAuth};
 use crate::pki::Trust;
 
 /// The Docker API's tables (created with the control plane's schema).
-pub const SCHEMA: &[&[&str]] = &[accounts::SCHEMA, images::SCHEMA];
+pub const SCHEMA: &[&[&str]] = &[accounts::SCHEMA, networks::SCHEMA, images::SCHEMA];
 
 /// The Docker API's default port (Docker's TLS port).
 pub const DEFAULT_PORT: u16 = 2376;

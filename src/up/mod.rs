@@ -107,6 +107,11 @@ pub struct UpArgs {
     /// Head: largest image upload the Docker API accepts (`docker import`, `docker load`).
     #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = crate::docker::parse_size)]
     pub docker_max_upload: u64,
+    /// Head: where Docker networks created without --subnet get one, CIDR[/SIZE]
+    /// (repeatable; default moby's pools: the /16s of 172.17-172.31, then /20s of 192.168/16).
+    #[arg(long, value_name = "CIDR[/SIZE]", value_parser = crate::docker::networks::parse_pool,
+          conflicts_with = "join")]
+    pub docker_subnet_pool: Vec<crate::docker::networks::SubnetPool>,
     /// Host name this server registers with (default: the kernel's host name).
     #[arg(long)]
     pub hostname: Option<String>,
@@ -325,6 +330,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             args.docker_max_upload,
         ))?;
         cfg.docker = Some(docker.tls.pki.clone());
+        if !args.docker_subnet_pool.is_empty() {
+            cfg.docker_pool = args.docker_subnet_pool.clone();
+        }
         tracing::info!(addr = %head.docker, "Docker API (TLS, accounts CA) listening");
         let store = rt.block_on(crate::control::open_store(&head.store, &cfg))?;
         let listener = rt
