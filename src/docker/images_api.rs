@@ -66,7 +66,13 @@ pub fn route(req: &Req) -> Option<Op> {
         ("GET", _) => {
             let name = name_between(p, Some("json"))?;
             Some(read(move |d, c| {
-                ok(images::inspect(d, &c.account.uuid, &name)?)
+                match images::inspect(d, &c.account.uuid, &name) {
+                    // moby wraps the lookup's error on this route.
+                    Err(ImageError::NotFound(n)) => Err(error::not_found(format!(
+                        "no such image: {name}: No such image: {n}"
+                    ))),
+                    r => ok(r?),
+                }
             }))
         }
         ("POST", _) if p.last().map(String::as_str) == Some("tag") => {
