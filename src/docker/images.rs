@@ -842,36 +842,11 @@ pub type Filters = BTreeMap<String, Vec<String>>;
 /// Parses a `filters` query parameter in either encoding: `{"k":{"v":true}}` (the CLI) or
 /// `{"k":["v"]}` (docker-py). Empty text is no filter.
 pub fn parse_filters(text: &str) -> Result<Filters, ImageError> {
-    let mut out = Filters::new();
-    if text.trim().is_empty() {
-        return Ok(out);
-    }
-    let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid filter: {e}")))?;
-    let Value::Object(m) = v else {
-        return Err(bad(
-            "invalid filter: expected a JSON object of filter names",
-        ));
-    };
-    for (k, vals) in m {
-        let list = match vals {
-            Value::Array(a) => a
-                .into_iter()
-                .map(|x| match x {
-                    Value::String(s) => Ok(s),
-                    _ => Err(bad(format!("invalid filter '{k}': values must be strings"))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            Value::Object(o) => o
-                .into_iter()
-                .filter(|(_, b)| b.as_bool() != Some(false))
-                .map(|(s, _)| s)
-                .collect(),
-            Value::String(s) => vec![s],
-            _ => return Err(bad(format!("invalid filter '{k}'"))),
-        };
-        out.entry(k).or_default().extend(list);
-    }
-    Ok(out)
+    let f = super::filters::Filters::parse(Some(text))?;
+    Ok(f.0
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().collect()))
+        .collect())
 }
 
 const IMAGE_FILTERS: &[&str] = &["before", "dangling", "label", "reference", "since"];
@@ -1036,7 +1011,7 @@ pub fn list(
     let _ = all;
     for k in filters.keys() {
         if !IMAGE_FILTERS.contains(&k.as_str()) {
-            return Err(bad(format!("invalid filter '{k}'")));
+            return Err(bad(format!("Invalid filter '{k}'")));
         }
     }
     let mut dangling_only = false;
@@ -1045,7 +1020,7 @@ pub fn list(
             match v.to_ascii_lowercase().as_str() {
                 "true" | "1" => dangling_only = true,
                 "false" | "0" => {}
-                _ => return Err(bad(format!("invalid filter 'dangling={v}'"))),
+                _ => return Err(bad(format!("Invalid filter 'dangling={v}'"))),
             }
         }
     }
@@ -1544,10 +1519,10 @@ mod tests {
         );
         assert_eq!(f(r#"{"since":["bb:1"]}"#), vec![img2.id.clone()]);
         for (q, msg) in [
-            (r#"{"nope":["x"]}"#, "invalid filter 'nope'"),
+            (r#"{"nope":["x"]}"#, "Invalid filter 'nope'"),
             (
                 r#"{"dangling":["maybe"]}"#,
-                "invalid filter 'dangling=maybe'",
+                "Invalid filter 'dangling=maybe'",
             ),
             (r#"{"reference":["[a"]}"#, "syntax error in pattern: [a"),
         ] {

@@ -56,7 +56,7 @@ impl DockerHead {
             "--docker-listen".into(),
             docker.to_string(),
         ];
-        if !extra.iter().any(|a| *a == "--store") {
+        if !extra.contains(&"--store") {
             args.push("--store".into());
             args.push(store);
         }
