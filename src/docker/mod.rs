@@ -159,6 +159,21 @@ pub struct Docker {
 }
 
 impl Docker {
+    /// The service over the control plane's `app`, its image store opened in `cfg.data`.
+    pub fn new(app: Arc<App>, cfg: DockerConfig, cluster_id: String) -> anyhow::Result<Arc<Docker>> {
+        let layers = layers::LayerStore::open(&cfg.data)
+            .context("the image store")?
+            .with_max_blob(cfg.max_upload);
+        Ok(Arc::new(Docker {
+            layers,
+            cluster_id,
+            app,
+            cfg,
+            client_errors: AtomicU64::new(0),
+            server_errors: AtomicU64::new(0),
+        }))
+    }
+
     /// Counts an error answer.
     pub fn count_error(&self, status: u16) {
         let c = if status >= 500 {
@@ -216,17 +231,8 @@ pub async fn serve(
             }
         })
     };
-    let layers = layers::LayerStore::open(&cfg.data)
-        .context("the image store")?
-        .with_max_blob(cfg.max_upload);
-    let docker = Arc::new(Docker {
-        layers,
-        cluster_id: crate::pki::ca::hex(&tls.pki.ca.digest()[..12]).to_ascii_uppercase(),
-        app,
-        cfg,
-        client_errors: AtomicU64::new(0),
-        server_errors: AtomicU64::new(0),
-    });
+    let id = crate::pki::ca::hex(&tls.pki.ca.digest()[..12]).to_ascii_uppercase();
+    let docker = Docker::new(app, cfg, id)?;
     tracing::info!(addr = %listener.local_addr()?, "Docker API listening (TLS, accounts CA)");
     let r = crate::http::Server::new(limits)
         .with_acceptor(HttpTls::new(tls.server.clone(), Some(trust)))
