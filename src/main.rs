@@ -18,7 +18,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run this host of a fabric cluster: with --data DIR --underlay IP, the head (control
-    /// plane over TLS, Portolan, dataplane and agent, SQLite and the cluster CA in DIR); with
+    /// plane over TLS, the Docker Remote API on port 2376, Portolan, dataplane and agent,
+    /// SQLite and the cluster and accounts CAs in DIR); with
     /// --join https://HEAD:8080 --token TOKEN, another host (dataplane and agent) that joins it. Needs root. SIGTERM stops it
     /// cleanly; running it again on the same DIR resumes as the same server.
     Up(fabric::up::UpArgs),
@@ -49,7 +50,9 @@ enum Cmd {
     /// NICs, fabric VLANs and networks, VMAPI-shaped /vms with placement, /servers with
     /// heartbeats and each host's desired state, FWAPI-style /rules, /metrics) over the store Portolan
     /// serves from; every NIC change writes its Portolan mappings and shootdown events in the
-    /// same transaction. `fabric control bench` measures NIC provisions per second.
+    /// same transaction. With --data DIR it is a cluster head (TLS), and with --docker-listen
+    /// it serves the Docker Remote API too. `fabric control bench` measures NIC provisions
+    /// per second.
     Control(fabric::control::ControlArgs),
     /// Run the per-host agent: read this server's desired state from the control plane
     /// (`GET /servers/:uuid/desired`), make the host match it — a network namespace named by
