@@ -58,6 +58,7 @@ pub mod pools;
 pub mod portolan_view;
 pub mod rules;
 pub mod servers;
+pub mod time;
 pub mod vms;
 
 use std::net::SocketAddr;
@@ -443,30 +444,7 @@ pub fn iso_now() -> String {
     iso_from_ms(d.as_millis() as i64)
 }
 
-/// ISO-8601 of milliseconds since the epoch.
-pub fn iso_from_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms.rem_euclid(1000)
-    )
-}
+pub use time::iso_from_ms;
 
 #[cfg(test)]
 mod tests {
@@ -505,13 +483,6 @@ mod tests {
             assert!(e.to_string().contains("HOST:PORT"), "{bad}: {e}");
         }
         assert!(config(&["--heartbeat-lifetime", "0"]).is_err());
-    }
-
-    #[test]
-    fn iso() {
-        assert_eq!(iso_from_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(iso_from_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(iso_from_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

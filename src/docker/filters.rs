@@ -166,7 +166,7 @@ pub fn until(value: &str, now_ms: i64) -> Result<i64, OpError> {
     if let Some(d) = go_duration_ms(value) {
         return Ok(now_ms - d);
     }
-    if let Some(t) = rfc3339_ms(value) {
+    if let Some(t) = crate::control::time::parse_ms(value, crate::control::time::Form::Lenient) {
         return Ok(t);
     }
     // Unix seconds, optionally with a fraction.
@@ -233,80 +233,6 @@ fn go_duration_ms(s: &str) -> Option<i64> {
     }
     let ms = (total_ns / 1e6) as i64;
     Some(if neg { -ms } else { ms })
-}
-
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's days_from_civil).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// RFC 3339 (`2006-01-02T15:04:05[.frac](Z|±hh:mm)`), a local-less date-time taken as UTC, or
-/// a date, in ms since the epoch.
-fn rfc3339_ms(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        if t.bytes().all(|c| c.is_ascii_digit()) {
-            t.parse().ok()
-        } else {
-            None
-        }
-    };
-    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
-        return None;
-    }
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let day_ms = days_from_civil(y, mo, d) * 86_400_000;
-    if b.len() == 10 {
-        return Some(day_ms);
-    }
-    if b.len() < 19 || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut ms = 0;
-    if b.get(i) == Some(&b'.') {
-        let start = i + 1;
-        let mut j = start;
-        while j < b.len() && b[j].is_ascii_digit() {
-            j += 1;
-        }
-        if j == start {
-            return None;
-        }
-        ms = format!("{:0<3}", &s[start..j.min(start + 3)])
-            .parse()
-            .ok()?;
-        i = j;
-    }
-    let offset_min = match &s[i..] {
-        "" | "Z" | "z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
-            let oh = num(i + 1..i + 3)?;
-            let om = num(i + 4..i + 6)?;
-            let m = oh * 60 + om;
-            if tz.starts_with('-') {
-                -m
-            } else {
-                m
-            }
-        }
-        _ => return None,
-    };
-    Some(day_ms + ((h * 60 + mi - offset_min) * 60 + se) * 1000 + ms)
 }
 
 #[cfg(test)]

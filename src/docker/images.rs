@@ -347,37 +347,7 @@ fn split_repo_tag(rt: &str) -> (&str, &str) {
 
 /// RFC 3339 with nanoseconds, trailing zeros trimmed (Go's `time.RFC3339Nano`), in UTC.
 pub fn rfc3339_nano(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    format_rfc3339(d.as_secs() as i64, d.subsec_nanos())
-}
-
-fn format_rfc3339(secs: i64, nanos: u32) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    let mut s = format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
-    if nanos > 0 {
-        let f = format!("{nanos:09}");
-        s.push('.');
-        s.push_str(f.trim_end_matches('0'));
-    }
-    s.push('Z');
-    s
+    crate::control::time::rfc3339_of(t)
 }
 
 /// Go's zero time, what moby prints for "never".
@@ -385,61 +355,7 @@ pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
 /// Milliseconds since the epoch of an RFC 3339 time (`Z` or `±hh:mm`, any fraction).
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut ms = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        let frac = &s[start..i.min(start + 3)];
-        ms = frac.parse::<i64>().ok()? * 10i64.pow(3 - frac.len() as u32);
-    }
-    let off = match s.get(i..)? {
-        "Z" | "z" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
-            let oh: i64 = o[1..3].parse().ok()?;
-            let om: i64 = o[4..6].parse().ok()?;
-            let v = (oh * 60 + om) * 60;
-            if o.starts_with('-') {
-                -v
-            } else {
-                v
-            }
-        }
-        _ => return None,
-    };
-    // days_from_civil
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3600 + mi * 60 + sec - off) * 1000 + ms)
+    crate::control::time::parse_ms(s, crate::control::time::Form::Rfc3339)
 }
 
 fn now_ms() -> i64 {
@@ -825,7 +741,7 @@ fn inspect_json(img: &ImageRow, tags: &[String]) -> Value {
         "VirtualSize": img.size,
         "GraphDriver": {"Name": "fabric", "Data": null},
         "RootFS": {"Type": "layers", "Layers": diff_ids},
-        "Metadata": {"LastTagTime": img.last_tag_ms.map(|ms| format_rfc3339(ms.div_euclid(1000), (ms.rem_euclid(1000) * 1_000_000) as u32)).unwrap_or_else(|| ZERO_TIME.into())},
+        "Metadata": {"LastTagTime": img.last_tag_ms.map(crate::control::time::rfc3339_from_ms).unwrap_or_else(|| ZERO_TIME.into())},
     });
     if let Some(var) = c.get("variant").and_then(Value::as_str) {
         v["Variant"] = Value::String(var.into());
@@ -1774,38 +1690,5 @@ mod tests {
         assert!(parse_filters("").unwrap().is_empty());
         assert_eq!(parse_filters("[1]").unwrap_err().status(), 400);
         assert_eq!(parse_filters("{").unwrap_err().status(), 400);
-    }
-
-    #[test]
-    fn times_round_trip() {
-        assert_eq!(format_rfc3339(0, 0), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            format_rfc3339(1_704_164_645, 123_456_789),
-            "2024-01-02T03:04:05.123456789Z"
-        );
-        assert_eq!(
-            format_rfc3339(1_704_164_645, 500_000_000),
-            "2024-01-02T03:04:05.5Z"
-        );
-        assert_eq!(
-            parse_rfc3339_ms("2024-01-02T03:04:05.123456789Z"),
-            Some(1_704_164_645_123)
-        );
-        assert_eq!(
-            parse_rfc3339_ms("2024-01-02T04:04:05+01:00"),
-            Some(1_704_164_645_000)
-        );
-        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-        for bad in [
-            "",
-            "2024-13-02T03:04:05Z",
-            "2024-01-02",
-            "2024-01-02T03:04:05",
-            "2024-01-02T03:04:05.Z",
-        ] {
-            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
-        }
-        let now = rfc3339_nano(SystemTime::now());
-        assert!((parse_rfc3339_ms(&now).unwrap() - now_ms()).abs() < 5_000);
     }
 }

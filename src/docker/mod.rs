@@ -160,7 +160,11 @@ pub struct Docker {
 
 impl Docker {
     /// The service over the control plane's `app`, its image store opened in `cfg.data`.
-    pub fn new(app: Arc<App>, cfg: DockerConfig, cluster_id: String) -> anyhow::Result<Arc<Docker>> {
+    pub fn new(
+        app: Arc<App>,
+        cfg: DockerConfig,
+        cluster_id: String,
+    ) -> anyhow::Result<Arc<Docker>> {
         let layers = layers::LayerStore::open(&cfg.data)
             .context("the image store")?
             .with_max_blob(cfg.max_upload);

@@ -277,18 +277,7 @@ fn builtin(account: &Account, name: &str, driver: &str) -> Net {
 
 /// RFC 3339 with the fraction's trailing zeros trimmed (Go's `RFC3339Nano`).
 pub fn rfc3339(ms: i64) -> String {
-    let s = crate::control::iso_from_ms(ms);
-    match s.strip_suffix('Z').and_then(|x| x.split_once('.')) {
-        Some((head, frac)) => {
-            let f = frac.trim_end_matches('0');
-            if f.is_empty() {
-                format!("{head}Z")
-            } else {
-                format!("{head}.{f}Z")
-            }
-        }
-        None => s,
-    }
+    crate::control::time::rfc3339_from_ms(ms)
 }
 
 /// The JSON moby writes for a network, in moby's field order.
