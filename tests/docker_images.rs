@@ -29,6 +29,16 @@ fn run<R>(
     store::with_txn(s, |tx| f(&mut Db::from(tx.raw())))
 }
 
+/// `tar -C DIR -cf OUT .` (GNU tar: a real packer, not ours).
+fn tar_dir(dir: &std::path::Path, out: &std::path::Path) {
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-cf")
+        .arg(out)
+        .arg("."));
+}
+
 fn sh(cmd: &mut Command) {
     let out = cmd.output().expect("run a packing tool");
     assert!(
@@ -73,12 +83,7 @@ fn import_load_list_rmi_with_real_tars_and_a_sqlite_file() {
     let root = tmp.0.join("rootfs");
     busybox_rootfs(&root);
     let layer_tar = tmp.0.join("layer.tar");
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&layer_tar)
-        .arg("."));
+    tar_dir(&root, &layer_tar);
     sh(Command::new("gzip").arg("-k").arg(&layer_tar));
     let layer = std::fs::read(&layer_tar).unwrap();
     let gz = std::fs::File::open(tmp.0.join("layer.tar.gz")).unwrap();
@@ -209,23 +214,13 @@ fn a_tampered_save_archive_stores_nothing() {
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::write(root.join("etc/hostname"), "a\n").unwrap();
     let layer_tar = tmp.0.join("layer.tar");
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&layer_tar)
-        .arg("."));
+    tar_dir(&root, &layer_tar);
     let layer = std::fs::read(&layer_tar).unwrap();
     // The config promises other content than the layer holds.
     let save = tmp.0.join("save");
     std::fs::create_dir_all(save.join("l")).unwrap();
     std::fs::write(root.join("etc/hostname"), "b\n").unwrap();
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(save.join("l/layer.tar"))
-        .arg("."));
+    tar_dir(&root, &save.join("l/layer.tar"));
     let config = serde_json::to_vec(&json!({
         "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&layer)]}
     }))
@@ -237,12 +232,7 @@ fn a_tampered_save_archive_stores_nothing() {
     )
     .unwrap();
     let save_tar = tmp.0.join("save.tar");
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&save)
-        .arg("-cf")
-        .arg(&save_tar)
-        .arg("."));
+    tar_dir(&save, &save_tar);
     let data = tmp.0.join("data");
     let blobs = LayerStore::open(&data).unwrap();
     let e = archive::load(&blobs, std::fs::File::open(&save_tar).unwrap()).unwrap_err();

@@ -623,7 +623,12 @@ fn moby_api_network_cases() {
     assert!(!left.contains(&prefix) && left.contains(&c_id), "{left:?}");
 
     // Filters in both encodings; unknown names refused.
-    let q = |f: &str| format!("/v1.41/networks?filters={}", form_encode(f));
+    let q = |f: &str| {
+        format!(
+            "/v1.41/networks?filters={}",
+            fabric::docker::api::percent_encode(f)
+        )
+    };
     let a = api.call("GET", &q(r#"{"name":{"dup":true}}"#), None);
     let b = api.call("GET", &q(r#"{"name":["dup"]}"#), None);
     assert_eq!(names_of(&a), ["dup"]);
@@ -712,7 +717,7 @@ fn moby_api_network_cases() {
         "POST",
         &format!(
             "/v1.41/networks/prune?filters={}",
-            form_encode(r#"{"until":["1h"]}"#)
+            fabric::docker::api::percent_encode(r#"{"until":["1h"]}"#)
         ),
         Some("text/plain"),
         b"",
@@ -726,7 +731,7 @@ fn moby_api_network_cases() {
             "POST",
             &format!(
                 "/v1.41/networks/prune?filters={}",
-                form_encode(r#"{"until":["bogus"]}"#)
+                fabric::docker::api::percent_encode(r#"{"until":["bogus"]}"#)
             ),
             None,
             b"",
@@ -765,18 +770,6 @@ fn moby_api_network_cases() {
         names_of(&api.call("GET", "/v1.41/networks", None)),
         ["bridge", "host", "none"]
     );
-}
-
-fn form_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 #[test]

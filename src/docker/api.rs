@@ -107,6 +107,19 @@ pub fn split_path(path: &str) -> Result<(Option<Version>, Vec<String>), ApiError
     Ok((version, segs))
 }
 
+/// Percent-encodes everything but unreserved characters (a path segment or query value).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

@@ -248,7 +248,7 @@ pub fn network(cmd: NetworkCmd) -> anyhow::Result<String> {
                 ))
             }
             NetworkCmd::Unshare { name, control } => {
-                let path = format!("/shared_networks/{}", encode(&name));
+                let path = format!("/shared_networks/{}", super::api::percent_encode(&name));
                 let r = call(&control, "DELETE", &path, None).await?;
                 if r.status != 204 {
                     bail!("unsharing network {name}: {}", refusal(&r));
@@ -265,18 +265,6 @@ pub fn network(cmd: NetworkCmd) -> anyhow::Result<String> {
             }
         }
     })
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// The text of `fabric network shared`.
@@ -319,8 +307,11 @@ mod tests {
 
     #[test]
     fn names_in_paths_are_escaped() {
-        assert_eq!(encode("pub lic/x"), "pub%20lic%2Fx");
-        assert_eq!(encode("a-b_c.d"), "a-b_c.d");
+        assert_eq!(
+            super::super::api::percent_encode("pub lic/x"),
+            "pub%20lic%2Fx"
+        );
+        assert_eq!(super::super::api::percent_encode("a-b_c.d"), "a-b_c.d");
     }
 
     #[test]

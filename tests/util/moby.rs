@@ -131,27 +131,7 @@ fn make_certs(t: &Path, clients: &[&str]) -> Vec<PathBuf> {
         "subjectAltName = IP:127.0.0.1,DNS:localhost\nextendedKeyUsage = serverAuth\n",
     )
     .expect("write ext.cnf");
-    openssl(
-        t,
-        &[
-            "x509",
-            "-req",
-            "-days",
-            "30",
-            "-sha256",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            "server-cert.pem",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    sign(t, "server.csr", "server-cert.pem", "ext.cnf");
     std::fs::write(t.join("ext-client.cnf"), "extendedKeyUsage = clientAuth\n")
         .expect("write ext-client.cnf");
     clients
@@ -176,31 +156,36 @@ fn make_certs(t: &Path, clients: &[&str]) -> Vec<PathBuf> {
                     &csr,
                 ],
             );
-            openssl(
-                t,
-                &[
-                    "x509",
-                    "-req",
-                    "-days",
-                    "30",
-                    "-sha256",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca-key.pem",
-                    "-CAcreateserial",
-                    "-out",
-                    &cert,
-                    "-extfile",
-                    "ext-client.cnf",
-                ],
-            );
+            sign(t, &csr, &cert, "ext-client.cnf");
             std::fs::copy(t.join("ca.pem"), c.join("ca.pem")).expect("copy ca.pem");
             c
         })
         .collect()
+}
+
+/// Signs `csr` with the test CA (30 days, SHA-256, the extensions in `ext`) into `out`.
+fn sign(t: &Path, csr: &str, out: &str, ext: &str) {
+    openssl(
+        t,
+        &[
+            "x509",
+            "-req",
+            "-days",
+            "30",
+            "-sha256",
+            "-in",
+            csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            out,
+            "-extfile",
+            ext,
+        ],
+    );
 }
 
 fn pid_alive(pid: i32) -> bool {
