@@ -19,6 +19,7 @@ struct Harness {
     rt: tokio::runtime::Runtime,
     router: axum::Router,
     _docker: Arc<Docker>,
+    _service: fabric::control::http::Service,
 }
 
 const SERIAL: &str = "0f00ba11";
@@ -34,13 +35,12 @@ fn harness() -> &'static Harness {
             .enable_all()
             .build()
             .unwrap();
-        let docker = rt.block_on(async {
+        let (docker, service) = rt.block_on(async {
             let cfg = fabric::control::Config::default();
             let url = format!("sqlite:{}", dir.join("fabric.db").display());
             let store = fabric::control::open_store(&url, &cfg).await.unwrap();
             let svc = fabric::control::http::Service::start(store, cfg);
             let app = svc.app.clone();
-            std::mem::forget(svc);
             fabric::control::http::write_txn(&app, |tx| {
                 let mut db = Db::from(tx.raw());
                 let a = accounts::create(&mut db, "fuzz")?;
@@ -54,12 +54,13 @@ fn harness() -> &'static Harness {
                 data: dir.clone(),
                 max_upload: 1 << 20,
             };
-            Docker::new(app, cfg, "FUZZ".into()).unwrap()
+            (Docker::new(app, cfg, "FUZZ".into()).unwrap(), svc)
         });
         Harness {
             rt,
             router: fabric::docker::router(docker.clone()),
             _docker: docker,
+            _service: service,
         }
     })
 }
