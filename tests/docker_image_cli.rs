@@ -120,6 +120,33 @@ fn import_load_list_tag_remove_per_account() {
     let out = alice.run(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
     assert_eq!(out.ok("images").trim(), "bb:gz");
 
+    // The head counts what it answered and every upload's outcome.
+    let metrics = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut c = fabric::control::client::HttpClient::unix(head.path("control.sock"));
+            c.request("GET", "/metrics", None, b"").await.unwrap()
+        });
+    let text = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        "fabric_docker_uploads_total{kind=\"import\",outcome=\"ok\"} 2",
+        "fabric_docker_uploads_total{kind=\"import\",outcome=\"refused\"} 1",
+        "fabric_docker_uploads_total{kind=\"load\",outcome=\"ok\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "/metrics lacks {line}:\n{text}"
+        );
+    }
+    let client_errors: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fabric_docker_requests_total{class=\"client_error\"} "))
+        .and_then(|v| v.parse().ok())
+        .expect("a client_error counter");
+    assert!(client_errors >= 5, "{client_errors} 4xx answers counted");
+
     // docker-py reads the same.
     if docker_py().is_none() {
         return;

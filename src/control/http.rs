@@ -761,6 +761,9 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                     ]);
                     a.feed.render(&mut text);
                     a.auth.render(&mut text);
+                    if a.cfg.docker.is_some() {
+                        crate::docker::render_metrics(&mut text);
+                    }
                     text.push_str(
                         "# HELP fabric_control_trust_refresh_errors_total Membership refreshes \
                          that could not read the store.\n# TYPE \

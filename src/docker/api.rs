@@ -317,10 +317,10 @@ pub async fn handle(
         Ok(Reply::Response(r)) => r,
         Err(e) => {
             let e = e.into_api();
-            docker.count_error(e.status);
             error::response(&e)
         }
     };
+    docker.count(resp.status().as_u16());
     if method == Method::HEAD {
         *resp.body_mut() = Body::empty();
     }

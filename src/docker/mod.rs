@@ -152,10 +152,67 @@ pub struct Docker {
     pub cluster_id: String,
     /// The image blobs (`DIR/images/`).
     pub layers: layers::LayerStore,
-    /// Requests answered 4xx.
+}
+
+/// Answers of the Docker API, process-wide (shown on the control plane's `/metrics`).
+#[derive(Debug)]
+pub struct Answers {
+    /// Requests answered 2xx/3xx.
+    pub ok: AtomicU64,
+    /// Requests answered 4xx (refused: bad input, not found, conflicts, no account).
     pub client_errors: AtomicU64,
     /// Requests answered 5xx.
     pub server_errors: AtomicU64,
+}
+
+/// The process's Docker API answers.
+pub static ANSWERS: Answers = Answers {
+    ok: AtomicU64::new(0),
+    client_errors: AtomicU64::new(0),
+    server_errors: AtomicU64::new(0),
+};
+
+/// The Docker API's counters in Prometheus text (answers by class, uploads by outcome).
+pub fn render_metrics(out: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP fabric_docker_requests_total Docker API requests by answer class.
+         # TYPE fabric_docker_requests_total counter"
+    );
+    for (class, c) in [
+        ("ok", &ANSWERS.ok),
+        ("client_error", &ANSWERS.client_errors),
+        ("server_error", &ANSWERS.server_errors),
+    ] {
+        let _ = writeln!(
+            out,
+            "fabric_docker_requests_total{{class=\"{class}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP fabric_docker_uploads_total Image uploads (docker import, docker load) by outcome.
+         # TYPE fabric_docker_uploads_total counter"
+    );
+    for (kind, u) in [
+        ("import", &archive::COUNTERS.imports),
+        ("load", &archive::COUNTERS.loads),
+    ] {
+        for (outcome, c) in [
+            ("ok", &u.ok),
+            ("refused", &u.refused),
+            ("too_large", &u.too_large),
+            ("failed", &u.failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "fabric_docker_uploads_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 impl Docker {
@@ -173,17 +230,15 @@ impl Docker {
             cluster_id,
             app,
             cfg,
-            client_errors: AtomicU64::new(0),
-            server_errors: AtomicU64::new(0),
         }))
     }
 
-    /// Counts an error answer.
-    pub fn count_error(&self, status: u16) {
-        let c = if status >= 500 {
-            &self.server_errors
-        } else {
-            &self.client_errors
+    /// Counts an answer by its status.
+    pub fn count(&self, status: u16) {
+        let c = match status {
+            500.. => &ANSWERS.server_errors,
+            400..=499 => &ANSWERS.client_errors,
+            _ => &ANSWERS.ok,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
