@@ -22,12 +22,14 @@
 //! account, `fabric network share|unshare|shared`), images ([`layers`]: the content-addressed
 //! blob store in `DIR/images/`; [`archive`]: `docker import` tars and `docker save` archives,
 //! checked member by member; [`images`]: image metadata per account; [`images_api`]: the
-//! routes, uploads streamed), [`cli`] (`fabric account …`).
+//! routes, uploads streamed), [`containers`] (none run yet: the answers say so), [`cli`]
+//! (`fabric account …`).
 
 pub mod accounts;
 pub mod api;
 pub mod archive;
 pub mod cli;
+pub mod containers;
 pub mod error;
 pub mod filters;
 pub mod images;
