@@ -5,8 +5,8 @@
 # moby 20.10 (Debian's docker.io, scripts/setup.d/40-docker.sh) runs as the private reference
 # daemon of specs/moby-reference.md (its own network namespace, a private mount namespace,
 # TLS with openssl certificates on 127.0.0.1:23760). fabric runs `fabric control --data DIR
-# --docker-listen 127.0.0.1:23761` (release build, SQLite), with an account from `fabric
-# account add`. For each, N rounds (DOCKER_BENCH_ROUNDS, default 20) of the stock CLI:
+# --docker-listen 127.0.0.1:23761` (release build, SQLite) in a namespace of its own, with an
+# account from `fabric account add`; both CLIs run through `ip netns exec`. For each, N rounds (DOCKER_BENCH_ROUNDS, default 20) of the stock CLI:
 #   version       docker version
 #   net-create    docker network create --subnet 10.77.<i>.0/24 b<i>
 #   net-ls        docker network ls
@@ -20,7 +20,7 @@
 # (ratio = fabric p50 / moby p50; below 1 is faster than moby).
 #
 # Environment: DOCKER_BENCH_ROUNDS, FABRIC_BIN (skip the cargo build), CARGO_TARGET_DIR,
-# DOCKER_CLI (default /usr/local/bin/docker). Everything it creates (namespace fdb<pid>-moby,
+# DOCKER_CLI (default /usr/local/bin/docker). Everything it creates (namespaces fdb<pid>-*,
 # processes, a temp dir, cgroup directories) is removed on exit, also on failure or Ctrl-C.
 set -euo pipefail
 
@@ -77,9 +77,12 @@ nsenter --net="/run/netns/$MOBY_NS" -- unshare --mount --propagation private -- 
 PIDS+=($!)
 
 # --- fabric ------------------------------------------------------------------------------------
+# In a namespace of its own too, so both CLIs pay the same `ip netns exec`.
+FAB_NS="$PFX-fab"
+addns "$FAB_NS"
 H="$TMP/head"
 mkdir -p "$H"
-"$FABRIC_BIN" control --data "$H" --listen 127.0.0.1:23762 --docker-listen 127.0.0.1:23761 \
+ip netns exec "$FAB_NS" "$FABRIC_BIN" control --data "$H" --listen 127.0.0.1:23762 --docker-listen 127.0.0.1:23761 \
   --store "sqlite:$H/fabric.db" 2>"$TMP/fabric.log" &
 PIDS+=($!)
 wait_for 20 test -S "$H/control.sock"
@@ -87,7 +90,7 @@ wait_for 20 test -S "$H/control.sock"
 
 moby() { ip netns exec "$MOBY_NS" env DOCKER_HOST=tcp://127.0.0.1:23760 DOCKER_TLS_VERIFY=1 \
   DOCKER_CERT_PATH="$T/client" DOCKER_CONFIG="$TMP/cfg-moby" "$DOCKER_CLI" "$@"; }
-fab() { env DOCKER_HOST=tcp://127.0.0.1:23761 DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH="$TMP/alice" \
+fab() { ip netns exec "$FAB_NS" env DOCKER_HOST=tcp://127.0.0.1:23761 DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH="$TMP/alice" \
   DOCKER_CONFIG="$TMP/cfg-fabric" "$DOCKER_CLI" "$@"; }
 wait_for 20 moby version
 wait_for 20 fab version
