@@ -173,6 +173,33 @@ fn joining_and_calling_the_api() {
         )
         .unwrap_or_else(|e| panic!("docker version against fabric up: {e}"));
     assert_eq!(v.trim(), "1.41");
+    // The "host" is the cluster: /info sums the CPUs and memory the live servers registered.
+    let info =
+        f.c.exec(
+            1,
+            &[
+                "env",
+                &docker_host,
+                "DOCKER_TLS_VERIFY=1",
+                &format!("DOCKER_CERT_PATH={}", certs.display()),
+                &format!("DOCKER_CONFIG={}", f.c.dir.join("docker-config").display()),
+                "/usr/local/bin/docker",
+                "info",
+                "--format",
+                "{{.NCPU}} {{.MemTotal}} {{.Swarm.LocalNodeState}}",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("docker info against fabric up: {e}"));
+    let f3: Vec<&str> = info.split_whitespace().collect();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(f3.len(), 3, "{info}");
+    assert_eq!(
+        f3[0],
+        cpus.to_string(),
+        "one live server (the head): {info}"
+    );
+    assert!(f3[1].parse::<u64>().unwrap_or(0) > 1 << 20, "{info}");
+    assert_eq!(f3[2], "inactive");
 
     // No token.
     let e = failed_join(&mut f, 1, &["--join", &join]);

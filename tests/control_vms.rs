@@ -226,6 +226,24 @@ async fn scenario(url: &str) {
     )
     .await;
     assert_eq!((st, field_of(&e)), (422, vec!["underlay_ip".to_string()]));
+    // What a host has (the Docker API's /info sums it): validated, and nothing changes on a
+    // refusal.
+    let s = ok(
+        &mut c,
+        "PUT",
+        &format!("/servers/{S1}"),
+        Some(json!({"cpus": 4, "memory_bytes": 8_589_934_592u64})),
+    )
+    .await;
+    assert_eq!(s["hostname"], "renamed");
+    for bad in [
+        json!({"cpus": 0}),
+        json!({"memory_bytes": -1}),
+        json!({"cpus": "x"}),
+    ] {
+        let (st, e) = status(&mut c, "PUT", &format!("/servers/{S1}"), Some(bad.clone())).await;
+        assert_eq!(st, 422, "{bad}: {e}");
+    }
     let (st, _) = status(&mut c, "POST", &format!("/servers/{S1}/heartbeat"), None).await;
     assert_eq!(st, 204);
     let (st, _) = status(&mut c, "POST", &format!("/servers/{S4}/heartbeat"), None).await;

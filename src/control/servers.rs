@@ -249,8 +249,21 @@ pub fn put(
     let Some(cn_uuid) = cn(&uuid) else {
         return Err(ApiError::invalid("uuid", "invalid UUID").into());
     };
-    p.allow_only(&["underlay_ip", "hostname"]);
+    p.allow_only(&["underlay_ip", "hostname", "cpus", "memory_bytes"]);
     let ip = parse_underlay(p);
+    // What the host has, as it reports it (the Docker API's `/info` sums live servers').
+    let cpus = p.int_in(
+        "cpus",
+        1,
+        1 << 20,
+        "cpus must be a number between 1 and 1048576",
+    );
+    let memory = p.int_in(
+        "memory_bytes",
+        1,
+        i64::MAX,
+        "memory_bytes must be a positive number of bytes",
+    );
     let hostname = p.string("hostname");
     if let Some(h) = &hostname {
         if !valid_hostname(h) {
@@ -357,6 +370,13 @@ pub fn put(
             "INSERT INTO fabric_servers (hostname, underlay_ip, last_heartbeat_ms, created_ms, uuid) \
              VALUES ($1, $2, $3, $4, $5)",
             &params,
+        )?;
+    }
+    if cpus.is_some() || memory.is_some() {
+        let doc = json!({"cpus": cpus, "memory_bytes": memory});
+        d.exec(
+            "UPDATE fabric_servers SET doc = $1 WHERE uuid = $2",
+            &[Val::text(doc.to_string()), Val::text(&uuid)],
         )?;
     }
     let changed = old

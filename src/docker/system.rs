@@ -92,10 +92,12 @@ pub fn info(db: &mut Db<'_>, c: &Ctx<'_>) -> Result<Value, OpError> {
     let now = crate::control::now_us() / 1000;
     let life = c.docker.app.cfg.heartbeat_lifetime_ms();
     let rows = db.query(
-        "SELECT uuid, hostname, underlay_ip, last_heartbeat_ms FROM fabric_servers \
+        "SELECT uuid, hostname, underlay_ip, last_heartbeat_ms, doc FROM fabric_servers \
          WHERE removed_ms IS NULL ORDER BY hostname, uuid",
         &[],
     )?;
+    // The "host" is the cluster: CPUs and memory of the live servers, as they reported them.
+    let (mut ncpu, mut mem) = (0i64, 0i64);
     let mut status = vec![json!(["Servers", rows.len().to_string()])];
     let mut live = 0;
     for r in rows {
@@ -104,8 +106,17 @@ pub fn info(db: &mut Db<'_>, c: &Ctx<'_>) -> Result<Value, OpError> {
         let host = it.next().and_then(Val::into_opt_string).unwrap_or_default();
         let ip = it.next().and_then(Val::into_opt_string).unwrap_or_default();
         let beat = it.next().and_then(|v| v.as_opt_i64());
+        let doc: Value = it
+            .next()
+            .and_then(Val::into_opt_string)
+            .and_then(|d| serde_json::from_str(&d).ok())
+            .unwrap_or(Value::Null);
         let up = beat.is_some_and(|b| now - b <= life);
         live += i64::from(up);
+        if up {
+            ncpu += doc["cpus"].as_i64().unwrap_or(0);
+            mem = mem.saturating_add(doc["memory_bytes"].as_i64().unwrap_or(0));
+        }
         status.push(json!([
             format!(" {host}"),
             format!("{ip} {uuid} ({})", if up { "running" } else { "unknown" })
@@ -155,8 +166,8 @@ pub fn info(db: &mut Db<'_>, c: &Ctx<'_>) -> Result<Value, OpError> {
         "Architecture": std::env::consts::ARCH,
         "IndexServerAddress": "",
         "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
-        "NCPU": 0,
-        "MemTotal": 0,
+        "NCPU": ncpu,
+        "MemTotal": mem,
         "DockerRootDir": c.docker.cfg.data.display().to_string(),
         "Name": "fabric",
         "Labels": [],

@@ -578,6 +578,18 @@ async fn shutdown_signal() {
     }
 }
 
+/// This host's CPUs and memory (bytes, from /proc/meminfo), as registration reports them.
+fn capacity() -> (Option<usize>, Option<u64>) {
+    let cpus = std::thread::available_parallelism().ok().map(|n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    (cpus, memory)
+}
+
 /// `PUT /servers/:uuid` until it succeeds (retrying with backoff while the control plane is
 /// unreachable or failing), then `GET /servers/:uuid/desired` for Portolan's address.
 async fn register(
@@ -587,7 +599,13 @@ async fn register(
     underlay: IpAddr,
     hostname: &str,
 ) -> anyhow::Result<(Option<String>, Option<String>)> {
-    let body = serde_json::json!({"underlay_ip": underlay.to_string(), "hostname": hostname});
+    let (cpus, memory) = capacity();
+    let body = serde_json::json!({
+        "underlay_ip": underlay.to_string(),
+        "hostname": hostname,
+        "cpus": cpus,
+        "memory_bytes": memory,
+    });
     let mut backoff = Backoff::new();
     let mut c = client()?;
     loop {
