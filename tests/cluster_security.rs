@@ -156,40 +156,30 @@ fn joining_and_calling_the_api() {
         out.contains(&docker_host.replace("DOCKER_HOST=", "export DOCKER_HOST=")),
         "{out}"
     );
-    let v =
-        f.c.exec(
-            1,
-            &[
-                "env",
-                &docker_host,
-                "DOCKER_TLS_VERIFY=1",
-                &format!("DOCKER_CERT_PATH={}", certs.display()),
-                &format!("DOCKER_CONFIG={}", f.c.dir.join("docker-config").display()),
-                "/usr/local/bin/docker",
-                "version",
-                "--format",
-                "{{.Server.APIVersion}}",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("docker version against fabric up: {e}"));
+    // The stock CLI on host 2, against the head.
+    let docker = |args: &[&str]| -> String {
+        let cert_path = format!("DOCKER_CERT_PATH={}", certs.display());
+        let config = format!("DOCKER_CONFIG={}", f.c.dir.join("docker-config").display());
+        let mut argv = vec![
+            "env",
+            &docker_host,
+            "DOCKER_TLS_VERIFY=1",
+            &cert_path,
+            &config,
+            "/usr/local/bin/docker",
+        ];
+        argv.extend_from_slice(args);
+        f.c.exec(1, &argv)
+            .unwrap_or_else(|e| panic!("docker {args:?} against fabric up: {e}"))
+    };
+    let v = docker(&["version", "--format", "{{.Server.APIVersion}}"]);
     assert_eq!(v.trim(), "1.41");
     // The "host" is the cluster: /info sums the CPUs and memory the live servers registered.
-    let info =
-        f.c.exec(
-            1,
-            &[
-                "env",
-                &docker_host,
-                "DOCKER_TLS_VERIFY=1",
-                &format!("DOCKER_CERT_PATH={}", certs.display()),
-                &format!("DOCKER_CONFIG={}", f.c.dir.join("docker-config").display()),
-                "/usr/local/bin/docker",
-                "info",
-                "--format",
-                "{{.NCPU}} {{.MemTotal}} {{.Swarm.LocalNodeState}}",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("docker info against fabric up: {e}"));
+    let info = docker(&[
+        "info",
+        "--format",
+        "{{.NCPU}} {{.MemTotal}} {{.Swarm.LocalNodeState}}",
+    ]);
     let f3: Vec<&str> = info.split_whitespace().collect();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(f3.len(), 3, "{info}");
