@@ -4,6 +4,8 @@
 //! certificate are refused (an open connection of a removed account is closed); an account's
 //! certificate is refused on the control API; `fabric account` says what is wrong in one line.
 
+#[path = "util/docker_cli.rs"]
+mod docker_cli;
 #[path = "util/docker_head.rs"]
 mod docker_head;
 #[path = "util/temp_dir.rs"]
@@ -14,6 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use docker_cli::DockerClient;
 use docker_head::DockerHead;
 use fabric::control::client::HttpClient;
 use fabric::pki::ca::{Ca, CaKind};
@@ -51,44 +54,15 @@ fn client(addr: std::net::SocketAddr, ca_pem: &str, dir: Option<&Path>) -> HttpC
     HttpClient::https(addr, name, cfg)
 }
 
-/// The stock docker CLI (28.x): not Debian's 20.10 at /usr/bin/docker.
-fn docker_cli() -> String {
-    std::env::var("FABRIC_DOCKER_CLI").unwrap_or_else(|_| "/usr/local/bin/docker".into())
-}
-
+/// `docker ARGS` with the stock CLI, as `certs`' account: (exit code, stdout, stderr).
 fn docker(head: &DockerHead, certs: &Path, args: &[&str]) -> (i32, String, String) {
-    let cfg = temp_dir::TempDir::new("docker-config");
-    let o = Command::new(docker_cli())
-        .args(args)
-        .env("DOCKER_HOST", head.docker_host())
-        .env("DOCKER_TLS_VERIFY", "1")
-        .env("DOCKER_CERT_PATH", certs)
-        .env("DOCKER_CONFIG", &cfg.0)
-        .env_remove("DOCKER_API_VERSION")
-        .output()
-        .expect("run the docker CLI");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn docker_cli_present() -> bool {
-    let ok = Command::new(docker_cli()).arg("--version").output().is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "the stock docker CLI is missing (CI=true)"
-        );
-        eprintln!("skipping: no docker CLI on PATH");
-    }
-    ok
+    let o = DockerClient::new(&head.docker_host(), certs, None).run(args);
+    (o.code, o.stdout, o.stderr)
 }
 
 #[test]
 fn only_live_account_certificates_reach_the_docker_api() {
-    if !docker_cli_present() {
+    if !docker_cli::docker_cli_present() {
         return;
     }
     let head = DockerHead::start();

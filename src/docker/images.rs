@@ -1231,10 +1231,8 @@ mod tests {
     fn sqlite() -> TmpStore {
         let mut b = [0u8; 8];
         getrandom::getrandom(&mut b).unwrap();
-        let path = std::env::temp_dir().join(format!(
-            "fabric-images-unit-{}.db",
-            crate::docker::layers::hex(&b)
-        ));
+        let path =
+            std::env::temp_dir().join(format!("fabric-images-unit-{}.db", crate::pki::ca::hex(&b)));
         let s = store::open(&format!("sqlite:{}", path.display())).unwrap();
         run(&*s, create_schema).unwrap();
         TmpStore(Some(path), s)
@@ -1248,17 +1246,7 @@ mod tests {
     }
 
     fn uuid() -> String {
-        let mut b = [0u8; 16];
-        getrandom::getrandom(&mut b).unwrap();
-        let h = crate::docker::layers::hex(&b);
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..]
-        )
+        crate::control::params::random_uuid().unwrap()
     }
 
     fn imp(blobs: &LayerStore, what: &str, tag: Option<&str>, changes: &[&str]) -> NewImage {

@@ -12,6 +12,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::pki::ca::hex;
 use ring::digest::{Context, SHA256};
 
 use super::images::ImageError;
@@ -49,19 +50,7 @@ pub fn valid_digest(digest: &str) -> bool {
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        hex(ring::digest::digest(&SHA256, bytes).as_ref())
-    )
-}
-
-pub(crate) fn hex(b: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
+    format!("sha256:{}", hex(&crate::pki::sha256(bytes)))
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {

@@ -250,13 +250,12 @@ pub fn docker_id(uuid: &str) -> String {
 }
 
 fn builtin(account: &Account, name: &str, driver: &str) -> Net {
-    let d = ring::digest::digest(
-        &ring::digest::SHA256,
+    let d = crate::pki::sha256(
         format!("fabric docker builtin network {name} of {}", account.uuid).as_bytes(),
     );
     Net {
         kind: Kind::Builtin,
-        id: crate::pki::ca::hex(d.as_ref()),
+        id: crate::pki::ca::hex(&d),
         uuid: None,
         owner_uuid: account.uuid.clone(),
         name: name.into(),

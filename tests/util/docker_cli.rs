@@ -58,6 +58,21 @@ pub fn docker_cli() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/local/bin/docker"))
 }
 
+/// Whether the stock CLI runs; when it does not, says why the caller skips (under CI=true a
+/// missing one panics: it is part of the machine).
+pub fn docker_cli_present() -> bool {
+    let ok = Command::new(docker_cli()).arg("--version").output().is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the stock docker CLI {} is missing (CI=true)",
+            docker_cli().display()
+        );
+        eprintln!("skipping: no docker CLI at {}", docker_cli().display());
+    }
+    ok
+}
+
 /// docker-py's Python: `$FABRIC_DOCKER_PY`, else `/opt/fabric-docker-py/bin/python`. `None`
 /// (after printing why the caller skips) when it is missing; under CI=true a missing one
 /// panics, since the setup scripts install it there.
