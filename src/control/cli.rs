@@ -186,6 +186,23 @@ pub(crate) async fn call(
         .with_context(|| format!("{method} {path} to {}", control.describe()))
 }
 
+/// `GET path` as a list command prints it: the API's JSON with `json`, else `render`'s table;
+/// a refusal is one line naming `what` was being listed.
+pub(crate) async fn list(
+    control: &ControlUrl,
+    path: &str,
+    what: &str,
+    json: bool,
+    render: fn(&Value) -> String,
+) -> anyhow::Result<String> {
+    let r = call(control, "GET", path, None).await?;
+    if r.status != 200 {
+        return Err(anyhow!("listing {what}: {}", refusal(&r)));
+    }
+    let v = r.json();
+    Ok(if json { format!("{v:#}\n") } else { render(&v) })
+}
+
 pub(crate) fn text(v: &Value, k: &str) -> String {
     match &v[k] {
         Value::String(s) => s.clone(),
@@ -279,16 +296,7 @@ pub fn server(cmd: ServerCmd) -> anyhow::Result<String> {
                 } else {
                     "/servers"
                 };
-                let r = call(&control, "GET", path, None).await?;
-                if r.status != 200 {
-                    return Err(anyhow!("listing servers: {}", refusal(&r)));
-                }
-                let v = r.json();
-                Ok(if json {
-                    format!("{v:#}\n")
-                } else {
-                    render_servers(&v)
-                })
+                list(&control, path, "servers", json, render_servers).await
             }
             ServerCmd::Remove { uuid, control } => {
                 let Some(u) = super::params::parse_uuid(&uuid) else {
@@ -315,16 +323,7 @@ pub fn peer(cmd: PeerCmd) -> anyhow::Result<String> {
     runtime()?.block_on(async move {
         match cmd {
             PeerCmd::Ls { control, json } => {
-                let r = call(&control, "GET", "/peers", None).await?;
-                if r.status != 200 {
-                    return Err(anyhow!("listing peers: {}", refusal(&r)));
-                }
-                let v = r.json();
-                Ok(if json {
-                    format!("{v:#}\n")
-                } else {
-                    render_peers(&v)
-                })
+                list(&control, "/peers", "peers", json, render_peers).await
             }
             PeerCmd::Add { ip, note, control } => {
                 let body = note.map(|n| json!({ "note": n }));

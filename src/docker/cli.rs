@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use serde_json::{json, Value};
 
-use crate::control::cli::{call, refusal, runtime, table, text, ControlUrl};
+use crate::control::cli::{call, list, refusal, runtime, table, text, ControlUrl};
 use crate::pki::files;
 
 /// `fabric account …`.
@@ -88,12 +88,7 @@ pub fn account(cmd: AccountCmd) -> anyhow::Result<String> {
                 issue(&a).await
             }
             AccountCmd::Ls { control, json } => {
-                let r = call(&control, "GET", "/accounts", None).await?;
-                if r.status != 200 {
-                    bail!("listing accounts: {}", refusal(&r));
-                }
-                let v = r.json();
-                Ok(if json { format!("{v:#}\n") } else { render(&v) })
+                list(&control, "/accounts", "accounts", json, render).await
             }
             AccountCmd::Rm { login, control } => {
                 check_login(&login)?;

@@ -16,7 +16,7 @@ use anyhow::bail;
 use serde_json::{json, Value};
 
 use super::networks::{self as dnet, Kind, Net, Spec};
-use crate::control::cli::{call, refusal, runtime, table, text, ControlUrl};
+use crate::control::cli::{call, list, refusal, runtime, table, text, ControlUrl};
 use crate::control::db::{Db, Val};
 use crate::control::error::{ApiError, FieldError, OpError};
 use crate::control::params::{random_uuid, Params};
@@ -256,12 +256,7 @@ pub fn network(cmd: NetworkCmd) -> anyhow::Result<String> {
                 Ok(format!("network {name} is no longer shared, and removed\n"))
             }
             NetworkCmd::Shared { control, json } => {
-                let r = call(&control, "GET", "/shared_networks", None).await?;
-                if r.status != 200 {
-                    bail!("listing shared networks: {}", refusal(&r));
-                }
-                let v = r.json();
-                Ok(if json { format!("{v:#}\n") } else { render(&v) })
+                list(&control, "/shared_networks", "shared networks", json, render).await
             }
         }
     })
