@@ -156,9 +156,13 @@ pub fn is_upload(req: &Req) -> bool {
 pub fn route_upload(req: &Req, body: Body) -> Op {
     let q = req.query.clone();
     if req.path[1] == "load" {
-        let quiet = q.bool("quiet");
+        // `quiet` only hides moby's progress bars; there are none here, and the `Loaded image`
+        // lines are printed either way. It is still checked as a boolean.
+        if let Err(e) = q.bool("quiet") {
+            return Op::Now(Err(e));
+        }
         return Op::Async(Box::new(move |docker, account| {
-            Box::pin(async move { load(docker, account, body, quiet?).await })
+            Box::pin(async move { load(docker, account, body).await })
         }));
     }
     if let Some(from) = q.get("fromImage") {
@@ -339,7 +343,6 @@ async fn load(
     docker: Arc<Docker>,
     account: Account,
     body: Body,
-    quiet: bool,
 ) -> Result<Reply, OpError> {
     let mut reader = BodyReader::spawn(body);
     let d = docker.clone();
@@ -369,6 +372,5 @@ async fn load(
             lines.push(json!({"stream": format!("Loaded image: {t}\n")}));
         }
     }
-    let _ = quiet;
     Ok(messages(&lines))
 }
