@@ -339,11 +339,7 @@ impl Drop for Spool {
 }
 
 /// `docker load`: the body is a `docker save` archive, spooled to a file first.
-async fn load(
-    docker: Arc<Docker>,
-    account: Account,
-    body: Body,
-) -> Result<Reply, OpError> {
+async fn load(docker: Arc<Docker>, account: Account, body: Body) -> Result<Reply, OpError> {
     let mut reader = BodyReader::spawn(body);
     let d = docker.clone();
     let imgs = blocking(move || {
