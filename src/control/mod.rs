@@ -41,6 +41,7 @@ pub mod changes;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod container_spec;
 pub mod db;
 pub mod desired;
 pub mod error;
@@ -59,6 +60,7 @@ pub mod portolan_view;
 pub mod rules;
 pub mod servers;
 pub mod time;
+pub mod tunnel;
 pub mod vms;
 
 use std::net::SocketAddr;

@@ -284,7 +284,9 @@ fn route(req: Req) -> Op {
         }
         (_, ["networks", ..]) => super::networks::route(&req).unwrap_or_else(no_route),
         (_, ["images", ..]) => super::images_api::route(&req).unwrap_or_else(no_route),
-        (_, ["containers", ..]) => super::containers::route(&req).unwrap_or_else(no_route),
+        (_, ["containers", ..]) | (_, ["exec", ..]) => {
+            super::containers::route(&req).unwrap_or_else(no_route)
+        }
         _ => no_route(),
     }
 }

@@ -11,8 +11,13 @@ use serde_json::json;
 use super::api::{Op, Reply, Req};
 use super::error;
 
+pub mod streams;
+
 /// The operation of a `/containers/...` request.
 pub fn route(req: &Req) -> Option<Op> {
+    if let Some(op) = streams::route(req) {
+        return Some(op);
+    }
     let p: Vec<&str> = req.path.iter().map(String::as_str).collect();
     let get = req.method == Method::GET || req.method == Method::HEAD;
     match p.as_slice() {
