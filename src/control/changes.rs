@@ -87,7 +87,11 @@ pub fn record(db: &mut Db<'_>, c: &Change<'_>) -> Result<(), OpError> {
 
 /// [`record`] with a `detail` (JSON, shown by `GET /changes`): a container's exit code, the
 /// signal of a kill.
-pub fn record_with(_db: &mut Db<'_>, c: &Change<'_>, detail: Option<&Value>) -> Result<(), OpError> {
+pub fn record_with(
+    _db: &mut Db<'_>,
+    c: &Change<'_>,
+    detail: Option<&Value>,
+) -> Result<(), OpError> {
     let detail = detail.map(Value::to_string);
     PENDING.with(|p| {
         p.borrow_mut().push(Pending {

@@ -443,5 +443,6 @@ pub fn create_schema(db: &mut Db<'_>) -> Result<(), OpError> {
             )?;
         }
     }
+    crate::docker::accounts::backfill_uid_index(db)?;
     Ok(())
 }

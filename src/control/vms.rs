@@ -1221,6 +1221,80 @@ pub fn action(
     to_json_now(&mut d, cfg, &vm)
 }
 
+/// Adds a NIC on `network_uuid` (at `ip` if given) to the (locked) VM `vm`, named with the next
+/// free `netN`, through [`nics::create`] (IP, Portolan mapping); saves the VM and records a
+/// `vm` `update`. Returns the new NIC's MAC.
+pub fn add_nic(
+    tx: &mut dyn Txn,
+    cfg: &Config,
+    vm: &mut Vm,
+    network_uuid: &str,
+    ip: Option<Ipv4Addr>,
+) -> Result<u64, OpError> {
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    let existing = {
+        let mut d = Db::from(tx.raw());
+        vm_nics(&mut d, vm)?
+    };
+    let mut m = Map::new();
+    m.insert("belongs_to_uuid".into(), json!(vm.uuid));
+    m.insert("belongs_to_type".into(), json!("zone"));
+    m.insert("owner_uuid".into(), json!(vm.owner_uuid));
+    m.insert("cn_uuid".into(), json!(server));
+    m.insert("network_uuid".into(), json!(network_uuid));
+    m.insert("primary".into(), json!(existing.is_empty()));
+    if let Some(ip) = ip {
+        m.insert("ip".into(), json!(ip.to_string()));
+    }
+    let req = nics::validate_create(&mut Params::from_map(m), None)?;
+    let nic = nics::create(tx, cfg, req)?;
+    let mac = nic
+        .get("mac")
+        .and_then(Value::as_str)
+        .and_then(nics::parse_mac)
+        .ok_or_else(|| OpError::Corrupt("created NIC without a MAC".into()))?;
+    let mut n = 0;
+    while existing.iter().any(|(i, _, _)| *i == format!("net{n}"))
+        || vm.nics.iter().any(|r| r.interface == format!("net{n}"))
+    {
+        n += 1;
+    }
+    vm.nics.push(NicRef {
+        mac,
+        interface: format!("net{n}"),
+    });
+    vm.modified_ms = now_ms();
+    let mut d = Db::from(tx.raw());
+    save(&mut d, vm, false)?;
+    record(&mut d, vm, "update", &[&server])?;
+    Ok(mac)
+}
+
+/// Removes the NIC `mac` of the (locked) VM `vm` through [`nics::delete`] (IP freed, mapping
+/// tombstoned); saves the VM and records a `vm` `update`.
+pub fn remove_nic(tx: &mut dyn Txn, cfg: &Config, vm: &mut Vm, mac: u64) -> Result<(), OpError> {
+    nics::delete(tx, cfg, &mac_string(mac))?;
+    vm.nics.retain(|r| r.mac != mac);
+    vm.modified_ms = now_ms();
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    let mut d = Db::from(tx.raw());
+    save(&mut d, vm, false)?;
+    record(&mut d, vm, "update", &[&server])
+}
+
+/// Saves a VM's tags (the Docker layer's bookkeeping: a pending network) and records a `vm`
+/// `update`. The caller holds the VM's lock.
+pub fn set_tags(db: &mut Db<'_>, vm: &mut Vm, tags: Map<String, Value>) -> Result<(), OpError> {
+    if vm.tags == tags {
+        return Ok(());
+    }
+    vm.tags = tags;
+    vm.modified_ms = now_ms();
+    save(db, vm, false)?;
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    record(db, vm, "update", &[&server])
+}
+
 /// `DELETE /vms/:uuid`: deletes its NICs (IPs freed, mappings tombstoned), keeps the VM as
 /// `destroyed`. A VM destroyed already is 404.
 pub fn delete(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Result<(), OpError> {
@@ -1302,7 +1376,10 @@ fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
         if let Some(k) = o.keys().find(|k| !REPORT_KEYS.contains(&k.as_str())) {
             p.invalid(
                 &format!("vms[{i}]"),
-                format!("unknown key {k:?}: expected one of {}", REPORT_KEYS.join(", ")),
+                format!(
+                    "unknown key {k:?}: expected one of {}",
+                    REPORT_KEYS.join(", ")
+                ),
             );
             return None;
         }
@@ -1328,7 +1405,10 @@ fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
             return None;
         };
         let Ok(finished_ms) = int("finished_at", 0, MAX_MS) else {
-            p.invalid(&f("finished_at"), "expected ms since the epoch (an integer)");
+            p.invalid(
+                &f("finished_at"),
+                "expected ms since the epoch (an integer)",
+            );
             return None;
         };
         let Ok(generation) = int("generation", 0, i64::MAX) else {
@@ -1651,9 +1731,11 @@ mod tests {
     #[test]
     fn reports_carry_exit_status_times_and_generation() {
         let u = "11111111-0000-4000-8000-000000000001";
-        let mut p = params(json!({"vms": [{"uuid": u, "state": "stopped", "exit_status": 137,
+        let mut p = params(
+            json!({"vms": [{"uuid": u, "state": "stopped", "exit_status": 137,
             "started_at": 1_700_000_000_000i64, "finished_at": 1_700_000_001_000i64,
-            "generation": 3}]}));
+            "generation": 3}]}),
+        );
         let r = reports_param(&mut p).unwrap();
         assert_eq!(r[0].exit_status, Some(137));
         assert_eq!(r[0].finished_ms, Some(1_700_000_001_000));
@@ -1688,7 +1770,13 @@ mod tests {
     #[test]
     fn old_vm_documents_read_with_defaults() {
         let mut v = serde_json::to_value(vm("running")).unwrap();
-        for k in ["container", "generation", "signal", "exit_status", "run_generation"] {
+        for k in [
+            "container",
+            "generation",
+            "signal",
+            "exit_status",
+            "run_generation",
+        ] {
             v.as_object_mut().unwrap().remove(k);
         }
         let back: Vm = serde_json::from_value(v).unwrap();

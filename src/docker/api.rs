@@ -230,6 +230,9 @@ pub struct Ctx<'a> {
 pub type ReadOp = Box<dyn FnOnce(&mut Db<'_>, &Ctx<'_>) -> Result<Reply, OpError> + Send>;
 /// A write operation (one transaction; run again from the start if PostgreSQL aborts it).
 pub type WriteOp = Box<dyn Fn(&mut Db<'_>, &Ctx<'_>) -> Result<Reply, OpError> + Send>;
+/// A write operation that needs the store transaction itself (NICs: Portolan mappings), not
+/// only its SQL connection.
+pub type TxWriteOp = Box<dyn Fn(&mut dyn store::Txn, &Ctx<'_>) -> Result<Reply, OpError> + Send>;
 /// An operation that awaits (streams a body in or out); it resolves the account itself.
 pub type AsyncOp = Box<
     dyn FnOnce(Arc<Docker>, Account) -> Pin<Box<dyn Future<Output = Result<Reply, OpError>> + Send>>
@@ -242,6 +245,8 @@ pub enum Op {
     Read(ReadOp),
     /// In one write transaction.
     Write(WriteOp),
+    /// In one write transaction, given the transaction.
+    TxWrite(TxWriteOp),
     /// Asynchronously.
     Async(AsyncOp),
     /// Answered at once.
@@ -258,6 +263,13 @@ pub fn read(
 /// A write operation.
 pub fn write(f: impl Fn(&mut Db<'_>, &Ctx<'_>) -> Result<Reply, OpError> + Send + 'static) -> Op {
     Op::Write(Box::new(f))
+}
+
+/// A write operation given the transaction.
+pub fn write_tx(
+    f: impl Fn(&mut dyn store::Txn, &Ctx<'_>) -> Result<Reply, OpError> + Send + 'static,
+) -> Op {
+    Op::TxWrite(Box::new(f))
 }
 
 /// JSON 200.
@@ -432,6 +444,16 @@ pub async fn run(
             let account = account_of(&mut db, &serial, &login)?;
             f(
                 &mut db,
+                &Ctx {
+                    docker: &d,
+                    account: &account,
+                },
+            )
+        }),
+        Op::TxWrite(f) => crate::control::http::write_txn(&d.app, |tx| {
+            let account = account_of(&mut Db::from(tx.raw()), &serial, &login)?;
+            f(
+                tx,
                 &Ctx {
                     docker: &d,
                     account: &account,
