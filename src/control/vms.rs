@@ -995,7 +995,12 @@ pub fn act(db: &mut Db<'_>, vm: &mut Vm, act: &Action) -> Result<(), OpError> {
         save(db, vm, false)?;
         record(db, vm, "update", &[&server])?;
     }
-    if vm.container.is_some() {
+    // A container change only when what the agent must do changed (a stop of a stopped
+    // container is no event, as in moby).
+    let moved = vm.desired_state != before.desired_state
+        || vm.generation != before.generation
+        || vm.signal != before.signal;
+    if vm.container.is_some() && moved {
         if let Some(name) = act.container_change() {
             let detail = match act {
                 Action::Kill(sig) => Some(json!({ "signal": sig })),
