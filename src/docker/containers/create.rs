@@ -473,7 +473,9 @@ pub fn create(
         OpError::Api(mut a) if a.status < 500 => {
             // Name the field as the restify error does, in one line.
             if let Some(fe) = a.errors.first() {
-                a.message = format!("{}: {}", a.message, fe.message);
+                if !a.message.contains(&fe.message) {
+                    a.message = format!("{}: {}", a.message, fe.message);
+                }
             }
             a.code = "DockerError";
             if a.status == 422 {
