@@ -452,6 +452,42 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         "a refused create left a container"
     );
 
+    // `--rm`: the process ends → the container goes, with its publish rules.
+    let id3 = alice
+        .run(&["create", "--rm", "-p", "81", "busybox", "true"])
+        .ok("create --rm")
+        .trim()
+        .to_string();
+    let vm3 = vm_of(&id3);
+    alice.run(&["start", &id3[..12]]).ok("start --rm");
+    let t = now_ms();
+    op.report(
+        &vm3,
+        json!({"state": "running", "generation": 1, "started_at": t}),
+    );
+    assert_eq!(
+        op.ok("GET", &format!("/rules?vm={vm3}"), None)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    op.report(
+        &vm3,
+        json!({"state": "stopped", "generation": 1, "exit_status": 0, "finished_at": now_ms()}),
+    );
+    assert_eq!(
+        alice.run(&["ps", "-aq"]).ok("ps").trim(),
+        "",
+        "--rm left the container"
+    );
+    assert_eq!(op.ok("GET", &format!("/rules?vm={vm3}"), None), json!([]));
+    let vmj = op.ok("GET", &format!("/vms/{vm3}"), None);
+    assert_eq!(
+        (vmj["state"].clone(), vmj["exit_status"].clone()),
+        (json!("destroyed"), json!(0))
+    );
+
     // An unknown network: create succeeds (no pull), start is 404.
     let id2 = alice
         .run(&[

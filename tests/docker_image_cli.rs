@@ -112,8 +112,7 @@ fn import_load_list_tag_remove_per_account() {
     let out = alice.run(&["run", "--rm", "bb:gz", "true"]);
     assert_eq!(out.code, 125, "{}", out.summary());
     assert!(
-        out.stderr.contains("cannot place the VM")
-            && !out.stderr.contains("Unable to find image"),
+        out.stderr.contains("cannot place the VM") && !out.stderr.contains("Unable to find image"),
         "{}",
         out.summary()
     );

@@ -351,7 +351,7 @@ fn vm_route(m: Method, pattern: &str, a0: String, by_host: bool) -> Op {
         }
         (Method::POST, "/join") => write(|t, a, p| join::join(t, &a.cfg, p)),
         (Method::POST, "/servers/{uuid}/vm_states") => {
-            write(move |t, _, p| vms::report_states(t, &a0, p, by_host))
+            write(move |t, a, p| vms::report_states(t, &a.cfg, &a0, p, by_host))
         }
         (Method::GET, "/vms") => read(|d, a, p| vms::list(d, &a.cfg, p)),
         (Method::POST, "/vms") => write(|t, a, p| vms::create(t, &a.cfg, p)),

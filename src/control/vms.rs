@@ -1332,6 +1332,46 @@ pub fn delete(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Res
     Ok(())
 }
 
+/// Deletes a container VM and its publish rules (the Docker-implied T5 rules of its spec,
+/// whose UUIDs derive from their content) in the caller's transaction.
+pub fn remove_container(tx: &mut dyn Txn, cfg: &Config, vm: &Vm) -> Result<(), OpError> {
+    use crate::firewall::docker::{publish_rules, ContainerDescription, PortProto};
+    if let Some(spec) = &vm.container {
+        let exposed = spec
+            .exposed
+            .iter()
+            .filter_map(|e| {
+                let (p, proto) = e.split_once('/').unwrap_or((e.as_str(), "tcp"));
+                let proto = match proto {
+                    "udp" => PortProto::Udp,
+                    _ => PortProto::Tcp,
+                };
+                p.parse::<u16>().ok().map(|p| (proto, p))
+            })
+            .collect();
+        let desc = ContainerDescription {
+            uuid: vm.uuid.clone(),
+            owner_uuid: vm.owner_uuid.clone(),
+            tags: Default::default(),
+            published: spec.published.clone(),
+            exposed,
+            publish_all: spec.publish_all,
+        };
+        let mut d = Db::from(tx.raw());
+        for r in publish_rules(&desc, CONTAINER_FWRULE_VERSION).unwrap_or_default() {
+            match super::rules::delete(&mut d, &r.record.uuid) {
+                Ok(()) => {}
+                Err(OpError::Api(a)) if a.status == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    delete(tx, cfg, &vm.uuid, &mut Params::from_map(Map::new()))
+}
+
+/// The fwrule language version containers' publish rules are written in.
+pub const CONTAINER_FWRULE_VERSION: u32 = 4;
+
 /// One entry of a state report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Report {
@@ -1467,6 +1507,7 @@ fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
 /// nothing is written). Unknown VMs and this server's destroyed ones are still `ignored`.
 pub fn report_states(
     tx: &mut dyn Txn,
+    cfg: &Config,
     server_uuid: &str,
     p: &mut Params,
     by_host: bool,
@@ -1487,6 +1528,7 @@ pub fn report_states(
     )?;
     let mut updated = 0;
     let mut ignored = Vec::new();
+    let mut auto_remove = Vec::new();
     for r in reports {
         d.lock(lock_key(LOCK_VM, &r.uuid))?;
         let Some(mut vm) = get(&mut d, &r.uuid)? else {
@@ -1544,9 +1586,18 @@ pub fn report_states(
             {
                 let detail = json!({ "exit_code": vm.exit_status });
                 record_container(&mut d, &vm, "die", Some(&detail))?;
+                if vm.container.as_ref().is_some_and(|c| c.auto_remove) {
+                    auto_remove.push(vm.clone());
+                }
             }
         }
         updated += 1;
+    }
+    // `--rm`: a container whose process ended goes, with its publish rules, in this
+    // transaction (its `destroy` change follows its `die`).
+    drop(d);
+    for vm in auto_remove {
+        remove_container(tx, cfg, &vm)?;
     }
     Ok(json!({"updated": updated, "ignored": ignored}))
 }

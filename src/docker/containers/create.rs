@@ -39,7 +39,7 @@ pub const NETWORK_MODE: &str = "docker:network_mode";
 /// Prefix of the VM tags that carry the container's labels.
 pub const LABEL_TAG: &str = "docker:label:";
 /// Language version the publish rules are written in.
-pub const FWRULE_VERSION: u32 = 4;
+pub const FWRULE_VERSION: u32 = vms::CONTAINER_FWRULE_VERSION;
 /// The default of `docker stop`'s timeout.
 pub const DEFAULT_STOP_TIMEOUT: u32 = 10;
 /// The PATH a container gets when its image sets none (moby's `DefaultPathEnv`).
@@ -295,24 +295,6 @@ fn ensure_rule(db: &mut Db<'_>, r: &ImpliedRule) -> Result<(), OpError> {
     }
     m.insert("created_by".into(), json!("docker"));
     rules::create(db, &mut Params::from_map(m))?;
-    Ok(())
-}
-
-/// Removes a container's publish rules (those that exist).
-pub fn delete_publish_rules(
-    db: &mut Db<'_>,
-    vm: &vms::Vm,
-    spec: &ContainerSpec,
-) -> Result<(), OpError> {
-    let list = fwd::publish_rules(&description(&vm.uuid, &vm.owner_uuid, spec), FWRULE_VERSION)
-        .unwrap_or_default();
-    for r in list {
-        match rules::delete(db, &r.record.uuid) {
-            Ok(()) => {}
-            Err(OpError::Api(a)) if a.status == 404 => {}
-            Err(e) => return Err(e),
-        }
-    }
     Ok(())
 }
 

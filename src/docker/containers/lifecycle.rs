@@ -22,7 +22,6 @@ use super::lookup::{self, Found};
 use super::validate;
 use crate::control::db::Db;
 use crate::control::error::OpError;
-use crate::control::params::Params;
 use crate::control::vms::{self, Action, Vm};
 use portolan::store::{self, Txn};
 
@@ -264,14 +263,7 @@ pub fn kill(
 /// Deletes a container: its publish rules and its VM (NICs freed), in the caller's
 /// transaction; the agent removes the process when the VM leaves its snapshot.
 pub fn destroy(tx: &mut dyn Txn, c: &Ctx<'_>, f: &Found) -> Result<(), OpError> {
-    let mut d = Db::from(tx.raw());
-    create::delete_publish_rules(&mut d, &f.vm, &f.spec)?;
-    vms::delete(
-        tx,
-        &c.docker.app.cfg,
-        &f.vm.uuid,
-        &mut Params::from_map(Map::new()),
-    )
+    vms::remove_container(tx, &c.docker.app.cfg, &f.vm)
 }
 
 /// `DELETE /containers/{id}?force=`: 204; 409 when running without `force`.
