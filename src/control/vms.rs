@@ -1595,7 +1595,6 @@ pub fn report_states(
     }
     // `--rm`: a container whose process ended goes, with its publish rules, in this
     // transaction (its `destroy` change follows its `die`).
-    drop(d);
     for vm in auto_remove {
         remove_container(tx, cfg, &vm)?;
     }
