@@ -362,6 +362,55 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
     assert_eq!(mine[3].1, json!({"exit_code": 137}));
     assert_eq!(mine[6].1, json!({"exit_code": 143}));
 
+    // The VMAPI-shaped actions the Docker verbs use, on the operator API.
+    let v = op.ok("POST", &format!("/vms/{vm}?action=kill&signal=HUP"), None);
+    assert_eq!(v["signal"], json!({"id": 2, "signal": "SIGHUP"}));
+    let v = op.ok("POST", &format!("/vms/{vm}?action=kill&signal=9"), None);
+    assert_eq!(v["signal"], json!({"id": 3, "signal": "SIGKILL"}));
+    let r = op.call("POST", &format!("/vms/{vm}?action=kill&signal=BOGUS"), None);
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let v = op.ok("POST", &format!("/vms/{vm}?action=reboot&timeout=5"), None);
+    assert_eq!(
+        (
+            v["generation"].clone(),
+            v["stop_timeout"].clone(),
+            v["desired_state"].clone()
+        ),
+        (json!(3), json!(5), json!("running"))
+    );
+    let v = op.ok("POST", &format!("/vms/{vm}?action=stop&timeout=2"), None);
+    assert_eq!(
+        (v["desired_state"].clone(), v["stop_timeout"].clone()),
+        (json!("stopped"), json!(2))
+    );
+    assert_eq!(v["exit_status"], json!(143));
+    assert!(v["finished_at"].as_str().unwrap().ends_with('Z'), "{v}");
+    // POST /vms with a container spec that fails its check: a field error, nothing created.
+    let r = op.call(
+        "POST",
+        "/vms",
+        Some(json!({"owner_uuid": vmj["owner_uuid"], "networks": [],
+                    "container": {"cmd": ["sh"], "uid_base": 0}})),
+    );
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("container"));
+    // ps filters.
+    let f = |args: &[&str]| {
+        let mut a = vec!["ps", "-a", "--format", "{{.Names}}"];
+        a.extend_from_slice(args);
+        alice.run(&a).ok("ps --filter").trim().to_string()
+    };
+    assert_eq!(f(&["--filter", "name=we"]), "web");
+    assert_eq!(f(&["--filter", "name=nope"]), "");
+    assert_eq!(f(&["--filter", "status=exited"]), "web");
+    assert_eq!(f(&["--filter", "status=running"]), "");
+    assert_eq!(f(&["--filter", "label=role=front"]), "web");
+    assert_eq!(f(&["--filter", "label=role=back"]), "");
+    assert_eq!(f(&["--filter", &format!("id={}", &id[..8])]), "web");
+    assert_eq!(f(&["--filter", &format!("network={net_name}")]), "web");
+    let out = alice.run(&["ps", "--filter", "colour=red"]);
+    refused(&out, "an unknown ps filter", "Invalid filter");
+
     // rename.
     alice.run(&["rename", "web", "web2"]).ok("docker rename");
     let names = alice.run(&["ps", "-a", "--format", "{{.Names}}"]);
@@ -530,6 +579,12 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         "{}",
         ps.summary()
     );
+    let out = alice.run(&["rm", "lonely"]);
+    refused(
+        &out,
+        "rm of a running container",
+        "You cannot remove a running container",
+    );
     beating.store(false, Ordering::SeqCst);
     hb.join().unwrap();
     let t0 = Instant::now();
@@ -554,4 +609,64 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
     );
     let out = alice.run(&["rm", "lonely"]);
     assert_eq!(out.code, 0, "rm of a dead container: {}", out.summary());
+}
+
+#[path = "util/temp_db.rs"]
+mod temp_db;
+
+/// A store made before containers (no `fabric_changes.detail`, no `docker_accounts.uid_index`)
+/// is migrated when the control plane prepares it: the columns appear, existing accounts get
+/// UID-range indexes in creation order, a new account the next one, and old feed rows read
+/// with no detail.
+#[test]
+fn an_old_store_gets_the_detail_column_and_uid_ranges() {
+    use fabric::control::changes::{self, FeedQuery};
+    use fabric::control::db::Db;
+    use portolan::store;
+
+    let tdb = temp_db::TempDb::new("migrate-containers");
+    {
+        let c = rusqlite::Connection::open(&tdb.0).unwrap();
+        c.execute_batch(
+            "CREATE TABLE fabric_changes (seq BIGINT PRIMARY KEY, kind TEXT NOT NULL,
+                uuid TEXT NOT NULL, action TEXT NOT NULL, owner_uuid TEXT,
+                servers TEXT NOT NULL, time_ms BIGINT NOT NULL);
+             INSERT INTO fabric_changes VALUES (1, 'vm', 'u', 'create', NULL, '', 1000);
+             CREATE TABLE docker_accounts (uuid TEXT PRIMARY KEY, login TEXT NOT NULL UNIQUE,
+                created_ms BIGINT NOT NULL, removed_ms BIGINT, default_network TEXT);
+             INSERT INTO docker_accounts (uuid, login, created_ms) VALUES ('b', 'second', 20);
+             INSERT INTO docker_accounts (uuid, login, created_ms) VALUES ('a', 'first', 10);",
+        )
+        .unwrap();
+    }
+    let st = store::open(&tdb.url()).unwrap();
+    fabric::control::prepare(&*st, &fabric::control::Config::default()).unwrap();
+    // Twice: idempotent.
+    fabric::control::prepare(&*st, &fabric::control::Config::default()).unwrap();
+    store::with_txn(&*st, |tx| {
+        let mut d = Db::from(tx.raw());
+        let base = |d: &mut Db<'_>, u: &str| fabric::docker::accounts::uid_base(d, u).unwrap();
+        let (a, b) = (base(&mut d, "a"), base(&mut d, "b"));
+        assert_eq!(a, fabric::control::container_spec::UID_BASE_START);
+        assert_eq!(b, a + fabric::control::container_spec::UID_RANGE);
+        let c = fabric::docker::accounts::create(&mut d, "third").unwrap();
+        assert_eq!(
+            base(&mut d, &c.uuid),
+            a + 2 * fabric::control::container_spec::UID_RANGE
+        );
+        let page = changes::read(
+            &mut d,
+            &FeedQuery {
+                since: 0,
+                server_uuid: None,
+                limit: 10,
+            },
+        )
+        .unwrap();
+        assert_eq!(page.changes.len(), 1);
+        assert_eq!(page.changes[0].detail, None);
+        assert_eq!(page.changes[0].to_json()["detail"], Value::Null);
+        Ok::<_, fabric::control::error::OpError>(())
+    })
+    .unwrap();
 }
