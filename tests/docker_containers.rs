@@ -579,6 +579,47 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         "{}",
         ps.summary()
     );
+    // restart -t 1: a new generation; returns once the agent reports it running.
+    let reporter = {
+        let sock = head.path("control.sock");
+        let vm2 = vm2.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut c = HttpClient::unix(sock);
+            let t0 = Instant::now();
+            while rt
+                .block_on(c.json("GET", &format!("/vms/{vm2}"), None))
+                .unwrap()
+                .json()["generation"]
+                != json!(2)
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "restart never asked"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let body = json!({"vms": [{"uuid": vm2, "state": "running", "generation": 2,
+                "started_at": now_ms()}]});
+            let r = rt
+                .block_on(c.json("POST", &format!("/servers/{SERVER}/vm_states"), Some(&body)))
+                .unwrap();
+            assert_eq!(r.status, 200);
+            Instant::now()
+        })
+    };
+    alice
+        .run(&["restart", "-t", "1", "lonely"])
+        .ok("docker restart");
+    let returned = Instant::now();
+    assert!(
+        returned >= reporter.join().unwrap(),
+        "restart returned before the report"
+    );
     let out = alice.run(&["rm", "lonely"]);
     refused(
         &out,
