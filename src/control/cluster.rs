@@ -206,6 +206,7 @@ pub async fn serve(
     let tcp = crate::http::Server::new(limits.clone())
         .with_stats(stats.clone())
         .with_acceptor(tls)
+        .with_streaming(super::http::streams_body)
         .serve(listener, svc.router(), stopped());
     let unix = crate::http::Server::new(limits)
         .with_stats(stats)
