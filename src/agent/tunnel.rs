@@ -55,7 +55,10 @@ pub async fn run(api: Api, handler: Arc<dyn Handler>) {
         match tunnel_once(&api, &handler).await {
             Ok(()) => {
                 failures = 0;
-                tracing::info!(server = api.server(), "control-plane tunnel ended; opening it again");
+                tracing::info!(
+                    server = api.server(),
+                    "control-plane tunnel ended; opening it again"
+                );
             }
             Err(e) => {
                 failures += 1;

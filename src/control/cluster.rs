@@ -227,10 +227,12 @@ pub async fn serve(
             None => Ok(()),
         }
     };
+    let tunnels = svc.app.tunnels.clone();
     let stop = async move {
         shutdown.await;
         // Long-polls answer at once when the service stops, so it does not wait for them.
         feed.close();
+        tunnels.close();
         let _ = stop_tx.send(true);
     };
     let (a, b, c, ()) = tokio::join!(tcp, unix, docker, stop);

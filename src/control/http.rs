@@ -611,9 +611,10 @@ impl Service {
         router(self.app.clone())
     }
 
-    /// Ends every long-poll at once (the service is stopping).
+    /// Ends every long-poll and agent tunnel at once (the service is stopping).
     pub fn close(&self) {
         self.app.feed.close();
+        self.app.tunnels.close();
     }
 }
 
@@ -639,10 +640,12 @@ pub async fn serve(
     let svc = Service::start(store, cfg);
     let stats = svc.app.metrics.http.clone();
     let feed = svc.app.feed.clone();
-    // Long-polls answer at once when the service stops, so it does not wait for them.
+    let tunnels = svc.app.tunnels.clone();
+    // Long-polls and tunnels end at once when the service stops, so it does not wait for them.
     let shutdown = async move {
         shutdown.await;
         feed.close();
+        tunnels.close();
     };
     let r = crate::http::Server::new(limits)
         .with_stats(stats)

@@ -3,6 +3,7 @@
 //! control), so nothing here buffers beyond its bounded channel.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -49,12 +50,24 @@ impl HttpBody for OpenRequests {
 /// Frames from a channel, encoded; data frames longer than [`MAX_FRAME`] are split.
 pub struct Frames {
     rx: mpsc::Receiver<Frame>,
+    until: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 impl Frames {
     /// The body of the frames `rx` yields; it ends when every sender is dropped.
     pub fn new(rx: mpsc::Receiver<Frame>) -> Frames {
-        Frames { rx }
+        Frames { rx, until: None }
+    }
+
+    /// The same, ending early when `until` resolves.
+    pub fn until(
+        rx: mpsc::Receiver<Frame>,
+        until: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    ) -> Frames {
+        Frames {
+            rx,
+            until: Some(until),
+        }
     }
 }
 
@@ -88,6 +101,11 @@ impl HttpBody for Frames {
     type Error = Infallible;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
+        if let Some(u) = self.until.as_mut() {
+            if u.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
         self.rx
             .poll_recv(cx)
             .map(|f| f.map(|f| Ok(BodyFrame::data(Bytes::from(encode_split(&f))))))

@@ -18,6 +18,8 @@ pub mod body;
 pub mod proto;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -107,6 +109,8 @@ struct Inner {
     servers: HashMap<String, Registered>,
     pending: HashMap<String, Pending>,
     generation: u64,
+    /// The service is stopping: no tunnel is kept or taken.
+    closed: bool,
 }
 
 /// Counters of the tunnels, on `/metrics`.
@@ -135,11 +139,22 @@ pub struct TunnelCounters {
 }
 
 /// This process's tunnels; see the module docs.
-#[derive(Default)]
 pub struct Tunnels {
     inner: Mutex<Inner>,
+    /// Set once by [`Tunnels::close`]: sub-streams in progress end too.
+    closing: tokio::sync::watch::Sender<bool>,
     /// Counters.
     pub counters: TunnelCounters,
+}
+
+impl Default for Tunnels {
+    fn default() -> Tunnels {
+        Tunnels {
+            inner: Mutex::default(),
+            closing: tokio::sync::watch::Sender::new(false),
+            counters: TunnelCounters::default(),
+        }
+    }
 }
 
 fn inc(c: &AtomicU64) {
@@ -183,6 +198,9 @@ impl Tunnels {
         let (tx, rx) = mpsc::channel(OPENS_QUEUED);
         let generation = {
             let mut inner = self.lock();
+            if inner.closed {
+                return Body::empty();
+            }
             inner.generation += 1;
             let generation = inner.generation;
             let old = inner
@@ -205,6 +223,26 @@ impl Tunnels {
                 server: key,
                 generation,
             },
+        })
+    }
+
+    /// Ends every tunnel (their streams end, so the service's connections can close) and
+    /// refuses new ones: the service is stopping.
+    pub fn close(&self) {
+        {
+            let mut inner = self.lock();
+            inner.closed = true;
+            inner.servers.clear();
+            inner.pending.clear();
+        }
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Tunnels::close`] was called.
+    fn closed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + Sync>> {
+        let mut rx = self.closing.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|c| *c).await;
         })
     }
 
@@ -329,15 +367,20 @@ impl Tunnels {
         let active = Active(self.clone());
         let me = self.clone();
         let from_agent = p.from_agent;
+        let closed = self.closed();
         tokio::spawn(async move {
             let _active = active;
-            if let Err(e) = pump_frames(from_agent_body, &from_agent).await {
-                inc(&me.counters.bad_frames);
-                tracing::warn!(error = %e, "tunnel sub-stream from an agent ended: not frames");
-                let _ = from_agent.send(Frame::Error(format!("tunnel: {e}"))).await;
+            tokio::select! {
+                r = pump_frames(from_agent_body, &from_agent) => if let Err(e) = r {
+                    inc(&me.counters.bad_frames);
+                    tracing::warn!(error = %e, "tunnel sub-stream from an agent ended: not frames");
+                    let _ = from_agent.send(Frame::Error(format!("tunnel: {e}"))).await;
+                },
+                // The service stops: the agent's side is dropped (its stream is reset).
+                () = closed => {}
             }
         });
-        Ok(Body::new(body::Frames::new(p.to_agent)))
+        Ok(Body::new(body::Frames::until(p.to_agent, self.closed())))
     }
 
     /// Appends the counters in Prometheus text format.
