@@ -202,14 +202,13 @@ impl Handler for Fake {
                         return;
                     }
                     while let Some(f) = input.recv().await {
-                        match f {
-                            Frame::Stdin(d) => {
-                                if output.send(Frame::Stdout(d)).await.is_err() {
-                                    return;
-                                }
-                            }
+                        let sent = match f {
+                            Frame::Stdin(d) => output.send(Frame::Stdout(d)).await,
                             Frame::StdinEof => break,
-                            _ => {}
+                            _ => Ok(()),
+                        };
+                        if sent.is_err() {
+                            return;
                         }
                     }
                     let _ = output.send(Frame::Exit { code }).await;

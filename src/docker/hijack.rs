@@ -210,6 +210,96 @@ mod tests {
         );
     }
 
+    /// Through fabric's serving layer on loopback, as the docker CLI sees it: the exact 101
+    /// status line and headers, then the raw stream both ways; without `Upgrade` a 200 stream.
+    #[tokio::test]
+    async fn the_served_upgrade_is_moby_s_101_and_then_raw_bytes() {
+        use axum::extract::Request;
+        let router = axum::Router::new().route(
+            "/attach",
+            axum::routing::post(move |req: Request| {
+                async move {
+                    let (input, to_agent) = mpsc::channel(4);
+                    let (from_agent, output) = mpsc::channel(4);
+                    // The fake agent: echoes stdin as stdout, exits 0 at stdin EOF.
+                    tokio::spawn(async move {
+                        let mut to_agent = to_agent;
+                        while let Some(f) = to_agent.recv().await {
+                            match f {
+                                Frame::Stdin(d) => {
+                                    let _ = from_agent.send(Frame::Stdout(d)).await;
+                                }
+                                Frame::StdinEof => break,
+                                _ => {}
+                            }
+                        }
+                        let _ = from_agent.send(Frame::Exit { code: 0 }).await;
+                    });
+                    let sub = Substream { input, output };
+                    match upgrade(
+                        req.extensions(),
+                        req.headers(),
+                        sub,
+                        true,
+                        true,
+                        Box::new(|_| {}),
+                    ) {
+                        Ok(r) => r,
+                        Err((sub, obs)) => streaming(sub, true, obs),
+                    }
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = crate::http::Server::new(crate::http::Limits::default());
+        tokio::spawn(server.serve(l, router, std::future::pending()));
+
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            b"POST /attach HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(c.read(&mut b).await.unwrap(), 1, "head: {head:?}");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101 upgraded\r\n"), "{head}");
+        for h in [
+            "content-type: application/vnd.docker.raw-stream",
+            "connection: upgrade",
+            "upgrade: tcp",
+        ] {
+            assert!(head.contains(h), "{h} in {head}");
+        }
+        c.write_all(b"hello\n").await.unwrap();
+        let mut got = [0u8; 6];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello\n");
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut rest))
+            .await
+            .expect("the server ends the stream after the exit")
+            .unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+
+        // No upgrade asked: a plain 200 stream (ends with the exit after the body is read).
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            b"POST /attach HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut b = [0u8; 12];
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"HTTP/1.1 200");
+    }
+
     #[tokio::test]
     async fn a_hijacked_pipe_carries_both_ways_and_half_close_is_stdin_eof() {
         let (input, mut to_agent) = mpsc::channel(4);
