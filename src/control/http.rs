@@ -61,6 +61,8 @@ pub struct App {
     trust_errors: std::sync::atomic::AtomicU64,
     /// Authorization refusals.
     pub auth: AuthCounters,
+    /// The agents' tunnels open to this instance (attach, logs, exec on hosts).
+    pub tunnels: Arc<super::tunnel::Tunnels>,
 }
 
 impl App {
@@ -78,6 +80,7 @@ impl App {
             trust_sync: tokio::sync::Mutex::new(()),
             trust_errors: std::sync::atomic::AtomicU64::new(0),
             auth: AuthCounters::default(),
+            tunnels: Arc::new(super::tunnel::Tunnels::new()),
         }
     }
 }
@@ -465,11 +468,103 @@ const ROUTES: &[&str] = &[
     "/shared_networks/{name}",
 ];
 
+/// The agents' tunnel routes ([`super::tunnel`]): their bodies stream, so they have a handler
+/// of their own (the policy is the same [`authorize`]).
+pub const TUNNEL_ROUTES: &[&str] = &["/servers/{uuid}/tunnel", "/servers/{uuid}/tunnel/{id}"];
+
+/// Whether a request's body streams for as long as it lasts (an agent's tunnel sub-stream):
+/// the HTTP layer does not cap its size ([`crate::http::Server::with_streaming`]); the tunnel
+/// reads it only as fast as its frames are taken.
+pub fn streams_body(method: &Method, path: &str) -> bool {
+    *method == Method::POST
+        && path
+            .strip_prefix("/servers/")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(_, r)| r.strip_prefix("tunnel/"))
+            .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// `GET /servers/:uuid/tunnel` (the agent's tunnel: a stream of open requests) and `POST
+/// /servers/:uuid/tunnel/:id` (one sub-stream: agent frames in, control frames out).
+async fn tunnel_handle(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
+    matched: MatchedPath,
+    raw: RawPathParams,
+    method: Method,
+    uri: Uri,
+    body: Body,
+) -> Response<Body> {
+    let started = Instant::now();
+    let pattern = matched.as_str().to_string();
+    let path: Vec<String> = raw.iter().map(|(_, v)| v.to_string()).collect();
+    let peer = peer.map_or(Peer::Open, |Extension(p)| p);
+    let result = tunnel_op(&app, &peer, &method, &pattern, &path, uri.query(), body);
+    let status = match &result {
+        Ok(_) => 200,
+        Err(e) => e.status,
+    };
+    app.metrics.request(&pattern, method.as_str(), status);
+    match result {
+        Ok(body) => {
+            let mut r = Response::new(body);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(if pattern.ends_with("{id}") {
+                    "application/vnd.fabric.tunnel-frames"
+                } else {
+                    "application/x-ndjson"
+                }),
+            );
+            r
+        }
+        Err(e) => respond(&method, Err(e), started),
+    }
+}
+
+fn tunnel_op(
+    app: &Arc<App>,
+    peer: &Peer,
+    method: &Method,
+    pattern: &str,
+    path: &[String],
+    query: Option<&str>,
+    body: Body,
+) -> Result<Body, ApiError> {
+    let mut params = Params::parse(query, None, &[])?;
+    if let Err(e) = authorize(app, peer, method, pattern, path, &params) {
+        app.auth.count(peer, e.status, true);
+        return Err(e);
+    }
+    params.allow_only(&[]);
+    params.finish()?;
+    let server = path.first().and_then(|u| parse_uuid(u)).ok_or_else(|| {
+        ApiError::invalid(
+            "uuid",
+            format!(
+                "{}: expected a server UUID",
+                auth::describe(method, pattern, path)
+            ),
+        )
+    })?;
+    match (method.as_str(), path.get(1)) {
+        ("GET", None) => Ok(app.tunnels.register(&server)),
+        ("POST", Some(id)) => app
+            .tunnels
+            .accept(&server, id, body)
+            .map_err(|e| ApiError::not_found(e.to_string())),
+        _ => Err(ApiError::bad_method(method.as_str(), pattern)),
+    }
+}
+
 /// The router.
 pub fn router(app: Arc<App>) -> Router {
     let mut r = Router::new();
     for p in ROUTES {
         r = r.route(p, any(handle));
+    }
+    for p in TUNNEL_ROUTES {
+        r = r.route(p, any(tunnel_handle));
     }
     r.fallback(fallback).with_state(app)
 }
@@ -516,9 +611,10 @@ impl Service {
         router(self.app.clone())
     }
 
-    /// Ends every long-poll at once (the service is stopping).
+    /// Ends every long-poll and agent tunnel at once (the service is stopping).
     pub fn close(&self) {
         self.app.feed.close();
+        self.app.tunnels.close();
     }
 }
 
@@ -544,13 +640,16 @@ pub async fn serve(
     let svc = Service::start(store, cfg);
     let stats = svc.app.metrics.http.clone();
     let feed = svc.app.feed.clone();
-    // Long-polls answer at once when the service stops, so it does not wait for them.
+    let tunnels = svc.app.tunnels.clone();
+    // Long-polls and tunnels end at once when the service stops, so it does not wait for them.
     let shutdown = async move {
         shutdown.await;
         feed.close();
+        tunnels.close();
     };
     let r = crate::http::Server::new(limits)
         .with_stats(stats)
+        .with_streaming(streams_body)
         .serve(listener, svc.router(), shutdown)
         .await;
     drop(svc);
@@ -761,6 +860,7 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                     ]);
                     a.feed.render(&mut text);
                     a.auth.render(&mut text);
+                    a.tunnels.render(&mut text);
                     if a.cfg.docker.is_some() {
                         crate::docker::render_metrics(&mut text);
                     }

@@ -186,6 +186,9 @@ pub struct Req {
     pub headers: HeaderMap,
     /// The body (empty for the streaming routes, which read theirs themselves).
     pub body: Bytes,
+    /// The request's extensions: hyper's upgrade handle, for the hijacking routes (attach,
+    /// exec start).
+    pub extensions: axum::http::Extensions,
 }
 
 impl Req {
@@ -371,6 +374,7 @@ async fn serve(
         query: Query::parse(head.uri.query()),
         headers: head.headers,
         body: Bytes::new(),
+        extensions: head.extensions,
     };
     // Uploads (`docker import`, `docker load`) stream their bodies themselves, up to the
     // listener's body cap.

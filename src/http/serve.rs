@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use axum::Router;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{LengthLimitError, Limited};
@@ -273,12 +273,21 @@ impl Stats {
     }
 }
 
+/// Which requests' bodies stream for as long as they last and are not capped at
+/// [`Limits::max_body_bytes`] (their handler bounds what it buffers): by method and path.
+pub type Streaming = fn(&Method, &str) -> bool;
+
+fn never_streams(_: &Method, _: &str) -> bool {
+    false
+}
+
 /// An HTTP service's serving layer: limits, accept step, counters, refusal bodies.
 pub struct Server<A = PlainTcp> {
     limits: Limits,
     acceptor: A,
     stats: Arc<Stats>,
     refusal: Refusal,
+    streaming: Streaming,
 }
 
 impl Server<PlainTcp> {
@@ -289,6 +298,7 @@ impl Server<PlainTcp> {
             acceptor: PlainTcp,
             stats: Arc::default(),
             refusal: restify_refusal,
+            streaming: never_streams,
         }
     }
 }
@@ -301,7 +311,15 @@ impl<A: Accept> Server<A> {
             acceptor,
             stats: self.stats,
             refusal: self.refusal,
+            streaming: self.streaming,
         }
+    }
+
+    /// Requests for which `streaming` is true have bodies that stream without the size cap
+    /// (an agent's tunnel sub-stream).
+    pub fn with_streaming(mut self, streaming: Streaming) -> Self {
+        self.streaming = streaming;
+        self
     }
 
     /// Counts into `stats` (shared with the service's `/metrics`).
@@ -335,7 +353,7 @@ impl<A: Accept> Server<A> {
             limits,
             OverTcp(acceptor),
             stats,
-            refusal,
+            (refusal, self.streaming),
             listener,
             router,
             shutdown,
@@ -359,7 +377,7 @@ impl<A: Accept> Server<A> {
             limits,
             OverUnix(peer),
             stats,
-            refusal,
+            (refusal, self.streaming),
             listener,
             router,
             shutdown,
@@ -373,7 +391,7 @@ async fn run<H: Handshake, L: Listen<Stream = H::In>>(
     limits: Limits,
     handshake: H,
     stats: Arc<Stats>,
-    refusal: Refusal,
+    (refusal, streaming): (Refusal, Streaming),
     listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -422,6 +440,7 @@ async fn run<H: Handshake, L: Listen<Stream = H::In>>(
         builder,
         router,
         refusal,
+        streaming,
         registry,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -477,6 +496,7 @@ struct Shared<H> {
     builder: Builder<TokioExecutor>,
     router: Router,
     refusal: Refusal,
+    streaming: Streaming,
     registry: Arc<Registry>,
 }
 
@@ -713,6 +733,7 @@ async fn connection<H: Handshake>(
         conn: conn.clone(),
         max_body: shared.limits.max_body_bytes,
         refusal: shared.refusal,
+        streaming: shared.streaming,
         peer: peer.clone(),
     };
     let io = TokioIo::new(Watched { inner: io, slot });
@@ -804,6 +825,7 @@ struct ConnService<P> {
     conn: Arc<Conn>,
     max_body: usize,
     refusal: Refusal,
+    streaming: Streaming,
     /// Who the client is: put into every request's extensions.
     peer: P,
 }
@@ -827,6 +849,12 @@ impl<P: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>
         };
         let stats = self.conn.registry.stats.clone();
         let (max, refusal) = (self.max_body, self.refusal);
+        // A streaming body is not capped: its handler reads it as it goes.
+        let cap = if (self.streaming)(req.method(), req.uri().path()) {
+            usize::MAX
+        } else {
+            max
+        };
         let too_large = move || {
             inc(&stats.body_too_large);
             let mut r = refusal(
@@ -846,14 +874,14 @@ impl<P: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max as u64) {
+        if declared.is_some_and(|n| n > cap as u64) {
             let r = too_large().map(|b| Tracked::new(b, busy));
             return Box::pin(std::future::ready(Ok(r)));
         }
         let tripped = Arc::new(AtomicBool::new(false));
         let t = tripped.clone();
         let req = req.map(move |b| Capped {
-            inner: Limited::new(b, max),
+            inner: Limited::new(b, cap),
             tripped: t,
         });
         let mut router = self.router.clone();
