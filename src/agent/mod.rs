@@ -21,6 +21,7 @@ pub mod api;
 pub mod host;
 pub mod plan;
 pub mod renew;
+pub mod runtime;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,0 +1,1 @@
+//! OCI bundles (in progress).
