@@ -8,9 +8,11 @@
 //! (bounding = effective = permitted; nothing inheritable or ambient; never `CAP_SYS_ADMIN`),
 //! `noNewPrivileges`, new pid, mount, uts, ipc and user namespaces and the VM's network
 //! namespace joined by path, Docker's mounts (`/proc`, a `/dev` tmpfs, `devpts` with its own
-//! `ptmx`, `/dev/shm`, `/dev/mqueue`, `sysfs` read-only; no cgroup mount: it would show the
-//! host's hierarchy), Docker's masked and read-only `/proc` paths, runc's default device rules
-//! (deny all, then the standard allow list), the spec's pids limit, `RLIMIT_NOFILE` 1048576 and
+//! `ptmx`, `/dev/shm`, `/dev/mqueue`; `/sys` is the host's bound read-only, as moby does when a
+//! user-namespaced container joins a network namespace made outside, since sysfs cannot be
+//! mounted then; no cgroup mount), Docker's masked and read-only `/proc` paths, runc's default device rules
+//! (deny all, then the standard allow list), the spec's pids limit, `RLIMIT_NOFILE` 1048576
+//! (capped at what this process may grant, [`nofile_limit`]) and
 //! the cgroup `/fabric/<vm>`. No seccomp profile is applied yet.
 
 use std::io::Write as _;
@@ -73,7 +75,7 @@ pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-/// Docker's masked paths (moby 20.10 `oci.DefaultLinuxSpec`).
+/// Docker's masked paths (moby 20.10 `oci.DefaultLinuxSpec`), and the host's cgroup tree.
 pub const MASKED_PATHS: &[&str] = &[
     "/proc/asound",
     "/proc/acpi",
@@ -85,6 +87,9 @@ pub const MASKED_PATHS: &[&str] = &[
     "/proc/sched_debug",
     "/proc/scsi",
     "/sys/firmware",
+    // Not Docker's: `/sys` is the host's here (see the module), and its cgroup tree would show
+    // every container of the host.
+    "/sys/fs/cgroup",
 ];
 
 /// Docker's read-only paths.
@@ -98,6 +103,13 @@ pub const READONLY_PATHS: &[&str] = &[
 
 /// The open-file limit of a container's processes (soft and hard; Docker's with systemd).
 pub const NOFILE: u64 = 1_048_576;
+
+/// The open-file limit a bundle asks for: [`NOFILE`], or this process's hard limit if that is
+/// lower (runc, started by this process, cannot grant more from inside the user namespace; an
+/// agent that raised its hard limit as root gets the full [`NOFILE`]).
+pub fn nofile_limit() -> u64 {
+    crate::io::rlimit::nofile().map_or(NOFILE, |(_, hard)| hard.min(NOFILE))
+}
 
 /// The cgroup of a VM's container, relative to each hierarchy's root.
 pub fn cgroup_path(vm: &str) -> String {
@@ -178,6 +190,7 @@ pub fn config(bundle: &Path, input: &BundleInput<'_>) -> Result<Value, BundleErr
         spec.working_dir.clone()
     };
     let caps: Vec<&str> = DEFAULT_CAPS.to_vec();
+    let nofile = nofile_limit();
     let file = |name: &str| bundle.join(name).display().to_string();
     let bind_ro = |dest: &str, name: &str| {
         json!({
@@ -203,7 +216,7 @@ pub fn config(bundle: &Path, input: &BundleInput<'_>) -> Result<Value, BundleErr
                 "effective": caps,
                 "permitted": caps,
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": NOFILE, "soft": NOFILE}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": true,
         },
         "root": {"path": "rootfs", "readonly": false},
@@ -215,8 +228,10 @@ pub fn config(bundle: &Path, input: &BundleInput<'_>) -> Result<Value, BundleErr
              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
             {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            // A sysfs of its own cannot be mounted: the network namespace, made outside, is
+            // not the user namespace's (EPERM). Moby bind-mounts the host's read-only then.
+            {"destination": "/sys", "type": "bind", "source": "/sys",
+             "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
@@ -361,7 +376,9 @@ mod tests {
         }
         assert!(caps.get("inheritable").is_none() && caps.get("ambient").is_none());
         assert_eq!(p["rlimits"][0]["type"], "RLIMIT_NOFILE");
-        assert_eq!(p["rlimits"][0]["hard"], NOFILE);
+        assert_eq!(p["rlimits"][0]["hard"], nofile_limit());
+        assert_eq!(p["rlimits"][0]["soft"], nofile_limit());
+        assert!(nofile_limit() <= NOFILE);
     }
 
     #[test]
