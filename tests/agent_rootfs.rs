@@ -530,3 +530,27 @@ fn busybox_runs_under_runc_in_a_user_namespace() {
     );
     let _ = Duration::from_secs(0);
 }
+
+/// The fuzz target's seeds (tars made by Python's tarfile, not by the tar crate) keep its
+/// invariants: unpacked or refused, never anything written beside the root.
+#[test]
+fn fuzz_seeds_unpack_or_are_refused_without_escaping() {
+    if !root::root_or_skip("fuzz_seeds_unpack_or_are_refused_without_escaping") {
+        return;
+    }
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/rootfs_unpack");
+    let mut n = 0;
+    for e in std::fs::read_dir(&seeds).unwrap().flatten() {
+        let s = Scene::new();
+        let l = s.layer("layer0", &std::fs::read(e.path()).unwrap());
+        let r = unpack(&[l], &s.root(), UID_BASE_START);
+        eprintln!(
+            "{}: {:?}",
+            e.file_name().to_string_lossy(),
+            r.as_ref().map(|_| ())
+        );
+        s.untouched(r.is_ok());
+        n += 1;
+    }
+    assert!(n >= 5, "expected the seeds in {}", seeds.display());
+}

@@ -271,7 +271,11 @@ impl Unpacker {
         };
         // Whiteouts.
         if let Some(hidden) = last.strip_prefix(b".wh.") {
-            let parent = self.walk(&name, parents, false)?;
+            let Some(parent) = self.walk_or_missing(&name, parents, false, true)? else {
+                // Nothing below it in lower layers: nothing to hide.
+                self.stats.whiteouts += 1;
+                return Ok(());
+            };
             if hidden == b".wh..opq" {
                 self.opaque(&name, &parent, parents)?;
             } else if hidden.starts_with(b".wh.") {
@@ -417,6 +421,19 @@ impl Unpacker {
     /// The directory `parents` (from the root), every component opened without following a
     /// symbolic link; with `create`, missing directories are made (mode 0755, root inside).
     fn walk(&self, name: &[u8], parents: &[Vec<u8>], create: bool) -> Result<OwnedFd, UnpackError> {
+        self.walk_or_missing(name, parents, create, false)?
+            .ok_or_else(|| self.refused(name, "a parent does not exist"))
+    }
+
+    /// [`walk`](Self::walk); with `missing_ok`, a parent that does not exist is `None` (a
+    /// whiteout of something no lower layer has).
+    fn walk_or_missing(
+        &self,
+        name: &[u8],
+        parents: &[Vec<u8>],
+        create: bool,
+        missing_ok: bool,
+    ) -> Result<Option<OwnedFd>, UnpackError> {
         let mut cur = dup(&self.root).map_err(self.io(name, "cannot open the root"))?;
         for (i, p) in parents.iter().enumerate() {
             let c = cstr(p);
@@ -432,6 +449,7 @@ impl Unpacker {
                         .map_err(self.io(name, "cannot set a parent's owner"))?;
                     d
                 }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && missing_ok => return Ok(None),
                 Err(e) => {
                     let so_far = parents[..=i]
                         .iter()
@@ -450,7 +468,7 @@ impl Unpacker {
             };
             cur = next;
         }
-        Ok(cur)
+        Ok(Some(cur))
     }
 
     /// `.wh..wh..opq`: removes what lower layers put in the directory.
@@ -862,6 +880,16 @@ pub(crate) mod tests {
                 "symbolic link",
             ),
             (
+                "whiteout through a symlink",
+                vec![M::Sym("a".into(), abs.clone()), f("a/.wh.keep", "")],
+                "symbolic link",
+            ),
+            (
+                "opaque marker through a symlink",
+                vec![M::Sym("a".into(), abs.clone()), f("a/.wh..wh..opq", "")],
+                "symbolic link",
+            ),
+            (
                 "hard link to /etc/shadow",
                 vec![M::Link("shadow".into(), "/etc/shadow".into())],
                 "absolute",
@@ -954,11 +982,12 @@ pub(crate) mod tests {
                 f("c/.wh..wh..opq", ""),
                 f(".wh.link", ""),
                 f("a/.wh..wh.plnk", ""),
+                f("missing/dir/.wh.x", ""),
             ]),
         ]);
         let st = unpack(&l, &s.root(), BASE).unwrap();
         assert_eq!(st.layers, 2);
-        assert_eq!(st.whiteouts, 4);
+        assert_eq!(st.whiteouts, 5);
         let r = s.root();
         assert!(r.join("a/keep").exists());
         assert!(!r.join("a/gone").exists());
