@@ -314,7 +314,7 @@ fn layers_are_fetched_from_the_head_and_verified() {
     let api = Api::new(Conn::new(url, Some(certs.clone())).unwrap(), SERVER);
     rt.block_on(async {
         let t0 = Instant::now();
-        let got = ensure_layers(&api, &images_dir, &[good_d.clone()])
+        let got = ensure_layers(&api, &images_dir, std::slice::from_ref(&good_d))
             .await
             .unwrap();
         eprintln!("fetched {} bytes in {:?}", good.len(), t0.elapsed());
@@ -322,7 +322,7 @@ fn layers_are_fetched_from_the_head_and_verified() {
         assert_eq!(std::fs::read(&got[0]).unwrap(), good);
         // Present now: used as it is (even with the head's copy gone).
         std::fs::remove_file(blobs.join(&good_d[7..])).unwrap();
-        let again = ensure_layers(&api, &images_dir, &[good_d.clone()])
+        let again = ensure_layers(&api, &images_dir, std::slice::from_ref(&good_d))
             .await
             .unwrap();
         assert_eq!(again, got);
@@ -334,7 +334,7 @@ fn layers_are_fetched_from_the_head_and_verified() {
             }
             r => panic!("expected a digest mismatch, got {r:?}"),
         }
-        match ensure_layers(&api, &images_dir, &[missing_d.clone()]).await {
+        match ensure_layers(&api, &images_dir, std::slice::from_ref(&missing_d)).await {
             Err(LayerError::Fetch {
                 source: ApiError::Status { status: 404, .. },
                 ..

@@ -291,13 +291,12 @@ impl Unpacker {
         let parent = self.walk(&name, parents, true)?;
         let c = cstr(last);
         let pfd = &parent;
-        let ioe_ = |what: &str| self.io(&name, what);
         // What is there already: a directory stays for a directory, anything else goes.
         let existing = lstat_at(pfd, &c);
         let keep_dir = match &existing {
             Ok(st) if kind.is_dir() && is_dir(st) => true,
             Ok(_) => {
-                remove_at(&parent, &c).map_err(ioe_("cannot replace"))?;
+                remove_at(&parent, &c).map_err(self.io(&name, "cannot replace"))?;
                 false
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
