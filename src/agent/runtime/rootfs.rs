@@ -99,8 +99,9 @@ pub static COUNTERS: UnpackCounters = UnpackCounters {
 };
 
 /// Applies `layers` (uncompressed tars, bottom first) into `rootfs`, which must not exist yet
-/// (its parent must), owned by `uid_base` (root inside). On any error the partial `rootfs` is
-/// removed.
+/// (its parents are made if missing), owned by `uid_base` (root inside). On any error the
+/// partial `rootfs` is removed. runc enters it as `uid_base`: every directory above it must be
+/// searchable by others (mode `o+x`).
 pub fn unpack(
     layers: &[PathBuf],
     rootfs: &Path,
@@ -115,6 +116,12 @@ pub fn unpack(
     if std::fs::symlink_metadata(rootfs).is_ok() {
         COUNTERS.failed.fetch_add(1, Ordering::Relaxed);
         return Err(UnpackError::Exists(rootfs.to_path_buf()));
+    }
+    if let Some(parent) = rootfs.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| UnpackError::Io {
+            what: format!("cannot create {}", parent.display()),
+            source,
+        })?;
     }
     let r = std::fs::create_dir(rootfs)
         .map_err(|source| UnpackError::Io {
