@@ -722,6 +722,85 @@ impl Api {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Streamed downloads (img's stand-in until stream's version of these two lands on main; the
+// signatures are the contract's, so the merge keeps stream's).
+
+impl Api {
+    /// The server this client acts for.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// `GET path` whose answer is read as a stream (layer downloads): the body of a success,
+    /// or the error (status with the body's text) of anything else. Only the head must come
+    /// within [`CALL_TIMEOUT`]; a call on an idle connection that went away is tried once more
+    /// on a fresh one.
+    pub async fn get_stream(&self, path: &str) -> Result<hyper::body::Incoming, ApiError> {
+        let what = format!("GET {path}");
+        let unreachable = |detail: String| ApiError::Unreachable {
+            addr: self.conn.authority(),
+            what: what.clone(),
+            detail,
+        };
+        let scheme = if self.conn.inner.url.tls {
+            "https"
+        } else {
+            "http"
+        };
+        let uri = format!("{scheme}://{}{path}", self.conn.authority());
+        let attempt = async {
+            let mut last = String::new();
+            for _ in 0..2 {
+                let (n, reused, mut sender) = self.conn.sender().await?;
+                let req = Request::builder()
+                    .method(Method::GET)
+                    .uri(&uri)
+                    .body(Full::new(Bytes::new()))
+                    .map_err(|e| format!("building request: {e}"))?;
+                let sent = match sender.ready().await {
+                    Ok(()) => sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| format!("request: {e}")),
+                    Err(e) => Err(format!("connection: {e}")),
+                };
+                match sent {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => {
+                        self.conn.forget(n).await;
+                        last = e;
+                        if !reused {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(last)
+        };
+        let resp = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(unreachable(e)),
+            Err(_) => return Err(unreachable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.into_body());
+        }
+        let body = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        Err(ApiError::Status {
+            what,
+            status: status.as_u16(),
+            body: body_text(&body),
+        })
+    }
+}
+
 fn body_text(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
     let mut s = s.trim().to_string();

@@ -22,6 +22,7 @@ pub mod host;
 pub mod plan;
 pub mod renew;
 pub mod tunnel;
+pub mod runtime;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -6,8 +6,10 @@
 //! - [`Peer::Host`]: exactly its agent's routes, and only for its own server —
 //!   `GET /servers/:own/desired`, `GET /changes?server_uuid=own` (the parameter is required),
 //!   `POST /servers/:own/vm_states`, `POST /servers/:own/heartbeat`, `PUT /servers/:own` and
-//!   `POST /servers/:own/certificate` (renewal), and its tunnel (`GET /servers/:own/tunnel`,
-//!   `POST /servers/:own/tunnel/:id`), which not even an operator may use. Two checks need the store and live in the
+//!   `POST /servers/:own/certificate` (renewal), `GET /servers/:own/layers/:digest` (image
+//!   layers for its containers), and its tunnel (`GET /servers/:own/tunnel`, `POST
+//!   /servers/:own/tunnel/:id`), which not even an operator may use. Two checks need the store
+//!   and live in the
 //!   writes themselves: every VM of a state report must be on `own` (else 403 and nothing is
 //!   written, [`super::vms::report_states`]), and `PUT /servers/:own` only re-registers an
 //!   existing server without changing its underlay address ([`super::servers::put`]).
@@ -79,6 +81,8 @@ const HOST_ROUTES: &[(Method, &str)] = &[
     (Method::POST, "/servers/{uuid}/certificate"),
     (Method::GET, "/servers/{uuid}/tunnel"),
     (Method::POST, "/servers/{uuid}/tunnel/{id}"),
+    // Image layers of the host's containers (the agent's runtime fetches what it lacks).
+    (Method::GET, "/servers/{uuid}/layers/{digest}"),
 ];
 
 /// The agent's tunnel routes: only that server's own host certificate may use them — not an
@@ -148,8 +152,8 @@ pub fn allowed(
             if !HOST_ROUTES.iter().any(|(hm, hp)| hm == m && *hp == pattern) {
                 return Err(forbidden(format!(
                     "{what}: a host certificate (server {own}) may only use its agent's routes \
-                     (desired state, feed, state reports, heartbeats); this needs an operator \
-                     certificate"
+                     (desired state, feed, state reports, heartbeats, image layers); this needs \
+                     an operator certificate"
                 )));
             }
             let target = path.first().map(String::as_str).unwrap_or("");
@@ -227,6 +231,7 @@ mod tests {
 
     const OWN: &str = "564d1a4c-0000-4000-8000-000000000001";
     const OTHER: &str = "564d1a4c-0000-4000-8000-000000000002";
+    const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
     fn host() -> Peer {
         Peer::Host {
@@ -286,6 +291,7 @@ mod tests {
             (M::POST, "/servers/{uuid}/certificate", vec![OWN]),
             (M::GET, "/servers/{uuid}/tunnel", vec![OWN]),
             (M::POST, "/servers/{uuid}/tunnel/{id}", vec![OWN, "x"]),
+            (M::GET, "/servers/{uuid}/layers/{digest}", vec![OWN, DIGEST]),
             (M::GET, "/changes", vec![]),
             (M::POST, "/join", vec![]),
             (M::GET, "", vec![]),
@@ -350,6 +356,7 @@ mod tests {
             (Method::POST, "/servers/{uuid}/certificate"),
             (Method::GET, "/servers/{uuid}/tunnel"),
             (Method::POST, "/servers/{uuid}/tunnel/{id}"),
+            (Method::GET, "/servers/{uuid}/layers/{digest}"),
         ];
         for (m, pat, path) in every_route() {
             let agent = own_routes.iter().any(|(om, op)| *om == m && *op == pat);

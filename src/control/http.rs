@@ -455,6 +455,7 @@ const ROUTES: &[&str] = &[
     "/servers/{uuid}/desired",
     "/servers/{uuid}/vm_states",
     "/servers/{uuid}/certificate",
+    "/servers/{uuid}/layers/{digest}",
     "/join",
     "/vms",
     "/vms/{uuid}",
@@ -714,6 +715,15 @@ async fn handle(
             Err(e) => {
                 app.auth.count(&peer, e.status, true);
                 Err(e)
+            }
+            Ok(()) if pattern == LAYER_ROUTE => {
+                let r = layer_blob(&app, &method, &path).await;
+                let status = r.as_ref().map_or_else(|e| e.status, |_| 200);
+                app.metrics.request(&pattern, method.as_str(), status);
+                return match r {
+                    Ok(resp) => resp,
+                    Err(e) => respond(&method, Err(e), started),
+                };
             }
             Ok(()) => {
                 let mut op = route(&method, &pattern, path.clone(), &peer);
@@ -1047,4 +1057,121 @@ fn etag_of(b: &[u8]) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("\"{h:016x}\"")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image layers for agents: `GET /servers/:uuid/layers/sha256:<hex>` streams a blob of the head's
+// store (`DIR/images/sha256/<hex>`, [`crate::docker::layers`]) to the agent of that server, which
+// checks its digest as it writes it (`agent::runtime::layers`).
+
+/// The route pattern of a layer download.
+const LAYER_ROUTE: &str = "/servers/{uuid}/layers/{digest}";
+
+/// Bytes per chunk of a layer download.
+const LAYER_CHUNK: usize = 64 * 1024;
+
+/// The answer to a layer download: the blob (`Content-Length` set; `HEAD` without it), 404 for
+/// a digest the head does not have, 422 `InvalidParameters` for one that is not
+/// `sha256:<64 lowercase hex>` (checked before any path is made from it).
+async fn layer_blob(
+    app: &App,
+    method: &Method,
+    path: &[String],
+) -> Result<Response<Body>, ApiError> {
+    let digest = path.get(1).map(String::as_str).unwrap_or("");
+    if !crate::docker::layers::valid_digest(digest) {
+        return Err(ApiError::invalid(
+            "digest",
+            format!("layer {digest:?}: expected sha256:<64 lowercase hex digits>"),
+        ));
+    }
+    let Some(cluster) = &app.cfg.cluster else {
+        return Err(ApiError::not_found(format!(
+            "layer {digest}: this control plane keeps no image layers (no --data directory)"
+        )));
+    };
+    let file_path = cluster
+        .data
+        .join("images")
+        .join("sha256")
+        .join(&digest["sha256:".len()..]);
+    let opened = std::fs::File::open(&file_path).and_then(|f| {
+        let m = f.metadata()?;
+        Ok((f, m))
+    });
+    let (file, len) = match opened {
+        Ok((f, m)) if m.is_file() => (f, m.len()),
+        Ok(_) => return Err(ApiError::not_found(format!("layer {digest} not found"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found(format!("layer {digest} not found")))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path = %file_path.display(), "cannot open a layer blob");
+            return Err(ApiError::internal());
+        }
+    };
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || send_file(file, len, tx));
+        Body::new(LayerBody(rx))
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::SERVER, HeaderValue::from_static("fabric-control"));
+    Ok(resp)
+}
+
+/// Reads `len` bytes of `file` into `tx` chunk by chunk until done, an error (sent on, so the
+/// download breaks rather than ends short), or the receiver going away.
+fn send_file(
+    mut file: std::fs::File,
+    len: u64,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    use std::io::Read as _;
+    let mut left = len;
+    while left > 0 {
+        let mut buf = vec![0u8; LAYER_CHUNK.min(usize::try_from(left).unwrap_or(LAYER_CHUNK))];
+        let r = match file.read(&mut buf) {
+            Ok(0) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the layer blob is shorter than when it was opened",
+            )),
+            Ok(n) => {
+                buf.truncate(n);
+                left -= n as u64;
+                Ok(Bytes::from(buf))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+        let stop = r.is_err();
+        if tx.blocking_send(r).is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// A response body fed by [`send_file`].
+struct LayerBody(tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>);
+
+impl http_body::Body for LayerBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(http_body::Frame::data)))
+    }
 }
