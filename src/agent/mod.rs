@@ -21,6 +21,8 @@ pub mod api;
 pub mod host;
 pub mod plan;
 pub mod renew;
+pub mod runtime;
+pub mod tunnel;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
