@@ -469,6 +469,21 @@ pub struct Vm {
     /// NICs in interface order.
     #[serde(default)]
     pub nics: Vec<Nic>,
+    /// What to run, for a Docker container.
+    #[serde(default)]
+    pub container: Option<crate::control::container_spec::ContainerSpec>,
+    /// The run the container should be in (0: never started; +1 on every start and restart).
+    #[serde(default)]
+    pub generation: u64,
+    /// The last `docker kill` (each id delivered once).
+    #[serde(default)]
+    pub signal: Option<crate::control::container_spec::SignalRequest>,
+    /// Grace period of the last stop/restart (None: the spec's).
+    #[serde(default)]
+    pub stop_timeout: Option<u32>,
+    /// The generation the control plane's last report was about.
+    #[serde(default)]
+    pub run_generation: Option<u64>,
 }
 
 fn running() -> String {
@@ -559,6 +574,33 @@ pub struct StateReport {
     /// Why (for `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A container's process: the exit status of the run that ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// When the run started (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// When the run ended (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+    /// The generation the report is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+impl StateReport {
+    /// A report of a VM's state alone (no container fields).
+    pub fn vm(uuid: String, state: VmState, reason: Option<String>) -> StateReport {
+        StateReport {
+            uuid,
+            state,
+            reason,
+            exit_status: None,
+            started_at: None,
+            finished_at: None,
+            generation: None,
+        }
+    }
 }
 
 /// The answer to a state report.
@@ -885,11 +927,7 @@ mod tests {
 
     #[test]
     fn reports_serialize_without_empty_reason() {
-        let r = StateReport {
-            uuid: "v".into(),
-            state: VmState::Running,
-            reason: None,
-        };
+        let r = StateReport::vm("v".into(), VmState::Running, None);
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"uuid":"v","state":"running"}"#
@@ -992,11 +1030,11 @@ mod tests {
             Err(ApiError::BadJson { what, .. }) => assert!(what.contains("/desired"), "{what}"),
             other => panic!("{other:?}"),
         }
-        let rep = [StateReport {
-            uuid: "v".into(),
-            state: VmState::Failed,
-            reason: Some("no".into()),
-        }];
+        let rep = [StateReport::vm(
+            "v".into(),
+            VmState::Failed,
+            Some("no".into()),
+        )];
         assert_eq!(api.report(&rep).await.unwrap().updated, 1);
         // Another server's client on the same connection.
         let other = Api::new(c0.clone(), "x");

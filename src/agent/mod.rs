@@ -21,8 +21,8 @@ pub mod api;
 pub mod host;
 pub mod plan;
 pub mod renew;
-pub mod tunnel;
 pub mod runtime;
+pub mod tunnel;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -96,6 +96,7 @@ pub mod netlink;
 pub mod offload;
 pub mod poll;
 pub mod process;
+pub mod pty;
 pub mod rlimit;
 pub mod tap;
 pub mod underlay;
