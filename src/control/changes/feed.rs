@@ -136,13 +136,6 @@ impl Feed {
         self.tx.borrow().seq
     }
 
-    /// Waits until a commit after sequence `seen` is known, or the service stops (what
-    /// in-process waiters such as Docker's `wait` block on; they re-read their object then).
-    pub async fn wait_past(&self, seen: i64) {
-        let mut rx = self.tx.subscribe();
-        let _ = rx.wait_for(|s| s.seq > seen || s.closed).await;
-    }
-
     /// Long-polls waiting now.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)

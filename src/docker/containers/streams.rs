@@ -37,35 +37,7 @@ use crate::control::error::OpError;
 use crate::control::tunnel::proto::{Frame, StreamOp};
 use crate::control::tunnel::{Substream, TunnelError};
 
-// ---- rec's lookup (contract): a local placeholder until rec's `lookup.rs` is merged. ----
-// Delete this module and `use super::lookup::{find, Found};` after `git merge main`.
-mod lookup {
-    use super::*;
-    use crate::control::container_spec::ContainerSpec;
-
-    /// The VM fields this module reads (rec's `Vm` has them, contract names).
-    pub struct Vm {
-        pub uuid: String,
-        pub server_uuid: Option<String>,
-        pub state: String,
-        pub generation: u64,
-        pub run_generation: Option<u64>,
-        pub exit_status: Option<i32>,
-    }
-
-    /// A container found.
-    pub struct Found {
-        pub vm: Vm,
-        pub spec: ContainerSpec,
-    }
-
-    /// No container exists before rec's part is merged.
-    pub fn find(_db: &mut Db<'_>, _account: &Account, name_or_id: &str) -> Result<Found, OpError> {
-        Err(error::not_found(format!("No such container: {name_or_id}")))
-    }
-}
-use lookup::{find, Found};
-// ---- end of the placeholder ----
+use super::lookup::{find, Found};
 
 /// How long an ended exec is kept for `GET /exec/ID/json`.
 pub const EXEC_KEEP: Duration = Duration::from_secs(300);
@@ -255,8 +227,7 @@ async fn wait(docker: Arc<Docker>, account: Account, req: Req) -> Result<Reply, 
             }
             let feed = docker.app.feed.clone();
             tokio::select! {
-                () = feed.wait_past(seen) => {}
-                () = tokio::time::sleep(WAIT_RECHECK) => {}
+                _ = feed.wait_past(seen, tokio::time::Instant::now() + WAIT_RECHECK) => {}
                 // The client went away.
                 () = tx.closed() => return,
             }
