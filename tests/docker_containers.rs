@@ -439,6 +439,12 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
     ]);
     let nets: Value = serde_json::from_str(insp.ok("inspect").trim()).unwrap();
     assert_eq!(nets["back"]["IPAddress"], json!("10.44.0.9"), "{nets}");
+    assert_eq!(
+        nets["back"]["IPAMConfig"],
+        json!({"IPv4Address": "10.44.0.9"}),
+        "{nets}"
+    );
+    assert_eq!(nets[net_name.as_str()]["IPAMConfig"], Value::Null, "{nets}");
     assert!(nets.get(net_name).is_some(), "{nets}");
     alice
         .run(&["network", "disconnect", "back", "web2"])
@@ -451,6 +457,46 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         "a second disconnect",
         "is not connected to network back",
     );
+
+    // --network NAME --ip at create.
+    alice
+        .run(&[
+            "create",
+            "--name",
+            "fixed",
+            "--network",
+            "back",
+            "--ip",
+            "10.44.0.20",
+            "busybox",
+            "true",
+        ])
+        .ok("create --ip");
+    let insp = alice.run(&[
+        "inspect",
+        "-f",
+        "{{json .NetworkSettings.Networks}}",
+        "fixed",
+    ]);
+    let nets: Value = serde_json::from_str(insp.ok("inspect").trim()).unwrap();
+    assert_eq!(nets.as_object().unwrap().len(), 1, "{nets}");
+    assert_eq!(nets["back"]["IPAddress"], json!("10.44.0.20"), "{nets}");
+    assert_eq!(
+        nets["back"]["IPAMConfig"]["IPv4Address"],
+        json!("10.44.0.20"),
+        "{nets}"
+    );
+    let out = alice.run(&[
+        "create",
+        "--network",
+        "back",
+        "--ip",
+        "10.44.0.20",
+        "busybox",
+        "true",
+    ]);
+    assert_ne!(out.code, 0, "a taken IP: {}", out.summary());
+    alice.run(&["rm", "fixed"]).ok("rm fixed");
 
     // The other account sees none of it.
     assert_eq!(bob.run(&["ps", "-aq"]).ok("bob ps").trim(), "");
