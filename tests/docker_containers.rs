@@ -439,6 +439,12 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
     ]);
     let nets: Value = serde_json::from_str(insp.ok("inspect").trim()).unwrap();
     assert_eq!(nets["back"]["IPAddress"], json!("10.44.0.9"), "{nets}");
+    assert_eq!(
+        nets["back"]["IPAMConfig"],
+        json!({"IPv4Address": "10.44.0.9"}),
+        "{nets}"
+    );
+    assert_eq!(nets[net_name.as_str()]["IPAMConfig"], Value::Null, "{nets}");
     assert!(nets.get(net_name).is_some(), "{nets}");
     alice
         .run(&["network", "disconnect", "back", "web2"])
@@ -451,6 +457,46 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         "a second disconnect",
         "is not connected to network back",
     );
+
+    // --network NAME --ip at create.
+    alice
+        .run(&[
+            "create",
+            "--name",
+            "fixed",
+            "--network",
+            "back",
+            "--ip",
+            "10.44.0.20",
+            "busybox",
+            "true",
+        ])
+        .ok("create --ip");
+    let insp = alice.run(&[
+        "inspect",
+        "-f",
+        "{{json .NetworkSettings.Networks}}",
+        "fixed",
+    ]);
+    let nets: Value = serde_json::from_str(insp.ok("inspect").trim()).unwrap();
+    assert_eq!(nets.as_object().unwrap().len(), 1, "{nets}");
+    assert_eq!(nets["back"]["IPAddress"], json!("10.44.0.20"), "{nets}");
+    assert_eq!(
+        nets["back"]["IPAMConfig"]["IPv4Address"],
+        json!("10.44.0.20"),
+        "{nets}"
+    );
+    let out = alice.run(&[
+        "create",
+        "--network",
+        "back",
+        "--ip",
+        "10.44.0.20",
+        "busybox",
+        "true",
+    ]);
+    assert_ne!(out.code, 0, "a taken IP: {}", out.summary());
+    alice.run(&["rm", "fixed"]).ok("rm fixed");
 
     // The other account sees none of it.
     assert_eq!(bob.run(&["ps", "-aq"]).ok("bob ps").trim(), "");
@@ -473,6 +519,25 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
     assert_eq!(
         op.ok("GET", &format!("/vms/{vm}"), None)["state"],
         json!("destroyed")
+    );
+
+    // prune removes what is not running.
+    alice
+        .run(&["create", "--name", "p1", "busybox"])
+        .ok("create p1");
+    alice
+        .run(&["create", "--name", "p2", "busybox"])
+        .ok("create p2");
+    let out = alice.run(&["container", "prune", "-f"]);
+    assert!(
+        out.ok("container prune").lines().count() >= 3,
+        "{}",
+        out.summary()
+    );
+    assert_eq!(
+        alice.run(&["ps", "-aq"]).ok("ps").trim(),
+        "",
+        "prune left containers"
     );
 
     // Refused create fields, each a 4xx through the CLI, naming the field.
@@ -710,4 +775,78 @@ fn an_old_store_gets_the_detail_column_and_uid_ranges() {
         Ok::<_, fabric::control::error::OpError>(())
     })
     .unwrap();
+}
+
+/// docker-py's container-dependent network cases (its `test_create_with_ipv4_address`,
+/// `test_connect_and_disconnect_container`, `test_connect_on_container_create`) against the
+/// same head shape: create with `networking_config`, connect with `ipv4_address`, disconnect.
+#[test]
+fn docker_py_network_cases_with_containers() {
+    let Some(_) = docker_cli::docker_py() else {
+        eprintln!("SKIP: docker-py is not installed");
+        return;
+    };
+    if !docker_cli_present() {
+        eprintln!("SKIP: the docker CLI is not installed");
+        return;
+    }
+    let head = DockerHead::start();
+    let mut op = Operator::new(&head);
+    op.ok(
+        "PUT",
+        &format!("/servers/{SERVER}"),
+        Some(json!({"hostname": "cn1", "underlay_ip": "192.0.2.10"})),
+    );
+    op.ok("POST", &format!("/servers/{SERVER}/heartbeat"), None);
+    let alice = DockerClient::new(&head.docker_host(), &head.account("alice"), None);
+    let work = temp_dir::TempDir::new("containers-py");
+    let rootfs = work.0.join("rootfs.tar");
+    images::busybox_rootfs_tar(&rootfs);
+    alice
+        .run(&[
+            "import",
+            "--change",
+            "CMD [\"sh\"]",
+            rootfs.to_str().unwrap(),
+            "busybox:latest",
+        ])
+        .ok("docker import");
+    let out = alice.py(
+        r#"
+import docker
+c = docker.from_env(version="1.41")
+api = c.api
+ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet="172.28.0.0/16")])
+net = api.create_network("pynet", ipam=ipam)["Id"]
+# test_create_with_ipv4_address
+ctr = api.create_container(
+    "busybox", "top",
+    host_config=api.create_host_config(network_mode="pynet"),
+    networking_config=api.create_networking_config(
+        {"pynet": api.create_endpoint_config(ipv4_address="172.28.5.24")}),
+)
+data = api.inspect_container(ctr)
+assert data["NetworkSettings"]["Networks"]["pynet"]["IPAMConfig"]["IPv4Address"] == "172.28.5.24", data
+assert data["NetworkSettings"]["Networks"]["pynet"]["IPAddress"] == "172.28.5.24"
+# test_connect_and_disconnect_container
+other = api.create_container("busybox", "top")
+api.connect_container_to_network(other, net, ipv4_address="172.28.5.25")
+ids = list(api.inspect_network(net)["Containers"].keys())
+assert sorted(ids) == sorted([ctr["Id"], other["Id"]]), ids
+api.disconnect_container_from_network(other, net)
+assert list(api.inspect_network(net)["Containers"].keys()) == [ctr["Id"]]
+try:
+    api.disconnect_container_from_network(other, net)
+    raise SystemExit("a second disconnect succeeded")
+except docker.errors.APIError as e:
+    assert "is not connected to network" in str(e), e
+# names, removal, and the network freed
+api.remove_container(ctr)
+api.remove_container(other)
+assert api.containers(all=True) == []
+api.remove_network(net)
+print("ok")
+"#,
+    );
+    assert_eq!(out.ok("docker-py").trim(), "ok", "{}", out.summary());
 }

@@ -1,5 +1,7 @@
 //! The change feed: every change to VMs, NICs, rules, servers and networks gets a sequence
-//! number in the same transaction as the change (`fabric_changes`).
+//! number in the same transaction as the change (`fabric_changes`). A change may carry a
+//! `detail` (JSON: a container's exit code, a kill's signal; [`record_with`]), shown by
+//! `GET /changes`.
 //!
 //! Writers call [`record`] anywhere inside a write transaction: the change is queued on the
 //! current thread, and [`flush`] — called by the one write path (`http::run_write`, and any other

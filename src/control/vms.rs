@@ -17,6 +17,16 @@
 //! or deletes it. A state report made with a host certificate must only name VMs on that host:
 //! one VM of another server refuses the whole report (403, nothing written).
 //!
+//! A Docker container is a VM with a [`ContainerSpec`] (`container`), created with desired
+//! state `stopped` and possibly no NIC (its network did not exist yet). Its lifecycle is the
+//! contract of issue 19: [`Action::Start`] (a VM that is not running gets a new `generation`:
+//! the agent never starts one generation's process twice), [`Action::Stop`] and
+//! [`Action::Reboot`] (with the stop timeout), [`Action::Kill`] (a one-shot [`SignalRequest`]
+//! with an id the agent delivers once). Reports carry the process's exit status, start and end
+//! times and generation; a container's move to running records a `container` `start`, its end
+//! a `die` with `{"exit_code": n}`, and a `--rm` container goes in the same transaction
+//! ([`remove_container`]).
+//!
 //! Locks (db.rs order): the owner (placement and alias uniqueness are per-owner decisions),
 //! then the VM, then its NICs (inside `nics`). Every write records a `vm` change.
 

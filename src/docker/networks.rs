@@ -1404,6 +1404,14 @@ fn connect(
         )));
     }
     crate::control::vms::add_nic(tx, &c.docker.app.cfg, &mut vm, &nu, ip)?;
+    if let Some(ip) = ip {
+        let mut tags = vm.tags.clone();
+        tags.insert(
+            format!("{}{nu}", super::containers::create::IP_TAG),
+            json!(ip.to_string()),
+        );
+        crate::control::vms::set_tags(&mut Db::from(tx.raw()), &mut vm, tags)?;
+    }
     Ok(Reply::Empty(StatusCode::OK))
 }
 
@@ -1431,6 +1439,16 @@ fn disconnect(
         ));
     };
     crate::control::vms::remove_nic(tx, &c.docker.app.cfg, &mut vm, mac)?;
+    let key = format!(
+        "{}{}",
+        super::containers::create::IP_TAG,
+        n.uuid.as_deref().unwrap_or("")
+    );
+    if vm.tags.contains_key(&key) {
+        let mut tags = vm.tags.clone();
+        tags.remove(&key);
+        crate::control::vms::set_tags(&mut Db::from(tx.raw()), &mut vm, tags)?;
+    }
     Ok(Reply::Empty(StatusCode::OK))
 }
 

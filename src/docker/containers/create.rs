@@ -36,6 +36,9 @@ pub const PENDING_NETWORK: &str = "docker:pending_network";
 pub const PENDING_IP: &str = "docker:pending_ip";
 /// VM tag with `HostConfig.NetworkMode` as given (what inspect shows).
 pub const NETWORK_MODE: &str = "docker:network_mode";
+/// Prefix of the VM tags that carry the IPv4 address asked for on a network
+/// (`docker:ip:<network uuid>`: inspect's `IPAMConfig`).
+pub const IP_TAG: &str = "docker:ip:";
 /// Prefix of the VM tags that carry the container's labels.
 pub const LABEL_TAG: &str = "docker:label:";
 /// Language version the publish rules are written in.
@@ -414,7 +417,12 @@ pub fn create(
     let mut networks = Vec::new();
     match term {
         None => match &account.default_network {
-            Some(u) => networks.push(json!({"uuid": u, "ip": ip.map(|i| i.to_string())})),
+            Some(u) => {
+                if let Some(ip) = ip {
+                    tags.insert(format!("{IP_TAG}{u}"), json!(ip.to_string()));
+                }
+                networks.push(json!({"uuid": u, "ip": ip.map(|i| i.to_string())}))
+            }
             None => {
                 return Err(error::err(
                     500,
@@ -425,7 +433,12 @@ pub fn create(
         Some(t) if t == "none" => {}
         Some(t) => match resolve_network(&mut d, account, &t)? {
             Some(n) => match &n.uuid {
-                Some(u) => networks.push(json!({"uuid": u, "ip": ip.map(|i| i.to_string())})),
+                Some(u) => {
+                    if let Some(ip) = ip {
+                        tags.insert(format!("{IP_TAG}{u}"), json!(ip.to_string()));
+                    }
+                    networks.push(json!({"uuid": u, "ip": ip.map(|i| i.to_string())}))
+                }
                 None if n.name == "none" => {}
                 None => {
                     return Err(error::bad_request(format!(

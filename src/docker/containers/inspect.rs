@@ -160,6 +160,8 @@ pub fn published(f: &Found) -> Vec<(u16, PortProto)> {
 }
 
 struct Endpoint {
+    /// The IPv4 address asked for (`--ip`), if one was.
+    asked_ip: Option<String>,
     net_name: String,
     net_id: String,
     ip: String,
@@ -189,7 +191,13 @@ fn endpoints(db: &mut Db<'_>, vm: &vms::Vm) -> Result<Vec<Endpoint>, OpError> {
                 dnet::docker_id(nu),
             ),
         };
+        let asked_ip = vm
+            .tags
+            .get(&format!("{}{nu}", super::create::IP_TAG))
+            .and_then(Value::as_str)
+            .map(str::to_string);
         out.push(Endpoint {
+            asked_ip,
             net_name: name,
             net_id: id,
             ip: nic.ip.map(|i| i.to_string()).unwrap_or_default(),
@@ -247,7 +255,7 @@ pub fn inspect(
         networks.insert(
             e.net_name.clone(),
             json!({
-                "IPAMConfig": null,
+                "IPAMConfig": e.asked_ip.as_ref().map(|ip| json!({"IPv4Address": ip})),
                 "Links": null,
                 "Aliases": [&spec.id[..12]],
                 "NetworkID": e.net_id,

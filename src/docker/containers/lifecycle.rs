@@ -88,6 +88,9 @@ fn attach_pending(
     let mut tags = vm.tags.clone();
     tags.remove(PENDING_NETWORK);
     tags.remove(PENDING_IP);
+    if let Some(ip) = ip {
+        tags.insert(format!("{}{nu}", create::IP_TAG), json!(ip.to_string()));
+    }
     vms::set_tags(&mut Db::from(tx.raw()), vm, tags)
 }
 
