@@ -389,7 +389,7 @@ fn layers_are_fetched_from_the_head_and_verified() {
         .unwrap();
         assert_eq!(std::fs::read(&own[0]).unwrap(), small);
         let other = "5e7e0000-0000-4000-8000-00000000a002";
-        match ensure_layers(&as_server(other), &host_dir.0, &[bad_d.clone()]).await {
+        match ensure_layers(&as_server(other), &host_dir.0, std::slice::from_ref(&bad_d)).await {
             Err(LayerError::Fetch {
                 source:
                     ApiError::Status {
