@@ -1,6 +1,7 @@
 //! Images onto hosts, with real parts: layers served by a real head (`fabric control --data`,
-//! HTTPS with an operator certificate of its cluster CA) and fetched by the agent's client into
-//! a host cache, verified; crafted layers that try to escape their root filesystem refused with
+//! HTTPS with an operator certificate of its cluster CA, then a host certificate, which gets its
+//! own server's route only) and fetched by the agent's client into a host cache, verified
+//! (a blob whose bytes are not its digest refused, nothing kept); crafted layers that try to escape their root filesystem refused with
 //! nothing written outside (a sentinel directory beside the root is checked); whiteouts across
 //! two layers; and one real container: a busybox image unpacked, its OCI bundle written for a
 //! network namespace the test makes, run by Debian's runc in a user namespace.
@@ -355,6 +356,51 @@ fn layers_are_fetched_from_the_head_and_verified() {
             Err(LayerError::BadDigest(_))
         ));
     });
+    // A host certificate: its own server's layers only.
+    let ca = fabric::pki::ca::Ca::load(head.data()).unwrap();
+    let (cert, key) = ca
+        .issue_host_local(SERVER, Duration::from_secs(3600))
+        .unwrap();
+    let host_certs = head.path("host-certs");
+    std::fs::create_dir(&host_certs).unwrap();
+    std::fs::write(host_certs.join("ca.pem"), ca.ca_pem()).unwrap();
+    std::fs::write(host_certs.join("cert.pem"), cert).unwrap();
+    std::fs::write(host_certs.join("key.pem"), key).unwrap();
+    std::fs::set_permissions(
+        host_certs.join("key.pem"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let small = tar_of(&[M::File("hello", b"hello from the head")]);
+    let small_d = sha256(&small);
+    std::fs::write(blobs.join(&small_d[7..]), &small).unwrap();
+    let host_dir = TempDir::new("host-images-2");
+    let as_server = |server: &str| {
+        let url = parse_control_url(&format!("https://{}", head.api)).unwrap();
+        Api::new(Conn::new(url, Some(host_certs.clone())).unwrap(), server)
+    };
+    rt.block_on(async {
+        let own = ensure_layers(
+            &as_server(SERVER),
+            &host_dir.0,
+            std::slice::from_ref(&small_d),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&own[0]).unwrap(), small);
+        let other = "5e7e0000-0000-4000-8000-00000000a002";
+        match ensure_layers(&as_server(other), &host_dir.0, std::slice::from_ref(&bad_d)).await {
+            Err(LayerError::Fetch {
+                source:
+                    ApiError::Status {
+                        status: 403, body, ..
+                    },
+                ..
+            }) => eprintln!("another server's layer route: 403 {body}"),
+            r => panic!("expected 403 for another server's route, got {r:?}"),
+        }
+    });
+
     // Nothing of the refused layers is kept: one blob, no temporary files.
     let names = |d: &Path| -> Vec<String> {
         std::fs::read_dir(d)

@@ -245,6 +245,10 @@ impl Unpacker {
     }
 
     fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        if e.header().entry_type() == tar::EntryType::XGlobalHeader {
+            // pax global headers (`git archive` writes one) carry no file.
+            return Ok(());
+        }
         let name = e.path_bytes().into_owned();
         let comps = components(&name).map_err(|why| self.refused(&name, why))?;
         let kind = e.header().entry_type();
@@ -492,7 +496,8 @@ impl Unpacker {
                 std::os::unix::ffi::OsStrExt::as_bytes(ent.file_name().as_os_str()).to_vec();
             let mut path = parents.to_vec();
             path.push(child.clone());
-            if self.this_layer.contains(&path) {
+            // Kept: what this layer made there (also as the parent of what it made).
+            if self.this_layer.iter().any(|p| p.starts_with(&path)) {
                 continue;
             }
             remove_at(dir, &cstr(&child)).map_err(self.io(name, "cannot empty the directory"))?;
@@ -985,6 +990,7 @@ pub(crate) mod tests {
                 f("b/.wh.sub", ""),
                 M::Dir("c/"),
                 f("c/new", "5"),
+                f("c/implicit/file", "6"),
                 f("c/.wh..wh..opq", ""),
                 f(".wh.link", ""),
                 f("a/.wh..wh.plnk", ""),
@@ -1008,6 +1014,7 @@ pub(crate) mod tests {
             b"5",
             "the layer's own stays"
         );
+        assert_eq!(std::fs::read(r.join("c/implicit/file")).unwrap(), b"6");
         assert!(std::fs::symlink_metadata(r.join("link")).is_err());
         assert!(s.sentinel_untouched());
     }
@@ -1026,6 +1033,30 @@ pub(crate) mod tests {
         unpack(&l, &s.root(), BASE).unwrap();
         assert_eq!(std::fs::read(s.root().join("x")).unwrap(), b"mine");
         assert!(s.sentinel_untouched());
+    }
+
+    #[test]
+    fn pax_global_headers_are_skipped() {
+        if !root() {
+            return;
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let body = b"52 comment=4b0e1a4ef5d2c0aa6e7fb3bf2c1fa4d5a7b6c5d4e3\n";
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XGlobalHeader);
+        h.set_path("pax_global_header").unwrap();
+        h.set_size(body.len() as u64);
+        h.set_cksum();
+        b.append(&h, &body[..]).unwrap();
+        let mut t = b.into_inner().unwrap();
+        t.truncate(t.len() - 1024); // drop the end marker, then add a file
+        t.extend(tar_of(&[f("x", "1")]));
+        let s = Scene::new();
+        let l = s.layers(&[t]);
+        let st = unpack(&l, &s.root(), BASE).unwrap();
+        assert_eq!(st.entries, 1);
+        assert!(!s.root().join("pax_global_header").exists());
+        assert_eq!(std::fs::read(s.root().join("x")).unwrap(), b"1");
     }
 
     #[test]
