@@ -316,11 +316,17 @@ async fn substreams_run_concurrently_and_a_slow_reader_holds_back_only_itself() 
     }
     println!("20 concurrent echo sub-streams: {:?}", t0.elapsed());
 
-    // A logs stream of 8 MB nobody reads for now: the agent is held back (far fewer frames
-    // sent than it has), and another sub-stream still works.
+    // Three logs streams of 8 MB nobody reads for now: the agent is held back (far fewer
+    // lines sent than it has: nothing buffers without bound), and another sub-stream still
+    // works (HTTP/2 flow control stalls only the unread streams, not the connection).
     const LINES: u64 = 8 * 1024;
     LOG_FRAMES.store(0, Ordering::SeqCst);
     let mut slow = c.app.tunnels.open(HOST, "vm-1", logs(LINES)).await.unwrap();
+    // Two more nobody reads at all (dropped at the end).
+    let _stalled = [
+        c.app.tunnels.open(HOST, "vm-1", logs(LINES)).await.unwrap(),
+        c.app.tunnels.open(HOST, "vm-1", logs(LINES)).await.unwrap(),
+    ];
     let t0 = Instant::now();
     let mut last = 0;
     // Until the handler stops making progress (its output is full all the way back).
@@ -337,7 +343,7 @@ async fn substreams_run_concurrently_and_a_slow_reader_holds_back_only_itself() 
         );
     }
     println!(
-        "unread logs stream stalled after {last} of {LINES} lines ({} KiB in flight)",
+        "3 unread logs streams stalled after {last} of 3 x {LINES} lines ({} KiB in flight)",
         last * LINE as u64 / 1024
     );
     assert!(
@@ -369,7 +375,7 @@ async fn substreams_run_concurrently_and_a_slow_reader_holds_back_only_itself() 
     let mut text = String::new();
     c.app.tunnels.render(&mut text);
     println!("{text}");
-    assert!(text.contains("fabric_control_tunnel_events_total{kind=\"accepted\"} 22"));
+    assert!(text.contains("fabric_control_tunnel_events_total{kind=\"accepted\"} 24"));
 
     agent.abort();
     c.stop().await;
