@@ -5,8 +5,9 @@
 //! exits with CODE; logs sends `tail` numbered lines. Covered: 20 concurrent sub-streams, a
 //! slow reader that holds back only its own sub-stream (and its agent: nothing buffers without
 //! bound), a restart of the control plane (the agent reconnects; new opens work), an open for
-//! an unconnected server (fails at once), and who may open a server's tunnel (its own host
-//! certificate only: not another host's, not an operator's).
+//! an unconnected server (fails at once), who may open a server's tunnel (its own host
+//! certificate only: not another host's, not an operator's), and a revoked host's tunnel
+//! (closed at once, and its agent cannot open it again).
 
 #[path = "util/temp_db.rs"]
 mod temp_db;
@@ -490,5 +491,34 @@ async fn opens_fail_fast_and_only_the_hosts_own_certificate_opens_its_tunnel() {
         .await
         .unwrap_err();
     assert!(matches!(e, TunnelError::Timeout { .. }), "{e}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_hosts_tunnel_is_closed_and_stays_closed() {
+    let pki = Pki::new();
+    let db = TempDb::new("agent-tunnel-revoke");
+    let c = Control::start(&pki, store(&db).await, None).await;
+    let agent = tokio::spawn(tunnel::run(
+        c.api(&pki.host_dir(HOST), HOST),
+        Arc::new(Fake),
+    ));
+    c.wait_connected(HOST).await;
+    let t0 = Instant::now();
+    pki.trust.revoke(HOST);
+    while c.app.tunnels.is_connected(HOST) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the revoked host's tunnel is still registered after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("revoked host's tunnel closed after {:?}", t0.elapsed());
+    // Its agent keeps trying (with backoff) and is refused every time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!c.app.tunnels.is_connected(HOST));
+    let e = c.app.tunnels.open(HOST, "vm-1", logs(1)).await.unwrap_err();
+    assert_eq!(e, TunnelError::NotConnected(HOST.into()));
+    agent.abort();
     c.stop().await;
 }
