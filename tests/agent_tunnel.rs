@@ -214,6 +214,12 @@ impl Handler for Fake {
                     }
                     let _ = output.send(Frame::Exit { code }).await;
                 }
+                StreamOp::Exec { cmd, .. } if cmd.first().map(String::as_str) == Some("deaf") => {
+                    // Never reads its input; ends when the control side goes away.
+                    let _ = output.send(Frame::Started { pid: None }).await;
+                    output.closed().await;
+                    drop(input);
+                }
                 StreamOp::Logs { tail, .. } => {
                     for i in 0..tail.unwrap_or(10) {
                         let mut line = format!("{i:08}").into_bytes();
@@ -242,6 +248,17 @@ static LOG_FRAMES: AtomicU64 = AtomicU64::new(0);
 fn exec(code: i32) -> StreamOp {
     StreamOp::Exec {
         cmd: vec!["echo".into(), code.to_string()],
+        env: vec![],
+        user: String::new(),
+        working_dir: String::new(),
+        tty: false,
+        stdin: true,
+    }
+}
+
+fn deaf_exec() -> StreamOp {
+    StreamOp::Exec {
+        cmd: vec!["deaf".into()],
         env: vec![],
         user: String::new(),
         working_dir: String::new(),
@@ -373,13 +390,47 @@ async fn substreams_run_concurrently_and_a_slow_reader_holds_back_only_itself() 
         }
     }
     assert_eq!(n, LINES);
+
+    // The other way: three processes that never read their stdin, fed until it stalls; the
+    // tunnel still opens new sub-streams and they work.
+    let mut deaf = Vec::new();
+    let mut fed = 0usize;
+    for _ in 0..3 {
+        let mut sub = c.app.tunnels.open(HOST, "vm-1", deaf_exec()).await.unwrap();
+        assert_eq!(sub.output.recv().await, Some(Frame::Started { pid: None }));
+        let chunk = vec![b'x'; 64 << 10];
+        loop {
+            let send = sub.input.send(Frame::Stdin(chunk.clone()));
+            match tokio::time::timeout(Duration::from_millis(300), send).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => break,
+            }
+            fed += chunk.len();
+            assert!(
+                fed < 64 << 20,
+                "stdin of a deaf process is buffered without bound"
+            );
+        }
+        deaf.push(sub);
+    }
+    println!(
+        "3 deaf processes took {} KiB of stdin before it stalled",
+        fed >> 10
+    );
+    tokio::time::timeout(Duration::from_secs(10), echo_round(&c.app, 78))
+        .await
+        .expect("a new sub-stream works beside stalled stdin");
+    drop(deaf);
+
     let mut text = String::new();
     c.app.tunnels.render(&mut text);
     println!("{text}");
-    assert!(text.contains("fabric_control_tunnel_events_total{kind=\"accepted\"} 24"));
+    assert!(text.contains("fabric_control_tunnel_events_total{kind=\"accepted\"} 28"));
 
-    agent.abort();
+    // The control plane stops with the agent still running and sub-streams stalled both
+    // ways: the stop does not wait on them.
     c.stop().await;
+    agent.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
