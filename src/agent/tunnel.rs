@@ -6,6 +6,11 @@
 //! through bounded channels and are read only as fast as they are taken, so a slow consumer
 //! holds back only its own sub-stream (HTTP/2 flow control), never the tunnel or the others.
 //!
+//! What a [`Handler`] can rely on: `input` ends without `StdinEof` when the control side
+//! went away (the Docker client left); a send on `output` fails when nobody reads the
+//! sub-stream any more; and its future is dropped (aborted) when the tunnel it came from
+//! ends, so it must clean up on drop (e.g. an exec's process).
+//!
 //! The tunnel is made again (with the agent's [`Backoff`]) whenever it ends: the control plane
 //! restarted, the connection broke, nothing (not even a keep-alive line) came for
 //! [`SILENCE`], or a newer tunnel of this server replaced it.
