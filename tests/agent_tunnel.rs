@@ -5,8 +5,9 @@
 //! exits with CODE; logs sends `tail` numbered lines. Covered: 20 concurrent sub-streams, a
 //! slow reader that holds back only its own sub-stream (and its agent: nothing buffers without
 //! bound), a restart of the control plane (the agent reconnects; new opens work), an open for
-//! an unconnected server (fails at once), and who may open a server's tunnel (its own host
-//! certificate only: not another host's, not an operator's).
+//! an unconnected server (fails at once), who may open a server's tunnel (its own host
+//! certificate only: not another host's, not an operator's), and a revoked host's tunnel
+//! (closed at once, and its agent cannot open it again).
 
 #[path = "util/temp_db.rs"]
 mod temp_db;
@@ -213,6 +214,12 @@ impl Handler for Fake {
                     }
                     let _ = output.send(Frame::Exit { code }).await;
                 }
+                StreamOp::Exec { cmd, .. } if cmd.first().map(String::as_str) == Some("deaf") => {
+                    // Never reads its input; ends when the control side goes away.
+                    let _ = output.send(Frame::Started { pid: None }).await;
+                    output.closed().await;
+                    drop(input);
+                }
                 StreamOp::Logs { tail, .. } => {
                     for i in 0..tail.unwrap_or(10) {
                         let mut line = format!("{i:08}").into_bytes();
@@ -241,6 +248,17 @@ static LOG_FRAMES: AtomicU64 = AtomicU64::new(0);
 fn exec(code: i32) -> StreamOp {
     StreamOp::Exec {
         cmd: vec!["echo".into(), code.to_string()],
+        env: vec![],
+        user: String::new(),
+        working_dir: String::new(),
+        tty: false,
+        stdin: true,
+    }
+}
+
+fn deaf_exec() -> StreamOp {
+    StreamOp::Exec {
+        cmd: vec!["deaf".into()],
         env: vec![],
         user: String::new(),
         working_dir: String::new(),
@@ -316,11 +334,17 @@ async fn substreams_run_concurrently_and_a_slow_reader_holds_back_only_itself() 
     }
     println!("20 concurrent echo sub-streams: {:?}", t0.elapsed());
 
-    // A logs stream of 8 MB nobody reads for now: the agent is held back (far fewer frames
-    // sent than it has), and another sub-stream still works.
+    // Three logs streams of 8 MB nobody reads for now: the agent is held back (far fewer
+    // lines sent than it has: nothing buffers without bound), and another sub-stream still
+    // works (HTTP/2 flow control stalls only the unread streams, not the connection).
     const LINES: u64 = 8 * 1024;
     LOG_FRAMES.store(0, Ordering::SeqCst);
     let mut slow = c.app.tunnels.open(HOST, "vm-1", logs(LINES)).await.unwrap();
+    // Two more nobody reads at all (dropped at the end).
+    let _stalled = [
+        c.app.tunnels.open(HOST, "vm-1", logs(LINES)).await.unwrap(),
+        c.app.tunnels.open(HOST, "vm-1", logs(LINES)).await.unwrap(),
+    ];
     let t0 = Instant::now();
     let mut last = 0;
     // Until the handler stops making progress (its output is full all the way back).
@@ -337,7 +361,7 @@ async fn substreams_run_concurrently_and_a_slow_reader_holds_back_only_itself() 
         );
     }
     println!(
-        "unread logs stream stalled after {last} of {LINES} lines ({} KiB in flight)",
+        "3 unread logs streams stalled after {last} of 3 x {LINES} lines ({} KiB in flight)",
         last * LINE as u64 / 1024
     );
     assert!(
@@ -366,13 +390,47 @@ async fn substreams_run_concurrently_and_a_slow_reader_holds_back_only_itself() 
         }
     }
     assert_eq!(n, LINES);
+
+    // The other way: three processes that never read their stdin, fed until it stalls; the
+    // tunnel still opens new sub-streams and they work.
+    let mut deaf = Vec::new();
+    let mut fed = 0usize;
+    for _ in 0..3 {
+        let mut sub = c.app.tunnels.open(HOST, "vm-1", deaf_exec()).await.unwrap();
+        assert_eq!(sub.output.recv().await, Some(Frame::Started { pid: None }));
+        let chunk = vec![b'x'; 64 << 10];
+        loop {
+            let send = sub.input.send(Frame::Stdin(chunk.clone()));
+            match tokio::time::timeout(Duration::from_millis(300), send).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => break,
+            }
+            fed += chunk.len();
+            assert!(
+                fed < 64 << 20,
+                "stdin of a deaf process is buffered without bound"
+            );
+        }
+        deaf.push(sub);
+    }
+    println!(
+        "3 deaf processes took {} KiB of stdin before it stalled",
+        fed >> 10
+    );
+    tokio::time::timeout(Duration::from_secs(10), echo_round(&c.app, 78))
+        .await
+        .expect("a new sub-stream works beside stalled stdin");
+    drop(deaf);
+
     let mut text = String::new();
     c.app.tunnels.render(&mut text);
     println!("{text}");
-    assert!(text.contains("fabric_control_tunnel_events_total{kind=\"accepted\"} 22"));
+    assert!(text.contains("fabric_control_tunnel_events_total{kind=\"accepted\"} 28"));
 
-    agent.abort();
+    // The control plane stops with the agent still running and sub-streams stalled both
+    // ways: the stop does not wait on them.
     c.stop().await;
+    agent.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,5 +542,34 @@ async fn opens_fail_fast_and_only_the_hosts_own_certificate_opens_its_tunnel() {
         .await
         .unwrap_err();
     assert!(matches!(e, TunnelError::Timeout { .. }), "{e}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_hosts_tunnel_is_closed_and_stays_closed() {
+    let pki = Pki::new();
+    let db = TempDb::new("agent-tunnel-revoke");
+    let c = Control::start(&pki, store(&db).await, None).await;
+    let agent = tokio::spawn(tunnel::run(
+        c.api(&pki.host_dir(HOST), HOST),
+        Arc::new(Fake),
+    ));
+    c.wait_connected(HOST).await;
+    let t0 = Instant::now();
+    pki.trust.revoke(HOST);
+    while c.app.tunnels.is_connected(HOST) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the revoked host's tunnel is still registered after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("revoked host's tunnel closed after {:?}", t0.elapsed());
+    // Its agent keeps trying (with backoff) and is refused every time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!c.app.tunnels.is_connected(HOST));
+    let e = c.app.tunnels.open(HOST, "vm-1", logs(1)).await.unwrap_err();
+    assert_eq!(e, TunnelError::NotConnected(HOST.into()));
+    agent.abort();
     c.stop().await;
 }

@@ -411,6 +411,10 @@ where
         .keep_alive_interval(PING_EVERY)
         .keep_alive_timeout(PING_TIMEOUT)
         .keep_alive_while_idle(true)
+        // Tunnel sub-streams whose handler does not read its input hold back only themselves
+        // (hyper's default connection window is a few streams' worth).
+        .initial_stream_window_size(crate::http::serve::STREAMING_STREAM_WINDOW)
+        .initial_connection_window_size(crate::http::serve::STREAMING_CONN_WINDOW)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;

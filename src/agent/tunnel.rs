@@ -6,6 +6,11 @@
 //! through bounded channels and are read only as fast as they are taken, so a slow consumer
 //! holds back only its own sub-stream (HTTP/2 flow control), never the tunnel or the others.
 //!
+//! What a [`Handler`] can rely on: `input` ends without `StdinEof` when the control side
+//! went away (the Docker client left); a send on `output` fails when nobody reads the
+//! sub-stream any more; and its future is dropped (aborted) when the tunnel it came from
+//! ends, so it must clean up on drop (e.g. an exec's process).
+//!
 //! The tunnel is made again (with the agent's [`Backoff`]) whenever it ends: the control plane
 //! restarted, the connection broke, nothing (not even a keep-alive line) came for
 //! [`SILENCE`], or a newer tunnel of this server replaced it.
@@ -94,6 +99,9 @@ async fn tunnel_once(api: &Api, handler: &Arc<dyn Handler>) -> Result<(), Tunnel
     let mut body = api.get_stream(&path).await?;
     tracing::info!(server = api.server(), "control-plane tunnel open");
     let mut buf: Vec<u8> = Vec::new();
+    // The sub-streams of this tunnel end with it (the control plane stopped or the
+    // connection is gone): their handlers are dropped, so nothing waits on a dead peer.
+    let mut subs = Substreams(Vec::new());
     loop {
         let frame = match tokio::time::timeout(SILENCE, body.frame()).await {
             Err(_) => return Err(TunnelEnd::Silent(SILENCE)),
@@ -114,7 +122,9 @@ async fn tunnel_once(api: &Api, handler: &Arc<dyn Handler>) -> Result<(), Tunnel
             let req: OpenRequest = serde_json::from_slice(line).map_err(|e| {
                 TunnelEnd::BadLine(format!("{e}: {}", String::from_utf8_lossy(line)))
             })?;
-            tokio::spawn(substream(api.clone(), handler.clone(), req));
+            subs.0.retain(|h| !h.is_finished());
+            subs.0
+                .push(tokio::spawn(substream(api.clone(), handler.clone(), req)).abort_handle());
         }
         // One open request is a few hundred bytes: a line this long is not one.
         if buf.len() > 1 << 20 {
@@ -122,6 +132,28 @@ async fn tunnel_once(api: &Api, handler: &Arc<dyn Handler>) -> Result<(), Tunnel
                 "{} bytes without a newline",
                 buf.len()
             )));
+        }
+    }
+}
+
+/// Aborts the sub-streams of a tunnel when it ends.
+struct Substreams(Vec<tokio::task::AbortHandle>);
+
+impl Drop for Substreams {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Aborts the handler's task if the sub-stream is dropped before it ended.
+struct Serving(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
         }
     }
 }
@@ -134,7 +166,7 @@ async fn substream(api: Api, handler: Arc<dyn Handler>, req: OpenRequest) {
     let path = format!("/servers/{}/tunnel/{}", api.server(), req.id);
     let id = req.id.clone();
     let serve: Pin<Box<dyn Future<Output = ()> + Send>> = handler.serve(req, in_rx, out_tx);
-    let serving = tokio::spawn(serve);
+    let mut serving = Serving(Some(tokio::spawn(serve)));
     let body: ReqBody = FramesBody::new(out_rx).boxed();
     let resp = match api
         .conn()
@@ -191,5 +223,7 @@ async fn substream(api: Api, handler: Arc<dyn Handler>, req: OpenRequest) {
     }
     drop(in_tx);
     // The request body (the handler's output) goes on until the handler ends.
-    let _ = serving.await;
+    if let Some(h) = serving.0.take() {
+        let _ = h.await;
+    }
 }

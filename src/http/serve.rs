@@ -281,6 +281,14 @@ fn never_streams(_: &Method, _: &str) -> bool {
     false
 }
 
+/// HTTP/2 receive window of one stream on a server with streaming routes: what one sub-stream
+/// nobody reads can hold.
+pub const STREAMING_STREAM_WINDOW: u32 = 256 << 10;
+/// HTTP/2 receive window of a connection on a server with streaming routes: unread streams
+/// hold their windows out of this one, so 64 stalled streams fit before the others stall
+/// (with hyper's defaults, 1 MiB each, one stalled stream stalls the whole connection).
+pub const STREAMING_CONN_WINDOW: u32 = 16 << 20;
+
 /// An HTTP service's serving layer: limits, accept step, counters, refusal bodies.
 pub struct Server<A = PlainTcp> {
     limits: Limits,
@@ -288,6 +296,8 @@ pub struct Server<A = PlainTcp> {
     stats: Arc<Stats>,
     refusal: Refusal,
     streaming: Streaming,
+    /// `with_streaming` was called: HTTP/2 windows for long-lived streams.
+    streams: bool,
 }
 
 impl Server<PlainTcp> {
@@ -299,6 +309,7 @@ impl Server<PlainTcp> {
             stats: Arc::default(),
             refusal: restify_refusal,
             streaming: never_streams,
+            streams: false,
         }
     }
 }
@@ -312,13 +323,18 @@ impl<A: Accept> Server<A> {
             stats: self.stats,
             refusal: self.refusal,
             streaming: self.streaming,
+            streams: self.streams,
         }
     }
 
     /// Requests for which `streaming` is true have bodies that stream without the size cap
     /// (an agent's tunnel sub-stream).
+    /// Such a server's HTTP/2 windows are [`STREAMING_STREAM_WINDOW`] per stream and
+    /// [`STREAMING_CONN_WINDOW`] per connection, so that a stream nobody reads holds back only
+    /// itself.
     pub fn with_streaming(mut self, streaming: Streaming) -> Self {
         self.streaming = streaming;
+        self.streams = true;
         self
     }
 
@@ -353,7 +369,7 @@ impl<A: Accept> Server<A> {
             limits,
             OverTcp(acceptor),
             stats,
-            (refusal, self.streaming),
+            (refusal, self.streaming, self.streams),
             listener,
             router,
             shutdown,
@@ -377,7 +393,7 @@ impl<A: Accept> Server<A> {
             limits,
             OverUnix(peer),
             stats,
-            (refusal, self.streaming),
+            (refusal, self.streaming, self.streams),
             listener,
             router,
             shutdown,
@@ -391,7 +407,7 @@ async fn run<H: Handshake, L: Listen<Stream = H::In>>(
     limits: Limits,
     handshake: H,
     stats: Arc<Stats>,
-    (refusal, streaming): (Refusal, Streaming),
+    (refusal, streaming, streams): (Refusal, Streaming, bool),
     listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -430,6 +446,12 @@ async fn run<H: Handshake, L: Listen<Stream = H::In>>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_h2_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    if streams {
+        builder
+            .http2()
+            .initial_stream_window_size(STREAMING_STREAM_WINDOW)
+            .initial_connection_window_size(STREAMING_CONN_WINDOW);
+    }
     let registry = Arc::new(Registry {
         table: Mutex::new(Table::new(cap, limits.max_connections_per_source)),
         stats,

@@ -50,24 +50,48 @@ impl HttpBody for OpenRequests {
 /// Frames from a channel, encoded; data frames longer than [`MAX_FRAME`] are split.
 pub struct Frames {
     rx: mpsc::Receiver<Frame>,
-    until: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 impl Frames {
     /// The body of the frames `rx` yields; it ends when every sender is dropped.
     pub fn new(rx: mpsc::Receiver<Frame>) -> Frames {
-        Frames { rx, until: None }
+        Frames { rx }
     }
+}
 
-    /// The same, ending early when `until` resolves.
-    pub fn until(
+/// [`Frames`] that fail (so that HTTP/2 resets the stream, dropping what is still queued for
+/// a peer that does not read) when `until` resolves: the service is stopping.
+pub struct FramesUntil {
+    rx: mpsc::Receiver<Frame>,
+    until: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+}
+
+impl FramesUntil {
+    /// The body of the frames `rx` yields until `until`.
+    pub fn new(
         rx: mpsc::Receiver<Frame>,
         until: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
-    ) -> Frames {
-        Frames {
-            rx,
-            until: Some(until),
+    ) -> FramesUntil {
+        FramesUntil { rx, until }
+    }
+}
+
+impl HttpBody for FramesUntil {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, std::io::Error>>> {
+        if self.until.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(std::io::Error::other(
+                "the control plane is stopping",
+            ))));
         }
+        self.rx
+            .poll_recv(cx)
+            .map(|f| f.map(|f| Ok(BodyFrame::data(Bytes::from(encode_split(&f))))))
     }
 }
 
@@ -101,11 +125,6 @@ impl HttpBody for Frames {
     type Error = Infallible;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
-        if let Some(u) = self.until.as_mut() {
-            if u.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-        }
         self.rx
             .poll_recv(cx)
             .map(|f| f.map(|f| Ok(BodyFrame::data(Bytes::from(encode_split(&f))))))

@@ -380,7 +380,7 @@ impl Tunnels {
                 () = closed => {}
             }
         });
-        Ok(Body::new(body::Frames::until(p.to_agent, self.closed())))
+        Ok(Body::new(body::FramesUntil::new(p.to_agent, self.closed())))
     }
 
     /// Appends the counters in Prometheus text format.
@@ -436,7 +436,12 @@ impl Tunnels {
 async fn pump_frames(mut body: Body, to: &mpsc::Sender<Frame>) -> Result<(), proto::FrameError> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let chunk: Bytes = match body.frame().await {
+        let next = tokio::select! {
+            f = body.frame() => f,
+            // The caller dropped its side: stop reading (the agent's stream is reset).
+            () = to.closed() => return Ok(()),
+        };
+        let chunk: Bytes = match next {
             None => return Ok(()),
             // The connection broke or the agent reset the stream: the sub-stream ends.
             Some(Err(_)) => return Ok(()),

@@ -174,9 +174,11 @@ pub fn decide(cond: Condition, before: &RunView, now: Option<&RunView>) -> Optio
         (Condition::NotRunning, Some(v)) => (!v.running).then(|| code(v)),
         (Condition::NextExit, Some(v)) => {
             // A process that was not yet reported when the wait began, or the one running
-            // then, has ended.
-            let later = v.run_generation > before.run_generation;
-            let same_ended = before.running && v.run_generation == before.run_generation;
+            // then, has ended. Generation 0 never runs (the "stopped, never started" report
+            // of a created container is no exit): no report and generation 0 count the same.
+            let gen = |r: &RunView| r.run_generation.unwrap_or(0);
+            let later = gen(v) > gen(before);
+            let same_ended = before.running && gen(v) == gen(before);
             let ended = !v.running && (later || same_ended);
             // A restart while running: the earlier process ended on the way.
             let replaced = before.running && later;
@@ -807,6 +809,10 @@ mod tests {
         assert_eq!(decide(NextExit, &created, Some(&created)), None);
         assert_eq!(decide(NextExit, &created, Some(&running1)), None);
         assert_eq!(decide(NextExit, &created, Some(&exited1)), Some(3));
+        // The agent's "stopped, never started" report of generation 0 is no exit.
+        let reported0 = v(false, Some(0), None);
+        assert_eq!(decide(NextExit, &created, Some(&reported0)), None);
+        assert_eq!(decide(NextExit, &reported0, Some(&exited1)), Some(3));
         // ...not the exit that was there before the request.
         assert_eq!(decide(NextExit, &exited1, Some(&exited1)), None);
         assert_eq!(decide(NextExit, &exited1, Some(&running2)), None);
