@@ -25,6 +25,10 @@ use crate::control::error::OpError;
 use crate::control::vms::{self, Action, Vm};
 use portolan::store::{self, Txn};
 
+/// How long `start` waits for the agent's report of the new process (a host's first run of an
+/// image fetches and unpacks its layers first).
+pub const START_WAIT: Duration = Duration::from_secs(120);
+
 /// How much longer than its timeout `stop`/`restart` wait for the agent's report.
 pub const WAIT_SLACK: Duration = Duration::from_secs(30);
 
@@ -43,18 +47,45 @@ fn state(db: &mut Db<'_>, c: &Ctx<'_>, vm: &Vm) -> Result<DockerState, OpError> 
     inspect::state_now(db, &c.docker.app.cfg, vm)
 }
 
-/// `POST /containers/{id}/start`: 204; 304 when it is running; 404 `network N not found`
-/// when its network did not exist at create and still does not.
-pub fn start(tx: &mut dyn Txn, c: &Ctx<'_>, term: &str) -> Result<Reply, OpError> {
-    let mut d = Db::from(tx.raw());
-    let mut f = locked(&mut d, c.account, term)?;
-    if state(&mut d, c, &f.vm)?.running() {
+/// `POST /containers/{id}/start`: 204 once the agent reports the new process (running, or
+/// already ended: moby's start too returns once the process was started), 500 with the agent's
+/// reason when it could not start it; 304 when it is running; 404 `network N not found` when
+/// its network did not exist at create and still does not.
+pub async fn start(docker: Arc<Docker>, account: Account, term: String) -> Result<Reply, OpError> {
+    let cfg = docker.app.cfg.clone();
+    let started = write(&docker, move |tx| {
+        let mut d = Db::from(tx.raw());
+        let mut f = locked(&mut d, &account, &term)?;
+        if inspect::state_now(&mut d, &cfg, &f.vm)?.running() {
+            return Ok(None);
+        }
+        attach_pending(tx, &cfg, &account, &mut f.vm)?;
+        let mut d = Db::from(tx.raw());
+        vms::act(&mut d, &mut f.vm, &Action::Start)?;
+        Ok(Some((f.vm.uuid.clone(), f.vm.generation)))
+    })
+    .await?;
+    let Some((uuid, generation)) = started else {
         return Ok(Reply::Empty(StatusCode::NOT_MODIFIED));
+    };
+    let reported = |vm: &Vm| {
+        vm.state == "failed" || vm.run_generation.is_some_and(|g| g >= generation)
+    };
+    let deadline = tokio::time::Instant::now() + START_WAIT;
+    if !wait_for(&docker, &uuid, deadline, |vm, _| reported(vm)).await? {
+        tracing::warn!(vm = %uuid, "docker start: no report of the new process in time");
+        return Ok(Reply::Empty(StatusCode::NO_CONTENT));
     }
-    attach_pending(tx, &c.docker.app.cfg, c.account, &mut f.vm)?;
-    let mut d = Db::from(tx.raw());
-    vms::act(&mut d, &mut f.vm, &Action::Start)?;
-    Ok(Reply::Empty(StatusCode::NO_CONTENT))
+    match read_state(&docker, uuid).await? {
+        Some((vm, _)) if vm.state == "failed" => Err(error::err(
+            500,
+            format!(
+                "the container's host could not start it: {}",
+                vm.state_reason.as_deref().unwrap_or("no reason given")
+            ),
+        )),
+        _ => Ok(Reply::Empty(StatusCode::NO_CONTENT)),
+    }
 }
 
 /// Gives a container whose network did not exist at create its NIC on it now (moby 20.10

@@ -81,7 +81,7 @@ pub fn route(req: &Req) -> Option<Op> {
         }
         (&Method::POST, ["containers", id, "start"]) => {
             let id = id.to_string();
-            api::write_tx(move |tx, c| lifecycle::start(tx, c, &id))
+            Op::Async(Box::new(move |d, a| Box::pin(lifecycle::start(d, a, id))))
         }
         (&Method::POST, ["containers", id, "stop"]) => {
             let (id, t) = (id.to_string(), q("t"));
