@@ -26,6 +26,22 @@ use std::sync::Arc;
 use self::shim::{ShimClient, ShimRequest, ShimState};
 use crate::control::container_spec::ContainerSpec;
 
+/// Makes a container's bundle: its layers on this host, the root filesystem unpacked from
+/// them, `config.json` and the `hostname`/`hosts`/`resolv.conf` files (img's
+/// `layers::ensure_layers`, `rootfs::unpack`, `bundle::write_bundle`). The runtime marks the
+/// container prepared when it succeeds.
+pub trait Preparer: Send + Sync + 'static {
+    /// Prepares `vm` (its container spec) into `bundle`.
+    fn prepare<'a>(
+        &'a self,
+        vm: &'a crate::agent::api::Vm,
+        bundle: &'a Path,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+/// The file in a container's directory that remembers the last signal id delivered.
+pub const SIGNAL_FILE: &str = "signal_id";
+
 /// Marker written when a container's bundle (root filesystem and config) is complete.
 pub const PREPARED_FILE: &str = "prepared";
 
@@ -185,6 +201,22 @@ impl Runtime {
     pub fn mark_prepared(&self, vm: &str) -> Result<(), RuntimeError> {
         std::fs::write(self.dir(vm).join(PREPARED_FILE), b"")
             .map_err(io(format!("marking {vm} prepared")))
+    }
+
+    /// The last signal id delivered to (or skipped for) `vm`.
+    pub fn signal_done(&self, vm: &str) -> u64 {
+        std::fs::read_to_string(self.dir(vm).join(SIGNAL_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records signal `id` of `vm` as done.
+    pub fn set_signal_done(&self, vm: &str, id: u64) -> Result<(), RuntimeError> {
+        let d = self.dir(vm);
+        let tmp = d.join("signal_id.tmp");
+        std::fs::write(&tmp, id.to_string()).map_err(io("writing signal_id"))?;
+        std::fs::rename(tmp, d.join(SIGNAL_FILE)).map_err(io("renaming signal_id"))
     }
 
     /// Where container `vm` is.

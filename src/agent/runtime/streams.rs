@@ -144,22 +144,25 @@ impl Streams {
             }
         }
         let live = LogQuery { tail: None, ..q };
-        while follow {
-            let running = matches!(self.rt.phase(vm), Phase::Running { .. });
-            let more = fol
-                .poll()
-                .map_err(|e| format!("reading the log of {vm}: {e}"))?;
-            for r in more.into_iter().filter(|r| live.keeps(r)) {
-                if send_record(out, &r, timestamps).await.is_err() {
-                    return Ok(());
+        if follow {
+            loop {
+                let running = matches!(self.rt.phase(vm), Phase::Running { .. });
+                let more = fol
+                    .poll()
+                    .map_err(|e| format!("reading the log of {vm}: {e}"))?;
+                for r in more.into_iter().filter(|r| live.keeps(r)) {
+                    if send_record(out, &r, timestamps).await.is_err() {
+                        return Ok(());
+                    }
                 }
-            }
-            if !running || live.until_ns.is_some_and(|u| super::logs::now_ns() >= u) {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(FOLLOW_POLL) => {}
-                _ = out.closed() => return Ok(()),
+                // Followed until the process has ended (its last output read after that).
+                if !running || live.until_ns.is_some_and(|u| super::logs::now_ns() >= u) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                    _ = out.closed() => return Ok(()),
+                }
             }
         }
         let _ = out.send(Frame::Exit { code: 0 }).await;
