@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use fabric::agent::runtime::exec::{self, ExecSpec};
 use fabric::agent::runtime::logs::{self, LogFollower, LogQuery, Stream};
 use fabric::agent::runtime::shim::{ShimClient, ShimRequest, ShimState};
+use fabric::agent::runtime::streams::Streams;
 use fabric::agent::runtime::{Phase, Runtime};
+use fabric::agent::tunnel::Handler;
 use fabric::control::container_spec::ContainerSpec;
-use fabric::control::tunnel::proto::Frame;
+use fabric::control::tunnel::proto::{Frame, OpenRequest, StreamOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -673,4 +675,177 @@ fn a_restarted_agent_finds_the_running_container() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&list.stdout).contains(&vm));
     assert_eq!(again.phase(&vm), Phase::Absent);
+}
+
+async fn handler_collect(h: &Streams, vm: &str, op: StreamOp, input: Vec<Frame>) -> Vec<Frame> {
+    let (in_tx, in_rx) = mpsc::channel(16);
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    for f in input {
+        in_tx.send(f).await.unwrap();
+    }
+    let req = OpenRequest {
+        id: "s1".into(),
+        vm: vm.into(),
+        op,
+    };
+    let serve = h.serve(req, in_rx, out_tx);
+    let collect = async {
+        let mut v = Vec::new();
+        while let Some(f) = out_rx.recv().await {
+            v.push(f);
+        }
+        v
+    };
+    let (_, frames) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(serve, collect)
+    })
+    .await
+    .expect("the sub-stream ended");
+    drop(in_tx);
+    frames
+}
+
+#[test]
+fn the_tunnel_handler_serves_attach_logs_and_exec() {
+    if !root::root_or_skip("the_tunnel_handler_serves_attach_logs_and_exec") {
+        return;
+    }
+    let rt_ = tokio_rt();
+    let mut f = Fixture::new("handler");
+    let h = Streams::new(std::sync::Arc::new(Runtime::new(
+        &f.data,
+        Path::new(env!("CARGO_BIN_EXE_fabric")),
+    )));
+    // `docker run`: attach first, then start; a process that exits at once.
+    let (hi, spec) = f.container(&["sh", "-c", "echo hi; echo oops >&2"], false, false);
+    rt_.block_on(async {
+        let attach = StreamOp::Attach {
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            logs: false,
+        };
+        let h2 = h.clone();
+        let vm = hi.clone();
+        let t = tokio::spawn(async move { handler_collect(&h2, &vm, attach, vec![]).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        f.rt.start(&hi, &spec, 1).unwrap();
+        let fr = t.await.unwrap();
+        assert_eq!(stdout_of(&fr), "hi\n", "{fr:?}");
+        assert!(fr.contains(&Frame::Stderr(b"oops\n".to_vec())), "{fr:?}");
+        assert_eq!(fr.last(), Some(&Frame::Exit { code: 0 }));
+    });
+    // logs: all, with timestamps, then tail 1 of stdout only.
+    rt_.block_on(async {
+        let fr = handler_collect(
+            &h,
+            &hi,
+            StreamOp::Logs {
+                follow: false,
+                tail: None,
+                since_ns: None,
+                until_ns: None,
+                timestamps: true,
+                stdout: true,
+                stderr: true,
+            },
+            vec![],
+        )
+        .await;
+        let out = stdout_of(&fr);
+        assert!(out.ends_with("Z hi\n") && out.starts_with("20"), "{out}");
+        assert_eq!(fr.last(), Some(&Frame::Exit { code: 0 }));
+        let fr = handler_collect(
+            &h,
+            &hi,
+            StreamOp::Logs {
+                follow: true,
+                tail: Some(1),
+                since_ns: None,
+                until_ns: None,
+                timestamps: false,
+                stdout: true,
+                stderr: false,
+            },
+            vec![],
+        )
+        .await;
+        assert_eq!(stdout_of(&fr), "hi\n");
+        // exec into a container that is not running: refused with a reason.
+        let fr = handler_collect(
+            &h,
+            &hi,
+            StreamOp::Exec {
+                cmd: vec!["true".into()],
+                env: vec![],
+                user: String::new(),
+                working_dir: String::new(),
+                tty: false,
+                stdin: false,
+            },
+            vec![],
+        )
+        .await;
+        assert!(
+            matches!(&fr[..], [Frame::Error(e)] if e.contains("not running")),
+            "{fr:?}"
+        );
+        // A container that is not on this host.
+        let fr = handler_collect(
+            &h,
+            "00000000-0000-4000-8000-00000000dead",
+            StreamOp::Resize {
+                height: 1,
+                width: 1,
+            },
+            vec![],
+        )
+        .await;
+        assert!(
+            matches!(&fr[..], [Frame::Error(e)] if e.contains("not on this host")),
+            "{fr:?}"
+        );
+    });
+    // logs --follow of a running container ends when it does; exec through the handler.
+    let (slow, spec) = f.container(&["sh", "-c", "echo a; sleep 1; echo b"], false, false);
+    f.rt.start(&slow, &spec, 1).unwrap();
+    rt_.block_on(async {
+        wait_running(&f.rt, &slow).await;
+        let ex = handler_collect(
+            &h,
+            &slow,
+            StreamOp::Exec {
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "read l; echo got $l; exit 2".into(),
+                ],
+                env: vec![],
+                user: String::new(),
+                working_dir: String::new(),
+                tty: false,
+                stdin: true,
+            },
+            vec![Frame::Stdin(b"x\n".to_vec()), Frame::StdinEof],
+        )
+        .await;
+        assert_eq!(stdout_of(&ex), "got x\n", "{ex:?}");
+        assert_eq!(ex.last(), Some(&Frame::Exit { code: 2 }));
+        let fr = handler_collect(
+            &h,
+            &slow,
+            StreamOp::Logs {
+                follow: true,
+                tail: None,
+                since_ns: None,
+                until_ns: None,
+                timestamps: false,
+                stdout: true,
+                stderr: true,
+            },
+            vec![],
+        )
+        .await;
+        assert_eq!(stdout_of(&fr), "a\nb\n", "{fr:?}");
+    });
 }

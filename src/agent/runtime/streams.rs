@@ -218,6 +218,30 @@ impl Streams {
                     break c;
                 }
             }
+            if let Phase::Exited { state } = &ph {
+                if from_start && Some(state.generation) != last_gen {
+                    // The run started and ended between two looks (`echo hi`): its output
+                    // is in the log, from its start.
+                    let since = state.started_ms.map(|ms| ms * 1_000_000);
+                    let q = LogQuery {
+                        stdout,
+                        stderr,
+                        since_ns: since,
+                        ..Default::default()
+                    };
+                    let all = super::logs::read_all(&self.rt.dir(vm))
+                        .map_err(|e| format!("reading the log of {vm}: {e}"))?;
+                    let _ = out.send(Frame::Started { pid: None }).await;
+                    for r in q.select(all) {
+                        if send_record(out, &r, false).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    let code = state.exit_status.unwrap_or(-1);
+                    let _ = out.send(Frame::Exit { code }).await;
+                    return Ok(());
+                }
+            }
             if Instant::now() > deadline {
                 return Err(format!(
                     "container {vm} did not start within {ATTACH_WAIT:?}"
