@@ -14,12 +14,14 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use fabric::agent::api::VmState;
 use fabric::agent::runtime::exec::{self, ExecSpec};
 use fabric::agent::runtime::logs::{self, LogFollower, LogQuery, Stream};
 use fabric::agent::runtime::shim::{ShimClient, ShimRequest, ShimState};
 use fabric::agent::runtime::streams::Streams;
-use fabric::agent::runtime::{Phase, Runtime};
+use fabric::agent::runtime::{Phase, Preparer, Runtime};
 use fabric::agent::tunnel::Handler;
+use fabric::agent::Containers;
 use fabric::control::container_spec::ContainerSpec;
 use fabric::control::tunnel::proto::{Frame, OpenRequest, StreamOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,26 +64,7 @@ impl Fixture {
         let n = N.fetch_add(1, Ordering::SeqCst);
         let vm = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n);
         let dir = self.rt.create_dir(&vm).unwrap();
-        let bundle = dir.join("bundle");
-        busybox_rootfs(&bundle.join("rootfs"));
-        let out = Command::new("runc")
-            .args(["spec", "--bundle"])
-            .arg(&bundle)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "runc spec: {out:?}");
-        let p = bundle.join("config.json");
-        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-        c["process"]["args"] = serde_json::json!(argv);
-        c["process"]["terminal"] = serde_json::json!(tty);
-        c["root"]["readonly"] = serde_json::json!(false);
-        c["hostname"] = serde_json::json!("ct");
-        for ns in c["linux"]["namespaces"].as_array_mut().unwrap() {
-            if ns["type"] == "network" {
-                ns["path"] = serde_json::json!(format!("/run/netns/{}", self.netns));
-            }
-        }
-        std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+        write_bundle(&dir.join("bundle"), argv, tty, &self.netns);
         self.rt.mark_prepared(&vm).unwrap();
         self.vms.push(vm.clone());
         let spec = ContainerSpec {
@@ -99,14 +82,38 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        for vm in &self.vms {
-            let _ = self.rt.remove(vm);
+        // Every container under the data directory, also those another Runtime made.
+        for vm in self.vms.iter().cloned().chain(self.rt.list()) {
+            let _ = self.rt.remove(&vm);
         }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
         let _ = std::fs::remove_dir_all(&self.data);
     }
+}
+
+/// A busybox root filesystem and runc's default config running `argv` in netns `netns`.
+fn write_bundle(bundle: &Path, argv: &[&str], tty: bool, netns: &str) {
+    busybox_rootfs(&bundle.join("rootfs"));
+    let out = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "runc spec: {out:?}");
+    let p = bundle.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    c["process"]["args"] = serde_json::json!(argv);
+    c["process"]["terminal"] = serde_json::json!(tty);
+    c["root"]["readonly"] = serde_json::json!(false);
+    c["hostname"] = serde_json::json!("ct");
+    for ns in c["linux"]["namespaces"].as_array_mut().unwrap() {
+        if ns["type"] == "network" {
+            ns["path"] = serde_json::json!(format!("/run/netns/{netns}"));
+        }
+    }
+    std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
 }
 
 /// `/bin/busybox` and a symlink per applet.
@@ -848,4 +855,135 @@ fn the_tunnel_handler_serves_attach_logs_and_exec() {
         .await;
         assert_eq!(stdout_of(&fr), "a\nb\n", "{fr:?}");
     });
+}
+
+/// Writes the busybox bundle of `container` (what img's layers/rootfs/bundle do on a real host).
+struct TestPreparer {
+    netns: String,
+}
+
+impl Preparer for TestPreparer {
+    fn prepare<'a>(
+        &'a self,
+        vm: &'a fabric::agent::api::Vm,
+        bundle: &'a Path,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let spec = vm.container.as_ref().ok_or("no container")?;
+            let argv = spec.argv();
+            let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+            write_bundle(bundle, &argv, false, &self.netns);
+            Ok(())
+        })
+    }
+}
+
+fn vm_of(uuid: &str, argv: &[&str], desired: &str, generation: u64) -> fabric::agent::api::Vm {
+    serde_json::from_value(serde_json::json!({
+        "uuid": uuid,
+        "owner_uuid": "o",
+        "state": "stopped",
+        "desired_state": desired,
+        "generation": generation,
+        "container": {
+            "id": format!("{}{}", uuid.replace('-', ""), "0".repeat(32)),
+            "cmd": argv,
+            "working_dir": "/",
+            "stop_signal": "SIGTERM",
+            "stop_timeout": 1,
+            "uid_base": fabric::control::container_spec::UID_BASE_START,
+        }
+    }))
+    .unwrap()
+}
+
+#[test]
+fn the_agent_step_runs_reports_and_removes_containers() {
+    if !root::root_or_skip("the_agent_step_runs_reports_and_removes_containers") {
+        return;
+    }
+    let rt_ = tokio_rt();
+    let f = Fixture::new("step");
+    // The agent steps only VMs whose namespace is in place: the VM is named like the netns.
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let uuid = format!("{:08x}-1111-4000-8000-{:012x}", std::process::id(), n);
+    let ns = Netns(uuid.clone());
+    let out = Command::new("ip")
+        .args(["netns", "add", &uuid])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rt = std::sync::Arc::new(Runtime::new(
+        &f.data,
+        Path::new(env!("CARGO_BIN_EXE_fabric")),
+    ));
+    let step = Containers::new(
+        rt.clone(),
+        std::sync::Arc::new(TestPreparer {
+            netns: uuid.clone(),
+        }),
+    );
+    let mut last = std::collections::BTreeMap::new();
+    rt_.block_on(async {
+        // Created (generation 0, desired stopped): prepared, reported stopped, not started.
+        let mut vm = vm_of(&uuid, &["sh", "-c", "echo run; exit 4"], "stopped", 0);
+        let (reps, failed) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert_eq!(failed, 0);
+        assert_eq!(reps.len(), 1, "{reps:?}");
+        assert_eq!(reps[0].state, VmState::Stopped);
+        assert_eq!(reps[0].generation, None);
+        assert_eq!(rt.phase(&uuid), Phase::Prepared);
+        last.insert(uuid.clone(), reps[0].clone());
+        // Started: generation 1 runs, ends with 4, reported stopped with its exit status.
+        vm.desired_state = "running".into();
+        vm.generation = 1;
+        let (reps, _) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert!(reps.iter().all(|r| r.state != VmState::Failed), "{reps:?}");
+        wait_exit(&rt, &uuid, Duration::from_secs(20));
+        let (reps, _) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert_eq!(reps.len(), 1, "{reps:?}");
+        let r = &reps[0];
+        assert_eq!(
+            (r.state, r.exit_status, r.generation),
+            (VmState::Stopped, Some(4), Some(1))
+        );
+        assert!(
+            r.started_at.is_some() && r.finished_at >= r.started_at,
+            "{r:?}"
+        );
+        last.insert(uuid.clone(), r.clone());
+        vm.state = "stopped".into();
+        vm.run_generation = Some(1);
+        // Desired still running, but generation 1 ended: never started again.
+        let (reps, _) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert!(reps.is_empty(), "{reps:?}");
+        assert_eq!(log_text(&rt, &uuid), "run\n");
+        // A bad spec is refused by the agent's re-check, with the reason.
+        let mut bad = vm.clone();
+        bad.generation = 2;
+        bad.container.as_mut().unwrap().user = "root".into();
+        let (reps, failed) = step.reconcile(std::slice::from_ref(&bad), &last).await;
+        assert_eq!(failed, 1);
+        assert_eq!(reps[0].state, VmState::Failed);
+        assert!(
+            reps[0].reason.as_deref().unwrap().contains("numeric"),
+            "{reps:?}"
+        );
+        assert_eq!(log_text(&rt, &uuid), "run\n");
+        // The VM gone from the snapshot: its container is removed.
+        let (reps, _) = step.reconcile(&[], &last).await;
+        assert!(reps.is_empty());
+        assert_eq!(rt.phase(&uuid), Phase::Absent);
+        assert!(!rt.dir(&uuid).exists());
+    });
+    drop(ns);
+}
+
+/// Deletes the named netns on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

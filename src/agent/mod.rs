@@ -193,10 +193,7 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
 
     let shim_exe = std::env::current_exe().context("finding this executable (for fabric shim)")?;
     let rt = Arc::new(runtime::Runtime::new(&args.data, &shim_exe));
-    let containers = Containers {
-        rt: rt.clone(),
-        prep: Arc::new(NoImages),
-    };
+    let containers = Containers::new(rt.clone(), Arc::new(NoImages));
     // Shims that outlived an earlier agent: their exits wake a reconcile too.
     for vm in rt.list() {
         if matches!(rt.phase(&vm), runtime::Phase::Running { .. }) {
@@ -586,7 +583,7 @@ fn reconcile_host<H: Host>(
 }
 
 /// The container part of a reconcile: the runtime and how bundles are made.
-struct Containers {
+pub struct Containers {
     rt: Arc<runtime::Runtime>,
     prep: Arc<dyn runtime::Preparer>,
 }
@@ -608,10 +605,15 @@ impl runtime::Preparer for NoImages {
 }
 
 impl Containers {
+    /// The container step over runtime `rt`, making bundles with `prep`.
+    pub fn new(rt: Arc<runtime::Runtime>, prep: Arc<dyn runtime::Preparer>) -> Containers {
+        Containers { rt, prep }
+    }
+
     /// Brings each container VM of `vms` whose namespace is in place to what it asks, removes
     /// containers of VMs no longer here, and returns the reports that differ from `last` (or
     /// from what the control plane shows), with the number of failed steps.
-    async fn reconcile(
+    pub async fn reconcile(
         &self,
         vms: &[api::Vm],
         last: &BTreeMap<String, api::StateReport>,
