@@ -193,6 +193,8 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
 
     let shim_exe = std::env::current_exe().context("finding this executable (for fabric shim)")?;
     let rt = Arc::new(runtime::Runtime::new(&args.data, &shim_exe));
+    // With img's parts merged: `runtime::prepare::ImgPreparer::new(Api::new(conn.clone(),
+    // &server), &rt.images_dir())` in place of `NoImages`.
     let containers = Containers::new(rt.clone(), Arc::new(NoImages));
     // Shims that outlived an earlier agent: their exits wake a reconcile too.
     for vm in rt.list() {
