@@ -958,9 +958,18 @@ fn the_agent_step_runs_reports_and_removes_containers() {
         let (reps, _) = step.reconcile(std::slice::from_ref(&vm), &last).await;
         assert!(reps.is_empty(), "{reps:?}");
         assert_eq!(log_text(&rt, &uuid), "run\n");
+        // `docker start` again: generation 2, at once after the last run (its shim may still
+        // be finishing).
+        let mut again = vm.clone();
+        again.generation = 2;
+        let (reps, failed) = step.reconcile(std::slice::from_ref(&again), &last).await;
+        assert_eq!(failed, 0, "{reps:?}");
+        let st = wait_exit(&rt, &uuid, Duration::from_secs(20));
+        assert_eq!((st.generation, st.exit_status), (2, Some(4)));
+        assert_eq!(log_text(&rt, &uuid), "run\nrun\n");
         // A bad spec is refused by the agent's re-check, with the reason.
         let mut bad = vm.clone();
-        bad.generation = 2;
+        bad.generation = 3;
         bad.container.as_mut().unwrap().user = "root".into();
         let (reps, failed) = step.reconcile(std::slice::from_ref(&bad), &last).await;
         assert_eq!(failed, 1);
@@ -969,7 +978,7 @@ fn the_agent_step_runs_reports_and_removes_containers() {
             reps[0].reason.as_deref().unwrap().contains("numeric"),
             "{reps:?}"
         );
-        assert_eq!(log_text(&rt, &uuid), "run\n");
+        assert_eq!(log_text(&rt, &uuid), "run\nrun\n");
         // The VM gone from the snapshot: its container is removed.
         let (reps, _) = step.reconcile(&[], &last).await;
         assert!(reps.is_empty());

@@ -692,9 +692,17 @@ impl Containers {
                         .map_err(|e| e.to_string())?;
                     rt.mark_prepared(&vm.uuid).map_err(|e| e.to_string())?;
                 }
-                plan::ContainerAction::Start { generation } => rt
-                    .start(&vm.uuid, spec, generation)
-                    .map_err(|e| e.to_string())?,
+                plan::ContainerAction::Start { generation } => {
+                    // The last run's shim may still be finishing (runc delete, its clients):
+                    // a restart waits for it rather than failing.
+                    let dir = rt.dir(&vm.uuid);
+                    let t = std::time::Instant::now();
+                    while runtime::shim_alive(&dir) && t.elapsed() < Duration::from_secs(5) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    rt.start(&vm.uuid, spec, generation)
+                        .map_err(|e| e.to_string())?
+                }
                 plan::ContainerAction::Stop { timeout } => rt
                     .stop(&vm.uuid, timeout)
                     .await
