@@ -14,12 +14,16 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use fabric::agent::api::VmState;
 use fabric::agent::runtime::exec::{self, ExecSpec};
 use fabric::agent::runtime::logs::{self, LogFollower, LogQuery, Stream};
 use fabric::agent::runtime::shim::{ShimClient, ShimRequest, ShimState};
-use fabric::agent::runtime::{Phase, Runtime};
+use fabric::agent::runtime::streams::Streams;
+use fabric::agent::runtime::{Phase, Preparer, Runtime};
+use fabric::agent::tunnel::Handler;
+use fabric::agent::Containers;
 use fabric::control::container_spec::ContainerSpec;
-use fabric::control::tunnel::proto::Frame;
+use fabric::control::tunnel::proto::{Frame, OpenRequest, StreamOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -60,26 +64,7 @@ impl Fixture {
         let n = N.fetch_add(1, Ordering::SeqCst);
         let vm = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n);
         let dir = self.rt.create_dir(&vm).unwrap();
-        let bundle = dir.join("bundle");
-        busybox_rootfs(&bundle.join("rootfs"));
-        let out = Command::new("runc")
-            .args(["spec", "--bundle"])
-            .arg(&bundle)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "runc spec: {out:?}");
-        let p = bundle.join("config.json");
-        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-        c["process"]["args"] = serde_json::json!(argv);
-        c["process"]["terminal"] = serde_json::json!(tty);
-        c["root"]["readonly"] = serde_json::json!(false);
-        c["hostname"] = serde_json::json!("ct");
-        for ns in c["linux"]["namespaces"].as_array_mut().unwrap() {
-            if ns["type"] == "network" {
-                ns["path"] = serde_json::json!(format!("/run/netns/{}", self.netns));
-            }
-        }
-        std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+        write_bundle(&dir.join("bundle"), argv, tty, &self.netns);
         self.rt.mark_prepared(&vm).unwrap();
         self.vms.push(vm.clone());
         let spec = ContainerSpec {
@@ -97,14 +82,38 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        for vm in &self.vms {
-            let _ = self.rt.remove(vm);
+        // Every container under the data directory, also those another Runtime made.
+        for vm in self.vms.iter().cloned().chain(self.rt.list()) {
+            let _ = self.rt.remove(&vm);
         }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
         let _ = std::fs::remove_dir_all(&self.data);
     }
+}
+
+/// A busybox root filesystem and runc's default config running `argv` in netns `netns`.
+fn write_bundle(bundle: &Path, argv: &[&str], tty: bool, netns: &str) {
+    busybox_rootfs(&bundle.join("rootfs"));
+    let out = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "runc spec: {out:?}");
+    let p = bundle.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    c["process"]["args"] = serde_json::json!(argv);
+    c["process"]["terminal"] = serde_json::json!(tty);
+    c["root"]["readonly"] = serde_json::json!(false);
+    c["hostname"] = serde_json::json!("ct");
+    for ns in c["linux"]["namespaces"].as_array_mut().unwrap() {
+        if ns["type"] == "network" {
+            ns["path"] = serde_json::json!(format!("/run/netns/{netns}"));
+        }
+    }
+    std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
 }
 
 /// `/bin/busybox` and a symlink per applet.
@@ -673,4 +682,317 @@ fn a_restarted_agent_finds_the_running_container() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&list.stdout).contains(&vm));
     assert_eq!(again.phase(&vm), Phase::Absent);
+}
+
+async fn handler_collect(h: &Streams, vm: &str, op: StreamOp, input: Vec<Frame>) -> Vec<Frame> {
+    let (in_tx, in_rx) = mpsc::channel(16);
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    for f in input {
+        in_tx.send(f).await.unwrap();
+    }
+    let req = OpenRequest {
+        id: "s1".into(),
+        vm: vm.into(),
+        op,
+    };
+    let serve = h.serve(req, in_rx, out_tx);
+    let collect = async {
+        let mut v = Vec::new();
+        while let Some(f) = out_rx.recv().await {
+            v.push(f);
+        }
+        v
+    };
+    let (_, frames) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(serve, collect)
+    })
+    .await
+    .expect("the sub-stream ended");
+    drop(in_tx);
+    frames
+}
+
+#[test]
+fn the_tunnel_handler_serves_attach_logs_and_exec() {
+    if !root::root_or_skip("the_tunnel_handler_serves_attach_logs_and_exec") {
+        return;
+    }
+    let rt_ = tokio_rt();
+    let mut f = Fixture::new("handler");
+    let h = Streams::new(std::sync::Arc::new(Runtime::new(
+        &f.data,
+        Path::new(env!("CARGO_BIN_EXE_fabric")),
+    )));
+    // `docker run`: attach first, then start; a process that exits at once.
+    let (hi, spec) = f.container(&["sh", "-c", "echo hi; echo oops >&2"], false, false);
+    rt_.block_on(async {
+        let attach = StreamOp::Attach {
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            logs: false,
+        };
+        let h2 = h.clone();
+        let vm = hi.clone();
+        let t = tokio::spawn(async move { handler_collect(&h2, &vm, attach, vec![]).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        f.rt.start(&hi, &spec, 1).unwrap();
+        let fr = t.await.unwrap();
+        assert_eq!(stdout_of(&fr), "hi\n", "{fr:?}");
+        assert!(fr.contains(&Frame::Stderr(b"oops\n".to_vec())), "{fr:?}");
+        assert_eq!(fr.last(), Some(&Frame::Exit { code: 0 }));
+    });
+    // logs: all, with timestamps, then tail 1 of stdout only.
+    rt_.block_on(async {
+        let fr = handler_collect(
+            &h,
+            &hi,
+            StreamOp::Logs {
+                follow: false,
+                tail: None,
+                since_ns: None,
+                until_ns: None,
+                timestamps: true,
+                stdout: true,
+                stderr: true,
+            },
+            vec![],
+        )
+        .await;
+        let out = stdout_of(&fr);
+        assert!(out.ends_with("Z hi\n") && out.starts_with("20"), "{out}");
+        assert_eq!(fr.last(), Some(&Frame::Exit { code: 0 }));
+        let fr = handler_collect(
+            &h,
+            &hi,
+            StreamOp::Logs {
+                follow: true,
+                tail: Some(1),
+                since_ns: None,
+                until_ns: None,
+                timestamps: false,
+                stdout: true,
+                stderr: false,
+            },
+            vec![],
+        )
+        .await;
+        assert_eq!(stdout_of(&fr), "hi\n");
+        // exec into a container that is not running: refused with a reason.
+        let fr = handler_collect(
+            &h,
+            &hi,
+            StreamOp::Exec {
+                cmd: vec!["true".into()],
+                env: vec![],
+                user: String::new(),
+                working_dir: String::new(),
+                tty: false,
+                stdin: false,
+            },
+            vec![],
+        )
+        .await;
+        assert!(
+            matches!(&fr[..], [Frame::Error(e)] if e.contains("not running")),
+            "{fr:?}"
+        );
+        // A container that is not on this host.
+        let fr = handler_collect(
+            &h,
+            "00000000-0000-4000-8000-00000000dead",
+            StreamOp::Resize {
+                height: 1,
+                width: 1,
+            },
+            vec![],
+        )
+        .await;
+        assert!(
+            matches!(&fr[..], [Frame::Error(e)] if e.contains("not on this host")),
+            "{fr:?}"
+        );
+    });
+    // logs --follow of a running container ends when it does; exec through the handler.
+    let (slow, spec) = f.container(&["sh", "-c", "echo a; sleep 1; echo b"], false, false);
+    f.rt.start(&slow, &spec, 1).unwrap();
+    rt_.block_on(async {
+        wait_running(&f.rt, &slow).await;
+        let ex = handler_collect(
+            &h,
+            &slow,
+            StreamOp::Exec {
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "read l; echo got $l; exit 2".into(),
+                ],
+                env: vec![],
+                user: String::new(),
+                working_dir: String::new(),
+                tty: false,
+                stdin: true,
+            },
+            vec![Frame::Stdin(b"x\n".to_vec()), Frame::StdinEof],
+        )
+        .await;
+        assert_eq!(stdout_of(&ex), "got x\n", "{ex:?}");
+        assert_eq!(ex.last(), Some(&Frame::Exit { code: 2 }));
+        let fr = handler_collect(
+            &h,
+            &slow,
+            StreamOp::Logs {
+                follow: true,
+                tail: None,
+                since_ns: None,
+                until_ns: None,
+                timestamps: false,
+                stdout: true,
+                stderr: true,
+            },
+            vec![],
+        )
+        .await;
+        assert_eq!(stdout_of(&fr), "a\nb\n", "{fr:?}");
+    });
+}
+
+/// Writes the busybox bundle of `container` (what img's layers/rootfs/bundle do on a real host).
+struct TestPreparer {
+    netns: String,
+}
+
+impl Preparer for TestPreparer {
+    fn prepare<'a>(
+        &'a self,
+        vm: &'a fabric::agent::api::Vm,
+        bundle: &'a Path,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let spec = vm.container.as_ref().ok_or("no container")?;
+            let argv = spec.argv();
+            let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+            write_bundle(bundle, &argv, false, &self.netns);
+            Ok(())
+        })
+    }
+}
+
+fn vm_of(uuid: &str, argv: &[&str], desired: &str, generation: u64) -> fabric::agent::api::Vm {
+    serde_json::from_value(serde_json::json!({
+        "uuid": uuid,
+        "owner_uuid": "o",
+        "state": "stopped",
+        "desired_state": desired,
+        "generation": generation,
+        "container": {
+            "id": format!("{}{}", uuid.replace('-', ""), "0".repeat(32)),
+            "cmd": argv,
+            "working_dir": "/",
+            "stop_signal": "SIGTERM",
+            "stop_timeout": 1,
+            "uid_base": fabric::control::container_spec::UID_BASE_START,
+        }
+    }))
+    .unwrap()
+}
+
+#[test]
+fn the_agent_step_runs_reports_and_removes_containers() {
+    if !root::root_or_skip("the_agent_step_runs_reports_and_removes_containers") {
+        return;
+    }
+    let rt_ = tokio_rt();
+    let f = Fixture::new("step");
+    // The agent steps only VMs whose namespace is in place: the VM is named like the netns.
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let uuid = format!("{:08x}-1111-4000-8000-{:012x}", std::process::id(), n);
+    let ns = Netns(uuid.clone());
+    let out = Command::new("ip")
+        .args(["netns", "add", &uuid])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rt = std::sync::Arc::new(Runtime::new(
+        &f.data,
+        Path::new(env!("CARGO_BIN_EXE_fabric")),
+    ));
+    let step = Containers::new(
+        rt.clone(),
+        std::sync::Arc::new(TestPreparer {
+            netns: uuid.clone(),
+        }),
+    );
+    let mut last = std::collections::BTreeMap::new();
+    rt_.block_on(async {
+        // Created (generation 0, desired stopped): prepared, reported stopped, not started.
+        let mut vm = vm_of(&uuid, &["sh", "-c", "echo run; exit 4"], "stopped", 0);
+        let (reps, failed) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert_eq!(failed, 0);
+        assert_eq!(reps.len(), 1, "{reps:?}");
+        assert_eq!(reps[0].state, VmState::Stopped);
+        assert_eq!(reps[0].generation, None);
+        assert_eq!(rt.phase(&uuid), Phase::Prepared);
+        last.insert(uuid.clone(), reps[0].clone());
+        // Started: generation 1 runs, ends with 4, reported stopped with its exit status.
+        vm.desired_state = "running".into();
+        vm.generation = 1;
+        let (reps, _) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert!(reps.iter().all(|r| r.state != VmState::Failed), "{reps:?}");
+        wait_exit(&rt, &uuid, Duration::from_secs(20));
+        let (reps, _) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert_eq!(reps.len(), 1, "{reps:?}");
+        let r = &reps[0];
+        assert_eq!(
+            (r.state, r.exit_status, r.generation),
+            (VmState::Stopped, Some(4), Some(1))
+        );
+        assert!(
+            r.started_at.is_some() && r.finished_at >= r.started_at,
+            "{r:?}"
+        );
+        last.insert(uuid.clone(), r.clone());
+        vm.state = "stopped".into();
+        vm.run_generation = Some(1);
+        // Desired still running, but generation 1 ended: never started again.
+        let (reps, _) = step.reconcile(std::slice::from_ref(&vm), &last).await;
+        assert!(reps.is_empty(), "{reps:?}");
+        assert_eq!(log_text(&rt, &uuid), "run\n");
+        // `docker start` again: generation 2, at once after the last run (its shim may still
+        // be finishing).
+        let mut again = vm.clone();
+        again.generation = 2;
+        let (reps, failed) = step.reconcile(std::slice::from_ref(&again), &last).await;
+        assert_eq!(failed, 0, "{reps:?}");
+        let st = wait_exit(&rt, &uuid, Duration::from_secs(20));
+        assert_eq!((st.generation, st.exit_status), (2, Some(4)));
+        assert_eq!(log_text(&rt, &uuid), "run\nrun\n");
+        // A bad spec is refused by the agent's re-check, with the reason.
+        let mut bad = vm.clone();
+        bad.generation = 3;
+        bad.container.as_mut().unwrap().user = "root".into();
+        let (reps, failed) = step.reconcile(std::slice::from_ref(&bad), &last).await;
+        assert_eq!(failed, 1);
+        assert_eq!(reps[0].state, VmState::Failed);
+        assert!(
+            reps[0].reason.as_deref().unwrap().contains("numeric"),
+            "{reps:?}"
+        );
+        assert_eq!(log_text(&rt, &uuid), "run\nrun\n");
+        // The VM gone from the snapshot: its container is removed.
+        let (reps, _) = step.reconcile(&[], &last).await;
+        assert!(reps.is_empty());
+        assert_eq!(rt.phase(&uuid), Phase::Absent);
+        assert!(!rt.dir(&uuid).exists());
+    });
+    drop(ns);
+}
+
+/// Deletes the named netns on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

@@ -9,6 +9,8 @@
 //! - [`logs`]: the bounded log and its reader.
 //! - [`exec`]: `runc exec` of a process in a running container.
 //! - [`streams`]: the tunnel's sub-streams (attach, logs, exec, resize) on this host.
+//! - `prepare.rs`: the agent's [`Preparer`] from img's `layers`/`rootfs`/`bundle`. It joins the
+//!   module tree (`pub mod prepare;`) when those are merged; checked to build against them.
 //!
 //! [`Runtime`] is what the reconciler uses: the state of a container from its files, start a
 //! generation (never twice: the agent writes `state.json` with the generation before it
@@ -28,6 +30,58 @@ use std::sync::Arc;
 
 use self::shim::{ShimClient, ShimRequest, ShimState};
 use crate::control::container_spec::ContainerSpec;
+
+/// Makes a container's bundle: its layers on this host, the root filesystem unpacked from
+/// them, `config.json` and the `hostname`/`hosts`/`resolv.conf` files (img's
+/// `layers::ensure_layers`, `rootfs::unpack`, `bundle::write_bundle`). The runtime marks the
+/// container prepared when it succeeds.
+pub trait Preparer: Send + Sync + 'static {
+    /// Prepares `vm` (its container spec) into `bundle`.
+    fn prepare<'a>(
+        &'a self,
+        vm: &'a crate::agent::api::Vm,
+        bundle: &'a Path,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+/// The `/etc/hosts` and `/etc/resolv.conf` of a container VM: localhost, the host name on the
+/// primary NIC's address; the spec's DNS servers, else the primary network's gateway.
+pub fn etc_files(vm: &crate::agent::api::Vm, spec: &ContainerSpec) -> (String, String) {
+    let primary = vm
+        .nics
+        .iter()
+        .find(|n| n.primary)
+        .or_else(|| vm.nics.first());
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let name = if spec.hostname.is_empty() {
+        spec.id.get(..12).unwrap_or(&spec.id).to_owned()
+    } else {
+        spec.hostname.clone()
+    };
+    if let Some(n) = primary {
+        if !name.is_empty() {
+            hosts.push_str(&format!("{}\t{}\n", n.ip, name));
+        }
+    }
+    let servers: Vec<String> = if spec.dns.is_empty() {
+        primary
+            .and_then(|n| n.gateway.clone())
+            .filter(|g| !g.is_empty())
+            .into_iter()
+            .collect()
+    } else {
+        spec.dns.clone()
+    };
+    let resolv: String = servers
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect();
+    (hosts, resolv)
+}
+
+/// The file in a container's directory that remembers the last signal id delivered.
+pub const SIGNAL_FILE: &str = "signal_id";
 
 /// Marker written when a container's bundle (root filesystem and config) is complete.
 pub const PREPARED_FILE: &str = "prepared";
@@ -188,6 +242,22 @@ impl Runtime {
     pub fn mark_prepared(&self, vm: &str) -> Result<(), RuntimeError> {
         std::fs::write(self.dir(vm).join(PREPARED_FILE), b"")
             .map_err(io(format!("marking {vm} prepared")))
+    }
+
+    /// The last signal id delivered to (or skipped for) `vm`.
+    pub fn signal_done(&self, vm: &str) -> u64 {
+        std::fs::read_to_string(self.dir(vm).join(SIGNAL_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records signal `id` of `vm` as done.
+    pub fn set_signal_done(&self, vm: &str, id: u64) -> Result<(), RuntimeError> {
+        let d = self.dir(vm);
+        let tmp = d.join("signal_id.tmp");
+        std::fs::write(&tmp, id.to_string()).map_err(io("writing signal_id"))?;
+        std::fs::rename(tmp, d.join(SIGNAL_FILE)).map_err(io("renaming signal_id"))
     }
 
     /// Where container `vm` is.
@@ -389,4 +459,41 @@ pub fn shim_alive(dir: &Path) -> bool {
     let want = dir.as_os_str().as_encoded_bytes();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     args.contains(&&b"shim"[..]) && args.contains(&want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_resolv_come_from_the_primary_nic_and_the_spec() {
+        let vm: crate::agent::api::Vm = serde_json::from_value(serde_json::json!({
+            "uuid": "u",
+            "nics": [
+                {"interface": "net0", "mac": "90:b8:d0:00:00:01", "ip": "10.0.0.5",
+                 "netmask": "255.255.255.0", "gateway": "10.0.0.1", "mtu": 1400,
+                 "primary": true, "vnet_id": 5}
+            ]
+        }))
+        .unwrap();
+        let mut spec = ContainerSpec {
+            id: "abcdef0123456789".repeat(4),
+            ..Default::default()
+        };
+        let (hosts, resolv) = etc_files(&vm, &spec);
+        assert!(hosts.starts_with("127.0.0.1\tlocalhost\n"), "{hosts}");
+        assert!(hosts.ends_with("10.0.0.5\tabcdef012345\n"), "{hosts}");
+        assert_eq!(resolv, "nameserver 10.0.0.1\n");
+        spec.dns = vec!["9.9.9.9".into()];
+        spec.hostname = "web".into();
+        let (hosts, resolv) = etc_files(&vm, &spec);
+        assert!(hosts.ends_with("10.0.0.5\tweb\n"), "{hosts}");
+        assert_eq!(resolv, "nameserver 9.9.9.9\n");
+    }
+
+    #[test]
+    fn ids_that_name_directories() {
+        assert!(id_ok("0f6c3e1e-1111-4222-8333-444455556666"));
+        assert!(!id_ok("../etc") && !id_ok("") && !id_ok("a/b"));
+    }
 }

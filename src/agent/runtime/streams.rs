@@ -144,22 +144,25 @@ impl Streams {
             }
         }
         let live = LogQuery { tail: None, ..q };
-        while follow {
-            let running = matches!(self.rt.phase(vm), Phase::Running { .. });
-            let more = fol
-                .poll()
-                .map_err(|e| format!("reading the log of {vm}: {e}"))?;
-            for r in more.into_iter().filter(|r| live.keeps(r)) {
-                if send_record(out, &r, timestamps).await.is_err() {
-                    return Ok(());
+        if follow {
+            loop {
+                let running = matches!(self.rt.phase(vm), Phase::Running { .. });
+                let more = fol
+                    .poll()
+                    .map_err(|e| format!("reading the log of {vm}: {e}"))?;
+                for r in more.into_iter().filter(|r| live.keeps(r)) {
+                    if send_record(out, &r, timestamps).await.is_err() {
+                        return Ok(());
+                    }
                 }
-            }
-            if !running || live.until_ns.is_some_and(|u| super::logs::now_ns() >= u) {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(FOLLOW_POLL) => {}
-                _ = out.closed() => return Ok(()),
+                // Followed until the process has ended (its last output read after that).
+                if !running || live.until_ns.is_some_and(|u| super::logs::now_ns() >= u) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                    _ = out.closed() => return Ok(()),
+                }
             }
         }
         let _ = out.send(Frame::Exit { code: 0 }).await;
@@ -213,6 +216,30 @@ impl Streams {
             if fresh {
                 if let Ok((_, c)) = client.request(&req).await {
                     break c;
+                }
+            }
+            if let Phase::Exited { state } = &ph {
+                if from_start && Some(state.generation) != last_gen {
+                    // The run started and ended between two looks (`echo hi`): its output
+                    // is in the log, from its start.
+                    let since = state.started_ms.map(|ms| ms * 1_000_000);
+                    let q = LogQuery {
+                        stdout,
+                        stderr,
+                        since_ns: since,
+                        ..Default::default()
+                    };
+                    let all = super::logs::read_all(&self.rt.dir(vm))
+                        .map_err(|e| format!("reading the log of {vm}: {e}"))?;
+                    let _ = out.send(Frame::Started { pid: None }).await;
+                    for r in q.select(all) {
+                        if send_record(out, &r, false).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    let code = state.exit_status.unwrap_or(-1);
+                    let _ = out.send(Frame::Exit { code }).await;
+                    return Ok(());
                 }
             }
             if Instant::now() > deadline {
