@@ -193,9 +193,13 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
 
     let shim_exe = std::env::current_exe().context("finding this executable (for fabric shim)")?;
     let rt = Arc::new(runtime::Runtime::new(&args.data, &shim_exe));
-    // With img's parts merged: `runtime::prepare::ImgPreparer::new(Api::new(conn.clone(),
-    // &server), &rt.images_dir())` in place of `NoImages`.
-    let containers = Containers::new(rt.clone(), Arc::new(NoImages));
+    let containers = Containers::new(
+        rt.clone(),
+        Arc::new(runtime::prepare::ImgPreparer::new(
+            Api::new(conn.clone(), &server),
+            &rt.images_dir(),
+        )),
+    );
     // Shims that outlived an earlier agent: their exits wake a reconcile too.
     for vm in rt.list() {
         if matches!(rt.phase(&vm), runtime::Phase::Running { .. }) {
@@ -204,8 +208,12 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
         }
     }
     let shim_exits = rt.exits();
-    // The tunnel's sub-streams (attach, logs, exec, resize) are served by
-    // `runtime::streams::Streams::new(rt.clone())`, the contract's `tunnel::Handler`.
+    // The tunnel: attach, logs, exec and resize of this host's containers, on the one
+    // connection to the control plane.
+    let tunnel = tokio::spawn(tunnel::run(
+        Api::new(conn.clone(), &server),
+        Arc::new(runtime::streams::Streams::new(rt.clone())),
+    ));
 
     // Whether the control plane answered the last call made to it (any of the three loops).
     let reachable = Arc::new(AtomicBool::new(false));
@@ -342,6 +350,7 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
     }
     hb.abort();
     feed.abort();
+    tunnel.abort();
     if let Some(r) = renewal {
         r.abort();
     }
@@ -588,22 +597,6 @@ fn reconcile_host<H: Host>(
 pub struct Containers {
     rt: Arc<runtime::Runtime>,
     prep: Arc<dyn runtime::Preparer>,
-}
-
-/// The preparer of a build without image support on hosts: every container is reported
-/// failed with this reason (img's layers/rootfs/bundle replace it).
-struct NoImages;
-
-impl runtime::Preparer for NoImages {
-    fn prepare<'a>(
-        &'a self,
-        _vm: &'a api::Vm,
-        _bundle: &'a std::path::Path,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
-        Box::pin(async {
-            Err("this agent cannot fetch images yet: no root filesystem for the container".into())
-        })
-    }
 }
 
 impl Containers {

@@ -9,8 +9,9 @@
 //! - [`logs`]: the bounded log and its reader.
 //! - [`exec`]: `runc exec` of a process in a running container.
 //! - [`streams`]: the tunnel's sub-streams (attach, logs, exec, resize) on this host.
-//! - `prepare.rs`: the agent's [`Preparer`] from img's `layers`/`rootfs`/`bundle`. It joins the
-//!   module tree (`pub mod prepare;`) when those are merged; checked to build against them.
+//! - [`layers`], [`rootfs`], [`bundle`]: the image's layers fetched and verified, unpacked
+//!   safely into a root filesystem, and the OCI bundle around it; [`prepare`] is the agent's
+//!   [`Preparer`] made of them.
 //!
 //! [`Runtime`] is what the reconciler uses: the state of a container from its files, start a
 //! generation (never twice: the agent writes `state.json` with the generation before it
@@ -20,6 +21,7 @@ pub mod bundle;
 pub mod exec;
 pub mod layers;
 pub mod logs;
+pub mod prepare;
 pub mod rootfs;
 pub mod shim;
 pub mod streams;
