@@ -2,7 +2,9 @@
 //! SQLite in DIR) with one registered server that heartbeats and NO agent: the test plays the
 //! agent by posting state reports on the operator socket. Driven by the stock docker CLI over
 //! TLS with `fabric account add` certificates: import, create (names, refused fields, `-p`,
-//! an unknown network), ps, inspect, start, kill, stop (which waits for the report), rename,
+//! an unknown network), ps, inspect, start (which waits for the report, posted from a thread
+//! while the CLI runs, failing with the reason of a `failed` one), kill, stop (which waits for
+//! the report), rename,
 //! rm, network connect/disconnect as `network inspect` shows them, the rules `-p` adds and
 //! `rm` removes, the feed's container changes, a second account that sees none of it, and a
 //! host that falls silent: its running container reads `Dead`, never `Up`.
@@ -90,6 +92,96 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// Plays the agent while `call` (a CLI start, restart or run that asks for generation
+/// `generation` of `vm`) runs: moby's start returns once the process runs, and so does the
+/// head's, so the report must come while the call waits. A thread waits until `GET /vms/VM`
+/// shows that generation, 300 ms more (a call that did not wait returns first), then posts
+/// `entry()` for it. Returns the call's result, when it returned, when the report went in
+/// (None: the generation never appeared within 20 s, nothing was posted) and the entry posted.
+fn reported_during<T>(
+    head: &DockerHead,
+    vm: &str,
+    generation: u64,
+    entry: impl FnOnce() -> Value + Send + 'static,
+    call: impl FnOnce() -> T,
+) -> (T, Instant, Option<(Instant, Value)>) {
+    let reporter = {
+        let sock = head.path("control.sock");
+        let vm = vm.to_string();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut c = HttpClient::unix(sock);
+            let t0 = Instant::now();
+            loop {
+                let r = rt
+                    .block_on(c.json("GET", &format!("/vms/{vm}"), None))
+                    .unwrap();
+                if r.json()["generation"].as_u64() >= Some(generation) {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(20) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let mut e = entry();
+            e["uuid"] = json!(vm);
+            e["generation"] = json!(generation);
+            let body = json!({ "vms": [e.clone()] });
+            let r = rt
+                .block_on(c.json("POST", &format!("/servers/{SERVER}/vm_states"), Some(&body)))
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json()["updated"], json!(1), "{e}");
+            Some((Instant::now(), e))
+        })
+    };
+    let t0 = Instant::now();
+    let out = call();
+    let returned = Instant::now();
+    let reported = reporter.join().expect("the reporter thread panicked");
+    if let Some((at, _)) = &reported {
+        eprintln!(
+            "{vm} generation {generation}: the call returned {:?} after it began, {:?} after \
+             the report",
+            returned - t0,
+            returned.saturating_duration_since(*at)
+        );
+    }
+    (out, returned, reported)
+}
+
+/// `docker ARGS`, a start, restart or run that starts generation `generation` of `vm`, with
+/// the agent's `running` report posted while it waits: asserts that the call succeeded and
+/// returned only after the report. Returns the report's `started_at`.
+fn start_reported(
+    cli: &DockerClient,
+    head: &DockerHead,
+    vm: &str,
+    generation: u64,
+    args: &[&str],
+) -> i64 {
+    let (out, returned, reported) = reported_during(
+        head,
+        vm,
+        generation,
+        || json!({"state": "running", "started_at": now_ms()}),
+        || cli.run(args),
+    );
+    out.ok(&format!("docker {args:?}"));
+    let (at, entry) =
+        reported.unwrap_or_else(|| panic!("docker {args:?}: generation {generation} never asked"));
+    assert!(
+        returned >= at,
+        "docker {args:?} returned before the agent reported generation {generation}"
+    );
+    entry["started_at"].as_i64().unwrap()
 }
 
 fn refused(out: &Out, what: &str, words: &str) {
@@ -234,17 +326,12 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
     let all_rules = op.ok("GET", "/rules", None).to_string();
     assert!(all_rules.contains("sdc_docker"), "{all_rules}");
 
-    // start: returns; desired running, generation 1.
-    alice.run(&["start", "web"]).ok("docker start");
+    // start: desired running, generation 1; returns once the agent reports it running → Up.
+    let started = start_reported(&alice, &head, &vm, 1, &["start", "web"]);
     let vmj = op.ok("GET", &format!("/vms/{vm}"), None);
     assert_eq!(vmj["desired_state"], json!("running"));
     assert_eq!(vmj["generation"], json!(1));
-    // The agent reports it running → Up.
-    let started = now_ms();
-    op.report(
-        &vm,
-        json!({"state": "running", "generation": 1, "started_at": started}),
-    );
+    assert_eq!(vmj["run_generation"], json!(1));
     let ps = alice.run(&["ps", "--format", "{{.Names}}|{{.Status}}"]);
     let line = ps.ok("ps").trim().to_string();
     assert!(line.starts_with("web|Up "), "{line}");
@@ -278,14 +365,10 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
     assert_eq!(st.ok("inspect").trim(), "exited 137");
 
     // start again → generation 2; stop -t 1 waits for the report, posted from a thread.
-    alice.run(&["start", "web"]).ok("docker start (2)");
+    start_reported(&alice, &head, &vm, 2, &["start", "web"]);
     assert_eq!(
         op.ok("GET", &format!("/vms/{vm}"), None)["generation"],
         json!(2)
-    );
-    op.report(
-        &vm,
-        json!({"state": "running", "generation": 2, "started_at": now_ms()}),
     );
     let reporter = {
         let sock = head.path("control.sock");
@@ -573,12 +656,7 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         .trim()
         .to_string();
     let vm3 = vm_of(&id3);
-    alice.run(&["start", &id3[..12]]).ok("start --rm");
-    let t = now_ms();
-    op.report(
-        &vm3,
-        json!({"state": "running", "generation": 1, "started_at": t}),
-    );
+    start_reported(&alice, &head, &vm3, 1, &["start", &id3[..12]]);
     assert_eq!(
         op.ok("GET", &format!("/rules?vm={vm3}"), None)
             .as_array()
@@ -602,6 +680,44 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         (json!("destroyed"), json!(0))
     );
 
+    // A host that cannot start the new generation reports it failed: start is a 500 with the
+    // reason (the CLI exits 1), and the container reads exited with that error.
+    let id4 = alice
+        .run(&["create", "--name", "doomed", "busybox", "true"])
+        .ok("create doomed")
+        .trim()
+        .to_string();
+    let vm4 = vm_of(&id4);
+    let why = "fetching layer sha256:0123: connection refused";
+    let (out, returned, reported) = reported_during(
+        &head,
+        &vm4,
+        1,
+        move || json!({"state": "failed", "reason": why}),
+        || alice.run(&["start", "doomed"]),
+    );
+    let (at, _) = reported.expect("start of doomed never made generation 1");
+    assert_eq!(
+        out.code,
+        1,
+        "start of a failed container: {}",
+        out.summary()
+    );
+    assert!(
+        out.stderr.contains("could not start it") && out.stderr.contains(why),
+        "the reason is not in stderr: {}",
+        out.summary()
+    );
+    assert!(returned >= at, "start returned before the failure report");
+    let st = alice.run(&[
+        "inspect",
+        "-f",
+        "{{.State.Status}}|{{.State.Error}}",
+        "doomed",
+    ]);
+    assert_eq!(st.ok("inspect doomed").trim(), format!("exited|{why}"));
+    alice.run(&["rm", "doomed"]).ok("rm doomed");
+
     // An unknown network: create succeeds (no pull), start is 404.
     let id2 = alice
         .run(&[
@@ -623,21 +739,20 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         "network nowhere not found",
     );
     // Once the network exists, start attaches it.
+    let vm2 = vm_of(&id2);
+    assert_eq!(
+        op.ok("GET", &format!("/vms/{vm2}"), None)["generation"],
+        json!(0),
+        "a start refused for its network made a generation"
+    );
     alice
         .run(&["network", "create", "nowhere"])
         .ok("network create nowhere");
-    alice
-        .run(&["start", "lonely"])
-        .ok("start once the network exists");
+    start_reported(&alice, &head, &vm2, 1, &["start", "lonely"]);
     let ni = alice.run(&["network", "inspect", "-f", "{{len .Containers}}", "nowhere"]);
     assert_eq!(ni.ok("network inspect").trim(), "1");
 
     // A running container whose host falls silent reads Dead, never Up.
-    let vm2 = vm_of(&id2);
-    op.report(
-        &vm2,
-        json!({"state": "running", "generation": 1, "started_at": now_ms()}),
-    );
     let ps = alice.run(&["ps", "--format", "{{.Names}}|{{.Status}}"]);
     assert!(
         ps.ok("ps").trim().starts_with("lonely|Up"),
@@ -645,46 +760,7 @@ fn container_lifecycle_with_the_docker_cli_and_a_simulated_agent() {
         ps.summary()
     );
     // restart -t 1: a new generation; returns once the agent reports it running.
-    let reporter = {
-        let sock = head.path("control.sock");
-        let vm2 = vm2.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let mut c = HttpClient::unix(sock);
-            let t0 = Instant::now();
-            while rt
-                .block_on(c.json("GET", &format!("/vms/{vm2}"), None))
-                .unwrap()
-                .json()["generation"]
-                != json!(2)
-            {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(20),
-                    "restart never asked"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            let body = json!({"vms": [{"uuid": vm2, "state": "running", "generation": 2,
-                "started_at": now_ms()}]});
-            let r = rt
-                .block_on(c.json("POST", &format!("/servers/{SERVER}/vm_states"), Some(&body)))
-                .unwrap();
-            assert_eq!(r.status, 200);
-            Instant::now()
-        })
-    };
-    alice
-        .run(&["restart", "-t", "1", "lonely"])
-        .ok("docker restart");
-    let returned = Instant::now();
-    assert!(
-        returned >= reporter.join().unwrap(),
-        "restart returned before the report"
-    );
+    start_reported(&alice, &head, &vm2, 2, &["restart", "-t", "1", "lonely"]);
     let out = alice.run(&["rm", "lonely"]);
     refused(
         &out,
