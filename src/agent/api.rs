@@ -768,7 +768,6 @@ impl Api {
     }
 }
 
-
 fn body_text(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
     let mut s = s.trim().to_string();

@@ -613,6 +613,7 @@ const CREATE_PARAMS: &[&str] = &[
     "firewall_enabled",
     "networks",
     "container",
+    "check_owner",
 ];
 
 /// `container`: a [`ContainerSpec`] that passes its own check.
@@ -650,6 +651,9 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
     let brand = p.one_of("brand", BRANDS);
     let tags = tags_param(p);
     let firewall_enabled = p.boolean("firewall_enabled");
+    // NAPI's `check_owner` for every NIC (default true): a caller that decided itself which
+    // networks the owner may use (the Docker layer: its own and the shared ones) says false.
+    let check_owner = p.boolean("check_owner").unwrap_or(true);
     let container = container_param(p);
     let is_container = p.raw("container").is_some_and(|v| !v.is_null());
     let nets = networks_param(p, is_container);
@@ -729,6 +733,7 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
         m.insert("owner_uuid".into(), json!(owner));
         m.insert("cn_uuid".into(), json!(server_uuid));
         m.insert("network_uuid".into(), json!(n.uuid));
+        m.insert("check_owner".into(), json!(check_owner));
         m.insert("primary".into(), json!(n.primary));
         if let Some(ip) = n.ip {
             m.insert("ip".into(), json!(ip.to_string()));
@@ -964,6 +969,11 @@ pub fn apply_action(vm: &mut Vm, act: &Action) {
         Action::Start => {
             if vm.state != "running" {
                 vm.generation += 1;
+            }
+            // A new attempt: an earlier failure is not this one's (the agent reports again).
+            if vm.state == "failed" {
+                vm.state = "provisioning".into();
+                vm.state_reason = None;
             }
             vm.desired_state = "running".into();
         }
@@ -1245,6 +1255,7 @@ pub fn add_nic(
     vm: &mut Vm,
     network_uuid: &str,
     ip: Option<Ipv4Addr>,
+    check_owner: bool,
 ) -> Result<u64, OpError> {
     let server = vm.server_uuid.clone().unwrap_or_default();
     let existing = {
@@ -1258,6 +1269,7 @@ pub fn add_nic(
     m.insert("cn_uuid".into(), json!(server));
     m.insert("network_uuid".into(), json!(network_uuid));
     m.insert("primary".into(), json!(existing.is_empty()));
+    m.insert("check_owner".into(), json!(check_owner));
     if let Some(ip) = ip {
         m.insert("ip".into(), json!(ip.to_string()));
     }

@@ -1403,7 +1403,7 @@ fn connect(
             n.name
         )));
     }
-    crate::control::vms::add_nic(tx, &c.docker.app.cfg, &mut vm, &nu, ip)?;
+    crate::control::vms::add_nic(tx, &c.docker.app.cfg, &mut vm, &nu, ip, false)?;
     if let Some(ip) = ip {
         let mut tags = vm.tags.clone();
         tags.insert(

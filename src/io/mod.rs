@@ -93,6 +93,7 @@
 
 pub mod fdpass;
 pub mod netlink;
+pub mod nsexec;
 pub mod offload;
 pub mod poll;
 pub mod process;

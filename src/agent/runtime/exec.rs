@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use tokio::sync::mpsc;
@@ -80,6 +81,23 @@ impl ExecSpec {
         Ok(())
     }
 
+    /// `fabric ns-exec`'s arguments after `--dir DIR`.
+    pub fn ns_exec_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if !self.user.is_empty() {
+            a.extend(["--user".into(), self.user.clone()]);
+        }
+        if !self.working_dir.is_empty() {
+            a.extend(["--cwd".into(), self.working_dir.clone()]);
+        }
+        for e in &self.env {
+            a.extend(["--env".into(), e.clone()]);
+        }
+        a.push("--".into());
+        a.extend(self.cmd.iter().cloned());
+        a
+    }
+
     /// runc's arguments after `--root ROOT`.
     pub fn runc_args(&self, vm: &str) -> Vec<String> {
         let mut a = vec!["exec".to_string()];
@@ -116,10 +134,9 @@ pub async fn run(
     output: mpsc::Sender<Frame>,
 ) -> Result<i32, ExecError> {
     spec.check()?;
-    let mut cmd = Command::new(rt.runc());
-    cmd.arg("--root")
-        .arg(rt.runc_root())
-        .args(spec.runc_args(vm));
+    let mut cmd = Command::new(rt.exe());
+    cmd.arg("ns-exec").arg("--dir").arg(rt.dir(vm));
+    cmd.args(spec.ns_exec_args());
     let mut readers: Vec<(bool, Box<dyn Read + Send>)> = Vec::new();
     let mut stdin_w: Option<Box<dyn Write + Send>> = None;
     let mut pty = None;
@@ -294,4 +311,112 @@ mod tests {
             assert!(bad.check().is_err(), "{bad:?}");
         }
     }
+}
+
+/// `fabric ns-exec` flags (hidden; [`run`] passes them).
+#[derive(clap::Args, Debug, Clone)]
+pub struct NsExecArgs {
+    /// The container directory (`DIR/containers/<vm>`: `init.pid`, `bundle/config.json`).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Numeric `uid[:gid]` (default: the container's user).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Working directory (default: the container's).
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Extra `K=V` (after the container's environment).
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// The command.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+/// `fabric ns-exec`: runs the command in the running container of `--dir` with the
+/// container's environment, user, working directory and capability set (see
+/// [`crate::io::nsexec`]); exits with the command's status.
+pub fn ns_exec_main(a: NsExecArgs) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    let pid: i32 = std::fs::read_to_string(a.dir.join(super::shim::INIT_PID_FILE))
+        .context("the container's init pid (is it running?)")?
+        .trim()
+        .parse()
+        .context("init.pid")?;
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(a.dir.join("bundle/config.json")).context("bundle/config.json")?,
+    )
+    .context("bundle/config.json")?;
+    let p = &cfg["process"];
+    let mut env: Vec<(String, String)> = Vec::new();
+    let vars = p["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .map(str::to_owned)
+        .chain(a.env.iter().cloned());
+    for kv in vars {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.retain(|(x, _)| x != k);
+            env.push((k.to_owned(), v.to_owned()));
+        }
+    }
+    let (mut uid, mut gid) = (
+        p["user"]["uid"].as_u64().unwrap_or(0) as u32,
+        p["user"]["gid"].as_u64().unwrap_or(0) as u32,
+    );
+    if let Some(u) = &a.user {
+        let mut it = u.split(':');
+        uid = it.next().unwrap_or("0").parse().context("--user uid")?;
+        gid = it.next().map_or(Ok(0), str::parse).context("--user gid")?;
+    }
+    let cwd = a
+        .cwd
+        .clone()
+        .or_else(|| p["cwd"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "/".into());
+    let caps = p["capabilities"]["bounding"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .filter_map(crate::io::nsexec::cap_number)
+        .collect();
+    // The program as the container sees it: a name is looked up on the container's PATH in
+    // its root filesystem (lstat only: nothing on the host is followed).
+    let rootfs = a.dir.join("bundle/rootfs");
+    let name = a.cmd[0].clone();
+    let program = if name.contains('/') {
+        name.clone()
+    } else {
+        let path = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map_or(
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                |(_, v)| v.as_str(),
+            )
+            .to_owned();
+        path.split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| format!("{}/{name}", d.trim_end_matches('/')))
+            .find(|c| std::fs::symlink_metadata(rootfs.join(c.trim_start_matches('/'))).is_ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "OCI runtime exec failed: exec: \"{name}\": executable file not found in $PATH"
+                )
+            })?
+    };
+    let t = crate::io::nsexec::Target {
+        pid,
+        program,
+        argv: a.cmd.clone(),
+        env,
+        cwd,
+        uid,
+        gid,
+        caps,
+    };
+    Ok(crate::io::nsexec::run(&t)?)
 }

@@ -175,6 +175,11 @@ pub fn id_ok(vm: &str) -> bool {
 }
 
 impl Runtime {
+    /// The `fabric` executable (shims and `ns-exec` run as its hidden subcommands).
+    pub fn exe(&self) -> &Path {
+        &self.shim_exe
+    }
+
     /// The runtime over data directory `data`, starting shims as `shim_exe shim …`.
     pub fn new(data: &Path, shim_exe: &Path) -> Runtime {
         Runtime {

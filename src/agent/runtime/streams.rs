@@ -36,10 +36,14 @@ impl Streams {
 
     /// Serves one sub-stream to its end.
     pub async fn serve_one(&self, req: OpenRequest, input: Input, output: Frames) {
-        if !super::id_ok(&req.vm) || matches!(self.rt.phase(&req.vm), Phase::Absent) {
+        // The control plane opens sub-streams only for VMs it placed on this host; one that
+        // is not prepared yet (`docker run` attaches before it starts) is attached to when it
+        // starts, and has no logs yet. Exec and resize need it running.
+        let waits = matches!(req.op, StreamOp::Attach { .. } | StreamOp::Logs { .. });
+        if !super::id_ok(&req.vm) || (!waits && matches!(self.rt.phase(&req.vm), Phase::Absent)) {
             let _ = output
                 .send(Frame::Error(format!(
-                    "container {} is not on this host",
+                    "container {} is not running on this host",
                     req.vm
                 )))
                 .await;

@@ -462,6 +462,8 @@ pub fn create(
     p.insert("brand".into(), json!("lx"));
     p.insert("tags".into(), Value::Object(tags));
     p.insert("firewall_enabled".into(), json!(true));
+    // The networks were resolved for this account above (its own, or shared with everyone).
+    p.insert("check_owner".into(), json!(false));
     p.insert("networks".into(), Value::Array(networks));
     p.insert("container".into(), serde_json::to_value(&spec)?);
     vms::create(tx, cfg, &mut Params::from_map(p)).map_err(|e| match e {

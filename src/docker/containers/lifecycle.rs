@@ -68,9 +68,8 @@ pub async fn start(docker: Arc<Docker>, account: Account, term: String) -> Resul
     let Some((uuid, generation)) = started else {
         return Ok(Reply::Empty(StatusCode::NOT_MODIFIED));
     };
-    let reported = |vm: &Vm| {
-        vm.state == "failed" || vm.run_generation.is_some_and(|g| g >= generation)
-    };
+    let reported =
+        |vm: &Vm| vm.state == "failed" || vm.run_generation.is_some_and(|g| g >= generation);
     let deadline = tokio::time::Instant::now() + START_WAIT;
     if !wait_for(&docker, &uuid, deadline, |vm, _| reported(vm)).await? {
         tracing::warn!(vm = %uuid, "docker start: no report of the new process in time");
@@ -115,7 +114,7 @@ fn attach_pending(
         .get(PENDING_IP)
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok());
-    vms::add_nic(tx, cfg, vm, &nu, ip)?;
+    vms::add_nic(tx, cfg, vm, &nu, ip, false)?;
     let mut tags = vm.tags.clone();
     tags.remove(PENDING_NETWORK);
     tags.remove(PENDING_IP);

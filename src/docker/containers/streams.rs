@@ -84,6 +84,21 @@ async fn lookup(docker: &Arc<Docker>, account: &Account, name: &str) -> Result<F
     .map_err(|_| error::err(500, "internal error"))?
 }
 
+/// The exit status a VM's record keeps, destroyed ones included (a `--rm` container is
+/// removed in the same transaction as its exit report).
+async fn recorded_exit(docker: &Arc<Docker>, uuid: &str) -> Option<i32> {
+    let (d, u) = (docker.clone(), uuid.to_owned());
+    tokio::task::spawn_blocking(move || {
+        store::with_read(&*d.app.store, |raw| {
+            crate::control::vms::get(&mut Db::from(raw), &u)
+        })
+    })
+    .await
+    .ok()?
+    .ok()?
+    .and_then(|vm| vm.exit_status)
+}
+
 /// Opens a sub-stream on the tunnel of `found`'s host, with Docker's errors.
 async fn open(
     docker: &Docker,
@@ -202,11 +217,13 @@ async fn wait(docker: Arc<Docker>, account: Account, req: Req) -> Result<Reply, 
         b.push(b'\n');
         axum::body::Bytes::from(b)
     };
+    // Later looks go by the full ID: the name may be taken by another container meanwhile.
+    let (id, uuid) = (found.spec.id.clone(), found.vm.uuid.clone());
     tokio::spawn(async move {
         let mut seen = seen;
         let mut last = before.clone();
         loop {
-            let now = match lookup(&docker, &account, &name).await {
+            let now = match lookup(&docker, &account, &id).await {
                 Ok(f) => Some(RunView::of(&f)),
                 Err(OpError::Api(e)) if e.status == 404 => None,
                 Err(e) => {
@@ -217,7 +234,8 @@ async fn wait(docker: Arc<Docker>, account: Account, req: Req) -> Result<Reply, 
             };
             if let Some(code) = decide(cond, &before, now.as_ref()) {
                 let code = if now.is_none() {
-                    i64::from(last.exit_status.unwrap_or(0))
+                    let kept = recorded_exit(&docker, &uuid).await;
+                    i64::from(kept.or(last.exit_status).unwrap_or(0))
                 } else {
                     code
                 };
