@@ -797,7 +797,7 @@ fn the_tunnel_handler_serves_attach_logs_and_exec() {
             matches!(&fr[..], [Frame::Error(e)] if e.contains("not running")),
             "{fr:?}"
         );
-        // A container that is not on this host.
+        // A container that is not on this host (or not prepared yet): nothing to resize.
         let fr = handler_collect(
             &h,
             "00000000-0000-4000-8000-00000000dead",
@@ -809,7 +809,7 @@ fn the_tunnel_handler_serves_attach_logs_and_exec() {
         )
         .await;
         assert!(
-            matches!(&fr[..], [Frame::Error(e)] if e.contains("not on this host")),
+            matches!(&fr[..], [Frame::Error(e)] if e.contains("not running on this host")),
             "{fr:?}"
         );
     });

@@ -409,6 +409,27 @@ fn docker_run_across_the_cluster() {
         4,
         "nothing was created by the refused creates"
     );
+    // An unknown network: moby creates the container and refuses to start it (no pull);
+    // `--rm` removes it again.
+    let t0 = Instant::now();
+    let o = alice.run(&["run", "--rm", "--network", "nosuch", "busybox", "true"]);
+    eprintln!(
+        "run --network nosuch: {:?}: {}",
+        t0.elapsed(),
+        o.stderr.trim()
+    );
+    assert_eq!(o.code, 125, "{}", o.summary());
+    assert!(
+        o.stderr.contains("network nosuch not found"),
+        "{}",
+        o.summary()
+    );
+    assert!(
+        !o.stderr.contains("Unable to find image"),
+        "{}",
+        o.summary()
+    );
+    assert_eq!(ps(&alice, true).len(), 4, "the --rm container is gone");
 
     // A host falls silent: its container reads as not running.
     let victim = inspect(&alice, "web2");

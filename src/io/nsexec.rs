@@ -112,7 +112,27 @@ fn join_cgroups(pid: i32) {
     }
 }
 
-fn setns(f: &File, kind: libc::c_int, what: &str) -> io::Result<()> {
+/// A namespace of the container to join, or `None` when this process is in it already (a
+/// container without that namespace of its own: joining one's own user namespace is EINVAL).
+/// Decided before any join: once in the container's mount namespace, `/proc/self` is another
+/// PID namespace's procfs.
+fn open_ns(pid: i32, name: &str) -> io::Result<Option<File>> {
+    use std::os::unix::fs::MetadataExt;
+    let f = File::open(format!("/proc/{pid}/ns/{name}")).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("container init {pid} ({name} namespace): {e}"),
+        )
+    })?;
+    let ours = std::fs::metadata(format!("/proc/self/ns/{name}"))?;
+    let theirs = f.metadata()?;
+    Ok((theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then_some(f))
+}
+
+fn setns(f: &Option<File>, kind: libc::c_int, what: &str) -> io::Result<()> {
+    let Some(f) = f else {
+        return Ok(());
+    };
     // SAFETY: a valid namespace descriptor and one of the CLONE_NEW* flags.
     if unsafe { libc::setns(f.as_raw_fd(), kind) } < 0 {
         let e = io::Error::last_os_error();
@@ -144,14 +164,7 @@ const LAST_CAP: u32 = 63;
 /// Runs `t` in the container; returns the exit code to exit with. Call it from a
 /// single-threaded process (joining a user namespace requires it).
 pub fn run(t: &Target) -> io::Result<i32> {
-    let ns = |n: &str| {
-        File::open(format!("/proc/{}/ns/{n}", t.pid)).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("container init {} ({n} namespace): {e}", t.pid),
-            )
-        })
-    };
+    let ns = |n: &str| open_ns(t.pid, n);
     let (net, ipc, uts, pidns, mnt, user) = (
         ns("net")?,
         ns("ipc")?,

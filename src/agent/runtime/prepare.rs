@@ -42,6 +42,7 @@ impl Preparer for ImgPreparer {
             let bundle = bundle.to_owned();
             let uuid = vm.uuid.clone();
             tokio::task::spawn_blocking(move || -> Result<(), String> {
+                searchable_by_others(&bundle)?;
                 let rootfs = bundle.join("rootfs");
                 // A prepare cut short before: unpack wants a fresh directory.
                 if rootfs.exists() {
@@ -66,5 +67,49 @@ impl Preparer for ImgPreparer {
             .await
             .map_err(|e| format!("preparing {}: {e}", vm.uuid))?
         })
+    }
+}
+
+/// runc mounts the root filesystem as the container's (unprivileged) root: every directory
+/// above the bundle must be searchable by others, or the start fails with a bare "permission
+/// denied". Refused up front with what to change.
+fn searchable_by_others(bundle: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in bundle.ancestors().skip(1) {
+        if let Ok(m) = std::fs::metadata(dir) {
+            if m.permissions().mode() & 0o001 == 0 {
+                return Err(format!(
+                    "{} is not searchable by others (mode {:o}): containers run as unprivileged \
+                     UIDs and runc must reach their root filesystem; chmod o+x {} (or put --data \
+                     elsewhere)",
+                    dir.display(),
+                    m.permissions().mode() & 0o7777,
+                    dir.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_closed_parent_is_named() {
+        let d = std::env::temp_dir().join(format!("fabric-prep-{}", std::process::id()));
+        let b = d.join("containers/x/bundle");
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = searchable_by_others(&b).unwrap_err();
+        assert!(
+            e.contains(&d.display().to_string()) && e.contains("chmod o+x"),
+            "{e}"
+        );
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(searchable_by_others(&b), Ok(()));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -52,8 +52,37 @@ fn state(db: &mut Db<'_>, c: &Ctx<'_>, vm: &Vm) -> Result<DockerState, OpError> 
 /// reason when it could not start it; 304 when it is running; 404 `network N not found` when
 /// its network did not exist at create and still does not.
 pub async fn start(docker: Arc<Docker>, account: Account, term: String) -> Result<Reply, OpError> {
+    let r = start_once(&docker, &account, &term).await;
+    if r.is_err() {
+        // A `--rm` container that could not start is removed, as moby does (`docker run --rm`
+        // waits for the removal after a failed start).
+        remove_if_auto(&docker, &account, &term).await;
+    }
+    r
+}
+
+/// Removes container `term` if it was created with `--rm` (best effort, logged).
+async fn remove_if_auto(docker: &Arc<Docker>, account: &Account, term: &str) {
     let cfg = docker.app.cfg.clone();
-    let started = write(&docker, move |tx| {
+    let (acc, tm) = (account.clone(), term.to_owned());
+    let r = write(docker, move |tx| {
+        let mut d = Db::from(tx.raw());
+        let f = locked(&mut d, &acc, &tm)?;
+        if f.spec.auto_remove {
+            vms::remove_container(tx, &cfg, &f.vm)?;
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(container = %term, error = ?e, "removing a --rm container after its failed start");
+    }
+}
+
+async fn start_once(docker: &Arc<Docker>, account: &Account, term: &str) -> Result<Reply, OpError> {
+    let cfg = docker.app.cfg.clone();
+    let (account, term) = (account.clone(), term.to_owned());
+    let started = write(docker, move |tx| {
         let mut d = Db::from(tx.raw());
         let mut f = locked(&mut d, &account, &term)?;
         if inspect::state_now(&mut d, &cfg, &f.vm)?.running() {
@@ -71,11 +100,11 @@ pub async fn start(docker: Arc<Docker>, account: Account, term: String) -> Resul
     let reported =
         |vm: &Vm| vm.state == "failed" || vm.run_generation.is_some_and(|g| g >= generation);
     let deadline = tokio::time::Instant::now() + START_WAIT;
-    if !wait_for(&docker, &uuid, deadline, |vm, _| reported(vm)).await? {
+    if !wait_for(docker, &uuid, deadline, |vm, _| reported(vm)).await? {
         tracing::warn!(vm = %uuid, "docker start: no report of the new process in time");
         return Ok(Reply::Empty(StatusCode::NO_CONTENT));
     }
-    match read_state(&docker, uuid).await? {
+    match read_state(docker, uuid).await? {
         Some((vm, _)) if vm.state == "failed" => Err(error::err(
             500,
             format!(
