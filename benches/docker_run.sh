@@ -124,7 +124,7 @@ bench_cleanup() {
       for c in $(timeout 10 nsenter --target "${HOLDER[i]}" --net --mount -- runc --root "$r" list -q 2>/dev/null); do
         timeout 10 nsenter --target "${HOLDER[i]}" --net --mount -- runc --root "$r" delete --force "$c" >/dev/null 2>&1
       done
-    done < <(find "$TMP" -maxdepth 4 -type d -name runc 2>/dev/null)
+    done < <(find "$TMP/h$i" -maxdepth 3 -type d -name runc 2>/dev/null)
   done
   ids=$(ns_ids)
   cleanup # netns-lib: TERM, then KILL, everything in PIDS; deletes the namespaces
@@ -304,6 +304,9 @@ moby rm -f prober ${IDS[moby]} >/dev/null
 say "run containers removed"
 
 # --- 2. density on host 1 ----------------------------------------------------------------------
+# The agents tear the removed containers down (their shims end); then host 2 stops.
+no_shims_on() { ! pgrep -f -- "shim --dir $TMP/h$1/" >/dev/null; }
+for i in 1 2; do wait_for 60 no_shims_on "$i" || say "host $i still has shims after 60 s"; done
 kill -TERM "${UP[2]}"
 timeout 20 tail --pid="${UP[2]}" -f /dev/null || true
 wait_for 60 server_down "${SRV[2]}"
@@ -326,37 +329,42 @@ if [ "$AGENT" = 0 ] || [ "$DATAPLANE" = 0 ]; then
   echo "benches/docker_run.sh: no agent or dataplane below host 1's fabric up (pid ${UP[1]})" >&2
   exit 1
 fi
-# Sets SHIM_KB/SHIM_N (`fabric shim` processes of host 1: their cmdline names its data dir) and
-# CT_KB/CT_N (their descendants, and any runc or `sleep 100000`: the containers' processes).
+# One pass over /proc: sets SHIM_N/SHIM_KB (host 1's `fabric shim` processes: their cmdline names
+# its data dir), RUNC_N/RUNC_KB (runc processes below them: `runc run` stays in the foreground)
+# and CT_N/CT_KB (the containers' own processes: the rest below the shims, and any `sleep 100000`).
 measure() {
-  local p c pp
-  local -A par=() shim=() ct=()
-  SHIM_KB=0 SHIM_N=0 CT_KB=0 CT_N=0
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
-    pp=$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
-    [ -n "$pp" ] || continue
-    par[$p]=$pp
-    c=$(cmd_of "$p")
-    case "$c" in
-      "$FABRIC_BIN shim "*"$TMP/h1/"*) shim[$p]=1 ;;
-      "runc "* | "/usr/sbin/runc "* | "sleep 100000 ") ct[$p]=1 ;;
-    esac
+  local f k v p q a d
+  local -A par=() rss=() shim=()
+  SHIM_N=0 SHIM_KB=0 RUNC_N=0 RUNC_KB=0 CT_N=0 CT_KB=0
+  while IFS=: read -r f k v; do # /proc/PID/status:PPid:<tab>N
+    p=${f#/proc/}
+    p=${p%/status}
+    v=${v//[!0-9]/}
+    if [ "$k" = PPid ]; then par[$p]=$v; else rss[$p]=$v; fi
+  done < <(grep -H -E '^(PPid|VmRSS):' /proc/[0-9]*/status 2>/dev/null)
+  for p in "${!par[@]}"; do
+    a=()
+    mapfile -d "" -t a 2>/dev/null <"/proc/$p/cmdline" || continue
+    if [ "${a[0]-}" = "$FABRIC_BIN" ] && [ "${a[1]-}" = shim ] && [[ "${a[*]}" == *"$TMP/h1/"* ]]; then
+      shim[$p]=1
+      SHIM_N=$((SHIM_N + 1)) SHIM_KB=$((SHIM_KB + ${rss[$p]-0}))
+    fi
   done
-  for p in "${!par[@]}"; do # below a shim (a few levels at most)
-    pp=${par[$p]}
-    for _ in 1 2 3 4; do
-      if [ -n "${shim[$pp]-}" ]; then ct[$p]=1 && break; fi
-      pp=${par[$pp]-1}
-      [ "$pp" -gt 1 ] || break
-    done
-  done
-  for p in "${!shim[@]}"; do
-    SHIM_KB=$((SHIM_KB + $(rss_kb "$p"))) SHIM_N=$((SHIM_N + 1))
-  done
-  for p in "${!ct[@]}"; do
+  for p in "${!par[@]}"; do
     [ -z "${shim[$p]-}" ] || continue
-    CT_KB=$((CT_KB + $(rss_kb "$p"))) CT_N=$((CT_N + 1))
+    d=0 q=${par[$p]} # below a shim (a few levels at most)?
+    for _ in 1 2 3 4; do
+      if [ -n "${shim[$q]-}" ]; then d=1 && break; fi
+      q=${par[$q]-1}
+      [ "$q" -gt 1 ] || break
+    done
+    a=()
+    mapfile -d "" -t a 2>/dev/null <"/proc/$p/cmdline" || continue
+    if [ "$d" = 1 ] && [ "${a[0]##*/}" = runc ]; then
+      RUNC_N=$((RUNC_N + 1)) RUNC_KB=$((RUNC_KB + ${rss[$p]-0}))
+    elif [ "$d" = 1 ] || [ "${a[*]}" = "sleep 100000" ]; then
+      CT_N=$((CT_N + 1)) CT_KB=$((CT_KB + ${rss[$p]-0}))
+    fi
   done
 }
 running_count() { fab ps -q | grep -c . || true; }
@@ -375,8 +383,8 @@ report_step() { # waits (bounded) until COUNT containers run, then prints one li
     up=$(running_count)
   done
   measure
-  printf 'density n=%s running=%s agent-kB=%s dataplane-kB=%s shims=%s shims-kB=%s container-procs=%s container-kB=%s disk-kB=%s memavail-drop-kB=%s\n' \
-    "$COUNT" "$up" "$(rss_kb "$AGENT")" "$(rss_kb "$DATAPLANE")" "$SHIM_N" "$SHIM_KB" "$CT_N" "$CT_KB" \
+  printf 'density n=%s running=%s agent-kB=%s dataplane-kB=%s shims=%s/%skB runc=%s/%skB container-procs=%s/%skB disk-kB=%s memavail-drop-kB=%s\n' \
+    "$COUNT" "$up" "$(rss_kb "$AGENT")" "$(rss_kb "$DATAPLANE")" "$SHIM_N" "$SHIM_KB" "$RUNC_N" "$RUNC_KB" "$CT_N" "$CT_KB" \
     "$(du -sk "$TMP/h1" 2>/dev/null | cut -f1)" "$((MEM0 - $(mem_avail_kb)))"
   if [ "$up" -lt "$COUNT" ] && [ -z "$GAVE" ]; then
     GAVE="only $up of $COUNT containers running 120 s after the last docker run"
@@ -397,10 +405,10 @@ if ((COUNT == 0 || COUNT % STEP != 0)); then report_step; fi # else the last ste
 ONH1=$(api GET "/vms?server_uuid=${SRV[1]}" | jq 'length')
 A1=$(rss_kb "$AGENT")
 P1=$(rss_kb "$DATAPLANE")
-PER=$(((SHIM_KB + CT_KB + A1 - AGENT0 + P1 - DP0) / (COUNT > 0 ? COUNT : 1)))
+PER=$(((SHIM_KB + RUNC_KB + CT_KB + A1 - AGENT0 + P1 - DP0) / (COUNT > 0 ? COUNT : 1)))
 echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores); VMs on host 1: $ONH1" >&2
 echo "$RUN_LINE"
-echo "docker-density containers=$COUNT per-container-kB=$PER agent-kB=$A1 dataplane-kB=$P1 shim-kB=$((SHIM_KB / (SHIM_N > 0 ? SHIM_N : 1))) memavail-per-container-kB=$(((MEM0 - $(mem_avail_kb)) / (COUNT > 0 ? COUNT : 1)))"
+echo "docker-density containers=$COUNT per-container-kB=$PER agent-kB=$A1 dataplane-kB=$P1 shim-kB=$((SHIM_KB / (SHIM_N > 0 ? SHIM_N : 1))) runc-kB=$((RUNC_KB / (RUNC_N > 0 ? RUNC_N : 1))) proc-kB=$((CT_KB / (CT_N > 0 ? CT_N : 1))) memavail-per-container-kB=$(((MEM0 - $(mem_avail_kb)) / (COUNT > 0 ? COUNT : 1)))"
 if [ -n "$GAVE" ]; then
   echo "docker-density gave: $GAVE"
 else
