@@ -182,8 +182,9 @@ MOBY=(ip netns exec "$MOBY_NS" env DOCKER_HOST=tcp://127.0.0.1:23760 DOCKER_TLS_
   DOCKER_CERT_PATH="$T/client" DOCKER_CONFIG="$TMP/cfg-moby" "$DOCKER_CLI")
 FAB=(ip netns exec "$U" env DOCKER_HOST="tcp://${HIP[1]}:2376" DOCKER_TLS_VERIFY=1
   DOCKER_CERT_PATH="$TMP/bench" DOCKER_CONFIG="$TMP/cfg-fabric" "$DOCKER_CLI")
-moby() { "${MOBY[@]}" "$@"; }
-fab() { "${FAB[@]}" "$@"; }
+# No call may hang the benchmark: 120 s each at most (the same `timeout` on both sides).
+moby() { timeout 120 "${MOBY[@]}" "$@"; }
+fab() { timeout 120 "${FAB[@]}" "$@"; }
 
 # --- fabric: two hosts from `fabric up` and `fabric up --join` ---------------------------------
 UP=("" "" "") # UP[i]: host i's `fabric up` pid
@@ -369,12 +370,15 @@ measure() {
 }
 running_count() { fab ps -q | grep -c . || true; }
 
+disk_kb() { du -sk "$TMP/h1" 2>/dev/null | cut -f1; } # host 1's data dir (rootfs copies, logs, …)
 MEM0=$(mem_avail_kb)
+DISK0=$(disk_kb)
 AGENT0=$(rss_kb "$AGENT")
 DP0=$(rss_kb "$DATAPLANE")
 say "density: agent ${AGENT0} kB, dataplane ${DP0} kB, MemAvailable ${MEM0} kB at the start"
 GAVE=""
 COUNT=0
+T_STEP=$SECONDS
 report_step() { # waits (bounded) until COUNT containers run, then prints one line
   local t0=$SECONDS up
   up=$(running_count)
@@ -383,9 +387,10 @@ report_step() { # waits (bounded) until COUNT containers run, then prints one li
     up=$(running_count)
   done
   measure
-  printf 'density n=%s running=%s agent-kB=%s dataplane-kB=%s shims=%s/%skB runc=%s/%skB container-procs=%s/%skB disk-kB=%s memavail-drop-kB=%s\n' \
-    "$COUNT" "$up" "$(rss_kb "$AGENT")" "$(rss_kb "$DATAPLANE")" "$SHIM_N" "$SHIM_KB" "$RUNC_N" "$RUNC_KB" "$CT_N" "$CT_KB" \
-    "$(du -sk "$TMP/h1" 2>/dev/null | cut -f1)" "$((MEM0 - $(mem_avail_kb)))"
+  printf 'density n=%s (%ss) running=%s agent-kB=%s dataplane-kB=%s shims=%s/%skB runc=%s/%skB container-procs=%s/%skB disk-growth-kB=%s memavail-drop-kB=%s\n' \
+    "$COUNT" "$((SECONDS - T_STEP))" "$up" "$(rss_kb "$AGENT")" "$(rss_kb "$DATAPLANE")" "$SHIM_N" "$SHIM_KB" "$RUNC_N" "$RUNC_KB" "$CT_N" "$CT_KB" \
+    "$(($(disk_kb) - DISK0))" "$((MEM0 - $(mem_avail_kb)))"
+  T_STEP=$SECONDS
   if [ "$up" -lt "$COUNT" ] && [ -z "$GAVE" ]; then
     GAVE="only $up of $COUNT containers running 120 s after the last docker run"
   fi
