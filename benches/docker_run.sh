@@ -28,14 +28,15 @@
 # 2. Density. Host 2's `fabric up` stops and the script waits until the head reads it as not
 #    running, so placement has only host 1. Then `docker run -d busybox sleep 100000` one at a
 #    time until one fails or DOCKER_DENSITY_MAX (default 200) is reached; after every 25 (and at
-#    the end) it waits until `docker ps` shows them all running and prints the count, the RSS
-#    (VmRSS) of host 1's agent and dataplane, the sum over the `fabric shim` processes and over
-#    the runc/container processes below them (found by their cmdline and parent), disk under
-#    the host's containers/ folder, and MemAvailable's drop since the start (noisy: the machine
-#    is shared). Final line
-#        docker-density containers=N per-container-kB=… agent-kB=… dataplane-kB=… …
-#    where per-container-kB = (shims + container processes + the agent's and dataplane's growth)
-#    / N, and then what gave first, if something did.
+#    the end) it waits (up to 120 s) until `docker ps` shows them all running and prints the
+#    count, the RSS (VmRSS) of host 1's agent and dataplane, the sums over the `fabric shim`
+#    processes, the runc processes below them and the containers' own processes (found by
+#    cmdline and parent), the growth of host 1's data dir (du) and MemAvailable's drop since
+#    the start (noisy: the machine is shared). Final lines
+#        docker-density containers=N per-container-kB=… agent-kB=… dataplane-kB=… shim-kB=… …
+#        docker-density gave: … (what failed first, or nothing up to the max)
+#    where per-container-kB = (shims + runc + container processes + the agent's and dataplane's
+#    growth) / N, and shim-kB/runc-kB/proc-kB are per process. Every CLI call has 120 s at most.
 #
 # Environment: DOCKER_RUN_N, DOCKER_DENSITY_MAX, FABRIC_BIN (skip the cargo build),
 # CARGO_TARGET_DIR, DOCKER_CLI (default /usr/local/bin/docker). Everything it creates
