@@ -60,9 +60,17 @@ cluster_init "$PFX" 2
 MOBY_NS="$PFX-moby"
 CGROUP="fabric-bench-run-$$"
 FAB_UP=""  # set once the fabric CLI works (the cleanup then removes its containers)
+FAB_IDS="" # every fabric container ID made here (the cleanup checks their cgroups)
 MOBY_UP="" # the same for moby
 
 say() { echo "== $*" >&2; }
+vm_of() { local i=$1; echo "${i:0:8}-${i:8:4}-${i:12:4}-${i:16:4}-${i:20:12}"; } # container ID → VM UUID
+# The cgroups of what this script ran: moby's parent, and fabric's /fabric/<vm> (bundle.rs).
+our_cgroups() {
+  local id
+  echo "/sys/fs/cgroup/pids/$CGROUP"
+  for id in $FAB_IDS; do echo "/sys/fs/cgroup/pids/fabric/$(vm_of "$id")"; done
+}
 dump_logs() { tail -n 15 "$TMP"/h*/up.log "$TMP"/h*/logs/*.log "$TMP/moby/dockerd.log" >&2 2>/dev/null || true; }
 
 # --- cleanup -----------------------------------------------------------------------------------
@@ -86,10 +94,10 @@ ns_ids() {
 }
 
 # Every process (but this shell and the holders) in one of the namespaces named on stdin, or in
-# moby's cgroup (its containers).
+# one of our cgroups (the containers).
 leftover_pids() {
   local -A ids=() skip=()
-  local id p n m
+  local id p n m c
   while read -r id; do ids[$id]=1; done
   skip[$$]=1
   for p in "${HOLDERS[@]-}"; do [ -n "$p" ] && skip[$p]=1; done
@@ -100,15 +108,15 @@ leftover_pids() {
     m=$(readlink "/proc/$p/ns/mnt" 2>/dev/null) || continue
     if [ -n "${ids[$n]-}" ] || [ -n "${ids[$m]-}" ]; then echo "$p"; fi
   done
-  if [ -d "/sys/fs/cgroup/pids/$CGROUP" ]; then
-    find "/sys/fs/cgroup/pids/$CGROUP" -name cgroup.procs -exec cat {} + 2>/dev/null || true
-  fi
+  our_cgroups | while read -r c; do
+    if [ -d "$c" ]; then find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null || true; fi
+  done
 }
 
 bench_cleanup() {
   set +e
   trap "" PIPE
-  local ids i r c k
+  local ids i r c g k
   # Containers first, through their daemons, while everything still runs (bounded).
   if [ -n "$FAB_UP" ]; then
     # shellcheck disable=SC2046
@@ -137,8 +145,10 @@ bench_cleanup() {
     sleep 0.2
   done
   kill -KILL "${HOLDERS[@]}" 2>/dev/null
-  for c in /sys/fs/cgroup/*/"$CGROUP"; do
-    [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
+  for g in $(our_cgroups); do
+    for c in /sys/fs/cgroup/*/"${g#/sys/fs/cgroup/pids/}"; do
+      [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
+    done
   done
   rm -rf "$TMP"
 }
@@ -237,7 +247,8 @@ say "busybox imported into both"
 # --- 1. docker run -d → answering on the published port ----------------------------------------
 ip_of() { "$1" inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$2"; }
 for d in fab moby; do
-  "$d" run -d --name prober busybox sleep 1000000 >/dev/null # not 100000: not counted below
+  id=$("$d" run -d --name prober busybox sleep 1000000) # not 100000: not counted below
+  if [ "$d" = fab ]; then FAB_IDS+=" $id"; fi
   wait_for 60 "$d" exec prober true
 done
 say "probers answer docker exec; $N containers per daemon"
@@ -249,6 +260,7 @@ one_run() { # one_run DAEMON K: one timed sample
   id=$("$d" run -d -p 8000 busybox httpd -f -p 8000 -h /etc)
   t1=$(now_ms)
   IDS[$d]+="$id "
+  if [ "$d" = fab ]; then FAB_IDS+=" $id"; fi
   ip=$(ip_of "$d" "$id")
   if [ -z "$ip" ]; then
     echo "benches/docker_run.sh: $d container $k ($id) has no IP address" >&2
@@ -283,8 +295,7 @@ stats() { # stats "ms ms ...": p50 p99 max (nearest rank)
 # Where fabric put them: the VM UUID is the container ID's first 32 hex digits, 8-4-4-4-12.
 declare -A ON=()
 for id in ${IDS[fab]}; do
-  u="${id:0:8}-${id:8:4}-${id:12:4}-${id:16:4}-${id:20:12}"
-  s=$(api GET "/vms/$u" | jq -r .server_uuid)
+  s=$(api GET "/vms/$(vm_of "$id")" | jq -r .server_uuid)
   ON[$s]=$((${ON[$s]-0} + 1))
 done
 say "fabric's $N containers: $(for i in 1 2; do printf 'h%s=%s ' "$i" "${ON[${SRV[i]}]-0}"; done)"
@@ -397,10 +408,11 @@ report_step() { # waits (bounded) until COUNT containers run, then prints one li
   fi
 }
 while [ "$COUNT" -lt "$DMAX" ]; do
-  if ! err=$(fab run -d busybox sleep 100000 2>&1 >/dev/null); then
+  if ! err=$(fab run -d busybox sleep 100000 2>&1 >"$TMP/id"); then
     GAVE="docker run #$((COUNT + 1)) failed: $(tail -1 <<<"$err")"
     break
   fi
+  FAB_IDS+=" $(cat "$TMP/id")"
   COUNT=$((COUNT + 1))
   if ((COUNT % STEP == 0)); then
     report_step
