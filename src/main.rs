@@ -63,6 +63,13 @@ enum Cmd {
     /// the control plane is unreachable it retries and changes nothing; SIGTERM leaves
     /// everything running. Needs root.
     Agent(fabric::agent::AgentArgs),
+    /// The keeper of one run of one container (started by the agent; not for people).
+    #[command(hide = true)]
+    Shim(fabric::agent::runtime::shim::ShimArgs),
+    /// Runs a process in a running container (started by the agent for `docker exec`; not for
+    /// people).
+    #[command(hide = true, name = "ns-exec")]
+    NsExec(fabric::agent::runtime::exec::NsExecArgs),
     /// The cluster's servers, through the control API: list them, or remove one for good
     /// (its certificate is refused, its VMs read lost, Portolan and the hosts stop accepting it).
     #[command(subcommand)]
@@ -148,6 +155,14 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Agent(args) => edge("fabric agent", fabric::agent::run(args)),
+        Cmd::Shim(args) => edge("fabric shim", fabric::agent::runtime::shim::run(args)),
+        Cmd::NsExec(args) => match fabric::agent::runtime::exec::ns_exec_main(args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("{e:#}");
+                std::process::exit(126)
+            }
+        },
         Cmd::Server(cmd) => printed("fabric server", fabric::control::cli::server(cmd)),
         Cmd::Peer(cmd) => printed("fabric peer", fabric::control::cli::peer(cmd)),
         Cmd::Token(args) => edge("fabric token", fabric::pki::cli::token(&args)),

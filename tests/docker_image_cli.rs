@@ -106,13 +106,13 @@ fn import_load_list_tag_remove_per_account() {
         out.summary()
     );
 
-    // Containers are not run yet: `docker run` of an image the account has says so (a 501,
-    // never a 404 that would send the CLI pulling), and `docker ps` lists none.
+    // No server is registered here: `docker run` of an image the account has cannot place
+    // the container and says so (a 409, never a 404 that would send the CLI pulling), and
+    // `docker ps` lists none.
     let out = alice.run(&["run", "--rm", "bb:gz", "true"]);
     assert_eq!(out.code, 125, "{}", out.summary());
     assert!(
-        out.stderr.contains("fabric does not run containers yet")
-            && !out.stderr.contains("Unable to find image"),
+        out.stderr.contains("cannot place the VM") && !out.stderr.contains("Unable to find image"),
         "{}",
         out.summary()
     );

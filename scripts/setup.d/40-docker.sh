@@ -5,6 +5,8 @@
 #   nothing runs on the host itself; the tests start their own in a namespace;
 # - busybox-static (the test image's only binary) and openssl (the reference daemon's
 #   certificates);
+# - runc (Debian's 1.1.5; it comes with docker.io, named here because fabric's own agent runs
+#   containers with it: tests/agent_containers.rs, `fabric shim`);
 # - docker-py (PyPI `docker`, pinned) in its own virtual environment, exported as
 #   FABRIC_DOCKER_PY (that venv's python): docker-py 7 in the system Python breaks Debian's
 #   docker-compose 1.29.
@@ -13,7 +15,7 @@ FABRIC_DOCKER_PY_VERSION=7.1.0
 
 _fabric_docker_pkgs() {
   local missing=() pair
-  for pair in dockerd:docker.io busybox:busybox-static openssl:openssl; do
+  for pair in dockerd:docker.io runc:runc busybox:busybox-static openssl:openssl; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || [ -x "/bin/${pair%%:*}" ] ||
       missing+=("${pair#*:}")
   done

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http2::SendRequest;
@@ -39,6 +40,39 @@ pub const POLL_GRACE: Duration = Duration::from_secs(10);
 /// noticed within `PING_EVERY + PING_TIMEOUT` even while only a long-poll is in flight.
 const PING_EVERY: Duration = Duration::from_secs(15);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request body: whole ([`full`]) or streamed (the tunnel's sub-streams, [`channel_body`]).
+pub type ReqBody = BoxBody<Bytes, std::convert::Infallible>;
+
+/// A whole request body.
+pub fn full(bytes: impl Into<Bytes>) -> ReqBody {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A request body streamed from a channel: each `Bytes` received is sent as it comes (HTTP/2
+/// flow control holds the sender back when the peer reads slowly); the body ends when every
+/// sender is dropped.
+pub fn channel_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> ReqBody {
+    ChannelBody { rx }.boxed()
+}
+
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
 
 /// Why a control-plane call failed.
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +180,7 @@ struct Inner {
     /// `ca.pem`, `cert.pem`, `key.pem` (with `https://`).
     tls_dir: Option<PathBuf>,
     /// The connection in use and its number; `None` until the first call or after a failure.
-    current: tokio::sync::Mutex<Option<(u64, SendRequest<Full<Bytes>>)>>,
+    current: tokio::sync::Mutex<Option<(u64, SendRequest<ReqBody>)>>,
     /// Connections made so far.
     made: AtomicU64,
 }
@@ -191,7 +225,7 @@ impl Conn {
         self.inner.url.authority()
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+    async fn connect(&self) -> Result<SendRequest<ReqBody>, String> {
         let url = &self.inner.url;
         let tcp = TcpStream::connect(url.authority())
             .await
@@ -215,7 +249,7 @@ impl Conn {
     }
 
     /// The connection in use (made now if there is none): its number and a handle.
-    async fn sender(&self) -> Result<(u64, bool, SendRequest<Full<Bytes>>), String> {
+    async fn sender(&self) -> Result<(u64, bool, SendRequest<ReqBody>), String> {
         let mut cur = self.inner.current.lock().await;
         if let Some((n, s)) = cur.as_ref() {
             if !s.is_closed() {
@@ -279,9 +313,64 @@ impl Conn {
         }
     }
 
+    /// Sends one request whose body may stream and returns the answer's head as soon as it
+    /// comes (within `timeout`); the body is read by the caller, as long as it likes. Not
+    /// retried: a streamed body cannot be sent twice.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: ReqBody,
+        timeout: Duration,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
+        let what = format!("{method} {path}");
+        let attempt = async {
+            let (n, _, mut sender) = self.sender().await?;
+            let r = async {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("connection: {e}"))?;
+                let req = self
+                    .request_head(&method, path)
+                    .body(body)
+                    .map_err(|e| format!("building request: {e}"))?;
+                sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("request: {e}"))
+            }
+            .await;
+            if r.is_err() {
+                self.forget(n).await;
+            }
+            r
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(detail)) => Err(ApiError::Unreachable {
+                addr: self.authority(),
+                what,
+                detail,
+            }),
+            Err(_) => Err(ApiError::Unreachable {
+                addr: self.authority(),
+                what,
+                detail: format!("no answer within {timeout:?}"),
+            }),
+        }
+    }
+
+    fn request_head(&self, method: &Method, path: &str) -> hyper::http::request::Builder {
+        let scheme = if self.inner.url.tls { "https" } else { "http" };
+        Request::builder()
+            .method(method.clone())
+            .uri(format!("{scheme}://{}{path}", self.authority()))
+    }
+
     async fn try_call(
         &self,
-        mut sender: SendRequest<Full<Bytes>>,
+        mut sender: SendRequest<ReqBody>,
         method: &Method,
         path: &str,
         body: Option<Vec<u8>>,
@@ -290,15 +379,12 @@ impl Conn {
             .ready()
             .await
             .map_err(|e| format!("connection: {e}"))?;
-        let scheme = if self.inner.url.tls { "https" } else { "http" };
-        let mut req = Request::builder()
-            .method(method.clone())
-            .uri(format!("{scheme}://{}{path}", self.authority()));
+        let mut req = self.request_head(method, path);
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(full(body.unwrap_or_default()))
             .map_err(|e| format!("building request: {e}"))?;
         let resp = sender
             .send_request(req)
@@ -316,7 +402,7 @@ impl Conn {
 }
 
 /// HTTP/2 over `io`; the connection's task runs until it closes.
-async fn handshake<I>(io: I) -> Result<SendRequest<Full<Bytes>>, String>
+async fn handshake<I>(io: I) -> Result<SendRequest<ReqBody>, String>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -325,6 +411,10 @@ where
         .keep_alive_interval(PING_EVERY)
         .keep_alive_timeout(PING_TIMEOUT)
         .keep_alive_while_idle(true)
+        // Tunnel sub-streams whose handler does not read its input hold back only themselves
+        // (hyper's default connection window is a few streams' worth).
+        .initial_stream_window_size(crate::http::serve::STREAMING_STREAM_WINDOW)
+        .initial_connection_window_size(crate::http::serve::STREAMING_CONN_WINDOW)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
@@ -383,6 +473,21 @@ pub struct Vm {
     /// NICs in interface order.
     #[serde(default)]
     pub nics: Vec<Nic>,
+    /// What to run, for a Docker container.
+    #[serde(default)]
+    pub container: Option<crate::control::container_spec::ContainerSpec>,
+    /// The run the container should be in (0: never started; +1 on every start and restart).
+    #[serde(default)]
+    pub generation: u64,
+    /// The last `docker kill` (each id delivered once).
+    #[serde(default)]
+    pub signal: Option<crate::control::container_spec::SignalRequest>,
+    /// Grace period of the last stop/restart (None: the spec's).
+    #[serde(default)]
+    pub stop_timeout: Option<u32>,
+    /// The generation the control plane's last report was about.
+    #[serde(default)]
+    pub run_generation: Option<u64>,
 }
 
 fn running() -> String {
@@ -473,6 +578,33 @@ pub struct StateReport {
     /// Why (for `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A container's process: the exit status of the run that ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// When the run started (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// When the run ended (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+    /// The generation the report is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+impl StateReport {
+    /// A report of a VM's state alone (no container fields).
+    pub fn vm(uuid: String, state: VmState, reason: Option<String>) -> StateReport {
+        StateReport {
+            uuid,
+            state,
+            reason,
+            exit_status: None,
+            started_at: None,
+            finished_at: None,
+            generation: None,
+        }
+    }
 }
 
 /// The answer to a state report.
@@ -506,6 +638,46 @@ impl Api {
     /// The connection.
     pub fn conn(&self) -> &Conn {
         &self.conn
+    }
+
+    /// The UUID of the server this agent acts for.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// `GET path` whose answer is read as a stream (layer downloads, the tunnel): the body of
+    /// a success, or the error (status with the body's text) of anything else. Only the head
+    /// must come within [`CALL_TIMEOUT`]; a call on an idle connection that went away is
+    /// tried once more on a fresh one.
+    pub async fn get_stream(&self, path: &str) -> Result<hyper::body::Incoming, ApiError> {
+        let what = format!("GET {path}");
+        let resp = match self
+            .conn
+            .request(Method::GET, path, full(Bytes::new()), CALL_TIMEOUT)
+            .await
+        {
+            Err(e) if e.is_unreachable() => {
+                self.conn
+                    .request(Method::GET, path, full(Bytes::new()), CALL_TIMEOUT)
+                    .await?
+            }
+            r => r?,
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.into_body());
+        }
+        let body = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        Err(ApiError::Status {
+            what,
+            status: status.as_u16(),
+            body: body_text(&body),
+        })
     }
 
     async fn json<T: DeserializeOwned>(
@@ -680,11 +852,7 @@ mod tests {
 
     #[test]
     fn reports_serialize_without_empty_reason() {
-        let r = StateReport {
-            uuid: "v".into(),
-            state: VmState::Running,
-            reason: None,
-        };
+        let r = StateReport::vm("v".into(), VmState::Running, None);
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"uuid":"v","state":"running"}"#
@@ -743,6 +911,13 @@ mod tests {
                 }),
             )
             .route(
+                "/echo",
+                post(move |body: axum::body::Body| async move {
+                    // Streams the request body back as it comes.
+                    axum::response::Response::new(body)
+                }),
+            )
+            .route(
                 "/servers/{uuid}/vm_states",
                 post(move |body: Bytes| async move {
                     assert!(String::from_utf8_lossy(&body).contains(r#""state":"failed""#));
@@ -780,11 +955,11 @@ mod tests {
             Err(ApiError::BadJson { what, .. }) => assert!(what.contains("/desired"), "{what}"),
             other => panic!("{other:?}"),
         }
-        let rep = [StateReport {
-            uuid: "v".into(),
-            state: VmState::Failed,
-            reason: Some("no".into()),
-        }];
+        let rep = [StateReport::vm(
+            "v".into(),
+            VmState::Failed,
+            Some("no".into()),
+        )];
         assert_eq!(api.report(&rep).await.unwrap().updated, 1);
         // Another server's client on the same connection.
         let other = Api::new(c0.clone(), "x");
@@ -816,6 +991,49 @@ mod tests {
             1,
             "one HTTP/2 connection for every call"
         );
+    }
+
+    #[tokio::test]
+    async fn streamed_bodies_flow_both_ways_and_errors_stay_typed() {
+        let (addr, _) = canned().await;
+        let c = conn(&addr);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let resp = c
+            .request(Method::POST, "/echo", channel_body(rx), CALL_TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        // Each chunk comes back before the next is sent: the body really streams.
+        for i in 0..5u8 {
+            tx.send(Bytes::from(vec![i; 3])).await.unwrap();
+            let f = tokio::time::timeout(CALL_TIMEOUT, body.frame())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(f.into_data().unwrap(), Bytes::from(vec![i; 3]));
+        }
+        drop(tx);
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert!(rest.is_empty(), "ends when the sender is dropped: {rest:?}");
+        let api = Api::new(c, "s");
+        assert_eq!(api.server(), "s");
+        let b = api.get_stream("/servers/s/desired").await.unwrap();
+        assert!(b
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .starts_with(b"{\"seq\""));
+        match api.get_stream("/nothing").await {
+            Err(ApiError::Status {
+                status: 404, what, ..
+            }) => {
+                assert_eq!(what, "GET /nothing")
+            }
+            r => panic!("{:?}", r.map(|_| ())),
+        }
     }
 
     #[tokio::test]

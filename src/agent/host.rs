@@ -207,11 +207,7 @@ pub fn execute<H: Host>(
                     Some(e) => (VmState::Failed, Some(e.clone())),
                     None => (*state, reason.clone()),
                 };
-                out.reports.push(StateReport {
-                    uuid: vm.clone(),
-                    state,
-                    reason,
-                });
+                out.reports.push(StateReport::vm(vm.clone(), state, reason));
                 continue;
             }
         };
@@ -240,11 +236,8 @@ pub fn execute<H: Host>(
             .iter()
             .any(|a| matches!(a, Action::DeleteNetns { vm: v } if *v == vm));
         if !planned && !deleted {
-            out.reports.push(StateReport {
-                uuid: vm,
-                state: VmState::Failed,
-                reason: Some(e),
-            });
+            out.reports
+                .push(StateReport::vm(vm, VmState::Failed, Some(e)));
         }
     }
     out.reports.retain(|r| {

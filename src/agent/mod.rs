@@ -16,11 +16,16 @@
 //! - [`plan`]: desired + actual → ordered actions (pure).
 //! - [`host`]: executes them (namespaces, vnics, dataplane socket) and owns the state file.
 //! - [`api`]: the control-plane client.
+//! - [`runtime`]: Docker containers on this host (runc under `fabric shim`), after their
+//!   namespace and vnics are in place: prepared once, each generation started at most once,
+//!   stopped, signalled, removed with their VM; a shim's exit wakes a reconcile at once.
 
 pub mod api;
 pub mod host;
 pub mod plan;
 pub mod renew;
+pub mod runtime;
+pub mod tunnel;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -63,6 +68,10 @@ pub struct AgentArgs {
     /// How long one change-feed long-poll waits (seconds, 1-60).
     #[arg(long, value_name = "SECS", default_value_t = 20, hide = true)]
     pub poll_secs: u64,
+    /// Containers: layers (`images/sha256/`), each container's bundle, log and shim files
+    /// (`containers/<vm>/`), runc's state (`runc/`). `fabric up` passes its data directory.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/fabric/data")]
+    pub data: PathBuf,
 }
 
 /// First retry delay while the control plane is unreachable.
@@ -123,6 +132,8 @@ struct State<H: Host> {
     members: Option<Vec<std::net::IpAddr>>,
     /// The state last reported per VM.
     reported: BTreeMap<String, (VmState, Option<String>)>,
+    /// The container report last accepted per container VM.
+    containers_reported: BTreeMap<String, api::StateReport>,
     /// How many vnics of owned namespaces the dataplane had after the last reconcile.
     attached: usize,
     counters: Counters,
@@ -175,9 +186,34 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
         firewall: None,
         members: None,
         reported: BTreeMap::new(),
+        containers_reported: BTreeMap::new(),
         attached: 0,
         counters: Counters::default(),
     }));
+
+    let shim_exe = std::env::current_exe().context("finding this executable (for fabric shim)")?;
+    let rt = Arc::new(runtime::Runtime::new(&args.data, &shim_exe));
+    let containers = Containers::new(
+        rt.clone(),
+        Arc::new(runtime::prepare::ImgPreparer::new(
+            Api::new(conn.clone(), &server),
+            &rt.images_dir(),
+        )),
+    );
+    // Shims that outlived an earlier agent: their exits wake a reconcile too.
+    for vm in rt.list() {
+        if matches!(rt.phase(&vm), runtime::Phase::Running { .. }) {
+            tracing::info!(vm = %vm, "container running under a shim of an earlier agent");
+            rt.adopt(&vm);
+        }
+    }
+    let shim_exits = rt.exits();
+    // The tunnel: attach, logs, exec and resize of this host's containers, on the one
+    // connection to the control plane.
+    let tunnel = tokio::spawn(tunnel::run(
+        Api::new(conn.clone(), &server),
+        Arc::new(runtime::streams::Streams::new(rt.clone())),
+    ));
 
     // Whether the control plane answered the last call made to it (any of the three loops).
     let reachable = Arc::new(AtomicBool::new(false));
@@ -259,7 +295,7 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
                     need_snapshot = false;
                     let seq = s.seq;
                     state.lock().await.counters.snapshots += 1;
-                    reconcile(&state, &calls, &mut s).await;
+                    reconcile(&state, &calls, &containers, &mut s).await;
                     snapshot = Some(s);
                     // The feed continues from the snapshot's position (never backwards).
                     since_tx.send_if_modified(|cur| {
@@ -298,8 +334,14 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
                     need_snapshot = true;
                 } else if reachable.load(Ordering::Relaxed) {
                     if let Some(s) = &mut snapshot {
-                        reconcile(&state, &calls, s).await;
+                        reconcile(&state, &calls, &containers, s).await;
                     }
+                }
+            }
+            _ = shim_exits.notified() => {
+                // A container's process ended: report it now (`docker run --rm` waits on it).
+                if let Some(s) = &mut snapshot {
+                    reconcile(&state, &calls, &containers, s).await;
                 }
             }
             _ = sigterm.recv() => break,
@@ -308,6 +350,7 @@ async fn agent_loop(args: AgentArgs, conn: api::Conn, host: LinuxHost) -> anyhow
     }
     hb.abort();
     feed.abort();
+    tunnel.abort();
     if let Some(r) = renewal {
         r.abort();
     }
@@ -411,7 +454,12 @@ async fn follow_feed(
 /// One reconcile against `snap`: observe, plan, execute (on a blocking thread), report.
 /// Reports the control plane accepted are written into `snap` too, so that a re-check against
 /// the same snapshot does not report them again.
-async fn reconcile(state: &Arc<Mutex<State<LinuxHost>>>, calls: &Api, snap: &mut Snapshot) {
+async fn reconcile(
+    state: &Arc<Mutex<State<LinuxHost>>>,
+    calls: &Api,
+    containers: &Containers,
+    snap: &mut Snapshot,
+) {
     let vms = snap.vms.clone();
     let fw = snap.firewall.clone();
     let members = snap.members.clone();
@@ -425,6 +473,13 @@ async fn reconcile(state: &Arc<Mutex<State<LinuxHost>>>, calls: &Api, snap: &mut
         tracing::error!(error = %e, "reconcile panicked");
         Vec::new()
     });
+    let mut reports = reports;
+    let last = state.lock().await.containers_reported.clone();
+    let (creports, cfail) = containers.reconcile(&snap.vms, &last).await;
+    if cfail > 0 {
+        state.lock().await.counters.failures += cfail;
+    }
+    reports.extend(creports);
     if reports.is_empty() {
         return;
     }
@@ -436,6 +491,13 @@ async fn reconcile(state: &Arc<Mutex<State<LinuxHost>>>, calls: &Api, snap: &mut
                 tracing::info!(vm = %rep.uuid, state = rep.state.as_str(), reason = rep.reason.as_deref().unwrap_or(""), "reported");
                 st.reported
                     .insert(rep.uuid.clone(), (rep.state, rep.reason.clone()));
+                if snap
+                    .vms
+                    .iter()
+                    .any(|v| v.uuid == rep.uuid && v.container.is_some())
+                {
+                    st.containers_reported.insert(rep.uuid.clone(), rep.clone());
+                }
                 if let Some(vm) = snap.vms.iter_mut().find(|v| v.uuid == rep.uuid) {
                     vm.state = rep.state.as_str().to_owned();
                 }
@@ -529,6 +591,161 @@ fn reconcile_host<H: Host>(
         );
     }
     out.reports
+}
+
+/// The container part of a reconcile: the runtime and how bundles are made.
+pub struct Containers {
+    rt: Arc<runtime::Runtime>,
+    prep: Arc<dyn runtime::Preparer>,
+}
+
+impl Containers {
+    /// The container step over runtime `rt`, making bundles with `prep`.
+    pub fn new(rt: Arc<runtime::Runtime>, prep: Arc<dyn runtime::Preparer>) -> Containers {
+        Containers { rt, prep }
+    }
+
+    /// Brings each container VM of `vms` whose namespace is in place to what it asks, removes
+    /// containers of VMs no longer here, and returns the reports that differ from `last` (or
+    /// from what the control plane shows), with the number of failed steps.
+    pub async fn reconcile(
+        &self,
+        vms: &[api::Vm],
+        last: &BTreeMap<String, api::StateReport>,
+    ) -> (Vec<api::StateReport>, u64) {
+        let rt = &self.rt;
+        let mut failed = 0u64;
+        let wanted: std::collections::BTreeSet<&str> = vms
+            .iter()
+            .filter(|v| v.container.is_some())
+            .map(|v| v.uuid.as_str())
+            .collect();
+        for gone in rt
+            .list()
+            .into_iter()
+            .filter(|v| !wanted.contains(v.as_str()))
+        {
+            let rt2 = rt.clone();
+            let vm = gone.clone();
+            match tokio::task::spawn_blocking(move || rt2.remove(&vm)).await {
+                Ok(Ok(())) => tracing::info!(vm = %gone, "container removed"),
+                Ok(Err(e)) => {
+                    failed += 1;
+                    tracing::warn!(vm = %gone, error = %e, "removing the container failed")
+                }
+                Err(e) => tracing::error!(error = %e, "container removal panicked"),
+            }
+        }
+        let mut out = Vec::new();
+        for vm in vms.iter().filter(|v| v.container.is_some()) {
+            if !std::path::Path::new("/run/netns").join(&vm.uuid).exists() {
+                // Its network is not in place (or failed, and was reported so).
+                continue;
+            }
+            let failure = match self.step(vm).await {
+                Ok(()) => None,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(vm = %vm.uuid, error = %e, "container step failed");
+                    Some(e)
+                }
+            };
+            let rep = report_of(vm, &rt.phase(&vm.uuid), failure);
+            let shown = vm.state == rep.state.as_str()
+                && (rep.generation.is_none() || vm.run_generation == rep.generation);
+            if last.get(&vm.uuid) != Some(&rep) || !shown {
+                out.push(rep);
+            }
+        }
+        (out, failed)
+    }
+
+    async fn step(&self, vm: &api::Vm) -> Result<(), String> {
+        let rt = &self.rt;
+        let Some(spec) = &vm.container else {
+            return Ok(());
+        };
+        let phase = rt.phase(&vm.uuid);
+        let view = plan::ContainerView {
+            prepared: !matches!(phase, runtime::Phase::Absent),
+            running: matches!(phase, runtime::Phase::Running { .. }),
+            started: phase.generation(),
+            signal_done: rt.signal_done(&vm.uuid),
+        };
+        let actions = plan::container_actions(vm, &view)?;
+        for a in actions {
+            tracing::info!(vm = %vm.uuid, action = ?a, "container");
+            match a {
+                plan::ContainerAction::Prepare => {
+                    let dir = rt.create_dir(&vm.uuid).map_err(|e| e.to_string())?;
+                    self.prep.prepare(vm, &dir.join("bundle")).await?;
+                    // Kills from before the container existed are not for it.
+                    let id = vm.signal.as_ref().map_or(0, |s| s.id);
+                    rt.set_signal_done(&vm.uuid, id)
+                        .map_err(|e| e.to_string())?;
+                    rt.mark_prepared(&vm.uuid).map_err(|e| e.to_string())?;
+                }
+                plan::ContainerAction::Start { generation } => {
+                    // The last run's shim may still be finishing (runc delete, its clients):
+                    // a restart waits for it rather than failing.
+                    let dir = rt.dir(&vm.uuid);
+                    let t = std::time::Instant::now();
+                    while runtime::shim_alive(&dir) && t.elapsed() < Duration::from_secs(5) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    rt.start(&vm.uuid, spec, generation)
+                        .map_err(|e| e.to_string())?
+                }
+                plan::ContainerAction::Stop { timeout } => rt
+                    .stop(&vm.uuid, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                plan::ContainerAction::Signal { id, signal } => {
+                    // Remembered first: a signal is delivered at most once.
+                    rt.set_signal_done(&vm.uuid, id)
+                        .map_err(|e| e.to_string())?;
+                    rt.signal(&vm.uuid, &signal)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                plan::ContainerAction::SkipSignal { id } => rt
+                    .set_signal_done(&vm.uuid, id)
+                    .map_err(|e| e.to_string())?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The contract's report of a container VM from where its process is.
+fn report_of(vm: &api::Vm, phase: &runtime::Phase, failure: Option<String>) -> api::StateReport {
+    let mut r = api::StateReport::vm(vm.uuid.clone(), VmState::Stopped, None);
+    if let Some(e) = failure {
+        r.state = VmState::Failed;
+        r.reason = Some(e);
+        return r;
+    }
+    match phase {
+        runtime::Phase::Running { state } => {
+            r.state = VmState::Running;
+            r.started_at = state.started_ms;
+            r.generation = Some(state.generation);
+        }
+        runtime::Phase::Exited { state } => {
+            r.exit_status = state.exit_status;
+            r.started_at = state.started_ms;
+            r.finished_at = state.finished_ms;
+            r.generation = Some(state.generation);
+        }
+        runtime::Phase::Lost { state } => {
+            r.reason =
+                Some("the container's shim ended without recording how its process ended".into());
+            r.started_at = state.started_ms;
+            r.generation = Some(state.generation);
+        }
+        runtime::Phase::Prepared | runtime::Phase::Absent => {}
+    }
+    r
 }
 
 #[cfg(test)]

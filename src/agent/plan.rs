@@ -385,6 +385,10 @@ pub fn plan(vms: &[Vm], firewall: &FirewallState, actual: &Actual) -> Vec<Action
         reports.push((vm, state, None));
     }
     for (vm, state, reason) in reports {
+        if vm.container.is_some() && reason.is_none() {
+            // A container's state is its process's: reported by the container step.
+            continue;
+        }
         let last = actual.reported.get(&vm.uuid);
         let sent = last == Some(&(state, reason.clone()));
         let shown = vm.state == state.as_str() || vm.state == "unknown" || vm.state.is_empty();
@@ -397,6 +401,90 @@ pub fn plan(vms: &[Vm], firewall: &FirewallState, actual: &Actual) -> Vec<Action
         }
     }
     out
+}
+
+/// A container as its files show it (see `runtime::Phase`), for [`container_actions`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerView {
+    /// Its bundle is complete.
+    pub prepared: bool,
+    /// A shim is running its process.
+    pub running: bool,
+    /// The generation last started (`state.json`), if any.
+    pub started: Option<u64>,
+    /// The last signal id delivered (or skipped).
+    pub signal_done: u64,
+}
+
+/// One step for a container, after its namespace and vnics are in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerAction {
+    /// Layers, root filesystem, bundle (once per VM; kept across restarts).
+    Prepare,
+    /// Start generation `generation` under a new shim.
+    Start {
+        /// The generation.
+        generation: u64,
+    },
+    /// Stop the running process: stop signal, SIGKILL after `timeout` s.
+    Stop {
+        /// Grace period.
+        timeout: u32,
+    },
+    /// Deliver signal `id` to the running process.
+    Signal {
+        /// The request's id.
+        id: u64,
+        /// The signal.
+        signal: String,
+    },
+    /// Remember signal `id` as done without delivering it (the process is not running).
+    SkipSignal {
+        /// The request's id.
+        id: u64,
+    },
+}
+
+/// The steps that bring a container to what `vm` asks: prepared; the process of
+/// `vm.generation` running when desired running (never a generation twice: one that ran and
+/// ended stays ended, restart policy "no"); stopped when desired stopped; each signal once.
+/// `Err` is why the container cannot be run (its spec fails the agent's re-check).
+pub fn container_actions(vm: &Vm, view: &ContainerView) -> Result<Vec<ContainerAction>, String> {
+    let Some(spec) = &vm.container else {
+        return Ok(Vec::new());
+    };
+    spec.check()?;
+    let mut out = Vec::new();
+    if !view.prepared {
+        out.push(ContainerAction::Prepare);
+    }
+    let want = vm.generation;
+    let timeout = vm.stop_timeout.unwrap_or(spec.stop_timeout);
+    if let Some(sig) = &vm.signal {
+        if sig.id > view.signal_done {
+            out.push(if view.running {
+                ContainerAction::Signal {
+                    id: sig.id,
+                    signal: sig.signal.clone(),
+                }
+            } else {
+                ContainerAction::SkipSignal { id: sig.id }
+            });
+        }
+    }
+    if vm.desired_state == "stopped" {
+        if view.running {
+            out.push(ContainerAction::Stop { timeout });
+        }
+    } else if view.running {
+        if view.started.is_some_and(|g| g < want) {
+            // A restart: the old run ends first; the next pass starts the new one.
+            out.push(ContainerAction::Stop { timeout });
+        }
+    } else if want >= 1 && view.started.is_none_or(|g| g < want) {
+        out.push(ContainerAction::Start { generation: want });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -430,6 +518,11 @@ mod tests {
             state: "provisioning".into(),
             desired_state: "running".into(),
             nics,
+            container: None,
+            generation: 0,
+            signal: None,
+            stop_timeout: None,
+            run_generation: None,
         }
     }
 
@@ -903,5 +996,143 @@ mod tests {
                 reason: None
             }]
         );
+    }
+
+    fn ct(desired: &str, generation: u64) -> Vm {
+        let mut v = vm(A, vec![nic(0, Some(5))]);
+        v.desired_state = desired.into();
+        v.generation = generation;
+        v.container = Some(crate::control::container_spec::ContainerSpec {
+            cmd: vec!["sh".into()],
+            stop_timeout: 10,
+            uid_base: crate::control::container_spec::UID_BASE_START,
+            ..Default::default()
+        });
+        v
+    }
+
+    #[test]
+    fn a_new_container_is_prepared_then_started_once_per_generation() {
+        let fresh = ContainerView::default();
+        // Created, never started: prepared only.
+        assert_eq!(
+            container_actions(&ct("stopped", 0), &fresh).unwrap(),
+            vec![ContainerAction::Prepare]
+        );
+        assert_eq!(
+            container_actions(&ct("running", 1), &fresh).unwrap(),
+            vec![
+                ContainerAction::Prepare,
+                ContainerAction::Start { generation: 1 }
+            ]
+        );
+        let prepared = ContainerView {
+            prepared: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            container_actions(&ct("running", 1), &prepared).unwrap(),
+            vec![ContainerAction::Start { generation: 1 }]
+        );
+        // Generation 1 ran and ended: never again, though desired is still running.
+        let ended = ContainerView {
+            prepared: true,
+            started: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            container_actions(&ct("running", 1), &ended).unwrap(),
+            vec![]
+        );
+        // `docker start` again: generation 2.
+        assert_eq!(
+            container_actions(&ct("running", 2), &ended).unwrap(),
+            vec![ContainerAction::Start { generation: 2 }]
+        );
+        // Running the wanted generation: nothing.
+        let running = ContainerView {
+            running: true,
+            ..ended.clone()
+        };
+        assert_eq!(
+            container_actions(&ct("running", 1), &running).unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn stop_restart_and_the_grace_period() {
+        let running = ContainerView {
+            prepared: true,
+            running: true,
+            started: Some(3),
+            signal_done: 0,
+        };
+        assert_eq!(
+            container_actions(&ct("stopped", 3), &running).unwrap(),
+            vec![ContainerAction::Stop { timeout: 10 }]
+        );
+        let mut v = ct("running", 4);
+        v.stop_timeout = Some(1);
+        assert_eq!(
+            container_actions(&v, &running).unwrap(),
+            vec![ContainerAction::Stop { timeout: 1 }],
+            "a restart stops the old run first"
+        );
+        let stopped = ContainerView {
+            running: false,
+            ..running
+        };
+        assert_eq!(
+            container_actions(&ct("stopped", 3), &stopped).unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn each_signal_once() {
+        let mut v = ct("running", 1);
+        v.signal = Some(crate::control::container_spec::SignalRequest {
+            id: 2,
+            signal: "SIGHUP".into(),
+        });
+        let mut view = ContainerView {
+            prepared: true,
+            running: true,
+            started: Some(1),
+            signal_done: 1,
+        };
+        assert_eq!(
+            container_actions(&v, &view).unwrap(),
+            vec![ContainerAction::Signal {
+                id: 2,
+                signal: "SIGHUP".into()
+            }]
+        );
+        view.signal_done = 2;
+        assert_eq!(container_actions(&v, &view).unwrap(), vec![]);
+        // Not running: remembered as done, not delivered to a later run.
+        view.signal_done = 1;
+        view.running = false;
+        v.desired_state = "stopped".into();
+        assert_eq!(
+            container_actions(&v, &view).unwrap(),
+            vec![ContainerAction::SkipSignal { id: 2 }]
+        );
+    }
+
+    #[test]
+    fn a_refused_spec_fails_the_container_and_its_vm_report_is_left_to_it() {
+        let mut v = ct("running", 1);
+        v.container.as_mut().unwrap().working_dir = "relative".into();
+        let e = container_actions(&v, &ContainerView::default()).unwrap_err();
+        assert!(e.contains("not absolute"), "{e}");
+        // The network part reports nothing for a healthy container VM.
+        let p = plan(&[ct("running", 1)], &fw(), &Actual::default());
+        assert!(
+            p.iter().all(|a| !matches!(a, Action::Report { .. })),
+            "{p:?}"
+        );
+        assert!(p.contains(&Action::CreateNetns { vm: A.into() }));
     }
 }

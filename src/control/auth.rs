@@ -6,7 +6,10 @@
 //! - [`Peer::Host`]: exactly its agent's routes, and only for its own server —
 //!   `GET /servers/:own/desired`, `GET /changes?server_uuid=own` (the parameter is required),
 //!   `POST /servers/:own/vm_states`, `POST /servers/:own/heartbeat`, `PUT /servers/:own` and
-//!   `POST /servers/:own/certificate` (renewal). Two checks need the store and live in the
+//!   `POST /servers/:own/certificate` (renewal), `GET /servers/:own/layers/:digest` (image
+//!   layers for its containers), and its tunnel (`GET /servers/:own/tunnel`, `POST
+//!   /servers/:own/tunnel/:id`), which not even an operator may use. Two checks need the store
+//!   and live in the
 //!   writes themselves: every VM of a state report must be on `own` (else 403 and nothing is
 //!   written, [`super::vms::report_states`]), and `PUT /servers/:own` only re-registers an
 //!   existing server without changing its underlay address ([`super::servers::put`]).
@@ -76,7 +79,18 @@ const HOST_ROUTES: &[(Method, &str)] = &[
     (Method::POST, "/servers/{uuid}/heartbeat"),
     (Method::PUT, "/servers/{uuid}"),
     (Method::POST, "/servers/{uuid}/certificate"),
+    (Method::GET, "/servers/{uuid}/tunnel"),
+    (Method::POST, "/servers/{uuid}/tunnel/{id}"),
+    // Image layers of the host's containers (the agent's runtime fetches what it lacks).
+    (Method::GET, "/servers/{uuid}/layers/{digest}"),
 ];
+
+/// The agent's tunnel routes: only that server's own host certificate may use them — not an
+/// operator either (the tunnel carries that host's containers' I/O; an operator opening it
+/// would take the host's place). Plain HTTP without TLS ([`Peer::Open`]) has no identities.
+fn is_tunnel(pattern: &str) -> bool {
+    pattern == "/servers/{uuid}/tunnel" || pattern == "/servers/{uuid}/tunnel/{id}"
+}
 
 /// Whether `peer` may call `method pattern` with these path and request parameters (`pattern`
 /// is the matched route, `""` when none matched). `HEAD` counts as `GET`.
@@ -93,6 +107,10 @@ pub fn allowed(
         method
     };
     match peer {
+        Peer::Operator { name, .. } if is_tunnel(pattern) => Err(forbidden(format!(
+            "{}: the tunnel is its agent's own; only that server's host certificate may use it,              not an operator's ({name:?})",
+            describe(method, pattern, path)
+        ))),
         Peer::Open | Peer::Operator { .. } => Ok(()),
         Peer::Anonymous => {
             if *m == Method::POST && pattern == "/join" {
@@ -134,8 +152,8 @@ pub fn allowed(
             if !HOST_ROUTES.iter().any(|(hm, hp)| hm == m && *hp == pattern) {
                 return Err(forbidden(format!(
                     "{what}: a host certificate (server {own}) may only use its agent's routes \
-                     (desired state, feed, state reports, heartbeats); this needs an operator \
-                     certificate"
+                     (desired state, feed, state reports, heartbeats, image layers); this needs \
+                     an operator certificate"
                 )));
             }
             let target = path.first().map(String::as_str).unwrap_or("");
@@ -213,6 +231,7 @@ mod tests {
 
     const OWN: &str = "564d1a4c-0000-4000-8000-000000000001";
     const OTHER: &str = "564d1a4c-0000-4000-8000-000000000002";
+    const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
     fn host() -> Peer {
         Peer::Host {
@@ -270,6 +289,9 @@ mod tests {
             (M::POST, "/servers/{uuid}/heartbeat", vec![OWN]),
             (M::PUT, "/servers/{uuid}", vec![OWN]),
             (M::POST, "/servers/{uuid}/certificate", vec![OWN]),
+            (M::GET, "/servers/{uuid}/tunnel", vec![OWN]),
+            (M::POST, "/servers/{uuid}/tunnel/{id}", vec![OWN, "x"]),
+            (M::GET, "/servers/{uuid}/layers/{digest}", vec![OWN, DIGEST]),
             (M::GET, "/changes", vec![]),
             (M::POST, "/join", vec![]),
             (M::GET, "", vec![]),
@@ -277,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn open_and_operator_may_do_everything() {
+    fn open_and_operator_may_do_everything_but_the_tunnel() {
         for peer in [
             Peer::Open,
             Peer::Operator {
@@ -286,9 +308,13 @@ mod tests {
             },
         ] {
             for (m, pat, path) in every_route() {
+                let want = match peer {
+                    Peer::Operator { .. } if is_tunnel(pat) => Some(403),
+                    _ => None,
+                };
                 assert_eq!(
                     check(&peer, m.clone(), pat, &path, &no_params()),
-                    None,
+                    want,
                     "{m} {pat}"
                 );
             }
@@ -328,6 +354,9 @@ mod tests {
             (Method::POST, "/servers/{uuid}/heartbeat"),
             (Method::PUT, "/servers/{uuid}"),
             (Method::POST, "/servers/{uuid}/certificate"),
+            (Method::GET, "/servers/{uuid}/tunnel"),
+            (Method::POST, "/servers/{uuid}/tunnel/{id}"),
+            (Method::GET, "/servers/{uuid}/layers/{digest}"),
         ];
         for (m, pat, path) in every_route() {
             let agent = own_routes.iter().any(|(om, op)| *om == m && *op == pat);

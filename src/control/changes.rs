@@ -1,5 +1,7 @@
 //! The change feed: every change to VMs, NICs, rules, servers and networks gets a sequence
-//! number in the same transaction as the change (`fabric_changes`).
+//! number in the same transaction as the change (`fabric_changes`). A change may carry a
+//! `detail` (JSON: a container's exit code, a kill's signal; [`record_with`]), shown by
+//! `GET /changes`.
 //!
 //! Writers call [`record`] anywhere inside a write transaction: the change is queued on the
 //! current thread, and [`flush`] — called by the one write path (`http::run_write`, and any other
@@ -42,6 +44,10 @@ pub mod kind {
     pub const NETWORK: &str = "network";
     /// A foreign VXLAN peer (`/peers`): created, deleted. Membership: every server hears it.
     pub const PEER: &str = "peer";
+    /// A Docker container (its `uuid` is the VM's): `create`, `start`, `die` (detail
+    /// `{"exit_code": n}`), `stop`, `kill` (detail `{"signal": "SIGKILL"}`), `restart`,
+    /// `rename`, `destroy`.
+    pub const CONTAINER: &str = "container";
 }
 
 /// One change, as passed to [`record`].
@@ -67,6 +73,7 @@ struct Pending {
     action: String,
     owner_uuid: Option<String>,
     servers: String,
+    detail: Option<String>,
 }
 
 thread_local! {
@@ -76,7 +83,18 @@ thread_local! {
 /// Queues a change of the caller's write transaction; [`flush`] writes it before commit.
 /// (`db` is the transaction the change belongs to; it is taken so that a change can only be
 /// recorded from inside one.)
-pub fn record(_db: &mut Db<'_>, c: &Change<'_>) -> Result<(), OpError> {
+pub fn record(db: &mut Db<'_>, c: &Change<'_>) -> Result<(), OpError> {
+    record_with(db, c, None)
+}
+
+/// [`record`] with a `detail` (JSON, shown by `GET /changes`): a container's exit code, the
+/// signal of a kill.
+pub fn record_with(
+    _db: &mut Db<'_>,
+    c: &Change<'_>,
+    detail: Option<&Value>,
+) -> Result<(), OpError> {
+    let detail = detail.map(Value::to_string);
     PENDING.with(|p| {
         p.borrow_mut().push(Pending {
             kind: c.kind.to_string(),
@@ -84,6 +102,7 @@ pub fn record(_db: &mut Db<'_>, c: &Change<'_>) -> Result<(), OpError> {
             action: c.action.to_string(),
             owner_uuid: c.owner_uuid.map(str::to_string),
             servers: c.servers.join(","),
+            detail,
         })
     });
     Ok(())
@@ -112,8 +131,8 @@ pub fn flush(db: &mut Db<'_>) -> Result<Option<i64>, OpError> {
     for c in queued {
         seq += 1;
         db.exec(
-            "INSERT INTO fabric_changes (seq, kind, uuid, action, owner_uuid, servers, time_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO fabric_changes (seq, kind, uuid, action, owner_uuid, servers, time_ms, \
+               detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 Val::int(seq),
                 Val::text(c.kind),
@@ -122,6 +141,7 @@ pub fn flush(db: &mut Db<'_>) -> Result<Option<i64>, OpError> {
                 Val::opt_text(c.owner_uuid.as_deref()),
                 Val::text(c.servers),
                 Val::int(time_ms),
+                Val::opt_text(c.detail.as_deref()),
             ],
         )?;
     }
@@ -174,6 +194,8 @@ pub struct FeedChange {
     pub servers: Vec<String>,
     /// When it was written (ms since the epoch).
     pub time_ms: i64,
+    /// What more there is to say (a container's exit code, a kill's signal), if anything.
+    pub detail: Option<Value>,
 }
 
 impl FeedChange {
@@ -187,6 +209,7 @@ impl FeedChange {
             "owner_uuid": self.owner_uuid,
             "servers": self.servers,
             "time": super::iso_from_ms(self.time_ms),
+            "detail": self.detail,
         })
     }
 }
@@ -240,6 +263,10 @@ fn change_from_row(r: Row) -> Result<FeedChange, OpError> {
     let owner_uuid = next("owner_uuid")?.into_opt_string();
     let servers = next("servers")?.into_string("change servers")?;
     let time_ms = next("time_ms")?.as_i64("change time")?;
+    let detail = match next("detail")?.into_opt_string() {
+        Some(t) => Some(serde_json::from_str(&t)?),
+        None => None,
+    };
     Ok(FeedChange {
         seq,
         kind,
@@ -252,10 +279,12 @@ fn change_from_row(r: Row) -> Result<FeedChange, OpError> {
             .map(str::to_string)
             .collect(),
         time_ms,
+        detail,
     })
 }
 
-const COLUMNS: &str = "c.seq, c.kind, c.uuid, c.action, c.owner_uuid, c.servers, c.time_ms";
+const COLUMNS: &str =
+    "c.seq, c.kind, c.uuid, c.action, c.owner_uuid, c.servers, c.time_ms, c.detail";
 
 /// Reads one page of the feed in the caller's (read) transaction.
 ///

@@ -206,6 +206,7 @@ pub async fn serve(
     let tcp = crate::http::Server::new(limits.clone())
         .with_stats(stats.clone())
         .with_acceptor(tls)
+        .with_streaming(super::http::streams_body)
         .serve(listener, svc.router(), stopped());
     let unix = crate::http::Server::new(limits)
         .with_stats(stats)
@@ -226,10 +227,12 @@ pub async fn serve(
             None => Ok(()),
         }
     };
+    let tunnels = svc.app.tunnels.clone();
     let stop = async move {
         shutdown.await;
         // Long-polls answer at once when the service stops, so it does not wait for them.
         feed.close();
+        tunnels.close();
         let _ = stop_tx.send(true);
     };
     let (a, b, c, ()) = tokio::join!(tcp, unix, docker, stop);

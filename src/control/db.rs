@@ -362,7 +362,8 @@ pub const SCHEMA: &[&str] = &[
         action     TEXT NOT NULL,
         owner_uuid TEXT,
         servers    TEXT NOT NULL,
-        time_ms    BIGINT NOT NULL
+        time_ms    BIGINT NOT NULL,
+        detail     TEXT
     )",
     "CREATE TABLE IF NOT EXISTS fabric_servers (
         uuid              TEXT PRIMARY KEY,
@@ -406,7 +407,11 @@ pub const SCHEMA: &[&str] = &[
 /// Columns added after their table was first released: `(table, column, type)`. A store
 /// created before gets them from [`create_schema`] (`ALTER TABLE ... ADD COLUMN`); new stores
 /// have them in [`SCHEMA`] already.
-pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("fabric_servers", "removed_ms", "BIGINT")];
+pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("fabric_servers", "removed_ms", "BIGINT"),
+    ("fabric_changes", "detail", "TEXT"),
+    ("docker_accounts", "uid_index", "BIGINT"),
+];
 
 /// Whether `table` has `column` (both backends; PostgreSQL: in the current schema).
 pub fn has_column(db: &mut Db<'_>, table: &str, column: &str) -> Result<bool, OpError> {
@@ -438,5 +443,6 @@ pub fn create_schema(db: &mut Db<'_>) -> Result<(), OpError> {
             )?;
         }
     }
+    crate::docker::accounts::backfill_uid_index(db)?;
     Ok(())
 }

@@ -61,6 +61,8 @@ pub struct App {
     trust_errors: std::sync::atomic::AtomicU64,
     /// Authorization refusals.
     pub auth: AuthCounters,
+    /// The agents' tunnels open to this instance (attach, logs, exec on hosts).
+    pub tunnels: Arc<super::tunnel::Tunnels>,
 }
 
 impl App {
@@ -78,6 +80,7 @@ impl App {
             trust_sync: tokio::sync::Mutex::new(()),
             trust_errors: std::sync::atomic::AtomicU64::new(0),
             auth: AuthCounters::default(),
+            tunnels: Arc::new(super::tunnel::Tunnels::new()),
         }
     }
 }
@@ -351,7 +354,7 @@ fn vm_route(m: Method, pattern: &str, a0: String, by_host: bool) -> Op {
         }
         (Method::POST, "/join") => write(|t, a, p| join::join(t, &a.cfg, p)),
         (Method::POST, "/servers/{uuid}/vm_states") => {
-            write(move |t, _, p| vms::report_states(t, &a0, p, by_host))
+            write(move |t, a, p| vms::report_states(t, &a.cfg, &a0, p, by_host))
         }
         (Method::GET, "/vms") => read(|d, a, p| vms::list(d, &a.cfg, p)),
         (Method::POST, "/vms") => write(|t, a, p| vms::create(t, &a.cfg, p)),
@@ -452,6 +455,7 @@ const ROUTES: &[&str] = &[
     "/servers/{uuid}/desired",
     "/servers/{uuid}/vm_states",
     "/servers/{uuid}/certificate",
+    "/servers/{uuid}/layers/{digest}",
     "/join",
     "/vms",
     "/vms/{uuid}",
@@ -465,11 +469,103 @@ const ROUTES: &[&str] = &[
     "/shared_networks/{name}",
 ];
 
+/// The agents' tunnel routes ([`super::tunnel`]): their bodies stream, so they have a handler
+/// of their own (the policy is the same [`authorize`]).
+pub const TUNNEL_ROUTES: &[&str] = &["/servers/{uuid}/tunnel", "/servers/{uuid}/tunnel/{id}"];
+
+/// Whether a request's body streams for as long as it lasts (an agent's tunnel sub-stream):
+/// the HTTP layer does not cap its size ([`crate::http::Server::with_streaming`]); the tunnel
+/// reads it only as fast as its frames are taken.
+pub fn streams_body(method: &Method, path: &str) -> bool {
+    *method == Method::POST
+        && path
+            .strip_prefix("/servers/")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(_, r)| r.strip_prefix("tunnel/"))
+            .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// `GET /servers/:uuid/tunnel` (the agent's tunnel: a stream of open requests) and `POST
+/// /servers/:uuid/tunnel/:id` (one sub-stream: agent frames in, control frames out).
+async fn tunnel_handle(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
+    matched: MatchedPath,
+    raw: RawPathParams,
+    method: Method,
+    uri: Uri,
+    body: Body,
+) -> Response<Body> {
+    let started = Instant::now();
+    let pattern = matched.as_str().to_string();
+    let path: Vec<String> = raw.iter().map(|(_, v)| v.to_string()).collect();
+    let peer = peer.map_or(Peer::Open, |Extension(p)| p);
+    let result = tunnel_op(&app, &peer, &method, &pattern, &path, uri.query(), body);
+    let status = match &result {
+        Ok(_) => 200,
+        Err(e) => e.status,
+    };
+    app.metrics.request(&pattern, method.as_str(), status);
+    match result {
+        Ok(body) => {
+            let mut r = Response::new(body);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(if pattern.ends_with("{id}") {
+                    "application/vnd.fabric.tunnel-frames"
+                } else {
+                    "application/x-ndjson"
+                }),
+            );
+            r
+        }
+        Err(e) => respond(&method, Err(e), started),
+    }
+}
+
+fn tunnel_op(
+    app: &Arc<App>,
+    peer: &Peer,
+    method: &Method,
+    pattern: &str,
+    path: &[String],
+    query: Option<&str>,
+    body: Body,
+) -> Result<Body, ApiError> {
+    let mut params = Params::parse(query, None, &[])?;
+    if let Err(e) = authorize(app, peer, method, pattern, path, &params) {
+        app.auth.count(peer, e.status, true);
+        return Err(e);
+    }
+    params.allow_only(&[]);
+    params.finish()?;
+    let server = path.first().and_then(|u| parse_uuid(u)).ok_or_else(|| {
+        ApiError::invalid(
+            "uuid",
+            format!(
+                "{}: expected a server UUID",
+                auth::describe(method, pattern, path)
+            ),
+        )
+    })?;
+    match (method.as_str(), path.get(1)) {
+        ("GET", None) => Ok(app.tunnels.register(&server)),
+        ("POST", Some(id)) => app
+            .tunnels
+            .accept(&server, id, body)
+            .map_err(|e| ApiError::not_found(e.to_string())),
+        _ => Err(ApiError::bad_method(method.as_str(), pattern)),
+    }
+}
+
 /// The router.
 pub fn router(app: Arc<App>) -> Router {
     let mut r = Router::new();
     for p in ROUTES {
         r = r.route(p, any(handle));
+    }
+    for p in TUNNEL_ROUTES {
+        r = r.route(p, any(tunnel_handle));
     }
     r.fallback(fallback).with_state(app)
 }
@@ -516,9 +612,10 @@ impl Service {
         router(self.app.clone())
     }
 
-    /// Ends every long-poll at once (the service is stopping).
+    /// Ends every long-poll and agent tunnel at once (the service is stopping).
     pub fn close(&self) {
         self.app.feed.close();
+        self.app.tunnels.close();
     }
 }
 
@@ -544,13 +641,16 @@ pub async fn serve(
     let svc = Service::start(store, cfg);
     let stats = svc.app.metrics.http.clone();
     let feed = svc.app.feed.clone();
-    // Long-polls answer at once when the service stops, so it does not wait for them.
+    let tunnels = svc.app.tunnels.clone();
+    // Long-polls and tunnels end at once when the service stops, so it does not wait for them.
     let shutdown = async move {
         shutdown.await;
         feed.close();
+        tunnels.close();
     };
     let r = crate::http::Server::new(limits)
         .with_stats(stats)
+        .with_streaming(streams_body)
         .serve(listener, svc.router(), shutdown)
         .await;
     drop(svc);
@@ -615,6 +715,15 @@ async fn handle(
             Err(e) => {
                 app.auth.count(&peer, e.status, true);
                 Err(e)
+            }
+            Ok(()) if pattern == LAYER_ROUTE => {
+                let r = layer_blob(&app, &method, &path).await;
+                let status = r.as_ref().map_or_else(|e| e.status, |_| 200);
+                app.metrics.request(&pattern, method.as_str(), status);
+                return match r {
+                    Ok(resp) => resp,
+                    Err(e) => respond(&method, Err(e), started),
+                };
             }
             Ok(()) => {
                 let mut op = route(&method, &pattern, path.clone(), &peer);
@@ -761,6 +870,7 @@ async fn run(app: &Arc<App>, op: Op, mut params: Params) -> Result<Reply, ApiErr
                     ]);
                     a.feed.render(&mut text);
                     a.auth.render(&mut text);
+                    a.tunnels.render(&mut text);
                     if a.cfg.docker.is_some() {
                         crate::docker::render_metrics(&mut text);
                     }
@@ -947,4 +1057,121 @@ fn etag_of(b: &[u8]) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("\"{h:016x}\"")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image layers for agents: `GET /servers/:uuid/layers/sha256:<hex>` streams a blob of the head's
+// store (`DIR/images/sha256/<hex>`, [`crate::docker::layers`]) to the agent of that server, which
+// checks its digest as it writes it (`agent::runtime::layers`).
+
+/// The route pattern of a layer download.
+const LAYER_ROUTE: &str = "/servers/{uuid}/layers/{digest}";
+
+/// Bytes per chunk of a layer download.
+const LAYER_CHUNK: usize = 64 * 1024;
+
+/// The answer to a layer download: the blob (`Content-Length` set; `HEAD` without it), 404 for
+/// a digest the head does not have, 422 `InvalidParameters` for one that is not
+/// `sha256:<64 lowercase hex>` (checked before any path is made from it).
+async fn layer_blob(
+    app: &App,
+    method: &Method,
+    path: &[String],
+) -> Result<Response<Body>, ApiError> {
+    let digest = path.get(1).map(String::as_str).unwrap_or("");
+    if !crate::docker::layers::valid_digest(digest) {
+        return Err(ApiError::invalid(
+            "digest",
+            format!("layer {digest:?}: expected sha256:<64 lowercase hex digits>"),
+        ));
+    }
+    let Some(cluster) = &app.cfg.cluster else {
+        return Err(ApiError::not_found(format!(
+            "layer {digest}: this control plane keeps no image layers (no --data directory)"
+        )));
+    };
+    let file_path = cluster
+        .data
+        .join("images")
+        .join("sha256")
+        .join(&digest["sha256:".len()..]);
+    let opened = std::fs::File::open(&file_path).and_then(|f| {
+        let m = f.metadata()?;
+        Ok((f, m))
+    });
+    let (file, len) = match opened {
+        Ok((f, m)) if m.is_file() => (f, m.len()),
+        Ok(_) => return Err(ApiError::not_found(format!("layer {digest} not found"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found(format!("layer {digest} not found")))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path = %file_path.display(), "cannot open a layer blob");
+            return Err(ApiError::internal());
+        }
+    };
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || send_file(file, len, tx));
+        Body::new(LayerBody(rx))
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::SERVER, HeaderValue::from_static("fabric-control"));
+    Ok(resp)
+}
+
+/// Reads `len` bytes of `file` into `tx` chunk by chunk until done, an error (sent on, so the
+/// download breaks rather than ends short), or the receiver going away.
+fn send_file(
+    mut file: std::fs::File,
+    len: u64,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    use std::io::Read as _;
+    let mut left = len;
+    while left > 0 {
+        let mut buf = vec![0u8; LAYER_CHUNK.min(usize::try_from(left).unwrap_or(LAYER_CHUNK))];
+        let r = match file.read(&mut buf) {
+            Ok(0) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the layer blob is shorter than when it was opened",
+            )),
+            Ok(n) => {
+                buf.truncate(n);
+                left -= n as u64;
+                Ok(Bytes::from(buf))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+        let stop = r.is_err();
+        if tx.blocking_send(r).is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// A response body fed by [`send_file`].
+struct LayerBody(tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>);
+
+impl http_body::Body for LayerBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(http_body::Frame::data)))
+    }
 }

@@ -17,6 +17,16 @@
 //! or deletes it. A state report made with a host certificate must only name VMs on that host:
 //! one VM of another server refuses the whole report (403, nothing written).
 //!
+//! A Docker container is a VM with a [`ContainerSpec`] (`container`), created with desired
+//! state `stopped` and possibly no NIC (its network did not exist yet). Its lifecycle is the
+//! contract of issue 19: [`Action::Start`] (a VM that is not running gets a new `generation`:
+//! the agent never starts one generation's process twice), [`Action::Stop`] and
+//! [`Action::Reboot`] (with the stop timeout), [`Action::Kill`] (a one-shot [`SignalRequest`]
+//! with an id the agent delivers once). Reports carry the process's exit status, start and end
+//! times and generation; a container's move to running records a `container` `start`, its end
+//! a `die` with `{"exit_code": n}`, and a `--rm` container goes in the same transaction
+//! ([`remove_container`]).
+//!
 //! Locks (db.rs order): the owner (placement and alias uniqueness are per-owner decisions),
 //! then the VM, then its NICs (inside `nics`). Every write records a `vm` change.
 
@@ -28,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::changes::{self, kind, Change};
+use super::container_spec::{ContainerSpec, SignalRequest};
 use super::db::{lock_key, Db, Row, Val, LOCK_OWNER, LOCK_VM};
 use super::error::{ApiError, FieldError, OpError};
 use super::networks::{self, Network};
@@ -92,6 +103,31 @@ pub struct Vm {
     pub modified_ms: i64,
     /// Destruction, ms since the epoch.
     pub destroyed_ms: Option<i64>,
+    /// The container it runs, for Docker containers.
+    #[serde(default)]
+    pub container: Option<ContainerSpec>,
+    /// 0 at create; +1 on every start of a VM that is not running and on every reboot: the
+    /// agent never starts one generation's process twice.
+    #[serde(default)]
+    pub generation: u64,
+    /// The last kill; the agent delivers each id once.
+    #[serde(default)]
+    pub signal: Option<SignalRequest>,
+    /// The `timeout` (seconds) of the last stop or reboot (`None`: the spec's `stop_timeout`).
+    #[serde(default)]
+    pub stop_timeout: Option<u32>,
+    /// The exit status of the last process that ended, as reported.
+    #[serde(default)]
+    pub exit_status: Option<i32>,
+    /// When the process of `run_generation` started (ms since the epoch), as reported.
+    #[serde(default)]
+    pub started_ms: Option<i64>,
+    /// When it ended, as reported.
+    #[serde(default)]
+    pub finished_ms: Option<i64>,
+    /// The generation the last report was about.
+    #[serde(default)]
+    pub run_generation: Option<u64>,
 }
 
 /// The state a VM reads as: the stored state, except `unknown` when its server is gone or has
@@ -195,6 +231,27 @@ fn record(db: &mut Db<'_>, vm: &Vm, action: &str, servers: &[&str]) -> Result<()
             owner_uuid: Some(&vm.owner_uuid),
             servers,
         },
+    )
+}
+
+/// Records a `container` change of a container VM (same transaction as the VM write).
+pub fn record_container(
+    db: &mut Db<'_>,
+    vm: &Vm,
+    action: &str,
+    detail: Option<&Value>,
+) -> Result<(), OpError> {
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    changes::record_with(
+        db,
+        &Change {
+            kind: kind::CONTAINER,
+            uuid: &vm.uuid,
+            action,
+            owner_uuid: Some(&vm.owner_uuid),
+            servers: &[&server],
+        },
+        detail,
     )
 }
 
@@ -319,6 +376,16 @@ pub fn to_json(
     if let Some(d) = vm.destroyed_ms {
         m.insert("destroyed".into(), json!(iso_from_ms(d)));
     }
+    if let Some(c) = &vm.container {
+        m.insert("container".into(), serde_json::to_value(c)?);
+    }
+    m.insert("generation".into(), json!(vm.generation));
+    m.insert("signal".into(), json!(vm.signal));
+    m.insert("stop_timeout".into(), json!(vm.stop_timeout));
+    m.insert("exit_status".into(), json!(vm.exit_status));
+    m.insert("started_at".into(), json!(vm.started_ms.map(iso_from_ms)));
+    m.insert("finished_at".into(), json!(vm.finished_ms.map(iso_from_ms)));
+    m.insert("run_generation".into(), json!(vm.run_generation));
     Ok(Value::Object(m))
 }
 
@@ -405,9 +472,13 @@ struct NetReq {
 }
 
 /// `networks`: `[{uuid, ip?, primary?}]` (or bare UUID strings, VMAPI's legacy form); at least
-/// one, at most [`MAX_NICS`], at most one primary (the first when none is marked).
-fn networks_param(p: &mut Params) -> Option<Vec<NetReq>> {
+/// one (none only when `allow_none`: a container may wait for a network that does not exist
+/// yet), at most [`MAX_NICS`], at most one primary (the first when none is marked).
+fn networks_param(p: &mut Params, allow_none: bool) -> Option<Vec<NetReq>> {
     let raw = p.raw("networks")?.clone();
+    if allow_none && raw.as_array().is_some_and(Vec::is_empty) {
+        return Some(Vec::new());
+    }
     let Value::Array(items) = raw else {
         p.invalid(
             "networks",
@@ -541,7 +612,33 @@ const CREATE_PARAMS: &[&str] = &[
     "tags",
     "firewall_enabled",
     "networks",
+    "container",
+    "check_owner",
 ];
+
+/// `container`: a [`ContainerSpec`] that passes its own check.
+fn container_param(p: &mut Params) -> Option<ContainerSpec> {
+    let raw = p.raw("container")?.clone();
+    if raw.is_null() {
+        return None;
+    }
+    match serde_json::from_value::<ContainerSpec>(raw) {
+        Ok(c) => match c.check() {
+            Ok(()) => Some(c),
+            Err(e) => {
+                p.invalid("container", e);
+                None
+            }
+        },
+        Err(e) => {
+            p.invalid(
+                "container",
+                format!("expected a container spec object: {e}"),
+            );
+            None
+        }
+    }
+}
 
 /// `POST /vms`.
 pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, OpError> {
@@ -554,8 +651,17 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
     let brand = p.one_of("brand", BRANDS);
     let tags = tags_param(p);
     let firewall_enabled = p.boolean("firewall_enabled");
-    let nets = networks_param(p);
-    let nets = p.require("networks", nets);
+    // NAPI's `check_owner` for every NIC (default true): a caller that decided itself which
+    // networks the owner may use (the Docker layer: its own and the shared ones) says false.
+    let check_owner = p.boolean("check_owner").unwrap_or(true);
+    let container = container_param(p);
+    let is_container = p.raw("container").is_some_and(|v| !v.is_null());
+    let nets = networks_param(p, is_container);
+    let nets = if is_container {
+        Some(nets.unwrap_or_default())
+    } else {
+        p.require("networks", nets)
+    };
     p.finish()?;
     let (Some(owner), Some(nets)) = (owner, nets) else {
         return Err(ApiError::invalid_params(vec![FieldError::missing("owner_uuid")]).into());
@@ -627,6 +733,7 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
         m.insert("owner_uuid".into(), json!(owner));
         m.insert("cn_uuid".into(), json!(server_uuid));
         m.insert("network_uuid".into(), json!(n.uuid));
+        m.insert("check_owner".into(), json!(check_owner));
         m.insert("primary".into(), json!(n.primary));
         if let Some(ip) = n.ip {
             m.insert("ip".into(), json!(ip.to_string()));
@@ -651,7 +758,13 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
         server_uuid: Some(server_uuid.clone()),
         brand: brand.unwrap_or_else(|| "joyent-minimal".into()),
         state: "provisioning".into(),
-        desired_state: "running".into(),
+        // A container is created, not started (`docker create`); other VMs run at once.
+        desired_state: if container.is_some() {
+            "stopped"
+        } else {
+            "running"
+        }
+        .into(),
         state_reason: None,
         tags: tags.unwrap_or_default(),
         firewall_enabled: firewall_enabled.unwrap_or(false),
@@ -659,10 +772,21 @@ pub fn create(tx: &mut dyn Txn, cfg: &Config, p: &mut Params) -> Result<Value, O
         created_ms: now,
         modified_ms: now,
         destroyed_ms: None,
+        container,
+        generation: 0,
+        signal: None,
+        stop_timeout: None,
+        exit_status: None,
+        started_ms: None,
+        finished_ms: None,
+        run_generation: None,
     };
     let mut d = Db::from(tx.raw());
     save(&mut d, &vm, true)?;
     record(&mut d, &vm, "create", &[&server_uuid])?;
+    if vm.container.is_some() {
+        record_container(&mut d, &vm, "create", None)?;
+    }
     to_json_now(&mut d, cfg, &vm)
 }
 
@@ -759,7 +883,236 @@ pub fn list(db: &mut Db<'_>, cfg: &Config, p: &mut Params) -> Result<Value, OpEr
     Ok(Value::Array(out))
 }
 
-/// `POST /vms/:uuid?action=update|migrate|start|stop`.
+/// Linux signal names (without `SIG`) and numbers a kill may name.
+pub const SIGNALS: &[(&str, u8)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("ILL", 4),
+    ("TRAP", 5),
+    ("ABRT", 6),
+    ("IOT", 6),
+    ("BUS", 7),
+    ("FPE", 8),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("SEGV", 11),
+    ("USR2", 12),
+    ("PIPE", 13),
+    ("ALRM", 14),
+    ("TERM", 15),
+    ("STKFLT", 16),
+    ("CHLD", 17),
+    ("CONT", 18),
+    ("STOP", 19),
+    ("TSTP", 20),
+    ("TTIN", 21),
+    ("TTOU", 22),
+    ("URG", 23),
+    ("XCPU", 24),
+    ("XFSZ", 25),
+    ("VTALRM", 26),
+    ("PROF", 27),
+    ("WINCH", 28),
+    ("IO", 29),
+    ("POLL", 29),
+    ("PWR", 30),
+    ("SYS", 31),
+];
+
+/// A signal as `SIGKILL`, `KILL`, `sigkill` or `9` → its `SIG`-prefixed name (`SIGKILL`);
+/// `RTMIN+n` forms are not accepted. `None`: not a signal.
+pub fn parse_signal(s: &str) -> Option<String> {
+    if !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()) {
+        let n: u8 = s.parse().ok()?;
+        return SIGNALS
+            .iter()
+            .find(|(_, v)| *v == n)
+            .map(|(name, _)| format!("SIG{name}"));
+    }
+    let up = s.to_ascii_uppercase();
+    let bare = up.strip_prefix("SIG").unwrap_or(&up);
+    SIGNALS
+        .iter()
+        .find(|(name, _)| *name == bare)
+        .map(|(name, _)| format!("SIG{name}"))
+}
+
+/// A lifecycle action on a VM (`POST /vms/:uuid?action=`, and the Docker verbs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Desired running; a VM that is not running gets a new generation.
+    Start,
+    /// Desired stopped, with the stop timeout (seconds) to use.
+    Stop(Option<u32>),
+    /// A new generation, desired running, with the stop timeout for the old process.
+    Reboot(Option<u32>),
+    /// A one-shot signal (`SIG`-prefixed name).
+    Kill(String),
+}
+
+impl Action {
+    /// The action's name in the `container` change it records.
+    fn container_change(&self) -> Option<&'static str> {
+        match self {
+            Action::Start => None,
+            Action::Stop(_) => Some("stop"),
+            Action::Reboot(_) => Some("restart"),
+            Action::Kill(_) => Some("kill"),
+        }
+    }
+}
+
+/// Applies `act` to `vm` (no I/O): the state model of the contract.
+pub fn apply_action(vm: &mut Vm, act: &Action) {
+    match act {
+        Action::Start => {
+            if vm.state != "running" {
+                vm.generation += 1;
+            }
+            // A new attempt: an earlier failure is not this one's (the agent reports again).
+            if vm.state == "failed" {
+                vm.state = "provisioning".into();
+                vm.state_reason = None;
+            }
+            vm.desired_state = "running".into();
+        }
+        Action::Stop(t) => {
+            vm.desired_state = "stopped".into();
+            vm.stop_timeout = *t;
+        }
+        Action::Reboot(t) => {
+            vm.generation += 1;
+            vm.desired_state = "running".into();
+            vm.stop_timeout = *t;
+        }
+        Action::Kill(sig) => {
+            let id = vm.signal.as_ref().map_or(0, |s| s.id) + 1;
+            vm.signal = Some(SignalRequest {
+                id,
+                signal: sig.clone(),
+            });
+        }
+    }
+}
+
+/// Applies a lifecycle action to the (locked) VM `vm`, saves it and records the `vm` change
+/// (and the `container` change of a container: `stop`, `restart`, `kill` with its signal).
+pub fn act(db: &mut Db<'_>, vm: &mut Vm, act: &Action) -> Result<(), OpError> {
+    if vm.state == "destroyed" {
+        return Err(conflict(
+            "VmDestroyed",
+            format!("VM {} is destroyed: nothing can change it", vm.uuid),
+            Vec::new(),
+        )
+        .into());
+    }
+    let before = vm.clone();
+    apply_action(vm, act);
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    if *vm != before {
+        vm.modified_ms = now_ms();
+        save(db, vm, false)?;
+        record(db, vm, "update", &[&server])?;
+    }
+    // A container change only when what the agent must do changed (a stop of a stopped
+    // container is no event, as in moby).
+    let moved = vm.desired_state != before.desired_state
+        || vm.generation != before.generation
+        || vm.signal != before.signal;
+    if vm.container.is_some() && moved {
+        if let Some(name) = act.container_change() {
+            let detail = match act {
+                Action::Kill(sig) => Some(json!({ "signal": sig })),
+                _ => None,
+            };
+            record_container(db, vm, name, detail.as_ref())?;
+        }
+    }
+    Ok(())
+}
+
+/// Renames a VM (its alias; unique per owner among VMs not destroyed) and records a `vm`
+/// `update` (and a container's `rename`). The caller holds the owner's and the VM's locks.
+pub fn rename(db: &mut Db<'_>, vm: &mut Vm, alias: &str) -> Result<(), OpError> {
+    if !valid_alias(alias) {
+        return Err(ApiError::invalid(
+            "alias",
+            format!(
+                "must be 1 to {MAX_ALIAS} characters: a letter or digit, then letters, digits, \
+                 '_', '.' or '-'"
+            ),
+        )
+        .into());
+    }
+    if alias_taken(db, &vm.owner_uuid, alias, Some(&vm.uuid))?.is_some() {
+        return Err(duplicate_alias(alias).into());
+    }
+    vm.alias = Some(alias.to_string());
+    vm.modified_ms = now_ms();
+    save(db, vm, false)?;
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    record(db, vm, "update", &[&server])?;
+    if vm.container.is_some() {
+        record_container(db, vm, "rename", None)?;
+    }
+    Ok(())
+}
+
+/// The VM (not destroyed) of `owner` with `alias`, other than `except`.
+pub fn alias_taken(
+    db: &mut Db<'_>,
+    owner: &str,
+    alias: &str,
+    except: Option<&str>,
+) -> Result<Option<String>, OpError> {
+    match db.query_opt(
+        "SELECT uuid FROM fabric_vms WHERE owner_uuid = $1 AND alias = $2 \
+           AND state <> 'destroyed' AND uuid <> $3",
+        &[
+            Val::text(owner),
+            Val::text(alias),
+            Val::text(except.unwrap_or("")),
+        ],
+    )? {
+        Some(r) => r
+            .into_iter()
+            .next()
+            .map(|v| v.into_string("uuid"))
+            .transpose(),
+        None => Ok(None),
+    }
+}
+
+fn duplicate_alias(a: &str) -> ApiError {
+    conflict(
+        "Duplicate",
+        format!("alias {a:?} already exists for this owner_uuid"),
+        vec![FieldError::duplicate(
+            "alias",
+            "Already exists for this owner_uuid",
+        )],
+    )
+}
+
+/// `timeout`: whole seconds, at most a day.
+fn timeout_param(p: &mut Params) -> Option<u32> {
+    let v = p.raw("timeout")?.clone();
+    let n = match &v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse::<u64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n <= 86_400 => Some(n as u32),
+        _ => {
+            p.invalid("timeout", "expected whole seconds from 0 to 86400");
+            None
+        }
+    }
+}
+
+/// `POST /vms/:uuid?action=update|migrate|start|stop|reboot|kill`.
 pub fn action(
     tx: &mut dyn Txn,
     cfg: &Config,
@@ -769,21 +1122,43 @@ pub fn action(
     let act = p.string("action");
     let act = p.require("action", act);
     let act = act.unwrap_or_default();
-    if !matches!(act.as_str(), "update" | "migrate" | "start" | "stop") && !p.has_errors() {
+    if !matches!(
+        act.as_str(),
+        "update" | "migrate" | "start" | "stop" | "reboot" | "kill"
+    ) && !p.has_errors()
+    {
         p.invalid(
             "action",
-            format!("unsupported action {act:?}: expected update, migrate, start or stop"),
+            format!(
+                "unsupported action {act:?}: expected update, migrate, start, stop, reboot or kill"
+            ),
         );
     }
     match act.as_str() {
         "update" => p.allow_only(&["action", "tags", "firewall_enabled", "alias"]),
         "migrate" => p.allow_only(&["action", "server_uuid"]),
+        "stop" | "reboot" => p.allow_only(&["action", "timeout"]),
+        "kill" => p.allow_only(&["action", "signal"]),
         _ => p.allow_only(&["action"]),
     }
     let tags = tags_param(p);
     let fw = p.boolean("firewall_enabled");
     let alias = alias_param(p);
     let target = p.uuid("server_uuid");
+    let timeout = timeout_param(p);
+    let signal = match p.string("signal") {
+        None => Some("SIGKILL".to_string()),
+        Some(s) => match parse_signal(&s) {
+            Some(x) => Some(x),
+            None => {
+                p.invalid(
+                    "signal",
+                    format!("{s:?} is not a signal: expected a name (SIGKILL, KILL) or a number"),
+                );
+                None
+            }
+        },
+    };
     if act == "migrate" {
         p.require("server_uuid", target.as_ref());
     }
@@ -797,6 +1172,18 @@ pub fn action(
         )
         .into());
     }
+    let lifecycle = match act.as_str() {
+        "start" => Some(Action::Start),
+        "stop" => Some(Action::Stop(timeout)),
+        "reboot" => Some(Action::Reboot(timeout)),
+        "kill" => Some(Action::Kill(signal.unwrap_or_else(|| "SIGKILL".into()))),
+        _ => None,
+    };
+    if let Some(a) = lifecycle {
+        let mut d = Db::from(tx.raw());
+        self::act(&mut d, &mut vm, &a)?;
+        return to_json_now(&mut d, cfg, &vm);
+    }
     let before = vm.clone();
     let server = vm.server_uuid.clone().unwrap_or_default();
     let now = now_ms();
@@ -804,22 +1191,12 @@ pub fn action(
         "update" => {
             if let Some(a) = &alias {
                 let mut d = Db::from(tx.raw());
-                if d.query_opt(
-                    "SELECT uuid FROM fabric_vms WHERE owner_uuid = $1 AND alias = $2 \
-                       AND state <> 'destroyed' AND uuid <> $3",
-                    &[Val::text(&vm.owner_uuid), Val::text(a), Val::text(&vm.uuid)],
-                )?
-                .is_some()
-                {
-                    return Err(conflict(
-                        "Duplicate",
-                        format!("alias {a:?} already exists for this owner_uuid"),
-                        vec![FieldError::duplicate(
-                            "alias",
-                            "Already exists for this owner_uuid",
-                        )],
-                    )
-                    .into());
+                if alias_taken(&mut d, &vm.owner_uuid, a, Some(&vm.uuid))?.is_some() {
+                    return Err(duplicate_alias(a).into());
+                }
+                if vm.container.is_some() && vm.alias.as_deref() != Some(a.as_str()) {
+                    vm.alias = Some(a.clone());
+                    record_container(&mut d, &vm, "rename", None)?;
                 }
                 vm.alias = Some(a.clone());
             }
@@ -830,8 +1207,6 @@ pub fn action(
                 vm.firewall_enabled = f;
             }
         }
-        "start" => vm.desired_state = "running".into(),
-        "stop" => vm.desired_state = "stopped".into(),
         _ => {
             let target = target.unwrap_or_default();
             let mut d = Db::from(tx.raw());
@@ -871,6 +1246,82 @@ pub fn action(
     to_json_now(&mut d, cfg, &vm)
 }
 
+/// Adds a NIC on `network_uuid` (at `ip` if given) to the (locked) VM `vm`, named with the next
+/// free `netN`, through [`nics::create`] (IP, Portolan mapping); saves the VM and records a
+/// `vm` `update`. Returns the new NIC's MAC.
+pub fn add_nic(
+    tx: &mut dyn Txn,
+    cfg: &Config,
+    vm: &mut Vm,
+    network_uuid: &str,
+    ip: Option<Ipv4Addr>,
+    check_owner: bool,
+) -> Result<u64, OpError> {
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    let existing = {
+        let mut d = Db::from(tx.raw());
+        vm_nics(&mut d, vm)?
+    };
+    let mut m = Map::new();
+    m.insert("belongs_to_uuid".into(), json!(vm.uuid));
+    m.insert("belongs_to_type".into(), json!("zone"));
+    m.insert("owner_uuid".into(), json!(vm.owner_uuid));
+    m.insert("cn_uuid".into(), json!(server));
+    m.insert("network_uuid".into(), json!(network_uuid));
+    m.insert("primary".into(), json!(existing.is_empty()));
+    m.insert("check_owner".into(), json!(check_owner));
+    if let Some(ip) = ip {
+        m.insert("ip".into(), json!(ip.to_string()));
+    }
+    let req = nics::validate_create(&mut Params::from_map(m), None)?;
+    let nic = nics::create(tx, cfg, req)?;
+    let mac = nic
+        .get("mac")
+        .and_then(Value::as_str)
+        .and_then(nics::parse_mac)
+        .ok_or_else(|| OpError::Corrupt("created NIC without a MAC".into()))?;
+    let mut n = 0;
+    while existing.iter().any(|(i, _, _)| *i == format!("net{n}"))
+        || vm.nics.iter().any(|r| r.interface == format!("net{n}"))
+    {
+        n += 1;
+    }
+    vm.nics.push(NicRef {
+        mac,
+        interface: format!("net{n}"),
+    });
+    vm.modified_ms = now_ms();
+    let mut d = Db::from(tx.raw());
+    save(&mut d, vm, false)?;
+    record(&mut d, vm, "update", &[&server])?;
+    Ok(mac)
+}
+
+/// Removes the NIC `mac` of the (locked) VM `vm` through [`nics::delete`] (IP freed, mapping
+/// tombstoned); saves the VM and records a `vm` `update`.
+pub fn remove_nic(tx: &mut dyn Txn, cfg: &Config, vm: &mut Vm, mac: u64) -> Result<(), OpError> {
+    nics::delete(tx, cfg, &mac_string(mac))?;
+    vm.nics.retain(|r| r.mac != mac);
+    vm.modified_ms = now_ms();
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    let mut d = Db::from(tx.raw());
+    save(&mut d, vm, false)?;
+    record(&mut d, vm, "update", &[&server])
+}
+
+/// Saves a VM's tags (the Docker layer's bookkeeping: a pending network) and records a `vm`
+/// `update`. The caller holds the VM's lock.
+pub fn set_tags(db: &mut Db<'_>, vm: &mut Vm, tags: Map<String, Value>) -> Result<(), OpError> {
+    if vm.tags == tags {
+        return Ok(());
+    }
+    vm.tags = tags;
+    vm.modified_ms = now_ms();
+    save(db, vm, false)?;
+    let server = vm.server_uuid.clone().unwrap_or_default();
+    record(db, vm, "update", &[&server])
+}
+
 /// `DELETE /vms/:uuid`: deletes its NICs (IPs freed, mappings tombstoned), keeps the VM as
 /// `destroyed`. A VM destroyed already is 404.
 pub fn delete(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Result<(), OpError> {
@@ -897,8 +1348,51 @@ pub fn delete(tx: &mut dyn Txn, cfg: &Config, uuid: &str, p: &mut Params) -> Res
     save(&mut d, &vm, false)?;
     let server = vm.server_uuid.clone().unwrap_or_default();
     record(&mut d, &vm, "delete", &[&server])?;
+    if vm.container.is_some() {
+        record_container(&mut d, &vm, "destroy", None)?;
+    }
     Ok(())
 }
+
+/// Deletes a container VM and its publish rules (the Docker-implied T5 rules of its spec,
+/// whose UUIDs derive from their content) in the caller's transaction.
+pub fn remove_container(tx: &mut dyn Txn, cfg: &Config, vm: &Vm) -> Result<(), OpError> {
+    use crate::firewall::docker::{publish_rules, ContainerDescription, PortProto};
+    if let Some(spec) = &vm.container {
+        let exposed = spec
+            .exposed
+            .iter()
+            .filter_map(|e| {
+                let (p, proto) = e.split_once('/').unwrap_or((e.as_str(), "tcp"));
+                let proto = match proto {
+                    "udp" => PortProto::Udp,
+                    _ => PortProto::Tcp,
+                };
+                p.parse::<u16>().ok().map(|p| (proto, p))
+            })
+            .collect();
+        let desc = ContainerDescription {
+            uuid: vm.uuid.clone(),
+            owner_uuid: vm.owner_uuid.clone(),
+            tags: Default::default(),
+            published: spec.published.clone(),
+            exposed,
+            publish_all: spec.publish_all,
+        };
+        let mut d = Db::from(tx.raw());
+        for r in publish_rules(&desc, CONTAINER_FWRULE_VERSION).unwrap_or_default() {
+            match super::rules::delete(&mut d, &r.record.uuid) {
+                Ok(()) => {}
+                Err(OpError::Api(a)) if a.status == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    delete(tx, cfg, &vm.uuid, &mut Params::from_map(Map::new()))
+}
+
+/// The fwrule language version containers' publish rules are written in.
+pub const CONTAINER_FWRULE_VERSION: u32 = 4;
 
 /// One entry of a state report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -906,7 +1400,22 @@ struct Report {
     uuid: String,
     state: String,
     reason: Option<String>,
+    exit_status: Option<i32>,
+    started_ms: Option<i64>,
+    finished_ms: Option<i64>,
+    generation: Option<u64>,
 }
+
+/// Keys a report entry may have.
+const REPORT_KEYS: &[&str] = &[
+    "uuid",
+    "state",
+    "reason",
+    "exit_status",
+    "started_at",
+    "finished_at",
+    "generation",
+];
 
 fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
     let raw = p.raw("vms")?.clone();
@@ -931,16 +1440,48 @@ fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
             );
             return None;
         };
-        if let Some(k) = o
-            .keys()
-            .find(|k| !matches!(k.as_str(), "uuid" | "state" | "reason"))
-        {
+        if let Some(k) = o.keys().find(|k| !REPORT_KEYS.contains(&k.as_str())) {
             p.invalid(
                 &format!("vms[{i}]"),
-                format!("unknown key {k:?}: expected uuid, state, reason"),
+                format!(
+                    "unknown key {k:?}: expected one of {}",
+                    REPORT_KEYS.join(", ")
+                ),
             );
             return None;
         }
+        // Integers only: ms since the epoch (from 0 to the year 9999), exit statuses as a
+        // process has them (0..=255, or negative for "killed before it ran").
+        let int = |k: &str, lo: i64, hi: i64| -> Result<Option<i64>, ()> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Number(n)) => match n.as_i64() {
+                    Some(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
+                    _ => Err(()),
+                },
+                Some(_) => Err(()),
+            }
+        };
+        const MAX_MS: i64 = 253_402_300_799_999;
+        let Ok(exit_status) = int("exit_status", -1, 255) else {
+            p.invalid(&f("exit_status"), "expected an integer from -1 to 255");
+            return None;
+        };
+        let Ok(started_ms) = int("started_at", 0, MAX_MS) else {
+            p.invalid(&f("started_at"), "expected ms since the epoch (an integer)");
+            return None;
+        };
+        let Ok(finished_ms) = int("finished_at", 0, MAX_MS) else {
+            p.invalid(
+                &f("finished_at"),
+                "expected ms since the epoch (an integer)",
+            );
+            return None;
+        };
+        let Ok(generation) = int("generation", 0, i64::MAX) else {
+            p.invalid(&f("generation"), "expected a non-negative integer");
+            return None;
+        };
         let Some(uuid) = o.get("uuid").and_then(Value::as_str).and_then(parse_uuid) else {
             p.invalid(&f("uuid"), "expected a VM UUID");
             return None;
@@ -969,6 +1510,10 @@ fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
             uuid,
             state,
             reason,
+            exit_status: exit_status.map(|x| x as i32),
+            started_ms,
+            finished_ms,
+            generation: generation.map(|g| g as u64),
         });
     }
     Some(out)
@@ -984,6 +1529,7 @@ fn reports_param(p: &mut Params) -> Option<Vec<Report>> {
 /// nothing is written). Unknown VMs and this server's destroyed ones are still `ignored`.
 pub fn report_states(
     tx: &mut dyn Txn,
+    cfg: &Config,
     server_uuid: &str,
     p: &mut Params,
     by_host: bool,
@@ -1004,6 +1550,7 @@ pub fn report_states(
     )?;
     let mut updated = 0;
     let mut ignored = Vec::new();
+    let mut auto_remove = Vec::new();
     for r in reports {
         d.lock(lock_key(LOCK_VM, &r.uuid))?;
         let Some(mut vm) = get(&mut d, &r.uuid)? else {
@@ -1026,15 +1573,52 @@ pub fn report_states(
             continue;
         }
         let reason = if r.state == "running" { None } else { r.reason };
-        if vm.state == r.state && vm.state_reason == reason {
-            continue;
-        }
+        let before = vm.clone();
+        let was_running = vm.state == "running";
         vm.state = r.state;
         vm.state_reason = reason;
+        if r.exit_status.is_some() {
+            vm.exit_status = r.exit_status;
+        }
+        if r.started_ms.is_some() {
+            vm.started_ms = r.started_ms;
+        }
+        if r.finished_ms.is_some() {
+            vm.finished_ms = r.finished_ms;
+        }
+        if r.generation.is_some() {
+            vm.run_generation = r.generation;
+        }
+        if vm == before {
+            continue;
+        }
         vm.modified_ms = now_ms();
         save(&mut d, &vm, false)?;
         record(&mut d, &vm, "state", &[&server.uuid])?;
+        if vm.container.is_some() {
+            let running = vm.state == "running";
+            if running && (!was_running || vm.run_generation != before.run_generation) {
+                record_container(&mut d, &vm, "start", None)?;
+            } else if !running
+                && vm.state == "stopped"
+                && (was_running
+                    || vm.exit_status != before.exit_status
+                    || vm.finished_ms != before.finished_ms)
+                && vm.exit_status.is_some()
+            {
+                let detail = json!({ "exit_code": vm.exit_status });
+                record_container(&mut d, &vm, "die", Some(&detail))?;
+                if vm.container.as_ref().is_some_and(|c| c.auto_remove) {
+                    auto_remove.push(vm.clone());
+                }
+            }
+        }
         updated += 1;
+    }
+    // `--rm`: a container whose process ended goes, with its publish rules, in this
+    // transaction (its `destroy` change follows its `die`).
+    for vm in auto_remove {
+        remove_container(tx, cfg, &vm)?;
     }
     Ok(json!({"updated": updated, "ignored": ignored}))
 }
@@ -1090,12 +1674,12 @@ mod tests {
     fn networks_forms_and_primary() {
         let n = "6a3e1cf4-8fb5-4c4b-9a51-8f1e2d1c0b0a";
         let mut p = params(json!({"networks": [n, {"uuid": n, "ip": "10.0.0.5"}]}));
-        let v = networks_param(&mut p).unwrap();
+        let v = networks_param(&mut p, false).unwrap();
         assert!(!p.has_errors());
         assert!(v[0].primary && !v[1].primary);
         assert_eq!(v[1].ip, Some("10.0.0.5".parse().unwrap()));
         let mut p = params(json!({"networks": [{"uuid": n}, {"uuid": n, "primary": true}]}));
-        let v = networks_param(&mut p).unwrap();
+        let v = networks_param(&mut p, false).unwrap();
         assert!(!v[0].primary && v[1].primary);
         for bad in [
             json!({"networks": []}),
@@ -1107,7 +1691,7 @@ mod tests {
             json!({"networks": "x"}),
         ] {
             let mut p = params(bad.clone());
-            assert_eq!(networks_param(&mut p), None, "{bad}");
+            assert_eq!(networks_param(&mut p, false), None, "{bad}");
             assert!(p.has_errors(), "{bad}");
         }
     }
@@ -1142,6 +1726,139 @@ mod tests {
             let mut p = params(bad.clone());
             assert_eq!(reports_param(&mut p), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn signals_take_the_sig_prefix() {
+        for (i, o) in [
+            ("SIGKILL", "SIGKILL"),
+            ("KILL", "SIGKILL"),
+            ("kill", "SIGKILL"),
+            ("9", "SIGKILL"),
+            ("SIGHUP", "SIGHUP"),
+            ("15", "SIGTERM"),
+            ("usr1", "SIGUSR1"),
+        ] {
+            assert_eq!(parse_signal(i).as_deref(), Some(o), "{i}");
+        }
+        for bad in ["", "SIG", "FOO", "0", "99", "1234", "-9", "SIGKILLX"] {
+            assert_eq!(parse_signal(bad), None, "{bad}");
+        }
+    }
+
+    fn vm(state: &str) -> Vm {
+        Vm {
+            uuid: "11111111-0000-4000-8000-000000000001".into(),
+            alias: None,
+            owner_uuid: "22222222-0000-4000-8000-000000000001".into(),
+            server_uuid: None,
+            brand: "joyent-minimal".into(),
+            state: state.into(),
+            desired_state: "stopped".into(),
+            state_reason: None,
+            tags: Map::new(),
+            firewall_enabled: true,
+            nics: Vec::new(),
+            created_ms: 0,
+            modified_ms: 0,
+            destroyed_ms: None,
+            container: None,
+            generation: 0,
+            signal: None,
+            stop_timeout: None,
+            exit_status: None,
+            started_ms: None,
+            finished_ms: None,
+            run_generation: None,
+        }
+    }
+
+    #[test]
+    fn actions_follow_the_state_model() {
+        let mut v = vm("stopped");
+        apply_action(&mut v, &Action::Start);
+        assert_eq!((v.desired_state.as_str(), v.generation), ("running", 1));
+        // Starting again before the agent reported does not double the generation only if
+        // it is running; a VM still stopped gets another (the agent starts the newest).
+        v.state = "running".into();
+        apply_action(&mut v, &Action::Start);
+        assert_eq!(v.generation, 1);
+        apply_action(&mut v, &Action::Stop(Some(1)));
+        assert_eq!(
+            (v.desired_state.as_str(), v.stop_timeout),
+            ("stopped", Some(1))
+        );
+        apply_action(&mut v, &Action::Reboot(None));
+        assert_eq!(
+            (v.desired_state.as_str(), v.generation, v.stop_timeout),
+            ("running", 2, None)
+        );
+        apply_action(&mut v, &Action::Kill("SIGKILL".into()));
+        apply_action(&mut v, &Action::Kill("SIGHUP".into()));
+        assert_eq!(
+            v.signal,
+            Some(SignalRequest {
+                id: 2,
+                signal: "SIGHUP".into()
+            })
+        );
+        assert_eq!(v.desired_state, "running", "kill leaves the desired state");
+    }
+
+    #[test]
+    fn reports_carry_exit_status_times_and_generation() {
+        let u = "11111111-0000-4000-8000-000000000001";
+        let mut p = params(
+            json!({"vms": [{"uuid": u, "state": "stopped", "exit_status": 137,
+            "started_at": 1_700_000_000_000i64, "finished_at": 1_700_000_001_000i64,
+            "generation": 3}]}),
+        );
+        let r = reports_param(&mut p).unwrap();
+        assert_eq!(r[0].exit_status, Some(137));
+        assert_eq!(r[0].finished_ms, Some(1_700_000_001_000));
+        assert_eq!(r[0].generation, Some(3));
+        for bad in [
+            json!({"vms": [{"uuid": u, "state": "stopped", "exit_status": "1"}]}),
+            json!({"vms": [{"uuid": u, "state": "stopped", "exit_status": 256}]}),
+            json!({"vms": [{"uuid": u, "state": "stopped", "started_at": 1.5}]}),
+            json!({"vms": [{"uuid": u, "state": "stopped", "finished_at": -1}]}),
+            json!({"vms": [{"uuid": u, "state": "running", "generation": -1}]}),
+        ] {
+            let mut p = params(bad.clone());
+            assert_eq!(reports_param(&mut p), None, "{bad}");
+            assert!(p.has_errors(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn container_param_is_checked() {
+        let mut p = params(json!({"container": {"cmd": ["sh"], "uid_base": 0}}));
+        assert_eq!(container_param(&mut p), None);
+        assert!(p.has_errors());
+        let mut p = params(json!({"container": {"cmd": ["sh"], "uid_base": 1 << 20,
+            "working_dir": "/"}}));
+        assert!(container_param(&mut p).is_some());
+        assert!(!p.has_errors());
+        let mut p = params(json!({"container": [1]}));
+        assert_eq!(container_param(&mut p), None);
+        assert!(p.has_errors());
+    }
+
+    #[test]
+    fn old_vm_documents_read_with_defaults() {
+        let mut v = serde_json::to_value(vm("running")).unwrap();
+        for k in [
+            "container",
+            "generation",
+            "signal",
+            "exit_status",
+            "run_generation",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let back: Vm = serde_json::from_value(v).unwrap();
+        assert_eq!(back.generation, 0);
+        assert_eq!(back.container, None);
     }
 
     #[test]

@@ -25,7 +25,8 @@ pub const SCHEMA: &[&str] = &[
         login           TEXT NOT NULL UNIQUE,
         created_ms      BIGINT NOT NULL,
         removed_ms      BIGINT,
-        default_network TEXT
+        default_network TEXT,
+        uid_index       BIGINT
     )",
     "CREATE TABLE IF NOT EXISTS docker_account_certs (
         serial       TEXT PRIMARY KEY,
@@ -166,15 +167,91 @@ pub fn create(db: &mut Db<'_>, login: &str) -> Result<Account, OpError> {
         removed_ms: None,
         default_network: None,
     };
+    let index = next_uid_index(db)?;
     db.exec(
-        "INSERT INTO docker_accounts (uuid, login, created_ms) VALUES ($1, $2, $3)",
+        "INSERT INTO docker_accounts (uuid, login, created_ms, uid_index) VALUES ($1, $2, $3, $4)",
         &[
             Val::text(&a.uuid),
             Val::text(&a.login),
             Val::int(a.created_ms),
+            Val::int(index),
         ],
     )?;
     Ok(a)
+}
+
+/// The next free UID-range index: one past the largest ever given (removed accounts keep
+/// theirs, so an index is never reused). The caller holds the accounts lock.
+fn next_uid_index(db: &mut Db<'_>) -> Result<i64, OpError> {
+    Ok(db
+        .query_opt("SELECT MAX(uid_index) FROM docker_accounts", &[])?
+        .and_then(|r| r.first().and_then(Val::as_opt_i64))
+        .map_or(0, |m| m + 1))
+}
+
+/// Gives every account without a UID-range index one, oldest first (the migration of stores
+/// made before accounts had them; run by the schema creation, idempotent).
+pub fn backfill_uid_index(db: &mut Db<'_>) -> Result<(), OpError> {
+    db.lock(lock_key(LOCK_GLOBAL, "docker_accounts"))?;
+    let rows = db.query(
+        "SELECT uuid FROM docker_accounts WHERE uid_index IS NULL ORDER BY created_ms, uuid",
+        &[],
+    )?;
+    for r in rows {
+        let uuid = r
+            .into_iter()
+            .next()
+            .ok_or_else(|| OpError::Corrupt("account row".into()))?
+            .into_string("uuid")?;
+        let i = next_uid_index(db)?;
+        db.exec(
+            "UPDATE docker_accounts SET uid_index = $1 WHERE uuid = $2",
+            &[Val::int(i), Val::text(uuid)],
+        )?;
+    }
+    Ok(())
+}
+
+/// The host UID that root in `account`'s containers maps to:
+/// `UID_BASE_START + index * UID_RANGE` (an account without an index gets one now).
+pub fn uid_base(db: &mut Db<'_>, account_uuid: &str) -> Result<u32, OpError> {
+    use crate::control::container_spec::{UID_BASE_START, UID_RANGE};
+    let idx = db
+        .query_opt(
+            "SELECT uid_index FROM docker_accounts WHERE uuid = $1",
+            &[Val::text(account_uuid)],
+        )?
+        .and_then(|r| r.first().and_then(Val::as_opt_i64));
+    let idx = match idx {
+        Some(i) => i,
+        None => {
+            backfill_uid_index(db)?;
+            db.query_opt(
+                "SELECT uid_index FROM docker_accounts WHERE uuid = $1",
+                &[Val::text(account_uuid)],
+            )?
+            .and_then(|r| r.first().and_then(Val::as_opt_i64))
+            .ok_or_else(|| error::not_found(format!("no account {account_uuid}")))?
+        }
+    };
+    uid_base_of(idx).ok_or_else(|| {
+        error::err(
+            507,
+            format!(
+                "account UID range {idx} is beyond the host UID space (at most {} accounts)",
+                (u32::MAX - UID_BASE_START) / UID_RANGE
+            ),
+        )
+    })
+}
+
+/// `UID_BASE_START + index * UID_RANGE`, if the whole range fits in 32 bits.
+pub fn uid_base_of(index: i64) -> Option<u32> {
+    use crate::control::container_spec::{UID_BASE_START, UID_RANGE};
+    let i = u32::try_from(index).ok()?;
+    let base = UID_BASE_START.checked_add(i.checked_mul(UID_RANGE)?)?;
+    base.checked_add(UID_RANGE)?;
+    Some(base)
 }
 
 /// Records the account's default network.
@@ -346,6 +423,17 @@ pub fn issue_api(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_ranges_do_not_overlap_and_stay_in_32_bits() {
+        use crate::control::container_spec::{UID_BASE_START, UID_RANGE};
+        assert_eq!(uid_base_of(0), Some(UID_BASE_START));
+        assert_eq!(uid_base_of(1), Some(UID_BASE_START + UID_RANGE));
+        let last = (u32::MAX - UID_BASE_START) / UID_RANGE;
+        assert!(uid_base_of(i64::from(last) - 1).is_some());
+        assert_eq!(uid_base_of(i64::from(last) + 1), None);
+        assert_eq!(uid_base_of(-1), None);
+    }
 
     #[test]
     fn logins() {

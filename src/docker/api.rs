@@ -186,6 +186,9 @@ pub struct Req {
     pub headers: HeaderMap,
     /// The body (empty for the streaming routes, which read theirs themselves).
     pub body: Bytes,
+    /// The request's extensions: hyper's upgrade handle, for the hijacking routes (attach,
+    /// exec start).
+    pub extensions: axum::http::Extensions,
 }
 
 impl Req {
@@ -230,6 +233,9 @@ pub struct Ctx<'a> {
 pub type ReadOp = Box<dyn FnOnce(&mut Db<'_>, &Ctx<'_>) -> Result<Reply, OpError> + Send>;
 /// A write operation (one transaction; run again from the start if PostgreSQL aborts it).
 pub type WriteOp = Box<dyn Fn(&mut Db<'_>, &Ctx<'_>) -> Result<Reply, OpError> + Send>;
+/// A write operation that needs the store transaction itself (NICs: Portolan mappings), not
+/// only its SQL connection.
+pub type TxWriteOp = Box<dyn Fn(&mut dyn store::Txn, &Ctx<'_>) -> Result<Reply, OpError> + Send>;
 /// An operation that awaits (streams a body in or out); it resolves the account itself.
 pub type AsyncOp = Box<
     dyn FnOnce(Arc<Docker>, Account) -> Pin<Box<dyn Future<Output = Result<Reply, OpError>> + Send>>
@@ -242,6 +248,8 @@ pub enum Op {
     Read(ReadOp),
     /// In one write transaction.
     Write(WriteOp),
+    /// In one write transaction, given the transaction.
+    TxWrite(TxWriteOp),
     /// Asynchronously.
     Async(AsyncOp),
     /// Answered at once.
@@ -258,6 +266,13 @@ pub fn read(
 /// A write operation.
 pub fn write(f: impl Fn(&mut Db<'_>, &Ctx<'_>) -> Result<Reply, OpError> + Send + 'static) -> Op {
     Op::Write(Box::new(f))
+}
+
+/// A write operation given the transaction.
+pub fn write_tx(
+    f: impl Fn(&mut dyn store::Txn, &Ctx<'_>) -> Result<Reply, OpError> + Send + 'static,
+) -> Op {
+    Op::TxWrite(Box::new(f))
 }
 
 /// JSON 200.
@@ -359,6 +374,7 @@ async fn serve(
         query: Query::parse(head.uri.query()),
         headers: head.headers,
         body: Bytes::new(),
+        extensions: head.extensions,
     };
     // Uploads (`docker import`, `docker load`) stream their bodies themselves, up to the
     // listener's body cap.
@@ -432,6 +448,16 @@ pub async fn run(
             let account = account_of(&mut db, &serial, &login)?;
             f(
                 &mut db,
+                &Ctx {
+                    docker: &d,
+                    account: &account,
+                },
+            )
+        }),
+        Op::TxWrite(f) => crate::control::http::write_txn(&d.app, |tx| {
+            let account = account_of(&mut Db::from(tx.raw()), &serial, &login)?;
+            f(
+                tx,
                 &Ctx {
                     docker: &d,
                     account: &account,

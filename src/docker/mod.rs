@@ -32,6 +32,7 @@ pub mod cli;
 pub mod containers;
 pub mod error;
 pub mod filters;
+pub mod hijack;
 pub mod images;
 pub mod images_api;
 pub mod layers;

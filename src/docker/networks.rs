@@ -321,7 +321,7 @@ impl Net {
             Ingress: false,
             ConfigFrom: ConfigFrom { Network: "" },
             ConfigOnly: false,
-            // Endpoints are containers' (Docker part 2); none exist yet.
+            // Filled by `inspect` with the caller's containers on it.
             Containers: Map::new(),
             Options: &self.options,
             Labels: &self.labels,
@@ -1234,7 +1234,47 @@ fn inspect(db: &mut Db<'_>, account: &Account, term: &str, req: &Req) -> Result<
         }
     }
     let n = resolve(nets, term, Lookup::Inspect)?;
-    ordered(StatusCode::OK, &n.resource())
+    let mut r = n.resource();
+    if let Some(u) = &n.uuid {
+        r.Containers = containers_on(db, account, u)?;
+    }
+    ordered(StatusCode::OK, &r)
+}
+
+/// `Containers` of a network's inspect: the caller's containers with a NIC on it (never
+/// another account's, on a shared network too), by container ID.
+fn containers_on(
+    db: &mut Db<'_>,
+    account: &Account,
+    network_uuid: &str,
+) -> Result<Map<String, Value>, OpError> {
+    let prefix = fnet::get(db, network_uuid)?.map_or(0, |n| n.prefix);
+    let rows = db.query(
+        "SELECT doc FROM napi_nics WHERE network_uuid = $1 AND owner_uuid = $2 \
+         AND belongs_to_type = 'zone' ORDER BY mac",
+        &[Val::text(network_uuid), Val::text(&account.uuid)],
+    )?;
+    let mut out = Map::new();
+    for r in rows {
+        let nic: crate::control::nics::Nic = crate::control::db::doc_from_row(r, "nic")?;
+        let Some(vm) = crate::control::vms::get(db, &nic.belongs_to_uuid)? else {
+            continue;
+        };
+        let Some(spec) = vm.container.as_ref().filter(|_| vm.state != "destroyed") else {
+            continue;
+        };
+        out.insert(
+            spec.id.clone(),
+            json!({
+                "Name": vm.alias,
+                "EndpointID": super::containers::inspect::endpoint_id(&vm.uuid, nic.mac),
+                "MacAddress": crate::control::nics::mac_string(nic.mac),
+                "IPv4Address": nic.ip.map(|ip| format!("{ip}/{prefix}")).unwrap_or_default(),
+                "IPv6Address": "",
+            }),
+        );
+    }
+    Ok(out)
 }
 
 /// `DELETE /networks/{id}`.
@@ -1307,9 +1347,9 @@ fn prune(db: &mut Db<'_>, account: &Account, raw: Option<&str>) -> Result<Reply,
     ordered(StatusCode::OK, &v)
 }
 
-/// `POST /networks/{id}/connect|disconnect`: moby looks the container up first; none exist
-/// until Docker part 2.
-fn attach(req: &Req) -> Result<Reply, OpError> {
+/// `POST /networks/{id}/connect|disconnect`'s body: the container and, for connect, the
+/// `--ip` (`EndpointConfig.IPAMConfig.IPv4Address`).
+fn attach_body(req: &Req) -> Result<(String, Option<std::net::Ipv4Addr>), OpError> {
     let body = req.json()?;
     let kind = if req.path.get(2).map(String::as_str) == Some("connect") {
         "NetworkConnect"
@@ -1326,7 +1366,113 @@ fn attach(req: &Req) -> Result<Reply, OpError> {
     if c.is_empty() {
         return Err(error::bad_request("invalid name or ID supplied: \"\""));
     }
-    Err(error::not_found(format!("No such container: {c}")))
+    let ip = match o.get("EndpointConfig") {
+        Some(ep) if kind == "NetworkConnect" && !ep.is_null() => {
+            super::containers::validate::endpoint_ip(ep)?
+        }
+        _ => None,
+    };
+    Ok((c, ip))
+}
+
+/// `POST /networks/{id}/connect`: a NIC on the network for the container (through control's
+/// NIC code: IP, Portolan mapping; the agent adds the vnic in its namespace); 403 when it is
+/// connected already.
+fn connect(
+    tx: &mut dyn portolan::store::Txn,
+    c: &api::Ctx<'_>,
+    term: &str,
+    container: &str,
+    ip: Option<std::net::Ipv4Addr>,
+) -> Result<Reply, OpError> {
+    let (mut vm, spec, n) = attach_target(tx, c, term, container)?;
+    let Some(nu) = n.uuid.clone() else {
+        return Err(error::forbidden(format!(
+            "container cannot be connected to the {} network: it is not a fabric network",
+            n.name
+        )));
+    };
+    let nics = crate::control::vms::vm_nics(&mut Db::from(tx.raw()), &vm)?;
+    if nics
+        .iter()
+        .any(|(_, nic, _)| nic.network_uuid.as_deref() == Some(nu.as_str()))
+    {
+        return Err(error::forbidden(format!(
+            "endpoint with name {} already exists in network {}",
+            vm.alias.as_deref().unwrap_or(&spec.id[..12]),
+            n.name
+        )));
+    }
+    crate::control::vms::add_nic(tx, &c.docker.app.cfg, &mut vm, &nu, ip, false)?;
+    if let Some(ip) = ip {
+        let mut tags = vm.tags.clone();
+        tags.insert(
+            format!("{}{nu}", super::containers::create::IP_TAG),
+            json!(ip.to_string()),
+        );
+        crate::control::vms::set_tags(&mut Db::from(tx.raw()), &mut vm, tags)?;
+    }
+    Ok(Reply::Empty(StatusCode::OK))
+}
+
+/// `POST /networks/{id}/disconnect`: deletes the container's NIC on the network; 500 (moby's)
+/// when it is not connected.
+fn disconnect(
+    tx: &mut dyn portolan::store::Txn,
+    c: &api::Ctx<'_>,
+    term: &str,
+    container: &str,
+) -> Result<Reply, OpError> {
+    let (mut vm, spec, n) = attach_target(tx, c, term, container)?;
+    let nics = crate::control::vms::vm_nics(&mut Db::from(tx.raw()), &vm)?;
+    let mac = nics
+        .iter()
+        .find(|(_, nic, _)| n.uuid.is_some() && nic.network_uuid == n.uuid)
+        .map(|(_, nic, _)| nic.mac);
+    let Some(mac) = mac else {
+        return Err(error::err(
+            500,
+            format!(
+                "container {} is not connected to network {}",
+                spec.id, n.name
+            ),
+        ));
+    };
+    crate::control::vms::remove_nic(tx, &c.docker.app.cfg, &mut vm, mac)?;
+    let key = format!(
+        "{}{}",
+        super::containers::create::IP_TAG,
+        n.uuid.as_deref().unwrap_or("")
+    );
+    if vm.tags.contains_key(&key) {
+        let mut tags = vm.tags.clone();
+        tags.remove(&key);
+        crate::control::vms::set_tags(&mut Db::from(tx.raw()), &mut vm, tags)?;
+    }
+    Ok(Reply::Empty(StatusCode::OK))
+}
+
+/// The container (locked) and the network of a connect/disconnect: moby looks the container
+/// up first.
+fn attach_target(
+    tx: &mut dyn portolan::store::Txn,
+    c: &api::Ctx<'_>,
+    term: &str,
+    container: &str,
+) -> Result<
+    (
+        crate::control::vms::Vm,
+        crate::control::container_spec::ContainerSpec,
+        Net,
+    ),
+    OpError,
+> {
+    let mut d = Db::from(tx.raw());
+    let f = super::containers::lookup::find(&mut d, c.account, container)?;
+    lock(&mut d, &c.account.uuid)?;
+    let vm = crate::control::vms::lock_and_find(&mut d, &f.vm.uuid)?;
+    let n = resolve(visible(&mut d, c.account)?, term, Lookup::Daemon)?;
+    Ok((vm, f.spec, n))
 }
 
 /// The operation of a `/networks/...` request, if it is one this module serves.
@@ -1357,7 +1503,21 @@ pub fn route(req: &Req) -> Option<Op> {
             let id = id.to_string();
             api::write(move |d, c| delete(d, c.account, &id))
         }
-        (&Method::POST, ["networks", _, "connect" | "disconnect"]) => Op::Now(attach(req)),
+        (&Method::POST, ["networks", id, verb @ ("connect" | "disconnect")]) => {
+            match attach_body(req) {
+                Err(e) => Op::Now(Err(e)),
+                Ok((container, ip)) => {
+                    let (id, connecting) = (id.to_string(), *verb == "connect");
+                    api::write_tx(move |tx, c| {
+                        if connecting {
+                            connect(tx, c, &id, &container, ip)
+                        } else {
+                            disconnect(tx, c, &id, &container)
+                        }
+                    })
+                }
+            }
+        }
         _ => return None,
     })
 }

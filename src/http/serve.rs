@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use axum::Router;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{LengthLimitError, Limited};
@@ -273,12 +273,31 @@ impl Stats {
     }
 }
 
+/// Which requests' bodies stream for as long as they last and are not capped at
+/// [`Limits::max_body_bytes`] (their handler bounds what it buffers): by method and path.
+pub type Streaming = fn(&Method, &str) -> bool;
+
+fn never_streams(_: &Method, _: &str) -> bool {
+    false
+}
+
+/// HTTP/2 receive window of one stream on a server with streaming routes: what one sub-stream
+/// nobody reads can hold.
+pub const STREAMING_STREAM_WINDOW: u32 = 256 << 10;
+/// HTTP/2 receive window of a connection on a server with streaming routes: unread streams
+/// hold their windows out of this one, so 64 stalled streams fit before the others stall
+/// (with hyper's defaults, 1 MiB each, one stalled stream stalls the whole connection).
+pub const STREAMING_CONN_WINDOW: u32 = 16 << 20;
+
 /// An HTTP service's serving layer: limits, accept step, counters, refusal bodies.
 pub struct Server<A = PlainTcp> {
     limits: Limits,
     acceptor: A,
     stats: Arc<Stats>,
     refusal: Refusal,
+    streaming: Streaming,
+    /// `with_streaming` was called: HTTP/2 windows for long-lived streams.
+    streams: bool,
 }
 
 impl Server<PlainTcp> {
@@ -289,6 +308,8 @@ impl Server<PlainTcp> {
             acceptor: PlainTcp,
             stats: Arc::default(),
             refusal: restify_refusal,
+            streaming: never_streams,
+            streams: false,
         }
     }
 }
@@ -301,7 +322,20 @@ impl<A: Accept> Server<A> {
             acceptor,
             stats: self.stats,
             refusal: self.refusal,
+            streaming: self.streaming,
+            streams: self.streams,
         }
+    }
+
+    /// Requests for which `streaming` is true have bodies that stream without the size cap
+    /// (an agent's tunnel sub-stream).
+    /// Such a server's HTTP/2 windows are [`STREAMING_STREAM_WINDOW`] per stream and
+    /// [`STREAMING_CONN_WINDOW`] per connection, so that a stream nobody reads holds back only
+    /// itself.
+    pub fn with_streaming(mut self, streaming: Streaming) -> Self {
+        self.streaming = streaming;
+        self.streams = true;
+        self
     }
 
     /// Counts into `stats` (shared with the service's `/metrics`).
@@ -335,7 +369,7 @@ impl<A: Accept> Server<A> {
             limits,
             OverTcp(acceptor),
             stats,
-            refusal,
+            (refusal, self.streaming, self.streams),
             listener,
             router,
             shutdown,
@@ -359,7 +393,7 @@ impl<A: Accept> Server<A> {
             limits,
             OverUnix(peer),
             stats,
-            refusal,
+            (refusal, self.streaming, self.streams),
             listener,
             router,
             shutdown,
@@ -373,7 +407,7 @@ async fn run<H: Handshake, L: Listen<Stream = H::In>>(
     limits: Limits,
     handshake: H,
     stats: Arc<Stats>,
-    refusal: Refusal,
+    (refusal, streaming, streams): (Refusal, Streaming, bool),
     listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -412,6 +446,12 @@ async fn run<H: Handshake, L: Listen<Stream = H::In>>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_h2_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    if streams {
+        builder
+            .http2()
+            .initial_stream_window_size(STREAMING_STREAM_WINDOW)
+            .initial_connection_window_size(STREAMING_CONN_WINDOW);
+    }
     let registry = Arc::new(Registry {
         table: Mutex::new(Table::new(cap, limits.max_connections_per_source)),
         stats,
@@ -422,6 +462,7 @@ async fn run<H: Handshake, L: Listen<Stream = H::In>>(
         builder,
         router,
         refusal,
+        streaming,
         registry,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -477,6 +518,7 @@ struct Shared<H> {
     builder: Builder<TokioExecutor>,
     router: Router,
     refusal: Refusal,
+    streaming: Streaming,
     registry: Arc<Registry>,
 }
 
@@ -713,6 +755,7 @@ async fn connection<H: Handshake>(
         conn: conn.clone(),
         max_body: shared.limits.max_body_bytes,
         refusal: shared.refusal,
+        streaming: shared.streaming,
         peer: peer.clone(),
     };
     let io = TokioIo::new(Watched { inner: io, slot });
@@ -804,6 +847,7 @@ struct ConnService<P> {
     conn: Arc<Conn>,
     max_body: usize,
     refusal: Refusal,
+    streaming: Streaming,
     /// Who the client is: put into every request's extensions.
     peer: P,
 }
@@ -827,6 +871,12 @@ impl<P: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>
         };
         let stats = self.conn.registry.stats.clone();
         let (max, refusal) = (self.max_body, self.refusal);
+        // A streaming body is not capped: its handler reads it as it goes.
+        let cap = if (self.streaming)(req.method(), req.uri().path()) {
+            usize::MAX
+        } else {
+            max
+        };
         let too_large = move || {
             inc(&stats.body_too_large);
             let mut r = refusal(
@@ -846,14 +896,14 @@ impl<P: Clone + Send + Sync + 'static> hyper::service::Service<Request<Incoming>
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max as u64) {
+        if declared.is_some_and(|n| n > cap as u64) {
             let r = too_large().map(|b| Tracked::new(b, busy));
             return Box::pin(std::future::ready(Ok(r)));
         }
         let tripped = Arc::new(AtomicBool::new(false));
         let t = tripped.clone();
         let req = req.map(move |b| Capped {
-            inner: Limited::new(b, max),
+            inner: Limited::new(b, cap),
             tripped: t,
         });
         let mut router = self.router.clone();

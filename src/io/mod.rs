@@ -93,9 +93,11 @@
 
 pub mod fdpass;
 pub mod netlink;
+pub mod nsexec;
 pub mod offload;
 pub mod poll;
 pub mod process;
+pub mod pty;
 pub mod rlimit;
 pub mod tap;
 pub mod underlay;

@@ -490,6 +490,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         sock.display().to_string(),
         "--state-dir".into(),
         d.join("agent").display().to_string(),
+        // Containers (layers, bundles, logs, runc state) live in the data directory: on the
+        // head, its images are already in DIR/images.
+        "--data".into(),
+        d.display().to_string(),
         "--heartbeat-secs".into(),
         args.heartbeat_secs.to_string(),
         "--tls-dir".into(),

@@ -109,6 +109,28 @@ impl Feed {
         });
     }
 
+    /// Waits until a commit newer than `seen` is known, the service closes, or `deadline`
+    /// passes; returns the newest sequence number known committed. For waiters that re-read
+    /// one object after each change (Docker's `stop`), holding no database connection.
+    pub async fn wait_past(&self, seen: i64, deadline: tokio::time::Instant) -> i64 {
+        let mut rx = self.tx.subscribe();
+        loop {
+            let s = *rx.borrow_and_update();
+            if s.seq > seen || s.closed {
+                return s.seq;
+            }
+            let _w = Waiting::new(&self.waiting);
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() {
+                        return self.last_seq();
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return self.last_seq(),
+            }
+        }
+    }
+
     /// The newest sequence number known committed.
     pub fn last_seq(&self) -> i64 {
         self.tx.borrow().seq
