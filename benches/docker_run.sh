@@ -57,6 +57,9 @@ source benches/netns-lib.sh
 source benches/cluster-lib.sh
 netns_bench_init docker_run.sh ip nsenter unshare openssl dockerd busybox curl jq runc "$DOCKER_CLI"
 cluster_init "$PFX" 2
+# runc mounts each rootfs as the account's unprivileged uid (user namespace): the path to the
+# hosts' data dirs must be searchable by others (mktemp makes it 0700).
+chmod 0755 "$TMP"
 MOBY_NS="$PFX-moby"
 CGROUP="fabric-bench-run-$$"
 FAB_UP=""  # set once the fabric CLI works (the cleanup then removes its containers)
@@ -71,7 +74,10 @@ our_cgroups() {
   echo "/sys/fs/cgroup/pids/$CGROUP"
   for id in $FAB_IDS; do echo "/sys/fs/cgroup/pids/fabric/$(vm_of "$id")"; done
 }
-dump_logs() { tail -n 15 "$TMP"/h*/up.log "$TMP"/h*/logs/*.log "$TMP/moby/dockerd.log" >&2 2>/dev/null || true; }
+dump_logs() {
+  tail -n 15 "$TMP"/h*/up.log "$TMP"/h*/logs/*.log "$TMP/moby/dockerd.log" \
+    "$TMP"/h*/containers/*/shim.log "$TMP"/h*/containers/*/log >&2 2>/dev/null || true
+}
 
 # --- cleanup -----------------------------------------------------------------------------------
 # The namespaces of everything this script made, as /proc/PID/ns/* links name them: the bridge,
@@ -249,7 +255,13 @@ ip_of() { "$1" inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{en
 for d in fab moby; do
   id=$("$d" run -d --name prober busybox sleep 1000000) # not 100000: not counted below
   if [ "$d" = fab ]; then FAB_IDS+=" $id"; fi
-  wait_for 60 "$d" exec prober true
+  if ! wait_for 60 "$d" exec prober true; then
+    "$d" ps -a >&2 || true
+    "$d" exec prober true || true # its error
+    "$d" logs prober >&2 || true
+    dump_logs
+    exit 1
+  fi
 done
 say "probers answer docker exec; $N containers per daemon"
 
