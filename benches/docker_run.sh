@@ -24,7 +24,8 @@
 #    sides; the poll gives up after ~1500 tries). It prints p50/p99/max per daemon, the
 #    `run -d` call alone, how fabric's containers spread over the two hosts, and one line
 #        docker-run fabric p50=…ms p99=…ms moby p50=…ms p99=…ms ratio=…
-#    (ratio = fabric p50 / moby p50; below 1 is faster than moby). Then `docker rm -f` of all.
+#    (ratio = fabric p50 / moby p50; below 1 is faster than moby), repeated among the final
+#    lines. Then `docker rm -f` of all.
 # 2. Density. Host 2's `fabric up` stops and the script waits until the head reads it as not
 #    running, so placement has only host 1. Then `docker run -d busybox sleep 100000` one at a
 #    time until one fails or DOCKER_DENSITY_MAX (default 200) is reached; after every 25 (and at
@@ -279,7 +280,7 @@ one_run() { # one_run DAEMON K: one timed sample
     dump_logs
     return 1
   fi
-  if ! "$d" exec prober sh -c "n=0; until timeout 1 wget -q -O- http://$ip:8000/hostname >/dev/null; do n=\$((n + 1)); [ \$n -lt 1500 ] || exit 1; usleep 20000; done"; then
+  if ! "$d" exec prober sh -c "n=0; until timeout 1 wget -q -O- http://$ip:8000/hostname >/dev/null 2>&1; do n=\$((n + 1)); [ \$n -lt 1500 ] || exit 1; usleep 20000; done"; then
     echo "benches/docker_run.sh: $d container $k ($id, $ip) never answered on port 8000" >&2
     "$d" logs "$id" 2>&1 | tail -5 >&2
     dump_logs
