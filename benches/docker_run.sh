@@ -54,6 +54,8 @@ DOCKER_CLI="${DOCKER_CLI:-/usr/local/bin/docker}"
 export PORTOLAN_BIN="${PORTOLAN_BIN:-/bin/true}" # netns-lib builds it otherwise; unused here
 # shellcheck source=benches/netns-lib.sh
 source benches/netns-lib.sh
+# shellcheck source=benches/moby-lib.sh
+source benches/moby-lib.sh
 # shellcheck source=benches/cluster-lib.sh
 source benches/cluster-lib.sh
 netns_bench_init docker_run.sh ip nsenter unshare openssl dockerd busybox curl jq runc "$DOCKER_CLI"
@@ -161,39 +163,7 @@ bench_cleanup() {
 }
 trap bench_cleanup EXIT
 
-# --- certificates for moby (the Docker docs' recipe, 2048-bit keys) ---------------------------
-T="$TMP/certs"
-mkdir -p "$T/client"
-(
-  cd "$T"
-  openssl genrsa -out ca-key.pem 2048 2>/dev/null
-  openssl req -new -x509 -days 2 -key ca-key.pem -sha256 -subj /CN=ref-ca -out ca.pem
-  openssl genrsa -out server-key.pem 2048 2>/dev/null
-  openssl req -subj /CN=127.0.0.1 -sha256 -new -key server-key.pem -out server.csr
-  printf 'subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n' >ext.cnf
-  openssl x509 -req -days 2 -sha256 -in server.csr -CA ca.pem -CAkey ca-key.pem \
-    -CAcreateserial -out server-cert.pem -extfile ext.cnf 2>/dev/null
-  openssl genrsa -out client/key.pem 2048 2>/dev/null
-  openssl req -subj /CN=alice -new -key client/key.pem -out client.csr
-  echo 'extendedKeyUsage = clientAuth' >ext-client.cnf
-  openssl x509 -req -days 2 -sha256 -in client.csr -CA ca.pem -CAkey ca-key.pem \
-    -CAcreateserial -out client/cert.pem -extfile ext-client.cnf 2>/dev/null
-  cp ca.pem client/ca.pem
-)
-
-# --- moby 20.10 in its own namespace (default bridge kept: `docker run` uses it) ---------------
-D="$TMP/moby"
-mkdir -p "$D"
-echo '{}' >"$D/daemon.json"
-addns "$MOBY_NS"
-nsenter --net="/run/netns/$MOBY_NS" -- unshare --mount --propagation private -- sh -c \
-  'mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /etc/docker && exec "$@"' sh \
-  dockerd --config-file "$D/daemon.json" --host "unix://$D/docker.sock" \
-  --host tcp://127.0.0.1:23760 --tlsverify --tlscacert "$T/ca.pem" \
-  --tlscert "$T/server-cert.pem" --tlskey "$T/server-key.pem" --data-root "$D/root" \
-  --exec-root "$D/exec" --pidfile "$D/dockerd.pid" --iptables=false --ip6tables=false \
-  --storage-driver overlay2 --cgroup-parent "/$CGROUP" >"$D/dockerd.log" 2>&1 &
-PIDS+=($!)
+moby_start # T (client certificates in $T/client), D (the daemon directory)
 
 # The CLIs, as commands (for `timeout`) and as functions.
 MOBY=(ip netns exec "$MOBY_NS" env DOCKER_HOST=tcp://127.0.0.1:23760 DOCKER_TLS_VERIFY=1
