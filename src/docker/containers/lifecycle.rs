@@ -299,27 +299,59 @@ pub async fn restart(
     Ok(Reply::Empty(StatusCode::NO_CONTENT))
 }
 
-/// `POST /containers/{id}/kill?signal=`: 204; 409 when it is not running.
-pub fn kill(
-    db: &mut Db<'_>,
-    c: &Ctx<'_>,
-    term: &str,
-    signal: Option<&str>,
+/// `POST /containers/{id}/kill?signal=`: 204; 409 when it is not running (moby's texts:
+/// `Cannot kill container: TERM: …`). A SIGKILL answers once the agent reports the process
+/// gone (or after [`KILL_WAIT`]), as moby's does: a `docker kill` is followed at once by
+/// `inspect` showing exit code 137 or a second kill refused as not running.
+pub async fn kill(
+    docker: Arc<Docker>,
+    account: Account,
+    term: String,
+    signal: Option<String>,
 ) -> Result<Reply, OpError> {
-    let sig = match signal {
+    let sig = match signal.as_deref() {
         None | Some("") => "SIGKILL".to_string(),
         Some(s) => vms::parse_signal(s)
             .ok_or_else(|| error::bad_request(format!("Invalid signal: {s}")))?,
     };
-    let mut f = locked(db, c.account, term)?;
-    if !state(db, c, &f.vm)?.running() {
-        return Err(error::conflict(format!(
-            "Container {} is not running",
-            f.spec.id
-        )));
+    let wait = sig == "SIGKILL";
+    let d2 = docker.clone();
+    let uuid = write(&docker, move |tx| {
+        let mut d = Db::from(tx.raw());
+        let mut f = locked(&mut d, &account, &term).map_err(|e| cannot_kill(&term, e))?;
+        if !inspect::state_now(&mut d, &d2.app.cfg, &f.vm)?.running() {
+            return Err(cannot_kill(
+                &term,
+                error::conflict(format!("Container {} is not running", f.spec.id)),
+            ));
+        }
+        vms::act(&mut d, &mut f.vm, &Action::Kill(sig.clone()))?;
+        Ok(f.vm.uuid.clone())
+    })
+    .await?;
+    if wait {
+        let deadline = tokio::time::Instant::now() + KILL_WAIT;
+        if !wait_for(&docker, &uuid, deadline, |_, st| !st.running()).await? {
+            tracing::warn!(vm = %uuid, "docker kill: no report of the container ending in time");
+        }
     }
-    vms::act(db, &mut f.vm, &Action::Kill(sig))?;
     Ok(Reply::Empty(StatusCode::NO_CONTENT))
+}
+
+/// How long a SIGKILL's `docker kill` waits for the agent's report of the end (moby waits 2 s
+/// for the process, then for the daemon's own bookkeeping).
+pub const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// moby's kill route wraps every refusal of its backend (not found, not running) as `Cannot
+/// kill container: TERM: …`, status kept; store failures stay as they are (500).
+fn cannot_kill(term: &str, e: OpError) -> OpError {
+    match e {
+        OpError::Api(mut a) => {
+            a.message = format!("Cannot kill container: {term}: {}", a.message);
+            OpError::Api(a)
+        }
+        other => other,
+    }
 }
 
 /// Deletes a container: its publish rules and its VM (NICs freed), in the caller's
@@ -429,5 +461,25 @@ mod tests {
         assert_eq!(timeout(Some("-1")).unwrap(), None);
         assert!(timeout(Some("x")).is_err());
         assert!(timeout(Some("-5")).is_err());
+    }
+
+    #[test]
+    fn kill_refusals_read_as_mobys() {
+        let e = cannot_kill("ca", error::not_found("No such container: ca"));
+        match e {
+            OpError::Api(a) => {
+                assert_eq!(a.status, 404);
+                assert_eq!(
+                    a.message,
+                    "Cannot kill container: ca: No such container: ca"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = cannot_kill("x", OpError::Corrupt("vm".into()));
+        assert!(
+            matches!(e, OpError::Corrupt(_)),
+            "store errors are not rewritten"
+        );
     }
 }

@@ -95,7 +95,7 @@ pub fn route(req: &Req) -> Option<Op> {
         }
         (&Method::POST, ["containers", id, "kill"]) => {
             let (id, s) = (id.to_string(), q("signal"));
-            api::write(move |d, c| lifecycle::kill(d, c, &id, s.as_deref()))
+            Op::Async(Box::new(move |d, a| Box::pin(lifecycle::kill(d, a, id, s))))
         }
         (&Method::POST, ["containers", id, "rename"]) => {
             let (id, n) = (id.to_string(), q("name"));
