@@ -182,9 +182,6 @@ pub fn run(t: &Target) -> io::Result<i32> {
     setns(&mnt, libc::CLONE_NEWNS, "mount")?;
     setns(&user, libc::CLONE_NEWUSER, "user")?;
 
-    let prog = CString::new(t.program.clone())
-        .map_err(|_| io::Error::other("program path contains a NUL byte"))?;
-    let _ = prog;
     let mut cmd = Command::new(&t.program);
     cmd.arg0(t.argv.first().map(String::as_str).unwrap_or(&t.program))
         .args(t.argv.iter().skip(1))

@@ -1,7 +1,8 @@
-//! `docker exec` on a host: `runc --root ROOT exec [-t] [--user] [--cwd] [--env]… <vm> argv…`
-//! in the foreground, its stdio our pipes (with a terminal: a pty whose slave is runc's stdio
-//! and controlling terminal, as for the shim), its output sent as tunnel frames, `Exit{code}`
-//! at the end.
+//! `docker exec` on a host: `fabric ns-exec --dir DIR [--user] [--cwd] [--env]… -- argv…`
+//! ([`ns_exec_main`], over `io::nsexec`: Debian's runc 1.1.5 `exec` cannot enter our
+//! containers) in the foreground, its stdio our pipes (with a terminal: a pty whose slave is its
+//! stdio and controlling terminal, as for the shim), its output sent as tunnel frames,
+//! `Exit{code}` at the end.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -94,31 +95,6 @@ impl ExecSpec {
             a.extend(["--env".into(), e.clone()]);
         }
         a.push("--".into());
-        a.extend(self.cmd.iter().cloned());
-        a
-    }
-
-    /// runc's arguments after `--root ROOT`.
-    pub fn runc_args(&self, vm: &str) -> Vec<String> {
-        let mut a = vec!["exec".to_string()];
-        if self.tty {
-            a.push("-t".into());
-        }
-        if !self.user.is_empty() {
-            let u = if self.user.contains(':') {
-                self.user.clone()
-            } else {
-                format!("{}:0", self.user)
-            };
-            a.extend(["--user".into(), u]);
-        }
-        if !self.working_dir.is_empty() {
-            a.extend(["--cwd".into(), self.working_dir.clone()]);
-        }
-        for e in &self.env {
-            a.extend(["--env".into(), e.clone()]);
-        }
-        a.push(vm.to_owned());
         a.extend(self.cmd.iter().cloned());
         a
     }
@@ -260,7 +236,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runc_arguments() {
+    fn ns_exec_arguments() {
         let s = ExecSpec {
             cmd: vec!["sh".into(), "-c".into(), "id -u".into()],
             env: vec!["A=1".into()],
@@ -270,11 +246,8 @@ mod tests {
             stdin: false,
         };
         assert_eq!(
-            s.runc_args("vm1"),
-            [
-                "exec", "-t", "--user", "1000:0", "--cwd", "/tmp", "--env", "A=1", "vm1", "sh",
-                "-c", "id -u"
-            ]
+            s.ns_exec_args(),
+            ["--user", "1000", "--cwd", "/tmp", "--env", "A=1", "--", "sh", "-c", "id -u"]
         );
         s.check().unwrap();
     }
