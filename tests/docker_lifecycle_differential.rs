@@ -21,9 +21,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use cluster::{fabric_bin, root_or_skip};
+use cluster::root_or_skip;
 use docker_cli::{docker_cli_present, DockerClient, Out};
-use fab::{start_up_cluster, Fab};
+use fab::start_up_cluster;
 use moby::{moby_available, Moby};
 use regex::Regex;
 
@@ -122,22 +122,6 @@ fn show(o: &Out, pick: Option<&str>) -> String {
     )
 }
 
-/// `fabric ARGS --data HEAD` on the machine (panics on failure).
-fn fabric_head(f: &Fab, args: &[&str]) {
-    let o = std::process::Command::new(fabric_bin())
-        .args(args)
-        .arg("--data")
-        .arg(&f.c.hosts[0].dir)
-        .output()
-        .expect("run fabric");
-    assert!(
-        o.status.success(),
-        "fabric {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// The steps of the session, in order (see the brief of issue 19's differential).
 fn steps(rootfs: &str) -> Vec<Step> {
     let ps_fmt = "{{.Names}} {{.Status}} {{.Image}} {{.Command}}";
@@ -231,16 +215,13 @@ fn lifecycle_verbs_print_what_moby_prints() {
     });
     eprintln!("moby and a one-host fabric up in {:?}", t0.elapsed());
     let certs: PathBuf = f.c.dir.join("account-alice");
-    fabric_head(
-        &f,
-        &[
-            "account",
-            "add",
-            "alice",
-            "--cert-dir",
-            certs.to_str().unwrap(),
-        ],
-    );
+    f.head(&[
+        "account",
+        "add",
+        "alice",
+        "--cert-dir",
+        certs.to_str().unwrap(),
+    ]);
     let ours = DockerClient::new(
         &format!("tcp://{}:2376", f.c.hosts[0].ip),
         &certs,

@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cluster::{fabric_bin, root_or_skip};
+use cluster::root_or_skip;
 use docker_cli::{docker_cli_present, docker_py, DockerClient, Out};
 use fab::{start_up_cluster, wait_until, Fab};
 use serde_json::Value;
@@ -26,30 +26,10 @@ use serde_json::Value;
 /// (11 s); the check allows 10x.
 const SILENT_BOUND: Duration = Duration::from_secs(11);
 
-/// `fabric ARGS --data HEAD` on the machine: its stdout (panics on failure).
-fn fabric_head(f: &Fab, args: &[&str]) -> String {
-    let o = std::process::Command::new(fabric_bin())
-        .args(args)
-        .arg("--data")
-        .arg(&f.c.hosts[0].dir)
-        .output()
-        .expect("run fabric");
-    assert!(
-        o.status.success(),
-        "fabric {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// An account and the stock CLI for it, run inside host `from`'s network namespace.
 fn account(f: &Fab, login: &str, from: usize) -> DockerClient {
     let dir: PathBuf = f.c.dir.join(format!("account-{login}"));
-    fabric_head(
-        f,
-        &["account", "add", login, "--cert-dir", dir.to_str().unwrap()],
-    );
+    f.head(&["account", "add", login, "--cert-dir", dir.to_str().unwrap()]);
     DockerClient::new(
         &format!("tcp://{}:2376", f.c.hosts[0].ip),
         &dir,
@@ -246,10 +226,7 @@ fn docker_run_across_the_cluster() {
     assert_eq!(ps(&alice, false).len(), 3, "alice's containers still run");
 
     // A shared network: alice publishes 8000 and not 8001; bob's container reaches 8000 only.
-    fabric_head(
-        &f,
-        &["network", "share", "public", "--subnet", "10.200.3.0/24"],
-    );
+    f.head(&["network", "share", "public", "--subnet", "10.200.3.0/24"]);
     ok(
         alice.run(&[
             "run",

@@ -58,6 +58,24 @@ impl Fab {
         .0
     }
 
+    /// `fabric ARGS --data HEAD` on the machine (the head's operator commands through its
+    /// `control.sock`): its stdout; panics with what it printed on failure.
+    pub fn head(&self, args: &[&str]) -> String {
+        let o = std::process::Command::new(fabric_bin())
+            .args(args)
+            .arg("--data")
+            .arg(&self.c.hosts[0].dir)
+            .output()
+            .expect("run fabric");
+        assert!(
+            o.status.success(),
+            "fabric {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     /// Starts `fabric up` on `host` with `extra` arguments.
     pub fn up(&mut self, host: usize, extra: &[&str]) -> ProcId {
         let dir = self.c.hosts[host].dir.display().to_string();
